@@ -1,0 +1,119 @@
+//! The `NixBuilderPool` API (`nixpool.dev/v1alpha1`) and every fact that more than one nixpool
+//! binary must agree on: label and annotation names, the paths where a builder pod mounts its
+//! config and Secrets, the agent's config document, and the `/etc/nix/machines` line model.
+//!
+//! This crate does no I/O and depends on no runtime.
+
+pub mod agent;
+pub mod machines;
+pub mod quantity;
+pub mod v1alpha1;
+
+pub use agent::AgentConfig;
+pub use machines::MachinesEntry;
+pub use v1alpha1::{NixBuilderPool, NixBuilderPoolSpec, NixBuilderPoolStatus};
+
+/// The API group of every nixpool resource.
+pub const GROUP: &str = "nixpool.dev";
+/// The one server-side-apply field manager the operator writes with.
+pub const FIELD_MANAGER: &str = "nixpool-operator";
+/// The name the operator reports Events and holds its Lease under.
+pub const OPERATOR_NAME: &str = "nixpool-operator";
+
+/// Standard `app.kubernetes.io/*` labels and nixpool's own annotations.
+pub mod labels {
+    pub const NAME: &str = "app.kubernetes.io/name";
+    pub const INSTANCE: &str = "app.kubernetes.io/instance";
+    pub const COMPONENT: &str = "app.kubernetes.io/component";
+    pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+    pub const PART_OF: &str = "app.kubernetes.io/part-of";
+
+    /// Value of [`NAME`] on every builder pod and child of a pool.
+    pub const NAME_VALUE: &str = "nixpool-builder";
+    /// Value of [`PART_OF`].
+    pub const PART_OF_VALUE: &str = "nixpool";
+    /// Value of [`MANAGED_BY`].
+    pub const MANAGED_BY_VALUE: &str = crate::FIELD_MANAGER;
+
+    /// Pod-template annotation: a hash of everything that needs a pod restart to take effect
+    /// (nix.conf, caches, image). Authorized keys are not in it: the agent reloads them live.
+    pub const CONFIG_HASH: &str = "nixpool.dev/config-hash";
+    /// Label selector (string form) matching every child of every pool.
+    pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=nixpool-operator";
+}
+
+/// Condition types and reasons in `status.conditions`.
+pub mod conditions {
+    pub const READY: &str = "Ready";
+    pub const PROGRESSING: &str = "Progressing";
+    pub const DEGRADED: &str = "Degraded";
+
+    pub const REASON_INVALID_SPEC: &str = "InvalidSpec";
+    pub const REASON_BAD_AUTHORIZED_KEYS: &str = "BadAuthorizedKeys";
+    pub const REASON_MISSING_SECRET: &str = "MissingSecret";
+    pub const REASON_BUILDERS_READY: &str = "BuildersReady";
+    pub const REASON_NO_READY_BUILDERS: &str = "NoReadyBuilders";
+    pub const REASON_ENDPOINT_PENDING: &str = "EndpointPending";
+    pub const REASON_ROLLING_OUT: &str = "RollingOut";
+    pub const REASON_UP_TO_DATE: &str = "UpToDate";
+    pub const REASON_SCALED_TO_ZERO: &str = "ScaledToZero";
+    pub const REASON_AS_EXPECTED: &str = "AsExpected";
+    pub const REASON_ROLLOUT_STUCK: &str = "RolloutStuck";
+}
+
+/// Where a builder pod finds what the operator gives it. The operator mounts these; the agent
+/// reads them. Relative to the container's root.
+pub mod paths {
+    /// The pool ConfigMap is mounted here.
+    pub const CONFIG_DIR: &str = "/etc/nixpool";
+    /// ConfigMap key (and file name under [`CONFIG_DIR`]) of the agent config document.
+    pub const AGENT_CONFIG_KEY: &str = "agent.json";
+    /// The host-key Secret is mounted here (mode 0400).
+    pub const HOST_KEY_DIR: &str = "/run/nixpool/host-key";
+    /// Key, in the operator-made host-key Secret and as a file under [`HOST_KEY_DIR`], of the
+    /// OpenSSH ed25519 private key.
+    pub const HOST_KEY_FILE: &str = "ssh_host_ed25519_key";
+    /// Key of the public half, next to [`HOST_KEY_FILE`].
+    pub const HOST_PUBLIC_KEY_FILE: &str = "ssh_host_ed25519_key.pub";
+    /// The authorized-keys Secret is mounted here; the agent watches it for changes.
+    pub const AUTHORIZED_KEYS_DIR: &str = "/run/nixpool/authorized-keys";
+    /// Key, in the authorized-keys Secret and as a file under [`AUTHORIZED_KEYS_DIR`].
+    pub const AUTHORIZED_KEYS_FILE: &str = "authorized_keys";
+    /// Cache tokens and signing keys are projected into this directory.
+    pub const CACHE_SECRETS_DIR: &str = "/run/nixpool/cache";
+    /// File names under [`CACHE_SECRETS_DIR`].
+    pub const ATTIC_TOKEN_FILE: &str = "attic-token";
+    pub const CACHIX_TOKEN_FILE: &str = "cachix-token";
+    pub const STORE_SIGNING_KEY_FILE: &str = "store-signing-key";
+    /// Where the `/nix` volume is mounted.
+    pub const STORE_MOUNT: &str = "/nix";
+    /// The agent's binary inside the builder image.
+    pub const AGENT_BINARY: &str = "/bin/nixpool-agent";
+}
+
+/// Ports a builder pod listens on.
+pub mod ports {
+    /// sshd inside the builder container.
+    pub const SSH: u16 = 22;
+    /// The agent's `/healthz`, `/readyz` and `/metrics`.
+    pub const AGENT_HEALTH: u16 = 8090;
+    pub const SSH_NAME: &str = "ssh";
+    pub const HEALTH_NAME: &str = "health";
+}
+
+/// Deterministic names of a pool's children.
+pub mod names {
+    pub fn host_key_secret(pool: &str) -> String {
+        format!("{pool}-host-key")
+    }
+    pub fn authorized_keys_secret(pool: &str) -> String {
+        format!("{pool}-authorized-keys")
+    }
+    pub fn config_map(pool: &str) -> String {
+        format!("{pool}-config")
+    }
+    /// The Deployment, Service and PodDisruptionBudget share the pool's name.
+    pub fn workload(pool: &str) -> String {
+        pool.to_string()
+    }
+}

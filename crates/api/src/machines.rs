@@ -1,0 +1,194 @@
+//! The `/etc/nix/machines` line: one remote builder per line, up to 8 space-separated columns
+//! (`-` for an empty one):
+//!
+//! ```text
+//! URI  SYSTEMS  SSH-KEY  MAX-JOBS  SPEED-FACTOR  SUPPORTED-FEATURES  MANDATORY-FEATURES  HOST-KEY
+//! ssh-ng://builder@nbp.example.com x86_64-linux /etc/nix/nixpool_ed25519 8 1 big-parallel - c3NoLWVk...
+//! ```
+//!
+//! Lists are comma-separated; the host key is the base64 of the OpenSSH public key line, so Nix
+//! pins it without a `known_hosts` entry.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use std::fmt;
+
+/// One machines-file line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MachinesEntry {
+    /// Store URI, e.g. `ssh-ng://builder@host` or `ssh://builder@host`.
+    pub uri: String,
+    /// Systems built there, e.g. `x86_64-linux`.
+    pub systems: Vec<String>,
+    /// Path of the SSH private key on the client; `None` is `-` (ssh's default identity).
+    pub ssh_key: Option<String>,
+    pub max_jobs: u32,
+    pub speed_factor: u32,
+    pub supported_features: Vec<String>,
+    pub mandatory_features: Vec<String>,
+    /// The host's OpenSSH public key line (`ssh-ed25519 AAAA...`), not base64: the formatter
+    /// encodes it and the parser decodes it.
+    pub host_public_key: Option<String>,
+}
+
+/// Why a line is not a machines entry.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ParseError {
+    #[error("the line is empty or a comment")]
+    Empty,
+    #[error("column {column} ({name}): {value:?} is not a whole number")]
+    NotANumber { column: usize, name: &'static str, value: String },
+    #[error("column 8 (host key): {0}")]
+    HostKey(String),
+    #[error("the line has {0} columns; a machines line has at most 8")]
+    TooManyColumns(usize),
+}
+
+impl MachinesEntry {
+    /// `ssh-ng://user@host[:port]`. The port is left out when it is 22 so that Nix versions that
+    /// take no port in the URI still parse the line; for another port with such a version use an
+    /// ssh_config `Host` block (`builderctl ssh-config`).
+    pub fn ssh_ng_uri(user: &str, host: &str, port: u16) -> String {
+        let host = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_string() };
+        if port == 22 { format!("ssh-ng://{user}@{host}") } else { format!("ssh-ng://{user}@{host}:{port}") }
+    }
+
+    /// The host key column: base64 of the public key line.
+    pub fn host_key_column(&self) -> String {
+        match &self.host_public_key {
+            Some(k) => STANDARD.encode(k.trim()),
+            None => "-".into(),
+        }
+    }
+
+    /// Parses one line. Comments (`#` to end of line) are ignored; missing trailing columns get
+    /// Nix's defaults (1 job, speed 1, no features).
+    pub fn parse(line: &str) -> Result<Self, ParseError> {
+        let content = line.split('#').next().unwrap_or("");
+        let cols: Vec<&str> = content.split_whitespace().collect();
+        if cols.is_empty() {
+            return Err(ParseError::Empty);
+        }
+        if cols.len() > 8 {
+            return Err(ParseError::TooManyColumns(cols.len()));
+        }
+        let col = |i: usize| cols.get(i).copied().filter(|c| *c != "-" && !c.is_empty());
+        let list = |i: usize| -> Vec<String> {
+            col(i).map(|c| c.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect()).unwrap_or_default()
+        };
+        let number = |i: usize, name: &'static str| -> Result<u32, ParseError> {
+            match col(i) {
+                None => Ok(1),
+                Some(v) => v.parse().map_err(|_| ParseError::NotANumber { column: i + 1, name, value: v.into() }),
+            }
+        };
+        let host_public_key = match col(7) {
+            None => None,
+            Some(b64) => {
+                let bytes = STANDARD.decode(b64).map_err(|e| ParseError::HostKey(format!("not base64 ({e})")))?;
+                let text = String::from_utf8(bytes).map_err(|_| ParseError::HostKey("not a text public key".into()))?;
+                Some(text.trim().to_string())
+            }
+        };
+        Ok(Self {
+            uri: cols[0].to_string(),
+            systems: list(1),
+            ssh_key: col(2).map(str::to_string),
+            max_jobs: number(3, "max jobs")?,
+            speed_factor: number(4, "speed factor")?,
+            supported_features: list(5),
+            mandatory_features: list(6),
+            host_public_key,
+        })
+    }
+}
+
+impl fmt::Display for MachinesEntry {
+    /// All 8 columns, `-` for the empty ones.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list = |v: &[String]| if v.is_empty() { "-".to_string() } else { v.join(",") };
+        write!(
+            f,
+            "{} {} {} {} {} {} {} {}",
+            self.uri,
+            list(&self.systems),
+            self.ssh_key.as_deref().unwrap_or("-"),
+            self.max_jobs,
+            self.speed_factor,
+            list(&self.supported_features),
+            list(&self.mandatory_features),
+            self.host_key_column()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry() -> MachinesEntry {
+        MachinesEntry {
+            uri: "ssh-ng://builder@nbp.example.com".into(),
+            systems: vec!["x86_64-linux".into(), "i686-linux".into()],
+            ssh_key: Some("/etc/nix/nixpool_ed25519".into()),
+            max_jobs: 8,
+            speed_factor: 2,
+            supported_features: vec!["big-parallel".into(), "benchmark".into()],
+            mandatory_features: vec![],
+            host_public_key: Some("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHbOkOOzoWy8fLjOmJmbmT7K8GmeiE5XaH7Sik8y7Dm0".into()),
+        }
+    }
+
+    #[test]
+    fn formats_all_eight_columns() {
+        let line = entry().to_string();
+        let cols: Vec<&str> = line.split(' ').collect();
+        assert_eq!(cols.len(), 8);
+        assert_eq!(cols[1], "x86_64-linux,i686-linux");
+        assert_eq!(cols[6], "-");
+        assert_eq!(
+            String::from_utf8(STANDARD.decode(cols[7]).unwrap()).unwrap(),
+            entry().host_public_key.unwrap()
+        );
+    }
+
+    #[test]
+    fn round_trips() {
+        let e = entry();
+        assert_eq!(MachinesEntry::parse(&e.to_string()).unwrap(), e);
+        let bare = MachinesEntry {
+            ssh_key: None,
+            supported_features: vec![],
+            host_public_key: None,
+            ..entry()
+        };
+        assert_eq!(MachinesEntry::parse(&bare.to_string()).unwrap(), bare);
+    }
+
+    #[test]
+    fn parses_short_lines_with_nix_defaults_and_comments() {
+        let e = MachinesEntry::parse("ssh://me@box x86_64-linux  # my old box").unwrap();
+        assert_eq!(e.uri, "ssh://me@box");
+        assert_eq!(e.max_jobs, 1);
+        assert_eq!(e.speed_factor, 1);
+        assert_eq!(e.ssh_key, None);
+        assert_eq!(MachinesEntry::parse("   # only a comment"), Err(ParseError::Empty));
+    }
+
+    #[test]
+    fn rejects_bad_columns_by_number() {
+        assert_eq!(
+            MachinesEntry::parse("ssh://a x86_64-linux - many"),
+            Err(ParseError::NotANumber { column: 4, name: "max jobs", value: "many".into() })
+        );
+        assert!(matches!(MachinesEntry::parse("ssh://a x - 1 1 - - !!notbase64"), Err(ParseError::HostKey(_))));
+        assert!(matches!(MachinesEntry::parse("a b c d e f g h i"), Err(ParseError::TooManyColumns(9))));
+    }
+
+    #[test]
+    fn uri_leaves_out_port_22_and_brackets_ipv6() {
+        assert_eq!(MachinesEntry::ssh_ng_uri("builder", "h", 22), "ssh-ng://builder@h");
+        assert_eq!(MachinesEntry::ssh_ng_uri("builder", "h", 2222), "ssh-ng://builder@h:2222");
+        assert_eq!(MachinesEntry::ssh_ng_uri("b", "fd00::1", 22), "ssh-ng://b@[fd00::1]");
+    }
+}

@@ -1,0 +1,546 @@
+//! `nixpool.dev/v1alpha1`: the `NixBuilderPool` custom resource.
+//!
+//! Every field's doc comment becomes its description in the CRD, so `kubectl explain
+//! nixbuilderpool.spec.<field>` teaches it. CEL rules (`x_kube(validation)`) go into the schema for
+//! servers that enforce them, and the operator evaluates the very same rules itself for servers
+//! that do not (see `nixpool-operator`'s `validate`).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, LocalObjectReference, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A pool of x86_64-linux (or other) Nix remote builders reachable over SSH.
+///
+/// The operator turns it into a Deployment of builder pods, a Service, the SSH host-key and
+/// authorized-keys Secrets and the agent's ConfigMap, and reports in `status` everything a client
+/// needs: the endpoint, the pinned host key and a ready-made `/etc/nix/machines` line.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "nixpool.dev",
+    version = "v1alpha1",
+    kind = "NixBuilderPool",
+    plural = "nixbuilderpools",
+    singular = "nixbuilderpool",
+    shortname = "nbp",
+    category = "nixpool",
+    namespaced,
+    status = "NixBuilderPoolStatus",
+    derive = "PartialEq",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.ready", description = "Ready builders / desired builders"),
+    printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint.host", description = "Host clients connect to"),
+    printcolumn(name = "Port", type_ = "integer", json_path = ".status.endpoint.port", description = "SSH port clients connect to"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("self.metadata.name.size() <= 47 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')")
+        .message("metadata.name: a pool name must be a DNS label of at most 47 characters starting with a letter (its Service and Secrets are named after it); rename the pool")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct NixBuilderPoolSpec {
+    /// Number of builder pods. Each runs `maxJobs` builds at once. Works with `kubectl scale`
+    /// and autoscalers through the scale subresource. 0 keeps the pool (keys, Service) but no
+    /// builders.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: i32,
+
+    /// Builder image (the Nix-built nixpool builder image, whose entrypoint is nixpool-agent).
+    /// Empty: the operator's `--default-image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+
+    /// When the kubelet pulls the image: Always, IfNotPresent or Never. Empty: the Kubernetes
+    /// default for the tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<ImagePullPolicy>,
+
+    /// Secrets with registry credentials for pulling the image.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
+
+    /// Nix system types the builders build for, as in a machines line (e.g. `x86_64-linux`;
+    /// add `i686-linux` if the builders can run it).
+    #[serde(default = "default_systems")]
+    #[x_kube(validation = Rule::new("self.size() > 0 && self.all(s, s.matches('^[a-z0-9_]+-[a-z0-9_]+$'))")
+        .message("spec.systems: list at least one Nix system such as x86_64-linux (form <arch>-<os>)"))]
+    pub systems: Vec<String>,
+
+    /// System features the builders offer (Nix `system-features`, the machines line's 6th
+    /// column), e.g. `big-parallel`, `benchmark`. `kvm` and `nixos-test` only where the nodes
+    /// expose /dev/kvm; the agent logs whether it does.
+    #[serde(default = "default_supported_features")]
+    #[x_kube(validation = Rule::new("self.all(f, f.matches('^[A-Za-z0-9_.+-]+$'))")
+        .message("spec.supportedFeatures: a feature is one word without spaces or commas, e.g. big-parallel"))]
+    pub supported_features: Vec<String>,
+
+    /// Features a derivation must require to be built here (the machines line's 7th column).
+    /// Usually empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(validation = Rule::new("self.all(f, f.matches('^[A-Za-z0-9_.+-]+$'))")
+        .message("spec.mandatoryFeatures: a feature is one word without spaces or commas"))]
+    pub mandatory_features: Vec<String>,
+
+    /// Builds each builder pod runs at once (its nix.conf `max-jobs`).
+    #[serde(default = "default_max_jobs")]
+    #[schemars(range(min = 1, max = 256))]
+    pub max_jobs: i32,
+
+    /// CPU cores each build may use (nix.conf `cores`); 0 means all cores of the pod.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 1024))]
+    pub cores: i32,
+
+    /// Relative speed of these builders against a client's other builders (machines line
+    /// column 5); higher is preferred.
+    #[serde(default = "default_speed_factor")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub speed_factor: i32,
+
+    /// CPU and memory requests and limits of each builder container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// Node labels builder pods must match. Defaults to amd64 nodes: an x86_64-linux builder
+    /// on another architecture would need emulation.
+    #[serde(default = "default_node_selector")]
+    pub node_selector: BTreeMap<String, String>,
+
+    /// Tolerations of builder pods, e.g. for a dedicated build node pool.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+
+    /// Affinity rules of builder pods (the operator already spreads them across nodes where
+    /// it can).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+
+    /// The `/nix` volume of each builder: its store and build directories.
+    #[serde(default)]
+    pub store: StoreSpec,
+
+    /// SSH access: the builder user, who may log in, and the host key clients pin.
+    #[serde(default)]
+    pub ssh: SshSpec,
+
+    /// The Service clients reach the builders through.
+    #[serde(default)]
+    pub service: ServiceSpec,
+
+    /// Binary caches the builders substitute from and push results to.
+    #[serde(default)]
+    pub cache: CacheSpec,
+
+    /// Extra nix.conf settings (name to value). Settings the operator owns are refused:
+    /// build-users-group, trusted-users, allowed-users, max-jobs, cores, system-features,
+    /// substituters, trusted-public-keys, extra-substituters, extra-trusted-public-keys,
+    /// post-build-hook, min-free, max-free, sandbox, secret-key-files; use the matching spec
+    /// field instead.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[x_kube(validation = Rule::new("self.all(k, !(k in ['build-users-group', 'trusted-users', 'allowed-users', 'max-jobs', 'cores', 'system-features', 'substituters', 'trusted-public-keys', 'extra-substituters', 'extra-trusted-public-keys', 'post-build-hook', 'min-free', 'max-free', 'sandbox', 'secret-key-files']))")
+        .message("spec.nixConfig: this setting is owned by the operator; use spec.maxJobs, spec.cores, spec.supportedFeatures, spec.cache or spec.gc instead"))]
+    #[x_kube(validation = Rule::new("self.all(k, k.matches('^[a-z][a-z0-9-]*$'))")
+        .message("spec.nixConfig: a setting name is lower-case words joined by '-', e.g. keep-outputs"))]
+    pub nix_config: BTreeMap<String, String>,
+
+    /// Store garbage collection during builds (nix.conf min-free / max-free).
+    #[serde(default)]
+    pub gc: GcSpec,
+
+    /// Drain budget: seconds a builder pod being stopped (rollout, scale-down, node drain) waits
+    /// for running builds to finish before it is killed.
+    #[serde(default = "default_grace")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub termination_grace_period_seconds: i64,
+}
+
+/// Image pull policy of the builder container.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ImagePullPolicy {
+    Always,
+    IfNotPresent,
+    Never,
+}
+
+impl ImagePullPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Always => "Always",
+            Self::IfNotPresent => "IfNotPresent",
+            Self::Never => "Never",
+        }
+    }
+}
+
+/// The `/nix` volume. Set at most one of `emptyDir` and `ephemeral`; neither means an emptyDir
+/// without a size limit.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!(has(self.emptyDir) && has(self.ephemeral))")
+    .message("spec.store: set either emptyDir or ephemeral, not both"))]
+pub struct StoreSpec {
+    /// Node-local scratch space, lost when the pod goes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub empty_dir: Option<EmptyDirStore>,
+    /// A generic ephemeral volume: a PersistentVolumeClaim made for each pod and deleted with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ephemeral: Option<EphemeralStore>,
+}
+
+/// An emptyDir `/nix`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EmptyDirStore {
+    /// Largest size before the kubelet evicts the pod, e.g. `100Gi`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_limit: Option<Quantity>,
+}
+
+/// A generic ephemeral volume `/nix`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EphemeralStore {
+    /// StorageClass of the claim; empty means the cluster default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+    /// Requested size, e.g. `200Gi`.
+    pub size: Quantity,
+}
+
+/// SSH access to the builders.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SshSpec {
+    /// The user clients log in as. It is a Nix trusted user on the builder (needed to build
+    /// input-addressed derivations) and may run only the Nix remote-build commands.
+    #[serde(default = "default_user")]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z_][a-z0-9_-]{0,30}$') && !(self in ['root', 'sshd', 'nobody'])")
+        .message("spec.ssh.user: use a lower-case POSIX user name other than root, sshd or nobody, e.g. builder"))]
+    pub user: String,
+
+    /// Public keys (OpenSSH `authorized_keys` lines) allowed to log in.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub authorized_keys: Vec<String>,
+
+    /// Secrets in the pool's namespace holding more `authorized_keys` lines, e.g. one per
+    /// team. A change to them reaches the builders within seconds, without a restart.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub authorized_keys_secrets: Vec<AuthorizedKeysSecretRef>,
+
+    /// An existing Secret holding the host's OpenSSH private key. Empty: the operator generates
+    /// one ed25519 key for the pool once and keeps it for the pool's life.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_key_secret: Option<SecretKeyRef>,
+}
+
+impl Default for SshSpec {
+    fn default() -> Self {
+        Self {
+            user: default_user(),
+            authorized_keys: Vec::new(),
+            authorized_keys_secrets: Vec::new(),
+            host_key_secret: None,
+        }
+    }
+}
+
+/// A Secret whose values are `authorized_keys` lines.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizedKeysSecretRef {
+    /// Name of the Secret, in the pool's namespace.
+    pub name: String,
+    /// The one key of the Secret to read. Empty: every key of the Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+/// One key of a Secret in the pool's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    pub name: String,
+    /// Key within the Secret.
+    pub key: String,
+}
+
+/// How clients reach the builders.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.nodePort) || self.type != 'ClusterIP'")
+    .message("spec.service.nodePort: a nodePort needs service.type NodePort or LoadBalancer"))]
+#[x_kube(validation = Rule::new("!has(self.loadBalancerSourceRanges) || size(self.loadBalancerSourceRanges) == 0 || self.type == 'LoadBalancer'")
+    .message("spec.service.loadBalancerSourceRanges: source ranges need service.type LoadBalancer"))]
+pub struct ServiceSpec {
+    /// ClusterIP (reachable inside the cluster or over a VPN), NodePort or LoadBalancer.
+    #[serde(default, rename = "type")]
+    pub type_: ServiceType,
+    /// SSH port of the Service.
+    #[serde(default = "default_ssh_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// Fixed node port for NodePort/LoadBalancer; empty lets Kubernetes pick one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub node_port: Option<i32>,
+    /// Annotations on the Service, e.g. for a cloud load balancer.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// CIDRs allowed to reach a LoadBalancer Service, e.g. your office and VPN ranges.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub load_balancer_source_ranges: Vec<String>,
+    /// Host name clients should use (a DNS name pointing at the load balancer or nodes). When
+    /// set it becomes `status.endpoint.host` and the machines line's host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?$')")
+        .message("spec.service.externalHost: give a bare DNS name or IP address, without scheme, user or port"))]
+    pub external_host: Option<String>,
+}
+
+impl Default for ServiceSpec {
+    fn default() -> Self {
+        Self {
+            type_: ServiceType::default(),
+            port: default_ssh_port(),
+            node_port: None,
+            annotations: BTreeMap::new(),
+            load_balancer_source_ranges: Vec::new(),
+            external_host: None,
+        }
+    }
+}
+
+/// Kubernetes Service type.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ServiceType {
+    #[default]
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+}
+
+impl ServiceType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClusterIP => "ClusterIP",
+            Self::NodePort => "NodePort",
+            Self::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+/// Binary caches.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheSpec {
+    /// Extra substituters the builders fetch from, each with the public key its paths are
+    /// signed with. cache.nixos.org is always used.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub substituters: Vec<Substituter>,
+    /// An Attic cache to substitute from and, optionally, push build results to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attic: Option<AtticCache>,
+    /// A Cachix cache to substitute from and, optionally, push build results to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cachix: Option<CachixCache>,
+    /// Any Nix store (e.g. `s3://bucket?region=eu-west-1`, `file:///cache`) to push build
+    /// results to with `nix copy`, signed with a key from a Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<StoreCache>,
+}
+
+/// A substituter and its signing key.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Substituter {
+    /// Store URL, e.g. `https://cache.example.com`.
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9+]+://[^ ]+$')")
+        .message("spec.cache.substituters[].url: give a store URL such as https://cache.example.com"))]
+    pub url: String,
+    /// Public key (`name:base64`) the cache signs with; paths without a trusted signature are
+    /// not substituted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[^: ]+:[A-Za-z0-9+/=]+$')")
+        .message("spec.cache.substituters[].publicKey: give the key as name:base64, e.g. cache.example.com-1:AbC..="))]
+    pub public_key: Option<String>,
+}
+
+/// An Attic cache.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!self.push || has(self.tokenSecret)")
+    .message("spec.cache.attic.tokenSecret: pushing to Attic needs a token; set tokenSecret or push: false"))]
+pub struct AtticCache {
+    /// Attic server URL, e.g. `https://attic.example.com`.
+    #[x_kube(validation = Rule::new("self.matches('^https?://[^ ]+$')")
+        .message("spec.cache.attic.endpoint: give the server URL, e.g. https://attic.example.com"))]
+    pub endpoint: String,
+    /// Cache name on the server.
+    pub cache: String,
+    /// The cache's public key (`attic cache info` shows it), to substitute from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
+    /// Secret key holding an Attic token (needs push permission to push).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret: Option<SecretKeyRef>,
+    /// Push every path a builder builds.
+    #[serde(default)]
+    pub push: bool,
+}
+
+/// A Cachix cache.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!self.push || has(self.tokenSecret)")
+    .message("spec.cache.cachix.tokenSecret: pushing to Cachix needs an auth token; set tokenSecret or push: false"))]
+pub struct CachixCache {
+    /// Cache name (`<name>.cachix.org`).
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9][a-z0-9-]*$')")
+        .message("spec.cache.cachix.cache: give the bare cache name, e.g. my-team (not the URL)"))]
+    pub cache: String,
+    /// The cache's public key (`<name>.cachix.org-1:...`), to substitute from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
+    /// Secret key holding a Cachix auth token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret: Option<SecretKeyRef>,
+    /// Push every path a builder builds.
+    #[serde(default)]
+    pub push: bool,
+}
+
+/// A Nix store that builds are copied to with `nix copy --to`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!self.push || has(self.signingKeySecret)")
+    .message("spec.cache.store.signingKeySecret: pushed paths must be signed; set signingKeySecret or push: false"))]
+pub struct StoreCache {
+    /// Store URI, e.g. `s3://nix-cache?region=eu-west-1`.
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9+]+://[^ ]+$')")
+        .message("spec.cache.store.uri: give a Nix store URI such as s3://bucket or file:///path"))]
+    pub uri: String,
+    /// Public key of the signing key, to substitute from the store as well.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
+    /// Secret key holding the Nix signing key (`nix key generate-secret`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_key_secret: Option<SecretKeyRef>,
+    /// Push every path a builder builds.
+    #[serde(default)]
+    pub push: bool,
+}
+
+/// Store garbage collection thresholds.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GcSpec {
+    /// When free space in /nix falls below this during a build, Nix collects garbage
+    /// (nix.conf `min-free`), e.g. `10Gi`.
+    #[serde(default = "default_min_free", skip_serializing_if = "Option::is_none")]
+    pub min_free: Option<Quantity>,
+    /// Collection stops once this much is free (nix.conf `max-free`), e.g. `50Gi`.
+    #[serde(default = "default_max_free", skip_serializing_if = "Option::is_none")]
+    pub max_free: Option<Quantity>,
+}
+
+impl Default for GcSpec {
+    fn default() -> Self {
+        Self { min_free: default_min_free(), max_free: default_max_free() }
+    }
+}
+
+/// What the operator observed. Written only by the operator.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NixBuilderPoolStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Builder pods that exist.
+    #[serde(default)]
+    pub replicas: i32,
+    /// Builder pods ready to take builds.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// `ready/desired`, for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<String>,
+    /// Label selector of the builder pods (for the scale subresource and autoscalers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// Ready, Progressing and Degraded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    /// Where clients connect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<Endpoint>,
+    /// The pool's SSH host public key (`ssh-ed25519 AAAA...`). Pin it; it never changes for the
+    /// pool's life unless you replace the host-key Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_public_key: Option<String>,
+    /// A complete `/etc/nix/machines` line for this pool. Its SSH key column is `-`: put the
+    /// path of your client key there (`builderctl machines-file` does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machines_entry: Option<String>,
+}
+
+/// A network endpoint.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    /// DNS name or IP address.
+    pub host: String,
+    /// TCP port of sshd.
+    pub port: i32,
+}
+
+fn default_replicas() -> i32 {
+    1
+}
+fn default_systems() -> Vec<String> {
+    vec!["x86_64-linux".into()]
+}
+fn default_supported_features() -> Vec<String> {
+    vec!["benchmark".into(), "big-parallel".into()]
+}
+fn default_max_jobs() -> i32 {
+    4
+}
+fn default_speed_factor() -> i32 {
+    1
+}
+fn default_node_selector() -> BTreeMap<String, String> {
+    BTreeMap::from([("kubernetes.io/arch".to_string(), "amd64".to_string())])
+}
+fn default_user() -> String {
+    "builder".into()
+}
+fn default_ssh_port() -> i32 {
+    22
+}
+fn default_grace() -> i64 {
+    3600
+}
+fn default_min_free() -> Option<Quantity> {
+    Some(Quantity("5Gi".into()))
+}
+fn default_max_free() -> Option<Quantity> {
+    Some(Quantity("20Gi".into()))
+}
+
+impl NixBuilderPoolSpec {
+    /// The spec as the API server fills it in: every default applied. Deserializing `{}`
+    /// gives the same.
+    pub fn defaults() -> Self {
+        serde_json::from_value(serde_json::json!({})).expect("every spec field has a default")
+    }
+}
