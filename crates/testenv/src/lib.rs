@@ -1,1 +1,249 @@
+//! Test tooling, never part of the product: a real Kubernetes control plane on loopback.
+//!
+//! `etcd` (Debian's `etcd-server`), `kube-apiserver` and `kube-controller-manager` (built from
+//! Debian's `kubernetes` source package by `hack/build-control-plane.sh`) run as child processes
+//! of the test binary, in a scratch directory, on free loopback ports. The controller-manager
+//! gives real Deployment/ReplicaSet controllers and real garbage collection; there is no kubelet,
+//! so pods stay Pending unless a test plays the kubelet.
+//!
+//! Every process is started through `setpriv --pdeathsig KILL` from a thread that lives as long
+//! as the test process, so nothing outlives a test run, even one that panics or is killed.
 
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+/// The Debian package version the control-plane binaries are built from (keep in sync with
+/// `hack/build-control-plane.sh`).
+pub const KUBE_VERSION: &str = "1.20.5+really1.20.2-1.1+deb12u1";
+
+/// The bearer token of the `admin` user (group `system:masters`) of a test control plane.
+pub const ADMIN_TOKEN: &str = "nixpool-test-admin-token";
+
+/// Directory holding kube-apiserver, kube-controller-manager and kubectl.
+pub fn kube_bin_dir() -> anyhow::Result<PathBuf> {
+    let dir = match std::env::var_os("NIXPOOL_KUBE_BIN") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let cache = std::env::var_os("NIXPOOL_CACHE").map(PathBuf::from).unwrap_or_else(|| "/var/cache/nixpool".into());
+            cache.join(format!("kube-{KUBE_VERSION}"))
+        }
+    };
+    for bin in ["kube-apiserver", "kube-controller-manager", "kubectl"] {
+        if !dir.join(bin).is_file() {
+            bail!(
+                "{} is missing: the tests need a real Kubernetes control plane. Build it once with \
+                 `sudo hack/build-control-plane.sh` (or set NIXPOOL_KUBE_BIN to a directory holding \
+                 kube-apiserver, kube-controller-manager and kubectl)",
+                dir.join(bin).display()
+            );
+        }
+    }
+    Ok(dir)
+}
+
+fn need_tool(name: &str, package: &str) -> anyhow::Result<()> {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+        .unwrap_or(false);
+    if !found {
+        bail!("`{name}` is not installed: the tests need it. Install it with `apt-get install {package}`");
+    }
+    Ok(())
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked; good enough for loopback tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind 127.0.0.1:0")
+}
+
+/// A running control plane.
+pub struct ControlPlane {
+    dir: PathBuf,
+    port: u16,
+    bin: PathBuf,
+    spawner: mpsc::Sender<SpawnRequest>,
+}
+
+struct SpawnRequest {
+    cmd: Command,
+    reply: mpsc::Sender<std::io::Result<u32>>,
+}
+
+/// One thread owns every child so that `PR_SET_PDEATHSIG` (which fires when the *thread* that
+/// forked the child exits) fires only when the whole test process ends.
+fn spawner() -> mpsc::Sender<SpawnRequest> {
+    let (tx, rx) = mpsc::channel::<SpawnRequest>();
+    std::thread::Builder::new()
+        .name("testenv-spawner".into())
+        .spawn(move || {
+            let mut children: Vec<Child> = Vec::new();
+            for mut req in rx {
+                let res = req.cmd.spawn().map(|c| {
+                    let pid = c.id();
+                    children.push(c);
+                    pid
+                });
+                let _ = req.reply.send(res);
+            }
+            // The sender is never dropped while the process lives; park to keep the thread.
+            loop {
+                std::thread::park();
+            }
+        })
+        .expect("start the spawner thread");
+    tx
+}
+
+impl ControlPlane {
+    /// The control plane shared by every test of this test binary, started on first use.
+    /// Tests share it and keep apart by namespace.
+    pub fn shared() -> &'static ControlPlane {
+        static SHARED: std::sync::OnceLock<ControlPlane> = std::sync::OnceLock::new();
+        SHARED.get_or_init(|| ControlPlane::start().unwrap_or_else(|e| panic!("cannot start the test control plane: {e:#}")))
+    }
+
+    /// Starts etcd, kube-apiserver and kube-controller-manager and waits until the API serves.
+    pub fn start() -> anyhow::Result<ControlPlane> {
+        let bin = kube_bin_dir()?;
+        need_tool("etcd", "etcd-server")?;
+        need_tool("openssl", "openssl")?;
+        need_tool("setpriv", "util-linux")?;
+        let base = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
+        let dir = tempfile::Builder::new().prefix("nixpool-cp-").tempdir_in(base)?.keep();
+        let spawner = spawner();
+        let port = free_port();
+        let cp = ControlPlane { dir: dir.clone(), port, bin: bin.clone(), spawner };
+
+        // Service-account signing key: the API server and the token controller share it.
+        let sa_key = dir.join("sa.key");
+        let out = Command::new("openssl")
+            .args(["genrsa", "-out"])
+            .arg(&sa_key)
+            .arg("2048")
+            .stderr(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            bail!("openssl genrsa failed");
+        }
+        std::fs::write(dir.join("tokens.csv"), format!("{ADMIN_TOKEN},admin,admin,system:masters\n"))?;
+        std::fs::write(dir.join("kubeconfig"), cp.kubeconfig_yaml(ADMIN_TOKEN, "default"))?;
+
+        let etcd_port = free_port();
+        let peer_port = free_port();
+        let mut etcd = Command::new("etcd");
+        etcd.args(["--name", "nixpool-test", "--data-dir"])
+            .arg(dir.join("etcd"))
+            .arg(format!("--listen-client-urls=http://127.0.0.1:{etcd_port}"))
+            .arg(format!("--advertise-client-urls=http://127.0.0.1:{etcd_port}"))
+            .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"))
+            .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"))
+            .arg(format!("--initial-cluster=nixpool-test=http://127.0.0.1:{peer_port}"));
+        cp.spawn("etcd", etcd)?;
+
+        let mut api = Command::new(bin.join("kube-apiserver"));
+        api.arg(format!("--etcd-servers=http://127.0.0.1:{etcd_port}"))
+            .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", "--insecure-port=0"])
+            .arg(format!("--secure-port={port}"))
+            .arg(format!("--cert-dir={}", dir.join("certs").display()))
+            .arg(format!("--token-auth-file={}", dir.join("tokens.csv").display()))
+            .args(["--authorization-mode=Node,RBAC", "--allow-privileged=true"])
+            .args(["--service-account-issuer=https://kubernetes.default.svc.cluster.local"])
+            .arg(format!("--service-account-key-file={}", sa_key.display()))
+            .arg(format!("--service-account-signing-key-file={}", sa_key.display()))
+            .args(["--service-cluster-ip-range=10.96.0.0/16", "--v=0"]);
+        cp.spawn("kube-apiserver", api)?;
+        cp.wait_ready(Duration::from_secs(90))?;
+
+        let mut kcm = Command::new(bin.join("kube-controller-manager"));
+        kcm.arg(format!("--kubeconfig={}", dir.join("kubeconfig").display()))
+            .args(["--leader-elect=false", "--port=0", "--secure-port=0", "--use-service-account-credentials=false"])
+            .arg(format!("--service-account-private-key-file={}", sa_key.display()))
+            .arg(format!("--root-ca-file={}", dir.join("certs/apiserver.crt").display()))
+            .args(["--concurrent-gc-syncs=5", "--v=0"]);
+        cp.spawn("kube-controller-manager", kcm)?;
+        Ok(cp)
+    }
+
+    fn spawn(&self, name: &str, cmd: Command) -> anyhow::Result<u32> {
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
+        let mut wrapped = Command::new("setpriv");
+        wrapped.args(["--pdeathsig", "KILL", "--"]).arg(cmd.get_program()).args(cmd.get_args());
+        wrapped.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        let (reply, rx) = mpsc::channel();
+        self.spawner.send(SpawnRequest { cmd: wrapped, reply }).map_err(|_| anyhow::anyhow!("spawner thread is gone"))?;
+        rx.recv()?.with_context(|| format!("start {name}"))
+    }
+
+    fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = self.kubectl().args(["get", "--raw", "/readyz"]).stderr(Stdio::null()).output()?;
+            if out.status.success() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "kube-apiserver was not ready after {timeout:?}; see {}",
+                    self.dir.join("kube-apiserver.log").display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// `https://127.0.0.1:<port>`.
+    pub fn server(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// The scratch directory (logs, kubeconfig, keys).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The admin kubeconfig file.
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.join("kubeconfig")
+    }
+
+    /// A kubeconfig for `token`, defaulting to `namespace`.
+    pub fn kubeconfig_yaml(&self, token: &str, namespace: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: nixpool-test\n  cluster:\n    server: {}\n    insecure-skip-tls-verify: true\n\
+             users:\n- name: user\n  user:\n    token: {token}\ncontexts:\n- name: nixpool-test\n  context:\n    cluster: nixpool-test\n    user: user\n    namespace: {namespace}\n\
+             current-context: nixpool-test\n",
+            self.server()
+        )
+    }
+
+    /// kubectl with the admin kubeconfig.
+    pub fn kubectl(&self) -> Command {
+        let mut c = Command::new(self.bin.join("kubectl"));
+        c.arg(format!("--kubeconfig={}", self.kubeconfig().display()));
+        c
+    }
+
+    /// A client with the admin credentials.
+    pub async fn client(&self) -> anyhow::Result<kube::Client> {
+        let kc = kube::config::Kubeconfig::read_from(self.kubeconfig())?;
+        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+        Ok(kube::Client::try_from(config)?)
+    }
+
+    /// Creates a fresh namespace for one test and returns its name.
+    pub async fn namespace(&self, prefix: &str) -> anyhow::Result<String> {
+        use k8s_openapi::api::core::v1::Namespace;
+        let client = self.client().await?;
+        let api: kube::Api<Namespace> = kube::Api::all(client);
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": { "generateName": format!("{prefix}-") }
+        }))?;
+        let created = api.create(&Default::default(), &ns).await?;
+        Ok(created.metadata.name.expect("the server names a generated namespace"))
+    }
+}
