@@ -38,6 +38,10 @@ pub mod labels {
     /// Pod-template annotation: a hash of everything that needs a pod restart to take effect
     /// (nix.conf, caches, image). Authorized keys are not in it: the agent reloads them live.
     pub const CONFIG_HASH: &str = "nixpool.dev/config-hash";
+    /// Annotation on every child: a hash of what the operator last applied. A reconcile applies
+    /// a child only when the live object lacks this hash or differs from what it would apply,
+    /// so an unchanged pool costs no writes.
+    pub const APPLIED_HASH: &str = "nixpool.dev/applied-hash";
     /// Label selector (string form) matching every child of every pool.
     pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=nixpool-operator";
 }

@@ -37,7 +37,11 @@ pub enum ParseError {
     #[error("the line is empty or a comment")]
     Empty,
     #[error("column {column} ({name}): {value:?} is not a whole number")]
-    NotANumber { column: usize, name: &'static str, value: String },
+    NotANumber {
+        column: usize,
+        name: &'static str,
+        value: String,
+    },
     #[error("column 8 (host key): {0}")]
     HostKey(String),
     #[error("the line has {0} columns; a machines line has at most 8")]
@@ -49,8 +53,16 @@ impl MachinesEntry {
     /// take no port in the URI still parse the line; for another port with such a version use an
     /// ssh_config `Host` block (`builderctl ssh-config`).
     pub fn ssh_ng_uri(user: &str, host: &str, port: u16) -> String {
-        let host = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_string() };
-        if port == 22 { format!("ssh-ng://{user}@{host}") } else { format!("ssh-ng://{user}@{host}:{port}") }
+        let host = if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]")
+        } else {
+            host.to_string()
+        };
+        if port == 22 {
+            format!("ssh-ng://{user}@{host}")
+        } else {
+            format!("ssh-ng://{user}@{host}:{port}")
+        }
     }
 
     /// The host key column: base64 of the public key line.
@@ -74,18 +86,26 @@ impl MachinesEntry {
         }
         let col = |i: usize| cols.get(i).copied().filter(|c| *c != "-" && !c.is_empty());
         let list = |i: usize| -> Vec<String> {
-            col(i).map(|c| c.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect()).unwrap_or_default()
+            col(i)
+                .map(|c| c.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect())
+                .unwrap_or_default()
         };
         let number = |i: usize, name: &'static str| -> Result<u32, ParseError> {
             match col(i) {
                 None => Ok(1),
-                Some(v) => v.parse().map_err(|_| ParseError::NotANumber { column: i + 1, name, value: v.into() }),
+                Some(v) => v.parse().map_err(|_| ParseError::NotANumber {
+                    column: i + 1,
+                    name,
+                    value: v.into(),
+                }),
             }
         };
         let host_public_key = match col(7) {
             None => None,
             Some(b64) => {
-                let bytes = STANDARD.decode(b64).map_err(|e| ParseError::HostKey(format!("not base64 ({e})")))?;
+                let bytes = STANDARD
+                    .decode(b64)
+                    .map_err(|e| ParseError::HostKey(format!("not base64 ({e})")))?;
                 let text = String::from_utf8(bytes).map_err(|_| ParseError::HostKey("not a text public key".into()))?;
                 Some(text.trim().to_string())
             }
@@ -135,7 +155,9 @@ mod tests {
             speed_factor: 2,
             supported_features: vec!["big-parallel".into(), "benchmark".into()],
             mandatory_features: vec![],
-            host_public_key: Some("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHbOkOOzoWy8fLjOmJmbmT7K8GmeiE5XaH7Sik8y7Dm0".into()),
+            host_public_key: Some(
+                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHbOkOOzoWy8fLjOmJmbmT7K8GmeiE5XaH7Sik8y7Dm0".into(),
+            ),
         }
     }
 
@@ -179,16 +201,29 @@ mod tests {
     fn rejects_bad_columns_by_number() {
         assert_eq!(
             MachinesEntry::parse("ssh://a x86_64-linux - many"),
-            Err(ParseError::NotANumber { column: 4, name: "max jobs", value: "many".into() })
+            Err(ParseError::NotANumber {
+                column: 4,
+                name: "max jobs",
+                value: "many".into()
+            })
         );
-        assert!(matches!(MachinesEntry::parse("ssh://a x - 1 1 - - !!notbase64"), Err(ParseError::HostKey(_))));
-        assert!(matches!(MachinesEntry::parse("a b c d e f g h i"), Err(ParseError::TooManyColumns(9))));
+        assert!(matches!(
+            MachinesEntry::parse("ssh://a x - 1 1 - - !!notbase64"),
+            Err(ParseError::HostKey(_))
+        ));
+        assert!(matches!(
+            MachinesEntry::parse("a b c d e f g h i"),
+            Err(ParseError::TooManyColumns(9))
+        ));
     }
 
     #[test]
     fn uri_leaves_out_port_22_and_brackets_ipv6() {
         assert_eq!(MachinesEntry::ssh_ng_uri("builder", "h", 22), "ssh-ng://builder@h");
-        assert_eq!(MachinesEntry::ssh_ng_uri("builder", "h", 2222), "ssh-ng://builder@h:2222");
+        assert_eq!(
+            MachinesEntry::ssh_ng_uri("builder", "h", 2222),
+            "ssh-ng://builder@h:2222"
+        );
         assert_eq!(MachinesEntry::ssh_ng_uri("b", "fd00::1", 22), "ssh-ng://b@[fd00::1]");
     }
 }

@@ -10,7 +10,9 @@ pub struct QuantityError(pub String);
 pub fn parse(q: &str) -> Result<f64, QuantityError> {
     let err = || QuantityError(q.to_string());
     let s = q.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-')).unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-'))
+        .unwrap_or(s.len());
     let (number, suffix) = s.split_at(split);
     if number.is_empty() {
         return Err(err());

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
     singular = "nixbuilderpool",
     shortname = "nbp",
     category = "nixpool",
+    doc = "A pool of Nix remote builders reachable over SSH: the operator runs it as a Deployment of builder pods behind a Service and reports the endpoint, the pinned host key and a ready-made /etc/nix/machines line in status.",
     namespaced,
     status = "NixBuilderPoolStatus",
     derive = "PartialEq",
@@ -60,6 +61,7 @@ pub struct NixBuilderPoolSpec {
     /// When the kubelet pulls the image: Always, IfNotPresent or Never. Empty: the Kubernetes
     /// default for the tag.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "pull_policy_schema")]
     pub image_pull_policy: Option<ImagePullPolicy>,
 
     /// Secrets with registry credentials for pulling the image.
@@ -159,6 +161,16 @@ pub struct NixBuilderPoolSpec {
     #[serde(default = "default_grace")]
     #[schemars(range(min = 0, max = 86400))]
     pub termination_grace_period_seconds: i64,
+}
+
+/// A plain string enum: the derived schema of an optional enum lists `null` among its values,
+/// which Kubernetes before 1.22 refuses.
+fn pull_policy_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "string",
+        "enum": ["Always", "IfNotPresent", "Never"],
+        "description": "When the kubelet pulls the image: Always, IfNotPresent or Never. Empty: the Kubernetes default for the tag."
+    })
 }
 
 /// Image pull policy of the builder container.
@@ -453,7 +465,10 @@ pub struct GcSpec {
 
 impl Default for GcSpec {
     fn default() -> Self {
-        Self { min_free: default_min_free(), max_free: default_max_free() }
+        Self {
+            min_free: default_min_free(),
+            max_free: default_max_free(),
+        }
     }
 }
 

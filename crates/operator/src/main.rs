@@ -1,1 +1,20 @@
-fn main(){}
+//! nixpool-operator: reconciles NixBuilderPool resources into pools of Nix remote builders.
+
+use clap::Parser;
+
+mod cli;
+mod context;
+mod error;
+mod hostkey;
+mod http;
+mod keys;
+mod leader;
+mod metrics;
+mod reconcile;
+mod render;
+mod telemetry;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    cli::Cli::parse().run().await
+}

@@ -29,7 +29,9 @@ pub fn kube_bin_dir() -> anyhow::Result<PathBuf> {
     let dir = match std::env::var_os("NIXPOOL_KUBE_BIN") {
         Some(d) => PathBuf::from(d),
         None => {
-            let cache = std::env::var_os("NIXPOOL_CACHE").map(PathBuf::from).unwrap_or_else(|| "/var/cache/nixpool".into());
+            let cache = std::env::var_os("NIXPOOL_CACHE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| "/var/cache/nixpool".into());
             cache.join(format!("kube-{KUBE_VERSION}"))
         }
     };
@@ -58,7 +60,10 @@ fn need_tool(name: &str, package: &str) -> anyhow::Result<()> {
 
 /// A free TCP port on 127.0.0.1 (free when asked; good enough for loopback tests).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind 127.0.0.1:0")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
 }
 
 /// A running control plane.
@@ -104,7 +109,9 @@ impl ControlPlane {
     /// Tests share it and keep apart by namespace.
     pub fn shared() -> &'static ControlPlane {
         static SHARED: std::sync::OnceLock<ControlPlane> = std::sync::OnceLock::new();
-        SHARED.get_or_init(|| ControlPlane::start().unwrap_or_else(|e| panic!("cannot start the test control plane: {e:#}")))
+        SHARED.get_or_init(|| {
+            ControlPlane::start().unwrap_or_else(|e| panic!("cannot start the test control plane: {e:#}"))
+        })
     }
 
     /// Starts etcd, kube-apiserver and kube-controller-manager and waits until the API serves.
@@ -113,11 +120,20 @@ impl ControlPlane {
         need_tool("etcd", "etcd-server")?;
         need_tool("openssl", "openssl")?;
         need_tool("setpriv", "util-linux")?;
-        let base = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
+        let base = if Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        };
         let dir = tempfile::Builder::new().prefix("nixpool-cp-").tempdir_in(base)?.keep();
         let spawner = spawner();
         let port = free_port();
-        let cp = ControlPlane { dir: dir.clone(), port, bin: bin.clone(), spawner };
+        let cp = ControlPlane {
+            dir: dir.clone(),
+            port,
+            bin: bin.clone(),
+            spawner,
+        };
 
         // Service-account signing key: the API server and the token controller share it.
         let sa_key = dir.join("sa.key");
@@ -130,7 +146,10 @@ impl ControlPlane {
         if !out.status.success() {
             bail!("openssl genrsa failed");
         }
-        std::fs::write(dir.join("tokens.csv"), format!("{ADMIN_TOKEN},admin,admin,system:masters\n"))?;
+        std::fs::write(
+            dir.join("tokens.csv"),
+            format!("{ADMIN_TOKEN},admin,admin,system:masters\n"),
+        )?;
         std::fs::write(dir.join("kubeconfig"), cp.kubeconfig_yaml(ADMIN_TOKEN, "default"))?;
 
         let etcd_port = free_port();
@@ -147,7 +166,11 @@ impl ControlPlane {
 
         let mut api = Command::new(bin.join("kube-apiserver"));
         api.arg(format!("--etcd-servers=http://127.0.0.1:{etcd_port}"))
-            .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", "--insecure-port=0"])
+            .args([
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                "--insecure-port=0",
+            ])
             .arg(format!("--secure-port={port}"))
             .arg(format!("--cert-dir={}", dir.join("certs").display()))
             .arg(format!("--token-auth-file={}", dir.join("tokens.csv").display()))
@@ -155,16 +178,27 @@ impl ControlPlane {
             .args(["--service-account-issuer=https://kubernetes.default.svc.cluster.local"])
             .arg(format!("--service-account-key-file={}", sa_key.display()))
             .arg(format!("--service-account-signing-key-file={}", sa_key.display()))
-            .args(["--service-cluster-ip-range=10.96.0.0/16", "--v=0"]);
+            .args(["--service-cluster-ip-range=10.96.0.0/16", "--v=0"])
+            // GA since 1.23; 1.20 needs the gate for a pool's `store.ephemeral`.
+            .arg("--feature-gates=GenericEphemeralVolume=true");
         cp.spawn("kube-apiserver", api)?;
         cp.wait_ready(Duration::from_secs(90))?;
 
         let mut kcm = Command::new(bin.join("kube-controller-manager"));
         kcm.arg(format!("--kubeconfig={}", dir.join("kubeconfig").display()))
-            .args(["--leader-elect=false", "--port=0", "--secure-port=0", "--use-service-account-credentials=false"])
+            .args([
+                "--leader-elect=false",
+                "--port=0",
+                "--secure-port=0",
+                "--use-service-account-credentials=false",
+            ])
             .arg(format!("--service-account-private-key-file={}", sa_key.display()))
             .arg(format!("--root-ca-file={}", dir.join("certs/apiserver.crt").display()))
-            .args(["--concurrent-gc-syncs=5", "--v=0"]);
+            .args([
+                "--concurrent-gc-syncs=5",
+                "--v=0",
+                "--feature-gates=GenericEphemeralVolume=true",
+            ]);
         cp.spawn("kube-controller-manager", kcm)?;
         Ok(cp)
     }
@@ -172,17 +206,26 @@ impl ControlPlane {
     fn spawn(&self, name: &str, cmd: Command) -> anyhow::Result<u32> {
         let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
         let mut wrapped = Command::new("setpriv");
-        wrapped.args(["--pdeathsig", "KILL", "--"]).arg(cmd.get_program()).args(cmd.get_args());
+        wrapped
+            .args(["--pdeathsig", "KILL", "--"])
+            .arg(cmd.get_program())
+            .args(cmd.get_args());
         wrapped.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         let (reply, rx) = mpsc::channel();
-        self.spawner.send(SpawnRequest { cmd: wrapped, reply }).map_err(|_| anyhow::anyhow!("spawner thread is gone"))?;
+        self.spawner
+            .send(SpawnRequest { cmd: wrapped, reply })
+            .map_err(|_| anyhow::anyhow!("spawner thread is gone"))?;
         rx.recv()?.with_context(|| format!("start {name}"))
     }
 
     fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            let out = self.kubectl().args(["get", "--raw", "/readyz"]).stderr(Stdio::null()).output()?;
+            let out = self
+                .kubectl()
+                .args(["get", "--raw", "/readyz"])
+                .stderr(Stdio::null())
+                .output()?;
             if out.status.success() {
                 return Ok(());
             }

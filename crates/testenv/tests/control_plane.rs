@@ -31,7 +31,10 @@ async fn a_deployment_gets_a_replicaset_from_the_real_controller_manager() {
             assert_eq!(owner.name, "web");
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "no ReplicaSet within 60s: is kube-controller-manager running?");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no ReplicaSet within 60s: is kube-controller-manager running?"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     }
 }

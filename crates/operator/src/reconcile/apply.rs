@@ -1,0 +1,174 @@
+//! The one I/O stage for children: server-side apply, in a fixed order, only where the live
+//! object differs from the desired one.
+
+use std::fmt::Debug;
+
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{Api, Patch, PatchParams};
+use kube::{Resource, ResourceExt};
+use nixpool_api::FIELD_MANAGER;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use super::build::{Children, stamp};
+use crate::context::Context;
+use crate::error::{Error, Result};
+
+/// The live objects after apply, and what had to change.
+pub struct Applied {
+    pub deployment: Deployment,
+    pub service: Service,
+    /// `Kind/name` of each child that was created or updated.
+    pub changed: Vec<String>,
+}
+
+pub async fn apply(ctx: &Context, ns: &str, children: Children) -> Result<Applied> {
+    let Children {
+        host_key_secret,
+        authorized_keys_secret,
+        config_map,
+        deployment,
+        service,
+        pdb,
+    } = children;
+    let mut changed = Vec::new();
+    // Secrets and the ConfigMap first, so new pods find everything they mount.
+    if let Some(secret) = host_key_secret {
+        ensure(ctx, ns, secret, &mut changed).await?;
+    }
+    ensure(ctx, ns, authorized_keys_secret, &mut changed).await?;
+    ensure(ctx, ns, config_map, &mut changed).await?;
+    let deployment = ensure(ctx, ns, deployment, &mut changed).await?;
+    let service = ensure(ctx, ns, service, &mut changed).await?;
+    if let Some(pdb) = pdb {
+        ensure(ctx, ns, pdb, &mut changed).await?;
+    }
+    Ok(Applied {
+        deployment,
+        service,
+        changed,
+    })
+}
+
+/// Reads the live object and applies `desired` only if the live one lacks any of it (which
+/// includes the applied-hash annotation, so a field dropped from the desired object counts as
+/// a change too).
+async fn ensure<K>(ctx: &Context, ns: &str, desired: K, changed: &mut Vec<String>) -> Result<K>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + Debug + Serialize + DeserializeOwned,
+{
+    let desired = stamp(desired);
+    let name = desired.name_any();
+    let kind = K::kind(&()).to_string();
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
+    let live = api.get_opt(&name).await.map_err(|source| Error::Read {
+        kind: static_kind::<K>(),
+        name: name.clone(),
+        source,
+    })?;
+    if let Some(live) = live {
+        let d = serde_json::to_value(&desired).expect("children serialize");
+        let l = serde_json::to_value(&live).expect("live objects serialize");
+        if is_subset(&d, &l) {
+            return Ok(live);
+        }
+    }
+    let applied = api
+        .patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&desired),
+        )
+        .await
+        .map_err(|source| Error::Apply {
+            kind: static_kind::<K>(),
+            name: name.clone(),
+            source,
+        })?;
+    changed.push(format!("{kind}/{name}"));
+    Ok(applied)
+}
+
+fn static_kind<K: Resource<DynamicType = ()>>() -> &'static str {
+    match K::kind(&()).as_ref() {
+        "Secret" => "Secret",
+        "ConfigMap" => "ConfigMap",
+        "Deployment" => "Deployment",
+        "Service" => "Service",
+        "PodDisruptionBudget" => "PodDisruptionBudget",
+        _ => "object",
+    }
+}
+
+/// Whether every field of `desired` is in `live` with the same value. Quantities compare by
+/// value, because the API server rewrites them in canonical form (`1024Mi` becomes `1Gi`).
+pub fn is_subset(desired: &Value, live: &Value) -> bool {
+    match (desired, live) {
+        (Value::Null, _) => true,
+        (Value::Object(d), Value::Object(l)) => d.iter().all(|(k, dv)| match l.get(k) {
+            Some(lv) => is_subset(dv, lv),
+            None => is_empty(dv),
+        }),
+        (Value::Object(d), Value::Null) => d.values().all(is_empty),
+        (Value::Array(d), Value::Array(l)) => d.len() == l.len() && d.iter().zip(l).all(|(d, l)| is_subset(d, l)),
+        (Value::Array(d), Value::Null) => d.is_empty(),
+        (Value::String(d), Value::String(l)) => d == l || same_quantity(d, l),
+        (d, l) => d == l,
+    }
+}
+
+fn is_empty(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Object(o) => o.values().all(is_empty),
+        Value::Array(a) => a.is_empty(),
+        _ => false,
+    }
+}
+
+fn same_quantity(a: &str, b: &str) -> bool {
+    let starts_numeric = |s: &str| s.starts_with(|c: char| c.is_ascii_digit() || c == '.');
+    if !starts_numeric(a) || !starts_numeric(b) {
+        return false;
+    }
+    match (nixpool_api::quantity::parse(a), nixpool_api::quantity::parse(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn server_defaults_and_extra_fields_are_not_a_difference() {
+        let desired = json!({"spec": {"ports": [{"port": 22, "name": "ssh"}], "selector": {"a": "b"}}, "status": null});
+        let live = json!({"spec": {"ports": [{"port": 22, "name": "ssh", "protocol": "TCP"}], "selector": {"a": "b"}, "clusterIP": "10.0.0.1"}});
+        assert!(is_subset(&desired, &live));
+    }
+
+    #[test]
+    fn changed_missing_or_resized_values_are_a_difference() {
+        let live = json!({"a": {"b": [1, 2]}, "c": "x"});
+        assert!(!is_subset(&json!({"a": {"b": [1, 3]}}), &live));
+        assert!(!is_subset(&json!({"a": {"b": [1]}}), &live));
+        assert!(!is_subset(&json!({"d": "new"}), &live));
+        assert!(!is_subset(&json!({"c": "y"}), &live));
+        assert!(
+            is_subset(&json!({"e": {}}), &live),
+            "an empty object the server drops is no difference"
+        );
+    }
+
+    #[test]
+    fn quantities_compare_by_value() {
+        assert!(is_subset(&json!({"m": "1024Mi"}), &json!({"m": "1Gi"})));
+        assert!(!is_subset(&json!({"m": "1000Mi"}), &json!({"m": "1Gi"})));
+        assert!(!is_subset(&json!({"image": "a:1"}), &json!({"image": "a:01"})));
+    }
+}

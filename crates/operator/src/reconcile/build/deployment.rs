@@ -1,0 +1,315 @@
+//! The builder Deployment.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
+use k8s_openapi::api::core::v1::{
+    Affinity, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EphemeralVolumeSource,
+    HTTPGetAction, KeyToPath, PersistentVolumeClaimSpec, PersistentVolumeClaimTemplate, PodAffinityTerm,
+    PodAntiAffinity, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SecretProjection, SecretVolumeSource,
+    SecurityContext, Volume, VolumeMount, VolumeProjection, VolumeResourceRequirements, WeightedPodAffinityTerm,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::ResourceExt;
+use nixpool_api::v1alpha1::SecretKeyRef;
+use nixpool_api::{NixBuilderPool, labels, names, paths, ports};
+
+use super::{meta, selector_labels};
+use crate::reconcile::validate::Valid;
+
+const STORE_VOLUME: &str = "nix";
+const SEED_MOUNT: &str = "/nix-volume";
+/// An empty `/nix` volume would hide the image's own store (nix, sshd, the agent): copy it in
+/// first. `cp -a` keeps the store database so the copied paths stay valid.
+const SEED_SCRIPT: &str = "cp -a /nix/. /nix-volume/";
+
+pub fn deployment(pool: &NixBuilderPool, valid: &Valid, config_hash: &str) -> Deployment {
+    let spec = &pool.spec;
+    let name = pool.name_any();
+    let mut template_labels = selector_labels(pool);
+    template_labels.insert(labels::COMPONENT.into(), "builder".into());
+    template_labels.insert(labels::PART_OF.into(), labels::PART_OF_VALUE.into());
+
+    let store_mount = |path: &str| VolumeMount {
+        name: STORE_VOLUME.into(),
+        mount_path: path.into(),
+        ..VolumeMount::default()
+    };
+    let mut mounts = vec![
+        store_mount(paths::STORE_MOUNT),
+        VolumeMount {
+            name: "config".into(),
+            mount_path: paths::CONFIG_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+        VolumeMount {
+            name: "host-key".into(),
+            mount_path: paths::HOST_KEY_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+        VolumeMount {
+            name: "authorized-keys".into(),
+            mount_path: paths::AUTHORIZED_KEYS_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+    ];
+    let mut volumes = vec![
+        store_volume(pool),
+        Volume {
+            name: "config".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: names::config_map(&name),
+                ..Default::default()
+            }),
+            ..Volume::default()
+        },
+        host_key_volume(pool),
+        Volume {
+            name: "authorized-keys".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(names::authorized_keys_secret(&name)),
+                default_mode: Some(0o400),
+                ..Default::default()
+            }),
+            ..Volume::default()
+        },
+    ];
+    if let Some(cache) = cache_secrets_volume(pool) {
+        mounts.push(VolumeMount {
+            name: "cache-secrets".into(),
+            mount_path: paths::CACHE_SECRETS_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+        volumes.push(cache);
+    }
+
+    let http_probe = |path: &str, period, failures, initial| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String(ports::HEALTH_NAME.into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        initial_delay_seconds: Some(initial),
+        timeout_seconds: Some(3),
+        ..Probe::default()
+    };
+    // Nix's build sandbox creates mount, PID and network namespaces: that needs a privileged
+    // container on stock Kubernetes.
+    let security = SecurityContext {
+        privileged: Some(true),
+        ..SecurityContext::default()
+    };
+    let builder = Container {
+        name: "builder".into(),
+        image: Some(valid.image.clone()),
+        image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_string()),
+        command: Some(vec![paths::AGENT_BINARY.into(), "run".into()]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some(ports::SSH_NAME.into()),
+                container_port: ports::SSH.into(),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
+            ContainerPort {
+                name: Some(ports::HEALTH_NAME.into()),
+                container_port: ports::AGENT_HEALTH.into(),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
+        ]),
+        readiness_probe: Some(http_probe("/readyz", 5, 2, 2)),
+        liveness_probe: Some(http_probe("/healthz", 10, 6, 10)),
+        resources: spec.resources.clone(),
+        security_context: Some(security.clone()),
+        volume_mounts: Some(mounts),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        ..Container::default()
+    };
+    let seed = Container {
+        name: "seed-store".into(),
+        image: Some(valid.image.clone()),
+        image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_string()),
+        command: Some(vec!["/bin/sh".into(), "-c".into(), SEED_SCRIPT.into()]),
+        resources: spec.resources.clone(),
+        volume_mounts: Some(vec![store_mount(SEED_MOUNT)]),
+        ..Container::default()
+    };
+
+    Deployment {
+        metadata: meta(pool, names::workload(&name), "builder"),
+        spec: Some(DeploymentSpec {
+            replicas: Some(spec.replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(pool)),
+                ..LabelSelector::default()
+            },
+            // Never drop capacity during a rollout: a new builder is Ready before an old one drains.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_unavailable: Some(IntOrString::Int(0)),
+                    max_surge: Some(IntOrString::Int(1)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(template_labels),
+                    annotations: Some(BTreeMap::from([(
+                        labels::CONFIG_HASH.to_string(),
+                        config_hash.to_string(),
+                    )])),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    termination_grace_period_seconds: Some(spec.termination_grace_period_seconds),
+                    node_selector: (!spec.node_selector.is_empty()).then(|| spec.node_selector.clone()),
+                    tolerations: (!spec.tolerations.is_empty()).then(|| spec.tolerations.clone()),
+                    affinity: Some(spec.affinity.clone().unwrap_or_else(|| spread(pool))),
+                    image_pull_secrets: (!spec.image_pull_secrets.is_empty()).then(|| spec.image_pull_secrets.clone()),
+                    init_containers: Some(vec![seed]),
+                    containers: vec![builder],
+                    volumes: Some(volumes),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    }
+}
+
+/// Prefer one builder per node, so a node loss takes out as few as possible.
+fn spread(pool: &NixBuilderPool) -> Affinity {
+    Affinity {
+        pod_anti_affinity: Some(PodAntiAffinity {
+            preferred_during_scheduling_ignored_during_execution: Some(vec![WeightedPodAffinityTerm {
+                weight: 100,
+                pod_affinity_term: PodAffinityTerm {
+                    topology_key: "kubernetes.io/hostname".into(),
+                    label_selector: Some(LabelSelector {
+                        match_labels: Some(selector_labels(pool)),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            }]),
+            ..Default::default()
+        }),
+        ..Affinity::default()
+    }
+}
+
+fn store_volume(pool: &NixBuilderPool) -> Volume {
+    let store = &pool.spec.store;
+    let mut v = Volume {
+        name: STORE_VOLUME.into(),
+        ..Volume::default()
+    };
+    match &store.ephemeral {
+        Some(e) => {
+            v.ephemeral = Some(EphemeralVolumeSource {
+                volume_claim_template: Some(PersistentVolumeClaimTemplate {
+                    metadata: Some(ObjectMeta {
+                        labels: Some(selector_labels(pool)),
+                        ..Default::default()
+                    }),
+                    spec: PersistentVolumeClaimSpec {
+                        access_modes: Some(vec!["ReadWriteOnce".into()]),
+                        storage_class_name: e.storage_class_name.clone(),
+                        resources: Some(VolumeResourceRequirements {
+                            requests: Some(BTreeMap::from([("storage".to_string(), e.size.clone())])),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    },
+                }),
+            })
+        }
+        None => {
+            v.empty_dir = Some(EmptyDirVolumeSource {
+                size_limit: store.empty_dir.as_ref().and_then(|e| e.size_limit.clone()),
+                ..Default::default()
+            })
+        }
+    }
+    v
+}
+
+fn host_key_volume(pool: &NixBuilderPool) -> Volume {
+    let (secret, key) = match &pool.spec.ssh.host_key_secret {
+        Some(r) => (r.name.clone(), r.key.clone()),
+        None => (
+            names::host_key_secret(&pool.name_any()),
+            paths::HOST_KEY_FILE.to_string(),
+        ),
+    };
+    Volume {
+        name: "host-key".into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret),
+            default_mode: Some(0o400),
+            items: Some(vec![KeyToPath {
+                key,
+                path: paths::HOST_KEY_FILE.into(),
+                mode: Some(0o400),
+            }]),
+            ..Default::default()
+        }),
+        ..Volume::default()
+    }
+}
+
+/// Tokens and signing keys of the caches the pool pushes to, projected into one directory.
+fn cache_secrets_volume(pool: &NixBuilderPool) -> Option<Volume> {
+    let cache = &pool.spec.cache;
+    let wanted: [(Option<&SecretKeyRef>, &str); 3] = [
+        (
+            cache.attic.as_ref().and_then(|a| a.token_secret.as_ref()),
+            paths::ATTIC_TOKEN_FILE,
+        ),
+        (
+            cache.cachix.as_ref().and_then(|c| c.token_secret.as_ref()),
+            paths::CACHIX_TOKEN_FILE,
+        ),
+        (
+            cache.store.as_ref().and_then(|s| s.signing_key_secret.as_ref()),
+            paths::STORE_SIGNING_KEY_FILE,
+        ),
+    ];
+    let sources: Vec<VolumeProjection> = wanted
+        .into_iter()
+        .filter_map(|(r, file)| {
+            let r = r?;
+            Some(VolumeProjection {
+                secret: Some(SecretProjection {
+                    name: r.name.clone(),
+                    items: Some(vec![KeyToPath {
+                        key: r.key.clone(),
+                        path: file.into(),
+                        mode: None,
+                    }]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+        })
+        .collect();
+    (!sources.is_empty()).then(|| Volume {
+        name: "cache-secrets".into(),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(sources),
+            default_mode: Some(0o400),
+        }),
+        ..Volume::default()
+    })
+}

@@ -1,0 +1,118 @@
+//! Pure builders: from a validated pool and what was read from the cluster, the typed children
+//! the operator applies. No I/O, no clock.
+
+mod config;
+mod deployment;
+mod secrets;
+mod service;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::{Resource, ResourceExt};
+use nixpool_api::{NixBuilderPool, labels};
+use sha2::{Digest, Sha256};
+
+pub use secrets::host_key as host_key_secret;
+
+use super::validate::Valid;
+use crate::hostkey::HostKey;
+use crate::keys::AuthorizedKeys;
+
+/// Everything a pool consists of. `apply` destructures it without `..`, so a child added here
+/// and never applied does not compile.
+#[derive(Clone, Debug)]
+pub struct Children {
+    /// `None` when the pool uses its own host-key Secret.
+    pub host_key_secret: Option<Secret>,
+    pub authorized_keys_secret: Secret,
+    pub config_map: ConfigMap,
+    pub deployment: Deployment,
+    pub service: Service,
+    /// `None` where the server does not serve policy/v1.
+    pub pdb: Option<PodDisruptionBudget>,
+}
+
+/// What `build` needs besides the pool.
+pub struct Inputs<'a> {
+    pub valid: &'a Valid,
+    /// The pool's host key (`None` while the user's own host-key Secret is missing). No Secret
+    /// is built for it when the pool names its own Secret.
+    pub host_key: Option<&'a HostKey>,
+    pub authorized_keys: &'a AuthorizedKeys,
+    pub with_pdb: bool,
+}
+
+pub fn build(pool: &NixBuilderPool, inputs: &Inputs<'_>) -> Children {
+    let config_map = config::config_map(pool, inputs.valid);
+    let config_hash = hash(&config_map.data);
+    Children {
+        host_key_secret: match (&pool.spec.ssh.host_key_secret, inputs.host_key) {
+            (None, Some(key)) => Some(secrets::host_key(pool, key)),
+            _ => None,
+        },
+        authorized_keys_secret: secrets::authorized_keys(pool, inputs.authorized_keys),
+        deployment: deployment::deployment(pool, inputs.valid, &config_hash),
+        config_map,
+        service: service::service(pool),
+        pdb: inputs.with_pdb.then(|| service::pdb(pool)),
+    }
+}
+
+/// Labels that select a pool's builder pods.
+pub fn selector_labels(pool: &NixBuilderPool) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (labels::NAME.to_string(), labels::NAME_VALUE.to_string()),
+        (labels::INSTANCE.to_string(), pool.name_any()),
+    ])
+}
+
+/// The selector in its string form, for `status.selector`.
+pub fn selector_string(pool: &NixBuilderPool) -> String {
+    selector_labels(pool)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// All `app.kubernetes.io/*` labels of a child.
+fn labels(pool: &NixBuilderPool, component: &str) -> BTreeMap<String, String> {
+    let mut l = selector_labels(pool);
+    l.insert(labels::COMPONENT.into(), component.into());
+    l.insert(labels::MANAGED_BY.into(), labels::MANAGED_BY_VALUE.into());
+    l.insert(labels::PART_OF.into(), labels::PART_OF_VALUE.into());
+    l
+}
+
+/// Metadata of a child: name, namespace, labels and the controller ownerReference.
+fn meta(pool: &NixBuilderPool, name: String, component: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: pool.namespace(),
+        labels: Some(labels(pool, component)),
+        owner_references: pool.controller_owner_ref(&()).map(|o| vec![o]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// A short, stable hash of anything serializable.
+pub fn hash<T: serde::Serialize>(value: &T) -> String {
+    let bytes = serde_json::to_vec(value).expect("children serialize");
+    let digest = Sha256::digest(&bytes);
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Sets the applied-hash annotation of a child to the hash of the child without it.
+pub fn stamp<K: Resource + serde::Serialize>(mut obj: K) -> K {
+    obj.annotations_mut().remove(labels::APPLIED_HASH);
+    let h = hash(&obj);
+    obj.annotations_mut().insert(labels::APPLIED_HASH.into(), h);
+    obj
+}
+
+#[cfg(test)]
+mod tests;

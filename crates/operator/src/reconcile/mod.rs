@@ -1,0 +1,441 @@
+//! The controller: watches pools and everything they own or reference, and runs the reconcile
+//! pipeline `validate → build → apply → status` for one pool at a time.
+
+pub mod apply;
+pub mod build;
+pub mod status;
+pub mod validate;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Api, PostParams};
+use kube::core::DeserializeGuard;
+use kube::core::error_boundary::InvalidObject;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use nixpool_api::conditions::{DEGRADED, READY, REASON_BAD_AUTHORIZED_KEYS, REASON_INVALID_SPEC};
+use nixpool_api::{NixBuilderPool, labels, names, paths};
+use tracing::{info, instrument, warn};
+
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::hostkey::HostKey;
+use crate::keys::AuthorizedKeys;
+
+type Guarded = DeserializeGuard<NixBuilderPool>;
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    fn api<K>(client: &kube::Client, ns: &Option<String>) -> Api<K>
+    where
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+    {
+        match ns {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let owned = watcher::Config::default().labels(labels::MANAGED_SELECTOR);
+    let controller = Controller::new(api::<Guarded>(&client, &namespace), watcher::Config::default());
+    let pools = controller.store();
+    let mut controller = controller
+        .owns(api::<Deployment>(&client, &namespace), owned.clone())
+        .owns(api::<Service>(&client, &namespace), owned.clone())
+        .owns(api::<ConfigMap>(&client, &namespace), owned.clone());
+    if ctx.with_pdb {
+        controller = controller.owns(api::<PodDisruptionBudget>(&client, &namespace), owned.clone());
+    }
+    // One Secret watch serves both the Secrets a pool owns and the ones it references (team
+    // keys, a user's host key), so a change to either reaches the pool within seconds.
+    controller
+        .watches(
+            api::<Secret>(&client, &namespace),
+            watcher::Config::default(),
+            move |secret| pools_of_secret(&pools, &secret),
+        )
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "reconcile stream");
+            }
+        })
+        .await;
+}
+
+/// The pools a Secret belongs to or is named by.
+fn pools_of_secret(pools: &Store<Guarded>, secret: &Secret) -> Vec<ObjectRef<Guarded>> {
+    let ns = secret.namespace();
+    let name = secret.name_any();
+    let mut refs: Vec<ObjectRef<Guarded>> = secret
+        .owner_references()
+        .iter()
+        .filter(|o| o.kind == "NixBuilderPool" && o.api_version.starts_with(nixpool_api::GROUP))
+        .map(|o| ObjectRef::new(&o.name).within(ns.as_deref().unwrap_or_default()))
+        .collect();
+    for guard in pools.state() {
+        let Ok(pool) = &guard.0 else { continue };
+        if pool.namespace() != ns {
+            continue;
+        }
+        let ssh = &pool.spec.ssh;
+        let named = ssh.authorized_keys_secrets.iter().any(|r| r.name == name)
+            || ssh.host_key_secret.as_ref().is_some_and(|r| r.name == name);
+        if named {
+            refs.push(ObjectRef::from_obj(guard.as_ref()));
+        }
+    }
+    refs
+}
+
+#[instrument(skip_all, fields(pool = %guard.name_any(), ns = guard.namespace().unwrap_or_default()))]
+async fn reconcile(guard: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    ctx.metrics.reconciles.inc();
+    let result = match &guard.0 {
+        Ok(pool) => match reconcile_pool(pool, &ctx).await {
+            Err(e @ Error::Apply { .. }) | Err(e @ Error::HostKey(_)) => {
+                report_failure(pool, &e, &ctx).await;
+                Err(e)
+            }
+            other => other,
+        },
+        Err(invalid) => report_undecodable(invalid, &ctx).await.map(|()| Action::await_change()),
+    };
+    ctx.metrics.duration.observe(started.elapsed().as_secs_f64());
+    if result.is_ok() {
+        ctx.succeeded(&pool_key(&guard));
+    }
+    result
+}
+
+async fn reconcile_pool(pool: &NixBuilderPool, ctx: &Context) -> Result<Action> {
+    let ns = pool.namespace().unwrap_or_default();
+    let valid = match validate::validate(pool, &ctx.default_image) {
+        Ok(v) => v,
+        Err(invalid) => {
+            ctx.metrics.failure(REASON_INVALID_SPEC);
+            warn!(problems = %invalid, "invalid spec; children left as they are");
+            let status = status::invalid(pool, &invalid.to_string(), ctx.now());
+            let newly = status_reason(pool, READY) != Some(REASON_INVALID_SPEC)
+                || condition_message(pool, READY) != condition_message_of(&status, READY);
+            status::patch(ctx, pool, status).await?;
+            if newly {
+                publish(
+                    ctx,
+                    pool,
+                    EventType::Warning,
+                    REASON_INVALID_SPEC,
+                    "Validate",
+                    invalid.to_string(),
+                )
+                .await;
+            }
+            return Ok(Action::await_change());
+        }
+    };
+
+    let mut missing = Vec::new();
+    let (host_key, generated) = host_key(ctx, pool, &ns, &mut missing).await?;
+    let authorized = authorized_keys(ctx, pool, &ns, &mut missing).await?;
+    let children = build::build(
+        pool,
+        &build::Inputs {
+            valid: &valid,
+            host_key: host_key.as_ref(),
+            authorized_keys: &authorized,
+            with_pdb: ctx.with_pdb,
+        },
+    );
+    let applied = apply::apply(ctx, &ns, children).await?;
+
+    let seen = status::Observed {
+        deployment: &applied.deployment,
+        service: &applied.service,
+        host_public_key: host_key.as_ref().map(|k| k.public.as_str()),
+        bad_keys: &authorized.bad,
+        missing_secrets: &missing,
+    };
+    let new_status = status::compute(pool, &seen, ctx.now());
+    let bad_keys_news = new_status.conditions.iter().any(|c| {
+        c.type_ == DEGRADED
+            && c.reason == REASON_BAD_AUTHORIZED_KEYS
+            && condition_message(pool, DEGRADED) != Some(c.message.as_str())
+    });
+    let degraded_message = condition_message_of(&new_status, DEGRADED)
+        .unwrap_or_default()
+        .to_string();
+    status::patch(ctx, pool, new_status).await?;
+
+    if generated {
+        publish(
+            ctx,
+            pool,
+            EventType::Normal,
+            "HostKeyGenerated",
+            "Create",
+            format!(
+                "generated the pool's ed25519 host key: {}",
+                host_key.as_ref().map(|k| k.public.as_str()).unwrap_or("?")
+            ),
+        )
+        .await;
+    }
+    if !applied.changed.is_empty() {
+        info!(changed = ?applied.changed, "applied");
+        publish(
+            ctx,
+            pool,
+            EventType::Normal,
+            "Applied",
+            "Apply",
+            format!("applied {}", applied.changed.join(", ")),
+        )
+        .await;
+    }
+    if bad_keys_news {
+        publish(
+            ctx,
+            pool,
+            EventType::Warning,
+            REASON_BAD_AUTHORIZED_KEYS,
+            "Validate",
+            degraded_message,
+        )
+        .await;
+    }
+    Ok(Action::requeue(ctx.resync))
+}
+
+fn status_reason<'a>(pool: &'a NixBuilderPool, type_: &str) -> Option<&'a str> {
+    pool.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| c.reason.as_str())
+}
+
+fn condition_message<'a>(pool: &'a NixBuilderPool, type_: &str) -> Option<&'a str> {
+    condition_message_of(pool.status.as_ref()?, type_)
+}
+
+fn condition_message_of<'a>(status: &'a nixpool_api::NixBuilderPoolStatus, type_: &str) -> Option<&'a str> {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| c.message.as_str())
+}
+
+/// The pool's host key: from the user's Secret, from the Secret the operator made, or freshly
+/// generated and stored exactly once (create, never overwrite). Returns whether it was generated.
+async fn host_key(
+    ctx: &Context,
+    pool: &NixBuilderPool,
+    ns: &str,
+    missing: &mut Vec<String>,
+) -> Result<(Option<HostKey>, bool)> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let (name, key, ours) = match &pool.spec.ssh.host_key_secret {
+        Some(r) => (r.name.clone(), r.key.clone(), false),
+        None => (
+            names::host_key_secret(&pool.name_any()),
+            paths::HOST_KEY_FILE.to_string(),
+            true,
+        ),
+    };
+    let existing = api.get_opt(&name).await.map_err(|source| Error::Read {
+        kind: "Secret",
+        name: name.clone(),
+        source,
+    })?;
+    match existing {
+        Some(secret) => {
+            let data = secret.data.as_ref().and_then(|d| d.get(&key)).ok_or_else(|| {
+                Error::HostKey(format!(
+                    "Secret {name} has no key {key:?}; put the OpenSSH private host key there{}",
+                    if ours {
+                        " or delete the Secret to have a new key generated (clients must then re-pin)"
+                    } else {
+                        ""
+                    }
+                ))
+            })?;
+            let parsed =
+                HostKey::parse(&data.0).map_err(|e| Error::HostKey(format!("Secret {name} key {key}: {e}")))?;
+            Ok((Some(parsed), false))
+        }
+        None if !ours => {
+            missing.push(name);
+            Ok((None, false))
+        }
+        None => {
+            // Create, not apply: if another writer got there first, 409 makes us re-read its key
+            // instead of replacing it.
+            let key = HostKey::generate();
+            let secret = build::host_key_secret(pool, &key);
+            let pp = PostParams {
+                field_manager: Some(nixpool_api::FIELD_MANAGER.into()),
+                ..PostParams::default()
+            };
+            api.create(&pp, &build::stamp(secret))
+                .await
+                .map_err(|source| Error::Apply {
+                    kind: "Secret",
+                    name: name.clone(),
+                    source,
+                })?;
+            info!(public = %key.public, "generated the pool's host key");
+            Ok((Some(key), true))
+        }
+    }
+}
+
+/// Inline keys plus every line of the referenced Secrets.
+async fn authorized_keys(
+    ctx: &Context,
+    pool: &NixBuilderPool,
+    ns: &str,
+    missing: &mut Vec<String>,
+) -> Result<AuthorizedKeys> {
+    let mut keys = AuthorizedKeys::default();
+    for (i, line) in pool.spec.ssh.authorized_keys.iter().enumerate() {
+        keys.add(line, || crate::keys::Origin(format!("spec.ssh.authorizedKeys[{i}]")));
+    }
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    for r in &pool.spec.ssh.authorized_keys_secrets {
+        let Some(secret) = api.get_opt(&r.name).await.map_err(|source| Error::Read {
+            kind: "Secret",
+            name: r.name.clone(),
+            source,
+        })?
+        else {
+            missing.push(r.name.clone());
+            continue;
+        };
+        let data = secret.data.unwrap_or_default();
+        let wanted: Vec<&String> = match &r.key {
+            Some(k) => {
+                if !data.contains_key(k) {
+                    missing.push(format!("{} (key {k})", r.name));
+                }
+                data.keys().filter(|key| *key == k).collect()
+            }
+            None => data.keys().collect(),
+        };
+        for k in wanted {
+            match std::str::from_utf8(&data[k].0) {
+                Ok(text) => keys.add_text(text, &r.name, k),
+                Err(_) => keys.bad.push(crate::keys::BadKey {
+                    origin: crate::keys::Origin(format!("Secret {} key {k}", r.name)),
+                    reason: "not UTF-8 text; store authorized_keys lines".into(),
+                }),
+            }
+        }
+    }
+    Ok(keys)
+}
+
+/// A failure the user can act on (the server refused a child, the host key is unusable) goes
+/// into the Degraded condition as well as the log.
+async fn report_failure(pool: &NixBuilderPool, error: &Error, ctx: &Context) {
+    let message = error.to_string();
+    if condition_message(pool, DEGRADED) == Some(message.as_str()) {
+        return;
+    }
+    let mut status = pool.status.clone().unwrap_or_default();
+    let prev = status.conditions.clone();
+    status.conditions.retain(|c| c.type_ != DEGRADED);
+    status.conditions.push(status::condition(
+        &prev,
+        DEGRADED,
+        true,
+        error.category(),
+        message.clone(),
+        pool.metadata.generation,
+        ctx.now(),
+    ));
+    if let Err(e) = status::patch(ctx, pool, status).await {
+        warn!(error = %e, "cannot report the failure in status");
+    }
+    publish(ctx, pool, EventType::Warning, error.category(), "Reconcile", message).await;
+}
+
+/// A pool whose stored form does not even decode (e.g. written before a schema change): say
+/// so in its status, without touching anything else.
+async fn report_undecodable(invalid: &InvalidObject, ctx: &Context) -> Result<()> {
+    ctx.metrics.failure(REASON_INVALID_SPEC);
+    let name = invalid.metadata.name.clone().unwrap_or_default();
+    let ns = invalid.metadata.namespace.clone().unwrap_or_default();
+    warn!(%name, error = %invalid.error, "pool does not decode");
+    let api: Api<NixBuilderPool> = Api::namespaced(ctx.client.clone(), &ns);
+    let message = format!(
+        "the pool does not match the NixBuilderPool schema: {}; fix the spec",
+        invalid.error
+    );
+    let body = serde_json::json!({
+        "apiVersion": "nixpool.dev/v1alpha1", "kind": "NixBuilderPool",
+        "status": {"observedGeneration": invalid.metadata.generation, "conditions": [{
+            "type": READY, "status": "False", "reason": REASON_INVALID_SPEC, "message": message,
+            "lastTransitionTime": jiff::Timestamp::now().to_string(), "observedGeneration": invalid.metadata.generation,
+        }]}
+    });
+    api.patch_status(
+        &name,
+        &kube::api::PatchParams::apply(nixpool_api::FIELD_MANAGER).force(),
+        &kube::api::Patch::Apply(&body),
+    )
+    .await
+    .map_err(|source| Error::Status { name, source })?;
+    Ok(())
+}
+
+fn pool_key(guard: &Guarded) -> String {
+    format!("{}/{}", guard.namespace().unwrap_or_default(), guard.name_any())
+}
+
+fn error_policy(guard: Arc<Guarded>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.failure(error.category());
+    let delay = ctx.backoff(&pool_key(&guard));
+    warn!(pool = %guard.name_any(), category = error.category(), error = %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+async fn publish(ctx: &Context, pool: &NixBuilderPool, type_: EventType, reason: &str, action: &str, note: String) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(truncate(note, 1000)),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &pool.object_ref(&())).await {
+        warn!(error = %e, "cannot publish an Event");
+    }
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
+}

@@ -1,0 +1,211 @@
+//! Pure spec validation. The CEL rules in the CRD schema are evaluated here too (older API
+//! servers ignore them), followed by what CEL cannot say (quantities, SSH key syntax).
+
+use kube::ResourceExt;
+use nixpool_api::NixBuilderPool;
+use nixpool_api::quantity;
+
+use crate::keys;
+
+/// What validation derives from a valid spec.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Valid {
+    /// `spec.image`, or the operator's default.
+    pub image: String,
+    pub min_free_bytes: Option<u64>,
+    pub max_free_bytes: Option<u64>,
+}
+
+/// Why a spec is refused: one message per problem, each naming the field and the fix.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0.join("; "))]
+pub struct InvalidSpec(pub Vec<String>);
+
+pub fn validate(pool: &NixBuilderPool, default_image: &str) -> Result<Valid, InvalidSpec> {
+    let mut problems = Vec::new();
+    if let Err(errors) = kube::core::cel::validate_cel(pool) {
+        for e in errors.as_slice() {
+            // Our rule messages already start with the field they are about.
+            problems.push(
+                if e.message.starts_with("spec.") || e.message.starts_with("metadata.") {
+                    e.message.clone()
+                } else {
+                    e.to_string()
+                },
+            );
+        }
+    }
+    let spec = &pool.spec;
+
+    let image = spec
+        .image
+        .clone()
+        .filter(|i| !i.trim().is_empty())
+        .unwrap_or_else(|| default_image.to_string());
+    if image.trim().is_empty() {
+        problems.push("spec.image: no image given and the operator has no --default-image; set spec.image to the nixpool builder image".into());
+    }
+
+    let mut bytes = |field: &str, q: Option<&str>| -> Option<u64> {
+        let q = q?;
+        match quantity::to_bytes(q) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                problems.push(format!("{field}: {e}"));
+                None
+            }
+        }
+    };
+    let min_free_bytes = bytes("spec.gc.minFree", spec.gc.min_free.as_ref().map(|q| q.0.as_str()));
+    let max_free_bytes = bytes("spec.gc.maxFree", spec.gc.max_free.as_ref().map(|q| q.0.as_str()));
+    bytes(
+        "spec.store.emptyDir.sizeLimit",
+        spec.store
+            .empty_dir
+            .as_ref()
+            .and_then(|e| e.size_limit.as_ref())
+            .map(|q| q.0.as_str()),
+    );
+    bytes(
+        "spec.store.ephemeral.size",
+        spec.store.ephemeral.as_ref().map(|e| e.size.0.as_str()),
+    );
+    if let (Some(min), Some(max)) = (min_free_bytes, max_free_bytes)
+        && min >= max
+    {
+        problems.push("spec.gc: minFree must be smaller than maxFree (Nix collects from minFree up to maxFree); raise maxFree or lower minFree".into());
+    }
+
+    for (i, line) in spec.ssh.authorized_keys.iter().enumerate() {
+        if let Err(reason) = keys::check(line) {
+            problems.push(format!("spec.ssh.authorizedKeys[{i}]: {reason}"));
+        }
+    }
+    for (i, r) in spec.ssh.authorized_keys_secrets.iter().enumerate() {
+        if r.name.trim().is_empty() {
+            problems.push(format!(
+                "spec.ssh.authorizedKeysSecrets[{i}].name: give the name of a Secret in namespace {}",
+                pool.namespace().unwrap_or_default()
+            ));
+        }
+    }
+    if let Some(r) = &spec.ssh.host_key_secret
+        && (r.name.trim().is_empty() || r.key.trim().is_empty())
+    {
+        problems.push("spec.ssh.hostKeySecret: give both name and key of the Secret holding the OpenSSH private host key, or leave hostKeySecret out to let the operator generate one".into());
+    }
+
+    if problems.is_empty() {
+        Ok(Valid {
+            image,
+            min_free_bytes,
+            max_free_bytes,
+        })
+    } else {
+        Err(InvalidSpec(problems))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(spec: serde_json::Value) -> NixBuilderPool {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "nixpool.dev/v1alpha1", "kind": "NixBuilderPool",
+            "metadata": {"name": "builders", "namespace": "ci"},
+            "spec": spec
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_defaults_are_valid() {
+        let v = validate(&pool(serde_json::json!({})), "img:1").unwrap();
+        assert_eq!(v.image, "img:1");
+        assert_eq!(v.min_free_bytes, Some(5 << 30));
+        assert_eq!(v.max_free_bytes, Some(20 << 30));
+    }
+
+    #[test]
+    fn cel_rules_are_enforced_with_their_messages() {
+        let cases = [
+            (
+                serde_json::json!({"nixConfig": {"trusted-users": "everyone"}}),
+                "spec.nixConfig: this setting is owned by the operator",
+            ),
+            (
+                serde_json::json!({"systems": []}),
+                "spec.systems: list at least one Nix system",
+            ),
+            (serde_json::json!({"ssh": {"user": "root"}}), "spec.ssh.user:"),
+            (
+                serde_json::json!({"store": {"emptyDir": {}, "ephemeral": {"size": "1Gi"}}}),
+                "spec.store: set either emptyDir or ephemeral",
+            ),
+            (
+                serde_json::json!({"cache": {"attic": {"endpoint": "https://a", "cache": "c", "push": true}}}),
+                "spec.cache.attic.tokenSecret",
+            ),
+            (
+                serde_json::json!({"service": {"nodePort": 30022}}),
+                "spec.service.nodePort",
+            ),
+            (
+                serde_json::json!({"service": {"type": "LoadBalancer", "externalHost": "ssh://x:22"}}),
+                "spec.service.externalHost",
+            ),
+        ];
+        for (spec, expected) in cases {
+            let err = validate(&pool(spec.clone()), "img").unwrap_err();
+            assert!(
+                err.0.iter().any(|m| m.starts_with(expected)),
+                "{spec}: expected {expected:?}, got {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_bad_pool_name_is_refused() {
+        let mut p = pool(serde_json::json!({}));
+        p.metadata.name = Some("x".repeat(48));
+        let err = validate(&p, "img").unwrap_err();
+        assert!(err.to_string().contains("metadata.name"), "{err}");
+    }
+
+    #[test]
+    fn rust_side_checks_name_the_field() {
+        let err = validate(
+            &pool(serde_json::json!({
+                "gc": {"minFree": "10 GB", "maxFree": "1Gi"},
+                "ssh": {"authorizedKeys": ["ssh-ed25519 nonsense"]}
+            })),
+            "img",
+        )
+        .unwrap_err();
+        assert!(
+            err.0
+                .iter()
+                .any(|m| m.starts_with("spec.gc.minFree: \"10 GB\" is not a Kubernetes quantity")),
+            "{err}"
+        );
+        assert!(
+            err.0
+                .iter()
+                .any(|m| m.starts_with("spec.ssh.authorizedKeys[0]: not an OpenSSH public key line")),
+            "{err}"
+        );
+
+        let err = validate(
+            &pool(serde_json::json!({"gc": {"minFree": "30Gi", "maxFree": "20Gi"}})),
+            "img",
+        )
+        .unwrap_err();
+        assert!(
+            err.0[0].starts_with("spec.gc: minFree must be smaller than maxFree"),
+            "{err}"
+        );
+        let err = validate(&pool(serde_json::json!({})), "").unwrap_err();
+        assert!(err.0[0].starts_with("spec.image:"), "{err}");
+    }
+}

@@ -1,0 +1,496 @@
+//! The controller against a real kube-apiserver and kube-controller-manager (1.20, from Debian)
+//! on loopback, with the operator as a real process.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::*;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::{Api, ResourceExt};
+use nixpool_api::{MachinesEntry, NixBuilderPool, labels, paths};
+
+const MIN: Duration = Duration::from_secs(60);
+
+fn apply_example(cp: &nixpool_testenv::ControlPlane, ns: &str, example: &str) {
+    run(cp
+        .kubectl()
+        .args(["apply", "-n", ns, "-f", &format!("{REPO}/examples/{example}")]));
+}
+
+fn owned_by(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, pool: &NixBuilderPool) -> bool {
+    meta.owner_references.iter().flatten().any(|o| {
+        o.kind == "NixBuilderPool"
+            && o.name == pool.name_any()
+            && Some(&o.uid) == pool.metadata.uid.as_ref()
+            && o.controller == Some(true)
+    })
+}
+
+fn secret_text(s: &Secret, key: &str) -> String {
+    String::from_utf8(s.data.as_ref().unwrap()[key].0.clone()).unwrap()
+}
+
+async fn events_for(client: &kube::Client, ns: &str, pool: &str) -> Vec<Event> {
+    let api: Api<Event> = Api::namespaced(client.clone(), ns);
+    api.list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(pool))
+        .collect()
+}
+
+#[tokio::test]
+async fn every_example_pool_gets_its_children_and_a_status() {
+    let cp = control_plane();
+    let ns = cp.namespace("examples").await.unwrap();
+    let client = cp.client().await.unwrap();
+    let _op = Operator::start(cp, &ns);
+    for e in ["minimal.yaml", "caches.yaml", "team-keys.yaml"] {
+        apply_example(cp, &ns, e);
+    }
+    let pools: Api<NixBuilderPool> = Api::namespaced(client.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+
+    for name in ["builders", "cached", "teams"] {
+        let pool = observed(&pools, name).await;
+        let st = pool.status.clone().unwrap();
+        let host_key = st.host_public_key.clone().expect("status.hostPublicKey");
+        assert!(host_key.starts_with("ssh-ed25519 "), "{host_key}");
+        assert_eq!(
+            st.selector.as_deref(),
+            Some(format!("app.kubernetes.io/instance={name},app.kubernetes.io/name=nixpool-builder").as_str())
+        );
+        // No kubelet: nothing is ready yet, and the status says so.
+        assert_eq!(condition(&pool, "Ready").status, "False");
+        assert_eq!(condition(&pool, "Ready").reason, "NoReadyBuilders");
+        assert_eq!(condition(&pool, "Progressing").status, "True");
+
+        let hk = secrets.get(&format!("{name}-host-key")).await.unwrap();
+        assert!(owned_by(&hk.metadata, &pool));
+        assert_eq!(secret_text(&hk, paths::HOST_PUBLIC_KEY_FILE).trim(), host_key);
+        let ak = secrets.get(&format!("{name}-authorized-keys")).await.unwrap();
+        assert!(owned_by(&ak.metadata, &pool));
+        assert!(secret_text(&ak, paths::AUTHORIZED_KEYS_FILE).contains("alice@laptop"));
+        let cm = config_maps.get(&format!("{name}-config")).await.unwrap();
+        assert!(owned_by(&cm.metadata, &pool));
+        let agent = nixpool_api::AgentConfig::from_json(&cm.data.as_ref().unwrap()[paths::AGENT_CONFIG_KEY]).unwrap();
+        assert_eq!(agent.pool, name);
+        assert_eq!(agent.max_jobs as i32, pool.spec.max_jobs);
+
+        let d = deployments.get(name).await.unwrap();
+        assert!(owned_by(&d.metadata, &pool));
+        for k in [
+            labels::NAME,
+            labels::INSTANCE,
+            labels::MANAGED_BY,
+            labels::PART_OF,
+            labels::COMPONENT,
+        ] {
+            assert!(d.labels().contains_key(k), "Deployment {name} lacks label {k}");
+        }
+        let spec = d.spec.as_ref().unwrap();
+        assert_eq!(spec.replicas, Some(pool.spec.replicas));
+        let ru = spec.strategy.as_ref().unwrap().rolling_update.as_ref().unwrap();
+        assert_eq!(
+            ru.max_unavailable,
+            Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(0))
+        );
+        let pod = spec.template.spec.as_ref().unwrap();
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        assert_eq!(
+            pod.termination_grace_period_seconds,
+            Some(pool.spec.termination_grace_period_seconds)
+        );
+        let c = &pod.containers[0];
+        assert_eq!(c.command.as_ref().unwrap()[0], paths::AGENT_BINARY);
+        assert_eq!(
+            c.readiness_probe
+                .as_ref()
+                .unwrap()
+                .http_get
+                .as_ref()
+                .unwrap()
+                .path
+                .as_deref(),
+            Some("/readyz")
+        );
+        assert_eq!(
+            c.liveness_probe
+                .as_ref()
+                .unwrap()
+                .http_get
+                .as_ref()
+                .unwrap()
+                .path
+                .as_deref(),
+            Some("/healthz")
+        );
+        let host_key_volume = pod
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "host-key")
+            .unwrap();
+        assert_eq!(host_key_volume.secret.as_ref().unwrap().default_mode, Some(0o400));
+        assert!(
+            spec.template
+                .metadata
+                .as_ref()
+                .unwrap()
+                .annotations
+                .as_ref()
+                .unwrap()
+                .contains_key(labels::CONFIG_HASH)
+        );
+
+        let svc = services.get(name).await.unwrap();
+        assert!(owned_by(&svc.metadata, &pool));
+    }
+
+    // The caches pool projects both tokens into the builder and uses a LoadBalancer.
+    let cached = deployments.get("cached").await.unwrap();
+    let vols = cached.spec.unwrap().template.spec.unwrap().volumes.unwrap();
+    let projected = vols
+        .iter()
+        .find(|v| v.name == "cache-secrets")
+        .expect("cache-secrets volume")
+        .projected
+        .clone()
+        .unwrap();
+    assert_eq!(projected.sources.unwrap().len(), 2);
+    assert!(vols.iter().any(|v| v.name == "nix" && v.ephemeral.is_some()));
+
+    // ClusterIP pool: in-cluster DNS endpoint; play the kubelet and it becomes Ready with a
+    // machines line whose max jobs is ready builders x jobs per builder.
+    let pool = pools.get("builders").await.unwrap();
+    let ep = pool.status.as_ref().unwrap().endpoint.clone().unwrap();
+    assert_eq!((ep.host.as_str(), ep.port), (format!("builders.{ns}.svc").as_str(), 22));
+    eventually(MIN, "2 builder pods from the real ReplicaSet controller", || async {
+        (make_pods_ready(&client, &ns, "builders").await == 2).then_some(())
+    })
+    .await;
+    let ready = eventually(MIN, "pool builders Ready", || async {
+        let p = pools.get("builders").await.ok()?;
+        (p.status.as_ref()?.ready_replicas == 2 && condition(&p, "Ready").status == "True").then_some(p)
+    })
+    .await;
+    let st = ready.status.clone().unwrap();
+    let line = MachinesEntry::parse(st.machines_entry.as_deref().unwrap()).unwrap();
+    assert_eq!(line.uri, format!("ssh-ng://builder@builders.{ns}.svc"));
+    assert_eq!(line.max_jobs, 2 * 4);
+    assert_eq!(line.systems, vec!["x86_64-linux"]);
+    assert_eq!(line.host_public_key.as_deref(), st.host_public_key.as_deref());
+    assert_eq!(st.ready.as_deref(), Some("2/2"));
+
+    // LoadBalancer pool: no endpoint until the cloud publishes an address.
+    let cached = pools.get("cached").await.unwrap();
+    assert!(cached.status.as_ref().unwrap().endpoint.is_none());
+    let lb = serde_json::json!({"status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.10"}]}}});
+    services
+        .patch_status("cached", &PatchParams::default(), &Patch::Merge(&lb))
+        .await
+        .unwrap();
+    eventually(MIN, "the load balancer address in status.endpoint", || async {
+        let p = pools.get("cached").await.ok()?;
+        (p.status?.endpoint?.host == "192.0.2.10").then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_spec_change_rolls_the_deployment_and_a_team_key_does_not() {
+    let cp = control_plane();
+    let ns = cp.namespace("rollout").await.unwrap();
+    let client = cp.client().await.unwrap();
+    let _op = Operator::start(cp, &ns);
+    apply_example(cp, &ns, "team-keys.yaml");
+    let pools: Api<NixBuilderPool> = Api::namespaced(client.clone(), &ns);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    observed(&pools, "teams").await;
+    let before = deployments.get("teams").await.unwrap();
+    let hash_of = |d: &Deployment| {
+        d.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref()
+            .unwrap()[labels::CONFIG_HASH]
+            .clone()
+    };
+
+    // A new key in a team Secret reaches the authorized-keys Secret within seconds...
+    let dave = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBtqZ2mhd1zVQ2b0mZ7oN5pX0y8rC1qWmQ3y6c2dE9fG dave@laptop";
+    let mut keys = secret_text(&secrets.get("team-mobile-keys").await.unwrap(), "authorized_keys");
+    keys.push_str(dave);
+    keys.push('\n');
+    let patch = serde_json::json!({"data": {"authorized_keys": ByteString(keys.into_bytes())}});
+    let sent = std::time::Instant::now();
+    secrets
+        .patch("team-mobile-keys", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(15),
+        "dave's key in teams-authorized-keys",
+        || async {
+            let s = secrets.get("teams-authorized-keys").await.ok()?;
+            secret_text(&s, paths::AUTHORIZED_KEYS_FILE)
+                .contains("dave@laptop")
+                .then_some(())
+        },
+    )
+    .await;
+    eprintln!("team key reached the authorized-keys Secret in {:?}", sent.elapsed());
+    // ...without touching the pod template: no restart.
+    let after_key = deployments.get("teams").await.unwrap();
+    assert_eq!(after_key.metadata.generation, before.metadata.generation);
+    assert_eq!(hash_of(&after_key), hash_of(&before));
+
+    // A bad line is reported with its Secret and line, not dropped silently.
+    let bad = format!(
+        "{}not-a-key at all\n",
+        secret_text(&secrets.get("team-mobile-keys").await.unwrap(), "authorized_keys")
+    );
+    let patch = serde_json::json!({"data": {"authorized_keys": ByteString(bad.into_bytes())}});
+    secrets
+        .patch("team-mobile-keys", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let degraded = eventually(
+        Duration::from_secs(15),
+        "Degraded=True for the bad key line",
+        || async {
+            let p = pools.get("teams").await.ok()?;
+            (condition(&p, "Degraded").reason == "BadAuthorizedKeys").then_some(p)
+        },
+    )
+    .await;
+    let msg = &condition(&degraded, "Degraded").message;
+    assert!(
+        msg.contains("Secret team-mobile-keys key authorized_keys line 3"),
+        "{msg}"
+    );
+    assert!(
+        events_for(&client, &ns, "teams")
+            .await
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("BadAuthorizedKeys") && e.type_.as_deref() == Some("Warning"))
+    );
+
+    // A nix setting changes the agent config: the template's hash changes and the real
+    // Deployment controller starts a new ReplicaSet.
+    let patch = serde_json::json!({"spec": {"nixConfig": {"keep-outputs": "true"}}});
+    pools
+        .patch("teams", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let rolled = eventually(MIN, "a new pod template", || async {
+        let d = deployments.get("teams").await.ok()?;
+        (hash_of(&d) != hash_of(&before)).then_some(d)
+    })
+    .await;
+    assert!(rolled.metadata.generation > before.metadata.generation);
+    let rs: Api<ReplicaSet> = Api::namespaced(client.clone(), &ns);
+    eventually(MIN, "two ReplicaSets (old and new)", || async {
+        (rs.list(&ListParams::default().labels("app.kubernetes.io/instance=teams"))
+            .await
+            .ok()?
+            .items
+            .len()
+            >= 2)
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_invalid_spec_is_reported_and_changes_nothing() {
+    let cp = control_plane();
+    let ns = cp.namespace("invalid").await.unwrap();
+    let client = cp.client().await.unwrap();
+    let _op = Operator::start(cp, &ns);
+    apply_example(cp, &ns, "minimal.yaml");
+    let pools: Api<NixBuilderPool> = Api::namespaced(client.clone(), &ns);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    observed(&pools, "builders").await;
+    let before = deployments.get("builders").await.unwrap();
+
+    // 1.20 does not enforce CEL, so the server takes this; the operator must refuse it.
+    let patch = serde_json::json!({"spec": {"replicas": 5, "nixConfig": {"trusted-users": "*"}}});
+    pools
+        .patch("builders", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let pool = observed(&pools, "builders").await;
+    let ready = condition(&pool, "Ready");
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "InvalidSpec"));
+    assert!(
+        ready
+            .message
+            .contains("spec.nixConfig: this setting is owned by the operator"),
+        "{}",
+        ready.message
+    );
+    let events = events_for(&client, &ns, "builders").await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("InvalidSpec") && e.type_.as_deref() == Some("Warning")),
+        "{events:?}"
+    );
+    let after = deployments.get("builders").await.unwrap();
+    assert_eq!(
+        after.metadata.resource_version, before.metadata.resource_version,
+        "an invalid spec must not touch children"
+    );
+    assert_eq!(after.spec.unwrap().replicas, Some(2));
+
+    // Fixing it resumes reconciling.
+    let patch = serde_json::json!({"spec": {"nixConfig": null}});
+    pools
+        .patch("builders", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    eventually(MIN, "replicas 5 after the fix", || async {
+        (deployments.get("builders").await.ok()?.spec?.replicas == Some(5)).then_some(())
+    })
+    .await;
+    let pool = observed(&pools, "builders").await;
+    assert_ne!(condition(&pool, "Ready").reason, "InvalidSpec");
+}
+
+#[tokio::test]
+async fn deleting_a_pool_garbage_collects_its_children() {
+    let cp = control_plane();
+    let ns = cp.namespace("gc").await.unwrap();
+    let client = cp.client().await.unwrap();
+    let _op = Operator::start(cp, &ns);
+    apply_example(cp, &ns, "minimal.yaml");
+    let pools: Api<NixBuilderPool> = Api::namespaced(client.clone(), &ns);
+    observed(&pools, "builders").await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    assert!(deployments.get_opt("builders").await.unwrap().is_some());
+    pools.delete("builders", &DeleteParams::background()).await.unwrap();
+    eventually(MIN, "every child gone", || async {
+        let gone = deployments.get_opt("builders").await.ok()?.is_none()
+            && services.get_opt("builders").await.ok()?.is_none()
+            && cms.get_opt("builders-config").await.ok()?.is_none()
+            && secrets.get_opt("builders-host-key").await.ok()?.is_none()
+            && secrets.get_opt("builders-authorized-keys").await.ok()?.is_none();
+        gone.then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_host_key_survives_reconciles_and_an_operator_restart_and_no_op_reconciles_write_nothing() {
+    let cp = control_plane();
+    let ns = cp.namespace("hostkey").await.unwrap();
+    let client = cp.client().await.unwrap();
+    let mut op = Operator::start(cp, &ns);
+    apply_example(cp, &ns, "minimal.yaml");
+    let pools: Api<NixBuilderPool> = Api::namespaced(client.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let first = observed(&pools, "builders").await;
+    let key = first.status.as_ref().unwrap().host_public_key.clone().unwrap();
+    let secret = secrets.get("builders-host-key").await.unwrap();
+
+    // No-op reconciles: nudge the pool (an annotation does not change its spec) and count.
+    op.settle(Duration::from_secs(2)).await;
+    let writes = op.writes().await;
+    let reconciles = op.reconciles().await;
+    assert!(writes > 0.0, "the operator's request counter must see its own writes");
+    for i in 0..3 {
+        let patch = serde_json::json!({"metadata": {"annotations": {"test/nudge": i.to_string()}}});
+        pools
+            .patch("builders", &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+        eventually(Duration::from_secs(20), "a reconcile after the nudge", || async {
+            (op.reconciles().await > reconciles + i as f64).then_some(())
+        })
+        .await;
+    }
+    op.settle(Duration::from_secs(1)).await;
+    assert_eq!(
+        op.writes().await,
+        writes,
+        "a reconcile of an unchanged pool must not write:\n{}",
+        op.metrics().await
+    );
+
+    // Restart the operator: same key, same Secret.
+    op.kill();
+    let op2 = Operator::start(cp, &ns);
+    eventually(MIN, "the restarted operator reconciles", || async {
+        (op2.reconciles().await >= 1.0).then_some(())
+    })
+    .await;
+    op2.settle(Duration::from_secs(2)).await;
+    let again = pools.get("builders").await.unwrap();
+    assert_eq!(again.status.unwrap().host_public_key.unwrap(), key);
+    let secret2 = secrets.get("builders-host-key").await.unwrap();
+    assert_eq!(secret2.data, secret.data);
+    assert_eq!(secret2.metadata.resource_version, secret.metadata.resource_version);
+    assert_eq!(
+        op2.writes().await,
+        0.0,
+        "a restarted operator must find everything in place:\n{}",
+        op2.log_text()
+    );
+}
+
+#[tokio::test]
+async fn only_the_leader_reconciles_and_a_standby_takes_over() {
+    let cp = control_plane();
+    let ns = cp.namespace("leader").await.unwrap();
+    let client = cp.client().await.unwrap();
+    let mut a = Operator::start_named(cp, &ns, "a");
+    eventually(MIN, "replica a leads", || async {
+        (a.counter("nixpool_operator_leader", "").await == 1.0).then_some(())
+    })
+    .await;
+    let b = Operator::start_named(cp, &ns, "b");
+    apply_example(cp, &ns, "minimal.yaml");
+    let pools: Api<NixBuilderPool> = Api::namespaced(client.clone(), &ns);
+    observed(&pools, "builders").await;
+    assert_eq!(b.reconciles().await, 0.0, "the standby must not reconcile");
+    assert_eq!(b.counter("nixpool_operator_leader", "").await, 0.0);
+    a.kill();
+    // A killed leader does not release the Lease: b takes over after it expires.
+    eventually(Duration::from_secs(40), "replica b leads", || async {
+        (b.counter("nixpool_operator_leader", "").await == 1.0).then_some(())
+    })
+    .await;
+    let patch = serde_json::json!({"spec": {"replicas": 3}});
+    pools
+        .patch("builders", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    eventually(MIN, "the new leader applies replicas 3", || async {
+        (deployments.get("builders").await.ok()?.spec?.replicas == Some(3)).then_some(())
+    })
+    .await;
+    let _ = BTreeMap::<String, String>::new();
+}
