@@ -250,4 +250,18 @@ mod tests {
     fn cli_is_well_formed() {
         Cli::command().debug_assert();
     }
+
+    /// `crds/` is what users install; it must be exactly what the Rust types generate.
+    #[test]
+    fn the_checked_in_crd_matches_the_rust_types() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../crds/nixbuilderpools.nixpool.dev.yaml"
+        );
+        let checked_in = std::fs::read_to_string(path).expect("crds/nixbuilderpools.nixpool.dev.yaml exists");
+        assert!(
+            checked_in == crd_yaml(),
+            "crds/nixbuilderpools.nixpool.dev.yaml is out of date: run `cargo run -p nixpool-operator -- crd > crds/nixbuilderpools.nixpool.dev.yaml`"
+        );
+    }
 }

@@ -88,7 +88,8 @@ fn labels(pool: &NixBuilderPool, component: &str) -> BTreeMap<String, String> {
     l
 }
 
-/// Metadata of a child: name, namespace, labels and the controller ownerReference.
+/// Metadata of a child: name, namespace, labels and the controller ownerReference (without
+/// blockOwnerDeletion, which would need update rights on pools/finalizers).
 fn meta(pool: &NixBuilderPool, name: String, component: &str) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),

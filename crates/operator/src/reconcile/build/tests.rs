@@ -1,1 +1,327 @@
+//! Pure tests of the builders, from YAML fixtures.
 
+use k8s_openapi::api::core::v1::Container;
+use kube::ResourceExt;
+use nixpool_api::agent::PushTarget;
+use nixpool_api::{NixBuilderPool, labels, names, paths, ports};
+
+use super::*;
+use crate::hostkey::HostKey;
+use crate::keys::AuthorizedKeys;
+use crate::reconcile::validate::validate;
+
+fn pool(yaml: &str) -> NixBuilderPool {
+    let mut p: NixBuilderPool = serde_yaml::from_str(yaml).unwrap();
+    p.metadata.namespace = Some("ci".into());
+    p.metadata.uid = Some("0b1c2d3e-0000-4000-8000-000000000001".into());
+    p
+}
+
+fn children(p: &NixBuilderPool, key: &HostKey) -> Children {
+    let valid = validate(p, "img:default").unwrap();
+    let mut keys = AuthorizedKeys::default();
+    for k in &p.spec.ssh.authorized_keys {
+        keys.add(k, || crate::keys::Origin(String::new()));
+    }
+    build(
+        p,
+        &Inputs {
+            valid: &valid,
+            host_key: Some(key),
+            authorized_keys: &keys,
+            with_pdb: true,
+        },
+    )
+}
+
+fn builder(c: &Children) -> &Container {
+    &c.deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+}
+
+const MINIMAL: &str = include_str!("../../../../../examples/minimal.yaml");
+const CACHES: &str = include_str!("../../../../../examples/caches.yaml");
+
+#[test]
+fn every_child_has_a_deterministic_name_labels_and_the_controller_owner() {
+    let p = pool(MINIMAL);
+    let key = HostKey::generate();
+    let c = children(&p, &key);
+    let Children {
+        host_key_secret,
+        authorized_keys_secret,
+        config_map,
+        deployment,
+        service,
+        pdb,
+    } = &c;
+    let metas = [
+        (
+            &host_key_secret.as_ref().unwrap().metadata,
+            names::host_key_secret("builders"),
+        ),
+        (&authorized_keys_secret.metadata, "builders-authorized-keys".into()),
+        (&config_map.metadata, "builders-config".into()),
+        (&deployment.metadata, "builders".into()),
+        (&service.metadata, "builders".into()),
+        (&pdb.as_ref().unwrap().metadata, "builders".into()),
+    ];
+    for (meta, name) in metas {
+        assert_eq!(meta.name.as_deref(), Some(name.as_str()));
+        assert_eq!(meta.namespace.as_deref(), Some("ci"));
+        let l = meta.labels.as_ref().unwrap();
+        assert_eq!(l[labels::INSTANCE], "builders");
+        assert_eq!(l[labels::MANAGED_BY], "nixpool-operator");
+        let o = &meta.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (o.kind.as_str(), o.name.as_str(), o.controller),
+            ("NixBuilderPool", "builders", Some(true))
+        );
+    }
+}
+
+#[test]
+fn the_deployment_runs_the_agent_safely() {
+    let p = pool(MINIMAL);
+    let c = children(&p, &HostKey::generate());
+    let spec = c.deployment.spec.as_ref().unwrap();
+    assert_eq!(spec.replicas, Some(2));
+    let pod = spec.template.spec.as_ref().unwrap();
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    assert_eq!(pod.termination_grace_period_seconds, Some(3600));
+    assert_eq!(pod.node_selector.as_ref().unwrap()["kubernetes.io/arch"], "amd64");
+    let b = builder(&c);
+    assert_eq!(b.image.as_deref(), Some("img:default"));
+    assert_eq!(
+        b.command.as_ref().unwrap(),
+        &vec![paths::AGENT_BINARY.to_string(), "run".to_string()]
+    );
+    let port_names: Vec<_> = b
+        .ports
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|p| (p.name.clone().unwrap(), p.container_port))
+        .collect();
+    assert_eq!(
+        port_names,
+        vec![
+            ("ssh".to_string(), ports::SSH as i32),
+            ("health".to_string(), ports::AGENT_HEALTH as i32)
+        ]
+    );
+    let mounts: Vec<_> = b
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|m| m.mount_path.as_str())
+        .collect();
+    assert_eq!(
+        mounts,
+        vec![
+            paths::STORE_MOUNT,
+            paths::CONFIG_DIR,
+            paths::HOST_KEY_DIR,
+            paths::AUTHORIZED_KEYS_DIR
+        ]
+    );
+    let volumes = pod.volumes.as_ref().unwrap();
+    let hk = volumes
+        .iter()
+        .find(|v| v.name == "host-key")
+        .unwrap()
+        .secret
+        .as_ref()
+        .unwrap();
+    assert_eq!(hk.secret_name.as_deref(), Some("builders-host-key"));
+    assert_eq!(hk.default_mode, Some(0o400));
+    assert_eq!(hk.items.as_ref().unwrap()[0].path, paths::HOST_KEY_FILE);
+    // An emptyDir store hides the image's /nix: the init container seeds it first.
+    let seed = &pod.init_containers.as_ref().unwrap()[0];
+    assert!(seed.command.as_ref().unwrap().join(" ").contains("cp -a /nix/."));
+}
+
+#[test]
+fn the_config_hash_follows_nix_settings_but_not_keys() {
+    let p = pool(MINIMAL);
+    let key = HostKey::generate();
+    let hash = |c: &Children| {
+        c.deployment
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref()
+            .unwrap()[labels::CONFIG_HASH]
+            .clone()
+    };
+    let base = children(&p, &key);
+
+    let mut more_keys = p.clone();
+    more_keys
+        .spec
+        .ssh
+        .authorized_keys
+        .push("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIC6o/4wuvKOUyj0Yb5Ef8nC3U8OgAAbIAaAFhg8k45qB bob@mac".into());
+    let with_keys = children(&more_keys, &key);
+    assert_eq!(hash(&with_keys), hash(&base), "a key change must not restart builders");
+    assert_ne!(with_keys.authorized_keys_secret.data, base.authorized_keys_secret.data);
+
+    let mut nix = p.clone();
+    nix.spec.nix_config.insert("keep-outputs".into(), "true".into());
+    assert_ne!(
+        hash(&children(&nix, &key)),
+        hash(&base),
+        "a nix.conf change must roll the builders"
+    );
+}
+
+#[test]
+fn caches_become_substituters_keys_and_push_targets_with_mounted_tokens() {
+    let p = pool(CACHES);
+    let c = children(&p, &HostKey::generate());
+    let agent =
+        nixpool_api::AgentConfig::from_json(&c.config_map.data.as_ref().unwrap()[paths::AGENT_CONFIG_KEY]).unwrap();
+    assert_eq!(
+        agent.substituters,
+        vec![
+            "https://cache.nixos.org",
+            "https://attic.example.com/main",
+            "https://my-team.cachix.org"
+        ]
+    );
+    assert_eq!(agent.trusted_public_keys.len(), 3);
+    assert!(
+        matches!(&agent.push[0], PushTarget::Attic { cache, token_file, .. } if cache == "main" && token_file == "/run/nixpool/cache/attic-token")
+    );
+    assert!(matches!(&agent.push[1], PushTarget::Cachix { cache, .. } if cache == "my-team"));
+    assert_eq!(agent.max_jobs, 8);
+    assert_eq!(agent.min_free_bytes, Some(20 << 30));
+    assert_eq!(agent.drain_timeout_seconds, 3590);
+    assert_eq!(agent.extra_nix_config["keep-outputs"], "true");
+    // The tokens are mounted, never in the ConfigMap.
+    let cm = serde_json::to_string(&c.config_map).unwrap();
+    assert!(!cm.contains("token\":\"") && cm.contains("attic-token"));
+    let pod = c.deployment.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let projected = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "cache-secrets")
+        .unwrap()
+        .projected
+        .as_ref()
+        .unwrap();
+    let names: Vec<_> = projected
+        .sources
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|s| s.secret.as_ref().unwrap().name.clone())
+        .collect();
+    assert_eq!(names, vec!["attic-token", "cachix-token"]);
+    assert_eq!(
+        builder(&c).resources.as_ref().unwrap().requests.as_ref().unwrap()["cpu"].0,
+        "8"
+    );
+
+    let svc = c.service.spec.as_ref().unwrap();
+    assert_eq!(svc.type_.as_deref(), Some("LoadBalancer"));
+    assert_eq!(
+        svc.load_balancer_source_ranges.as_ref().unwrap(),
+        &vec!["10.0.0.0/8".to_string()]
+    );
+    let store = pod.volumes.as_ref().unwrap().iter().find(|v| v.name == "nix").unwrap();
+    let claim = store
+        .ephemeral
+        .as_ref()
+        .unwrap()
+        .volume_claim_template
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        claim.spec.resources.as_ref().unwrap().requests.as_ref().unwrap()["storage"].0,
+        "200Gi"
+    );
+}
+
+#[test]
+fn a_users_host_key_secret_is_mounted_and_none_is_built() {
+    let mut p = pool(MINIMAL);
+    p.spec.ssh.host_key_secret = Some(nixpool_api::v1alpha1::SecretKeyRef {
+        name: "mine".into(),
+        key: "id".into(),
+    });
+    let c = children(&p, &HostKey::generate());
+    assert!(c.host_key_secret.is_none());
+    let pod = c.deployment.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let hk = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "host-key")
+        .unwrap()
+        .secret
+        .clone()
+        .unwrap();
+    assert_eq!(hk.secret_name.as_deref(), Some("mine"));
+    assert_eq!(hk.items.unwrap()[0].key, "id");
+}
+
+#[test]
+fn the_host_key_secret_holds_the_key_and_no_pdb_without_policy_v1() {
+    let p = pool(MINIMAL);
+    let key = HostKey::generate();
+    let valid = validate(&p, "img").unwrap();
+    let c = build(
+        &p,
+        &Inputs {
+            valid: &valid,
+            host_key: Some(&key),
+            authorized_keys: &AuthorizedKeys::default(),
+            with_pdb: false,
+        },
+    );
+    assert!(c.pdb.is_none());
+    let data = c.host_key_secret.unwrap().data.unwrap();
+    assert_eq!(HostKey::parse(&data[paths::HOST_KEY_FILE].0).unwrap(), key);
+    assert_eq!(
+        String::from_utf8(data[paths::HOST_PUBLIC_KEY_FILE].0.clone())
+            .unwrap()
+            .trim(),
+        key.public
+    );
+}
+
+#[test]
+fn stamping_is_stable_and_tracks_content() {
+    let p = pool(MINIMAL);
+    let key = HostKey::generate();
+    let a = stamp(children(&p, &key).deployment);
+    let b = stamp(stamp(children(&p, &key).deployment));
+    assert_eq!(
+        a.annotations()[labels::APPLIED_HASH],
+        b.annotations()[labels::APPLIED_HASH]
+    );
+    let mut p2 = p.clone();
+    p2.spec.tolerations.clear();
+    p2.spec.replicas = 3;
+    assert_ne!(
+        stamp(children(&p2, &key).deployment).annotations()[labels::APPLIED_HASH],
+        a.annotations()[labels::APPLIED_HASH]
+    );
+}

@@ -1,1 +1,243 @@
+//! Pure tests of status computation with a fixed clock.
 
+use jiff::Timestamp;
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentStatus};
+use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, Service, ServiceStatus};
+use nixpool_api::{MachinesEntry, NixBuilderPool};
+
+use super::*;
+use crate::keys::{BadKey, Origin};
+
+const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHbOkOOzoWy8fLjOmJmbmT7K8GmeiE5XaH7Sik8y7Dm0";
+
+fn pool(spec: serde_json::Value) -> NixBuilderPool {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "nixpool.dev/v1alpha1", "kind": "NixBuilderPool",
+        "metadata": {"name": "b", "namespace": "ci", "generation": 3},
+        "spec": spec
+    }))
+    .unwrap()
+}
+
+fn deployment(replicas: i32, ready: i32, updated: i32) -> Deployment {
+    Deployment {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            generation: Some(7),
+            ..Default::default()
+        },
+        status: Some(DeploymentStatus {
+            replicas: Some(replicas),
+            ready_replicas: Some(ready),
+            updated_replicas: Some(updated),
+            observed_generation: Some(7),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn t(s: &str) -> Timestamp {
+    s.parse().unwrap()
+}
+
+fn compute_with(
+    p: &NixBuilderPool,
+    d: &Deployment,
+    svc: &Service,
+    bad: &[BadKey],
+    now: Timestamp,
+) -> NixBuilderPoolStatus {
+    compute(
+        p,
+        &Observed {
+            deployment: d,
+            service: svc,
+            host_public_key: Some(KEY),
+            bad_keys: bad,
+            missing_secrets: &[],
+        },
+        now,
+    )
+}
+
+fn cond<'a>(s: &'a NixBuilderPoolStatus, type_: &str) -> &'a Condition {
+    s.conditions.iter().find(|c| c.type_ == type_).unwrap()
+}
+
+#[test]
+fn ready_pool_reports_endpoint_key_and_a_machines_line() {
+    let p = pool(serde_json::json!({"replicas": 3, "maxJobs": 8, "speedFactor": 2, "supportedFeatures": ["kvm"]}));
+    let s = compute_with(
+        &p,
+        &deployment(3, 2, 3),
+        &Service::default(),
+        &[],
+        t("2026-01-01T00:00:00Z"),
+    );
+    assert_eq!(s.observed_generation, Some(3));
+    assert_eq!((s.replicas, s.ready_replicas, s.ready.as_deref()), (3, 2, Some("2/3")));
+    assert_eq!(cond(&s, "Ready").status, "True");
+    assert_eq!(cond(&s, "Ready").message, "2 of 3 builders ready at b.ci.svc:22");
+    assert_eq!(cond(&s, "Progressing").status, "True", "one builder is not ready yet");
+    assert_eq!(cond(&s, "Degraded").status, "False");
+    let e = MachinesEntry::parse(s.machines_entry.as_deref().unwrap()).unwrap();
+    assert_eq!(e.uri, "ssh-ng://builder@b.ci.svc");
+    assert_eq!(e.max_jobs, 16, "ready builders x jobs per builder");
+    assert_eq!(e.speed_factor, 2);
+    assert_eq!(e.supported_features, vec!["kvm"]);
+    assert_eq!(e.ssh_key, None, "the client fills in its own key");
+    assert_eq!(e.host_public_key.as_deref(), Some(KEY));
+    assert_eq!(
+        s.selector.as_deref(),
+        Some("app.kubernetes.io/instance=b,app.kubernetes.io/name=nixpool-builder")
+    );
+}
+
+#[test]
+fn last_transition_time_moves_only_when_the_status_flips() {
+    let mut p = pool(serde_json::json!({"replicas": 1}));
+    let t0 = t("2026-01-01T00:00:00Z");
+    let s0 = compute_with(&p, &deployment(1, 0, 1), &Service::default(), &[], t0);
+    assert_eq!(cond(&s0, "Ready").status, "False");
+    p.status = Some(s0);
+    // Same status later: the time stays.
+    let s1 = compute_with(
+        &p,
+        &deployment(1, 0, 1),
+        &Service::default(),
+        &[],
+        t("2026-01-01T00:05:00Z"),
+    );
+    assert_eq!(cond(&s1, "Ready").last_transition_time.0, t0);
+    p.status = Some(s1);
+    // It flips: the time moves.
+    let t2 = t("2026-01-01T00:09:00Z");
+    let s2 = compute_with(&p, &deployment(1, 1, 1), &Service::default(), &[], t2);
+    assert_eq!(cond(&s2, "Ready").status, "True");
+    assert_eq!(cond(&s2, "Ready").last_transition_time.0, t2);
+    assert_eq!(cond(&s2, "Progressing").status, "False");
+    assert_eq!(cond(&s2, "Progressing").reason, "UpToDate");
+    assert_eq!(
+        cond(&s2, "Degraded").last_transition_time.0,
+        t0,
+        "Degraded never flipped"
+    );
+    assert_eq!(cond(&s2, "Ready").observed_generation, Some(3));
+}
+
+#[test]
+fn load_balancer_endpoint_comes_from_ingress_or_the_advertised_host() {
+    let p = pool(serde_json::json!({"service": {"type": "LoadBalancer", "port": 2222}}));
+    let pending = compute_with(
+        &p,
+        &deployment(1, 1, 1),
+        &Service::default(),
+        &[],
+        t("2026-01-01T00:00:00Z"),
+    );
+    assert!(pending.endpoint.is_none() && pending.machines_entry.is_none());
+    assert_eq!(cond(&pending, "Ready").reason, "EndpointPending");
+    let svc = Service {
+        status: Some(ServiceStatus {
+            load_balancer: Some(LoadBalancerStatus {
+                ingress: Some(vec![LoadBalancerIngress {
+                    hostname: Some("lb.example.com".into()),
+                    ..Default::default()
+                }]),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let s = compute_with(&p, &deployment(1, 1, 1), &svc, &[], t("2026-01-01T00:00:00Z"));
+    let e = s.endpoint.unwrap();
+    assert_eq!((e.host.as_str(), e.port), ("lb.example.com", 2222));
+    assert!(
+        s.machines_entry
+            .unwrap()
+            .starts_with("ssh-ng://builder@lb.example.com:2222 ")
+    );
+
+    let p = pool(serde_json::json!({"service": {"type": "LoadBalancer", "externalHost": "builders.example.com"}}));
+    let s = compute_with(&p, &deployment(1, 1, 1), &svc, &[], t("2026-01-01T00:00:00Z"));
+    assert_eq!(s.endpoint.unwrap().host, "builders.example.com");
+}
+
+#[test]
+fn bad_keys_and_missing_secrets_degrade_and_name_the_source() {
+    let p = pool(serde_json::json!({}));
+    let bad = vec![BadKey {
+        origin: Origin("Secret team key keys line 2".into()),
+        reason: "not a key".into(),
+    }];
+    let s = compute_with(
+        &p,
+        &deployment(1, 1, 1),
+        &Service::default(),
+        &bad,
+        t("2026-01-01T00:00:00Z"),
+    );
+    assert_eq!(cond(&s, "Degraded").status, "True");
+    assert_eq!(
+        cond(&s, "Degraded").message,
+        "1 authorized key line(s) skipped: Secret team key keys line 2: not a key"
+    );
+    assert_eq!(cond(&s, "Ready").status, "True", "the other keys still work");
+
+    let missing = vec!["my-host-key".to_string()];
+    let s = compute(
+        &p,
+        &Observed {
+            deployment: &deployment(1, 0, 1),
+            service: &Service::default(),
+            host_public_key: None,
+            bad_keys: &[],
+            missing_secrets: &missing,
+        },
+        t("2026-01-01T00:00:00Z"),
+    );
+    assert_eq!(cond(&s, "Ready").reason, "MissingSecret");
+    assert!(cond(&s, "Ready").message.contains("my-host-key"));
+    assert!(s.machines_entry.is_none());
+}
+
+#[test]
+fn invalid_spec_keeps_what_was_known_and_says_how_to_fix() {
+    let mut p = pool(serde_json::json!({}));
+    let good = compute_with(
+        &p,
+        &deployment(1, 1, 1),
+        &Service::default(),
+        &[],
+        t("2026-01-01T00:00:00Z"),
+    );
+    p.status = Some(good.clone());
+    let s = invalid(
+        &p,
+        "spec.gc: minFree must be smaller than maxFree",
+        t("2026-01-02T00:00:00Z"),
+    );
+    assert_eq!(cond(&s, "Ready").reason, "InvalidSpec");
+    assert_eq!(cond(&s, "Ready").status, "False");
+    assert!(
+        cond(&s, "Ready")
+            .message
+            .starts_with("spec.gc: minFree must be smaller than maxFree. Fix the spec")
+    );
+    assert_eq!(s.host_public_key, good.host_public_key);
+    assert_eq!(s.endpoint, good.endpoint);
+}
+
+#[test]
+fn scaled_to_zero_is_not_ready_and_says_why() {
+    let p = pool(serde_json::json!({"replicas": 0}));
+    let s = compute_with(
+        &p,
+        &deployment(0, 0, 0),
+        &Service::default(),
+        &[],
+        t("2026-01-01T00:00:00Z"),
+    );
+    assert_eq!(cond(&s, "Ready").reason, "ScaledToZero");
+    assert_eq!(cond(&s, "Progressing").status, "False");
+}
