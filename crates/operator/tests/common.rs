@@ -57,6 +57,10 @@ impl Operator {
     }
 
     pub fn start_named(cp: &ControlPlane, ns: &str, name: &str) -> Operator {
+        Self::start_with(cp, ns, name, &["--resync-seconds", "3600"])
+    }
+
+    pub fn start_with(cp: &ControlPlane, ns: &str, name: &str, extra: &[&str]) -> Operator {
         let port = free_port();
         let log = cp.dir().join(format!("operator-{ns}-{name}-{port}.log"));
         let file = std::fs::File::create(&log).unwrap();
@@ -70,14 +74,8 @@ impl Operator {
                 "--default-image",
                 "nixpool-builder:test",
             ])
-            .args([
-                "--http-addr",
-                &format!("127.0.0.1:{port}"),
-                "--identity",
-                name,
-                "--resync-seconds",
-                "3600",
-            ])
+            .args(["--http-addr", &format!("127.0.0.1:{port}"), "--identity", name])
+            .args(extra)
             .env("KUBECONFIG", cp.kubeconfig())
             .env("RUST_LOG", "info,kube_client=error")
             .stdin(Stdio::null())
@@ -125,6 +123,17 @@ impl Operator {
                 since = Instant::now();
             }
         }
+    }
+
+    /// Peak resident memory of the operator process, in bytes (VmHWM).
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .unwrap_or(0)
     }
 
     pub fn log_text(&self) -> String {

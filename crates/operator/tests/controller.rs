@@ -362,6 +362,46 @@ async fn an_invalid_spec_is_reported_and_changes_nothing() {
     );
     assert_eq!(after.spec.unwrap().replicas, Some(2));
 
+    // One broken pool stalls no other: a pool with an unusable host-key Secret reports it,
+    // and a healthy pool next to both converges.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let garbage: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "bad-host-key"}, "stringData": {"key": "not a private key"}
+    }))
+    .unwrap();
+    secrets.create(&Default::default(), &garbage).await.unwrap();
+    let broken: NixBuilderPool = serde_json::from_value(serde_json::json!({
+        "apiVersion": "nixpool.dev/v1alpha1", "kind": "NixBuilderPool",
+        "metadata": {"name": "broken"},
+        "spec": {"ssh": {"hostKeySecret": {"name": "bad-host-key", "key": "key"}}}
+    }))
+    .unwrap();
+    pools.create(&Default::default(), &broken).await.unwrap();
+    let reported = eventually(MIN, "BadHostKey in the broken pool's status", || async {
+        let p = pools.get("broken").await.ok()?;
+        let c = p
+            .status
+            .as_ref()?
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Degraded")?
+            .clone();
+        (c.reason == "BadHostKey").then_some(c)
+    })
+    .await;
+    assert!(
+        reported
+            .message
+            .contains("Secret bad-host-key key key: not an OpenSSH private key"),
+        "{}",
+        reported.message
+    );
+    let mut healthy: NixBuilderPool = serde_yaml::from_str(include_str!("../../../examples/minimal.yaml")).unwrap();
+    healthy.metadata.name = Some("healthy".into());
+    pools.create(&Default::default(), &healthy).await.unwrap();
+    let healthy = observed(&pools, "healthy").await;
+    assert!(healthy.status.unwrap().host_public_key.is_some());
+
     // Fixing it resumes reconciling.
     let patch = serde_json::json!({"spec": {"nixConfig": null}});
     pools

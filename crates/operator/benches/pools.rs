@@ -1,0 +1,131 @@
+//! Benchmark: N pools (default 100, `NIXPOOL_BENCH_POOLS`) on a real control plane.
+//!
+//! `cargo bench -p nixpool-operator --bench pools` prints a Markdown table: time until every
+//! pool has all its children and a status, API requests per pool while creating, API requests
+//! per pool in a no-op resync (writes must be 0), and the operator's peak RSS.
+
+#[path = "../tests/common.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use kube::Api;
+use kube::api::{ListParams, PostParams};
+use nixpool_api::NixBuilderPool;
+use nixpool_testenv::ControlPlane;
+
+const RESYNC_SECONDS: u64 = 20;
+
+#[tokio::main]
+async fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing: only run for real
+    // when asked to bench.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let n: usize = std::env::var("NIXPOOL_BENCH_POOLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let cp = ControlPlane::start().expect("start the control plane");
+    let crd = format!("{REPO}/crds/nixbuilderpools.nixpool.dev.yaml");
+    run(cp.kubectl().args(["apply", "--validate=false", "-f", &crd]));
+    run(cp.kubectl().args([
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/nixbuilderpools.nixpool.dev",
+    ]));
+    let ns = cp.namespace("bench").await.unwrap();
+    let client = cp.client().await.unwrap();
+    let op = Operator::start_with(&cp, &ns, "bench", &["--resync-seconds", &RESYNC_SECONDS.to_string()]);
+    eventually(Duration::from_secs(30), "the operator leads", || async {
+        (op.counter("nixpool_operator_leader", "").await == 1.0).then_some(())
+    })
+    .await;
+
+    let pools: Api<NixBuilderPool> = Api::namespaced(client.clone(), &ns);
+    let template: NixBuilderPool = serde_yaml::from_str(include_str!("../../../examples/minimal.yaml")).unwrap();
+    let started = Instant::now();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(20) {
+        let creates = chunk.iter().map(|i| {
+            let mut p = template.clone();
+            p.metadata.name = Some(format!("pool-{i:04}"));
+            let pools = pools.clone();
+            async move { pools.create(&PostParams::default(), &p).await.unwrap() }
+        });
+        futures::future::join_all(creates).await;
+    }
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let managed = ListParams::default().labels(nixpool_api::labels::MANAGED_SELECTOR);
+    eventually(Duration::from_secs(600), "every pool converged", || async {
+        let all = pools.list(&ListParams::default()).await.ok()?;
+        let with_status = all
+            .items
+            .iter()
+            .filter(|p| {
+                p.status
+                    .as_ref()
+                    .is_some_and(|s| s.host_public_key.is_some() && s.observed_generation == p.metadata.generation)
+            })
+            .count();
+        let complete = with_status == n
+            && deployments.list(&managed).await.ok()?.items.len() == n
+            && services.list(&managed).await.ok()?.items.len() == n
+            && cms.list(&managed).await.ok()?.items.len() == n
+            && secrets.list(&managed).await.ok()?.items.len() == 2 * n;
+        complete.then_some(())
+    })
+    .await;
+    let converge = started.elapsed();
+    op.settle(Duration::from_secs(2)).await;
+    let m = op.metrics().await;
+    let verb = |m: &str, v: &str| sum_counter(m, "nixpool_operator_api_requests_total", &format!("verb=\"{v}\""));
+    let create_total: f64 = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+        .iter()
+        .map(|v| verb(&m, v))
+        .sum();
+    let create_writes: f64 = ["POST", "PUT", "PATCH", "DELETE"].iter().map(|v| verb(&m, v)).sum();
+
+    // A no-op resync: every pool is reconciled again by the resync timer, nothing changed.
+    let r0 = op.reconciles().await;
+    let before = op.metrics().await;
+    eventually(Duration::from_secs(RESYNC_SECONDS * 4), "a full resync", || async {
+        let r = op.reconciles().await;
+        (r >= r0 + n as f64).then_some(())
+    })
+    .await;
+    op.settle(Duration::from_secs(2)).await;
+    let after = op.metrics().await;
+    let resynced = op.reconciles().await - r0;
+    let delta = |v: &str| verb(&after, v) - verb(&before, v);
+    let resync_reads = delta("GET");
+    let resync_writes: f64 = ["POST", "PUT", "PATCH", "DELETE"].iter().map(|v| delta(v)).sum();
+    let rss = op.peak_rss();
+
+    println!("| Measure ({n} pools, kube-apiserver 1.20 on loopback, 2 cores) | Value |");
+    println!("| --- | --- |");
+    println!(
+        "| Time until every pool has all children and a status | {:.1} s |",
+        converge.as_secs_f64()
+    );
+    println!(
+        "| API requests per pool while creating (all verbs) | {:.1} |",
+        create_total / n as f64
+    );
+    println!("| of which writes per pool | {:.1} |", create_writes / n as f64);
+    println!("| Reconciles in the measured no-op resync | {resynced} |");
+    println!(
+        "| API reads per pool per no-op reconcile | {:.1} |",
+        resync_reads / resynced.max(1.0)
+    );
+    println!("| API writes in the no-op resync (must be 0) | {resync_writes} |");
+    println!("| Operator peak RSS | {:.1} MiB |", rss as f64 / (1024.0 * 1024.0));
+    assert_eq!(resync_writes, 0.0, "a no-op resync wrote to the API");
+}
