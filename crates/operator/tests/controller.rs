@@ -417,7 +417,7 @@ async fn an_invalid_spec_is_reported_and_changes_nothing() {
 }
 
 #[tokio::test]
-async fn deleting_a_pool_garbage_collects_its_children() {
+async fn a_pool_scales_with_kubectl_and_deleting_it_garbage_collects_its_children() {
     let cp = control_plane();
     let ns = cp.namespace("gc").await.unwrap();
     let client = cp.client().await.unwrap();
@@ -430,6 +430,21 @@ async fn deleting_a_pool_garbage_collects_its_children() {
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
     assert!(deployments.get_opt("builders").await.unwrap().is_some());
+    // The scale subresource: `kubectl scale` reaches the Deployment.
+    run(cp.kubectl().args(["scale", "-n", &ns, "nbp/builders", "--replicas=3"]));
+    eventually(MIN, "kubectl scale reaches the Deployment", || async {
+        (deployments.get("builders").await.ok()?.spec?.replicas == Some(3)).then_some(())
+    })
+    .await;
+    let scale = run(cp.kubectl().args([
+        "get",
+        "--raw",
+        &format!("/apis/nixpool.dev/v1alpha1/namespaces/{ns}/nixbuilderpools/builders/scale"),
+    ]));
+    assert!(
+        scale.contains("app.kubernetes.io/instance=builders"),
+        "the scale subresource reports the pod selector: {scale}"
+    );
     pools.delete("builders", &DeleteParams::background()).await.unwrap();
     eventually(MIN, "every child gone", || async {
         let gone = deployments.get_opt("builders").await.ok()?.is_none()
