@@ -1,0 +1,232 @@
+//! Command line. Every setting is a flag with an environment variable.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::layout::{Binaries, Layout, which};
+use crate::plan::Options;
+use crate::run::RunSettings;
+use crate::supervise::Policy;
+
+/// The nixpool builder agent: the builder image's PID 1. It prepares the container (FHS, users,
+/// nix.conf, sshd), supervises nix-daemon and sshd, serves health and metrics, reloads
+/// authorized keys live, drains on SIGTERM and pushes build results to caches.
+#[derive(Parser, Debug)]
+#[command(name = "nixpool-agent", version)]
+pub struct Cli {
+    /// Directory every path the agent reads or writes is relative to (a scratch root in tests).
+    #[arg(long, env = "NIXPOOL_ROOT", default_value = "/", global = true)]
+    pub root: PathBuf,
+    /// Log format on stderr.
+    #[arg(long, env = "NIXPOOL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run as PID 1: prepare the root, supervise nix-daemon and sshd, drain on SIGTERM.
+    Run(RunArgs),
+    /// Validate the config and the mounted Secrets and print what `run` would do; exits non-zero
+    /// with every problem found.
+    Check(Common),
+    /// The forced command of every builder key (sshd runs it): runs `nix-daemon --stdio` or
+    /// `nix-store --serve [--write]` as asked in SSH_ORIGINAL_COMMAND and refuses anything else.
+    Gate(GateArgs),
+    /// The post-build hook (Nix runs it with OUT_PATHS): queues the paths for the cache pusher
+    /// and returns at once; never fails a build.
+    Enqueue,
+}
+
+/// Where the programs are and how the image is set up.
+#[derive(Args, Debug, Clone)]
+pub struct Common {
+    /// sshd binary (a name is looked up on PATH).
+    #[arg(long, env = "NIXPOOL_SSHD", default_value = "sshd")]
+    pub sshd: PathBuf,
+    /// nix-daemon binary.
+    #[arg(long, env = "NIXPOOL_NIX_DAEMON", default_value = "nix-daemon")]
+    pub nix_daemon: PathBuf,
+    /// nix-store binary (runs `nix-store --serve` for ssh:// clients).
+    #[arg(long, env = "NIXPOOL_NIX_STORE", default_value = "nix-store")]
+    pub nix_store: PathBuf,
+    /// nix binary (runs `nix copy` for store-URI push targets).
+    #[arg(long, env = "NIXPOOL_NIX", default_value = "nix")]
+    pub nix: PathBuf,
+    /// attic CLI (Attic push targets).
+    #[arg(long, env = "NIXPOOL_ATTIC", default_value = "attic")]
+    pub attic: PathBuf,
+    /// cachix CLI (Cachix push targets).
+    #[arg(long, env = "NIXPOOL_CACHIX", default_value = "cachix")]
+    pub cachix: PathBuf,
+    /// This agent's path as the forced command and post-build hook call it (default: the
+    /// running executable).
+    #[arg(long, env = "NIXPOOL_AGENT_BINARY")]
+    pub agent_binary: Option<PathBuf>,
+    /// nix.conf `sandbox`.
+    #[arg(long, env = "NIXPOOL_SANDBOX", value_enum, default_value_t = Sandbox::True)]
+    pub sandbox: Sandbox,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Sandbox {
+    True,
+    False,
+    Relaxed,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Crashes of one child tolerated within --restart-window-seconds; one more and the agent
+    /// exits 1 with the reason in /dev/termination-log.
+    #[arg(long, env = "NIXPOOL_RESTART_LIMIT", default_value_t = 5)]
+    pub restart_limit: u32,
+    #[arg(long, env = "NIXPOOL_RESTART_WINDOW_SECONDS", default_value_t = 300)]
+    pub restart_window_seconds: u64,
+    /// First restart backoff; doubles per crash up to --restart-max-backoff-ms.
+    #[arg(long, env = "NIXPOOL_RESTART_BACKOFF_MS", default_value_t = 500)]
+    pub restart_backoff_ms: u64,
+    #[arg(long, env = "NIXPOOL_RESTART_MAX_BACKOFF_MS", default_value_t = 30_000)]
+    pub restart_max_backoff_ms: u64,
+    /// How often the authorized-keys Secret is re-read.
+    #[arg(long, env = "NIXPOOL_KEY_RELOAD_INTERVAL_MS", default_value_t = 1000)]
+    pub key_reload_interval_ms: u64,
+    /// How long nix-daemon may take to answer on its socket at start.
+    #[arg(long, env = "NIXPOOL_DAEMON_START_TIMEOUT_SECONDS", default_value_t = 60)]
+    pub daemon_start_timeout_seconds: u64,
+    /// Address of the health endpoint (its port is the config's healthPort).
+    #[arg(long, env = "NIXPOOL_HEALTH_ADDRESS", default_value = "0.0.0.0")]
+    pub health_address: String,
+    /// How often the pusher looks at its queue.
+    #[arg(long, env = "NIXPOOL_PUSH_POLL_MS", default_value_t = 1000)]
+    pub push_poll_ms: u64,
+    /// First retry backoff of a failed push; doubles up to --push-max-backoff-ms.
+    #[arg(long, env = "NIXPOOL_PUSH_BACKOFF_MS", default_value_t = 2000)]
+    pub push_backoff_ms: u64,
+    #[arg(long, env = "NIXPOOL_PUSH_MAX_BACKOFF_MS", default_value_t = 300_000)]
+    pub push_max_backoff_ms: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct GateArgs {
+    #[arg(long, default_value = "nix-daemon")]
+    pub nix_daemon: PathBuf,
+    #[arg(long, default_value = "nix-store")]
+    pub nix_store: PathBuf,
+}
+
+impl Common {
+    fn binaries(&self) -> Binaries {
+        let agent = self
+            .agent_binary
+            .clone()
+            .or_else(|| std::env::current_exe().ok())
+            .unwrap_or_else(|| PathBuf::from(nixpool_api::paths::AGENT_BINARY));
+        Binaries {
+            sshd: which(&self.sshd),
+            nix_daemon: which(&self.nix_daemon),
+            nix_store: which(&self.nix_store),
+            nix: which(&self.nix),
+            attic: which(&self.attic),
+            cachix: which(&self.cachix),
+            agent,
+        }
+    }
+
+    fn options(&self) -> Options {
+        let sandbox = match self.sandbox {
+            Sandbox::True => "true",
+            Sandbox::False => "false",
+            Sandbox::Relaxed => "relaxed",
+        };
+        Options {
+            sandbox: sandbox.into(),
+        }
+    }
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+impl Cli {
+    pub fn run(self) -> ExitCode {
+        let layout = Layout::new(&self.root);
+        match self.command {
+            Command::Gate(g) => crate::gate::run(&g.nix_daemon, &g.nix_store),
+            Command::Enqueue => {
+                let paths = std::env::var("OUT_PATHS").unwrap_or_default();
+                if let Err(e) = crate::push::enqueue(&layout.push_queue(), &paths) {
+                    eprintln!("nixpool-agent enqueue: cannot queue {paths:?} for push: {e}");
+                }
+                ExitCode::SUCCESS
+            }
+            Command::Check(common) => crate::check::check(&layout, &common.binaries(), &common.options()),
+            Command::Run(args) => {
+                init_logs(self.log_format);
+                let settings = RunSettings {
+                    policy: Policy {
+                        max_restarts: args.restart_limit,
+                        window: Duration::from_secs(args.restart_window_seconds),
+                        backoff: Duration::from_millis(args.restart_backoff_ms),
+                        max_backoff: Duration::from_millis(args.restart_max_backoff_ms),
+                    },
+                    key_reload_interval: Duration::from_millis(args.key_reload_interval_ms),
+                    daemon_start_timeout: Duration::from_secs(args.daemon_start_timeout_seconds),
+                    health_address: args.health_address,
+                    push_poll: Duration::from_millis(args.push_poll_ms),
+                    push_backoff: Duration::from_millis(args.push_backoff_ms),
+                    push_max_backoff: Duration::from_millis(args.push_max_backoff_ms),
+                };
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("tokio runtime");
+                rt.block_on(crate::run::run(
+                    layout,
+                    args.common.binaries(),
+                    args.common.options(),
+                    settings,
+                ))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_subcommand_has_help() {
+        for sub in Cli::command().get_subcommands() {
+            assert!(sub.get_about().is_some(), "{} has no help", sub.get_name());
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! `/healthz`, `/readyz` and `/metrics`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::procs;
+use crate::supervise::Running;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChildLabel {
+    pub child: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TargetLabel {
+    pub target: String,
+}
+
+/// Everything the agent exports.
+#[derive(Default)]
+pub struct Metrics {
+    pub ssh_sessions: Gauge,
+    pub builds_running: Gauge,
+    pub store_free_bytes: Gauge,
+    pub child_restarts: Family<ChildLabel, Counter>,
+    pub push_queue_length: Gauge,
+    pub push_failures: Family<TargetLabel, Counter>,
+    pub push_lag_seconds: Gauge<f64, AtomicU64>,
+    pub pushed_paths: Counter,
+    pub ready: Gauge,
+    pub draining: Gauge,
+}
+
+impl Metrics {
+    pub fn register(&self, r: &mut Registry) {
+        let r = r.sub_registry_with_prefix("nixpool_agent");
+        r.register("ssh_sessions", "SSH connections open now", self.ssh_sessions.clone());
+        r.register(
+            "builds_running",
+            "Builds running now (build users with a process)",
+            self.builds_running.clone(),
+        );
+        r.register(
+            "store_free_bytes",
+            "Free bytes on the file system of /nix/store",
+            self.store_free_bytes.clone(),
+        );
+        r.register(
+            "child_restarts",
+            "Restarts of a supervised child after a crash",
+            self.child_restarts.clone(),
+        );
+        r.register(
+            "push_queue_length",
+            "Batches of built paths waiting to be pushed",
+            self.push_queue_length.clone(),
+        );
+        r.register(
+            "push_failures",
+            "Failed push attempts by target",
+            self.push_failures.clone(),
+        );
+        r.register(
+            "push_lag_seconds",
+            "Age of the oldest path waiting to be pushed",
+            self.push_lag_seconds.clone(),
+        );
+        r.register(
+            "pushed_paths",
+            "Store paths pushed to every cache",
+            self.pushed_paths.clone(),
+        );
+        r.register("ready", "1 when /readyz answers 200", self.ready.clone());
+        r.register("draining", "1 after SIGTERM", self.draining.clone());
+    }
+}
+
+/// What the endpoints look at.
+pub struct Health {
+    pub draining: AtomicBool,
+    pub ssh_port: u16,
+    pub daemon_socket: PathBuf,
+    pub store: PathBuf,
+    pub build_uids: Vec<u32>,
+    pub sshd: Arc<Running>,
+    pub metrics: Arc<Metrics>,
+    pub registry: Registry,
+    pub push_queue: PathBuf,
+}
+
+/// sshd answers with its banner on loopback.
+pub async fn sshd_answers(port: u16) -> Result<(), String> {
+    let probe = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).await.map_err(|e| format!("read: {e}"))?;
+        if buf[..n].starts_with(b"SSH-") {
+            Ok(())
+        } else {
+            Err("no SSH banner".to_string())
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(2), probe)
+        .await
+        .map_err(|_| "timed out".to_string())?
+}
+
+const WORKER_MAGIC_1: u64 = 0x6e697863;
+const WORKER_MAGIC_2: u64 = 0x6478696f;
+const STDERR_LAST: u64 = 0x616c7473;
+/// Protocol 1.21: old enough that every Nix since 2.0 speaks it.
+const CLIENT_VERSION: u64 = 0x115;
+
+/// nix-daemon completes the worker-protocol handshake on its socket (a store ping without
+/// running `nix`).
+pub async fn daemon_answers(socket: &std::path::Path) -> Result<(), String> {
+    let probe = async {
+        let mut s = tokio::net::UnixStream::connect(socket)
+            .await
+            .map_err(|e| format!("connect {}: {e}", socket.display()))?;
+        let io = |e: std::io::Error| format!("handshake: {e}");
+        s.write_all(&WORKER_MAGIC_1.to_le_bytes()).await.map_err(io)?;
+        let magic = s.read_u64_le().await.map_err(io)?;
+        if magic != WORKER_MAGIC_2 {
+            return Err(format!("handshake: bad magic {magic:#x}"));
+        }
+        let _daemon_version = s.read_u64_le().await.map_err(io)?;
+        let mut hello = Vec::new();
+        for word in [CLIENT_VERSION, 0, 0] {
+            hello.extend_from_slice(&word.to_le_bytes());
+        }
+        s.write_all(&hello).await.map_err(io)?;
+        match s.read_u64_le().await.map_err(io)? {
+            STDERR_LAST => Ok(()),
+            other => Err(format!("handshake: unexpected reply {other:#x}")),
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(3), probe)
+        .await
+        .map_err(|_| "timed out".to_string())?
+}
+
+impl Health {
+    /// Ready: not draining, sshd accepts, nix-daemon answers.
+    pub async fn ready(&self) -> Result<(), String> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err("draining".into());
+        }
+        sshd_answers(self.ssh_port).await.map_err(|e| format!("sshd: {e}"))?;
+        daemon_answers(&self.daemon_socket)
+            .await
+            .map_err(|e| format!("nix-daemon: {e}"))
+    }
+
+    /// Refreshes the gauges that are read from the machine.
+    pub fn refresh(&self) {
+        let procs = procs::scan();
+        self.metrics
+            .ssh_sessions
+            .set(procs::ssh_sessions(&procs, self.sshd.pid()).len() as i64);
+        self.metrics
+            .builds_running
+            .set(procs::builds_running(&procs, &self.build_uids) as i64);
+        let fs = if self.store.exists() {
+            self.store.clone()
+        } else {
+            self.store.parent().unwrap_or(&self.store).to_path_buf()
+        };
+        if let Ok(st) = nix::sys::statvfs::statvfs(&fs) {
+            self.metrics
+                .store_free_bytes
+                .set(st.blocks_available().saturating_mul(st.fragment_size()) as i64);
+        }
+        let (len, lag) = crate::push::queue_stats(&self.push_queue);
+        self.metrics.push_queue_length.set(len as i64);
+        self.metrics.push_lag_seconds.set(lag.as_secs_f64());
+        self.metrics.draining.set(self.draining.load(Ordering::SeqCst) as i64);
+    }
+}
+
+pub fn router(health: Arc<Health>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(health)
+}
+
+async fn readyz(State(h): State<Arc<Health>>) -> impl IntoResponse {
+    match h.ready().await {
+        Ok(()) => {
+            h.metrics.ready.set(1);
+            (StatusCode::OK, "ready\n".to_string())
+        }
+        Err(e) => {
+            h.metrics.ready.set(0);
+            (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n"))
+        }
+    }
+}
+
+async fn metrics(State(h): State<Arc<Health>>) -> impl IntoResponse {
+    let h2 = h.clone();
+    let _ = tokio::task::spawn_blocking(move || h2.refresh()).await;
+    let mut out = String::new();
+    match prometheus_client::encoding::text::encode(&mut out, &h.registry) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            out,
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}

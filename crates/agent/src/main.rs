@@ -1,0 +1,23 @@
+//! `nixpool-agent`: the builder image's PID 1. See docs/agent.md.
+
+use clap::Parser;
+
+mod accounts;
+mod check;
+mod cli;
+mod error;
+mod fhs;
+mod gate;
+mod health;
+mod layout;
+mod nixconf;
+mod plan;
+mod procs;
+mod push;
+mod run;
+mod ssh;
+mod supervise;
+
+fn main() -> std::process::ExitCode {
+    cli::Cli::parse().run()
+}

@@ -1,0 +1,412 @@
+//! What `run` does to the root, computed first so that `check` can print it and `run` can apply
+//! it. Reading the config, the mounts and the machine happens here; writing in [`apply`].
+
+use std::fs;
+use std::path::PathBuf;
+
+use nixpool_api::AgentConfig;
+use nixpool_api::agent::PushTarget;
+
+use crate::accounts::{self, Wanted};
+use crate::error::{ConfigError, FsError};
+use crate::fhs::{self, Link, Source};
+use crate::layout::{Binaries, Layout, is_executable};
+use crate::nixconf::{self, Host};
+use crate::ssh::{self, BadLine, SshdSettings};
+
+/// Choices that are the image's or the operator's, not the pool's.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// nix.conf `sandbox`.
+    pub sandbox: String,
+}
+
+/// A file the agent writes.
+#[derive(Clone, Debug)]
+pub struct File {
+    pub path: PathBuf,
+    pub content: Vec<u8>,
+    pub mode: u32,
+    /// Never printed.
+    pub secret: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub config: AgentConfig,
+    pub links: Vec<Link>,
+    pub dirs: Vec<(PathBuf, u32)>,
+    pub files: Vec<File>,
+    /// What the agent found (logged by `run`, printed by `check`).
+    pub notes: Vec<String>,
+    /// Lines of the authorized-keys Secret that are not keys (skipped).
+    pub bad_keys: Vec<BadLine>,
+    pub key_count: usize,
+    pub build_uids: Vec<u32>,
+    pub host_public_key: String,
+    pub forced_command: String,
+    /// CA bundle for substituters (given to nix-daemon as NIX_SSL_CERT_FILE).
+    pub ca_bundle: Option<PathBuf>,
+}
+
+/// Reads and parses the config document.
+pub fn load_config(layout: &Layout) -> Result<AgentConfig, ConfigError> {
+    let path = layout.config_file();
+    let text = fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    AgentConfig::from_json(&text).map_err(|source| ConfigError::Parse { path, source })
+}
+
+fn valid_user_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+        && s.len() <= 32
+}
+
+/// Checks the document beyond its shape.
+pub fn validate(c: &AgentConfig) -> Vec<ConfigError> {
+    let mut errs = Vec::new();
+    let mut bad = |field: &'static str, problem: String| errs.push(ConfigError::Field { field, problem });
+    if !valid_user_name(&c.builder_user) {
+        bad(
+            "builderUser",
+            format!(
+                "{:?} is not a user name: use lower-case letters, digits, `_` and `-`, at most 32",
+                c.builder_user
+            ),
+        );
+    } else if c.builder_user == "root"
+        || c.builder_user == accounts::SSHD_USER
+        || c.builder_user.starts_with(accounts::BUILD_GROUP)
+    {
+        bad(
+            "builderUser",
+            format!("{:?} is reserved: pick another name such as `builder`", c.builder_user),
+        );
+    }
+    if c.max_jobs == 0 {
+        bad("maxJobs", "is 0, so nothing would build here: set at least 1".into());
+    }
+    if c.ssh_port == 0 {
+        bad("sshPort", "is 0: set the port sshd listens on (22)".into());
+    }
+    if c.health_port == 0 || c.health_port == c.ssh_port {
+        bad(
+            "healthPort",
+            format!("{} is 0 or the SSH port: set another port (8090)", c.health_port),
+        );
+    }
+    if let Some(k) = nixconf::owned_extra_key(c) {
+        bad(
+            "extraNixConfig",
+            format!("sets `{k}`, which the agent owns: use the pool field for it instead"),
+        );
+    }
+    for (k, v) in &c.extra_nix_config {
+        if k.contains(['\n', '=', ' ']) || v.contains('\n') || k.is_empty() {
+            bad(
+                "extraNixConfig",
+                format!("entry {k:?} is not a single `key = value` line"),
+            );
+        }
+    }
+    for t in &c.push {
+        match t {
+            PushTarget::NixCopy { uri, .. } if uri.is_empty() => {
+                bad("push[].uri", "is empty: set a Nix store URI".into())
+            }
+            PushTarget::Attic { endpoint, cache, .. } if endpoint.is_empty() || cache.is_empty() => {
+                bad("push[].attic", "needs both `endpoint` and `cache`".into())
+            }
+            PushTarget::Cachix { cache, .. } if cache.is_empty() => {
+                bad("push[].cache", "is empty: name the Cachix cache".into())
+            }
+            _ => {}
+        }
+    }
+    errs
+}
+
+/// Secret files a push target needs.
+pub fn push_secret(t: &PushTarget) -> &str {
+    match t {
+        PushTarget::NixCopy { signing_key_file, .. } => signing_key_file,
+        PushTarget::Attic { token_file, .. } | PushTarget::Cachix { token_file, .. } => token_file,
+    }
+}
+
+/// Computes everything; returns every problem at once when something is wrong.
+pub fn build(layout: &Layout, bins: &Binaries, opts: &Options) -> Result<Plan, Vec<String>> {
+    let mut problems: Vec<String> = Vec::new();
+    let config = match load_config(layout) {
+        Ok(c) => c,
+        Err(e) => return Err(vec![e.to_string()]),
+    };
+    problems.extend(validate(&config).iter().map(ToString::to_string));
+
+    let mut needed = vec![
+        ("--sshd", &bins.sshd),
+        ("--nix-daemon", &bins.nix_daemon),
+        ("--nix-store", &bins.nix_store),
+        ("--agent-binary", &bins.agent),
+    ];
+    if !config.push.is_empty() {
+        needed.push(("--nix", &bins.nix));
+    }
+    if config.push.iter().any(|t| matches!(t, PushTarget::Attic { .. })) {
+        needed.push(("--attic", &bins.attic));
+    }
+    if config.push.iter().any(|t| matches!(t, PushTarget::Cachix { .. })) {
+        needed.push(("--cachix", &bins.cachix));
+    }
+    for (flag, path) in needed {
+        if !is_executable(path) {
+            problems.push(format!(
+                "{} is not an executable file: install it in the image or pass {flag}",
+                path.display()
+            ));
+        }
+    }
+    for t in &config.push {
+        let f = layout.path(push_secret(t));
+        if !f.is_file() {
+            problems.push(format!(
+                "push secret {} is missing: mount the cache Secret at {}",
+                f.display(),
+                nixpool_api::paths::CACHE_SECRETS_DIR
+            ));
+        }
+    }
+
+    // Host key.
+    let host_key_path = layout.host_key_secret();
+    let mut host_public_key = String::new();
+    let mut host_key_text = String::new();
+    match fs::read_to_string(&host_key_path) {
+        Err(e) => problems.push(format!(
+            "host key {}: {e}; mount the pool's host-key Secret at {}",
+            host_key_path.display(),
+            nixpool_api::paths::HOST_KEY_DIR
+        )),
+        Ok(text) => match ssh::check_host_key(&text) {
+            Ok(public) => {
+                host_public_key = public;
+                host_key_text = text;
+            }
+            Err(e) => problems.push(format!("host key {}: {e}", host_key_path.display())),
+        },
+    }
+
+    // Authorized keys.
+    let forced_command = ssh::forced_command(&bins.agent, &bins.nix_daemon, &bins.nix_store);
+    let ak_path = layout.authorized_keys_secret();
+    let (authorized_keys, bad_keys, key_count) = match fs::read_to_string(&ak_path) {
+        Err(e) => {
+            problems.push(format!(
+                "authorized keys {}: {e}; mount the pool's authorized-keys Secret at {}",
+                ak_path.display(),
+                nixpool_api::paths::AUTHORIZED_KEYS_DIR
+            ));
+            (String::new(), Vec::new(), 0)
+        }
+        Ok(text) => {
+            let (out, bad) = ssh::render_authorized_keys(&text, &forced_command);
+            let n = out.lines().filter(|l| !l.starts_with('#')).count();
+            (out, bad, n)
+        }
+    };
+
+    // FHS.
+    let mut links = Vec::new();
+    let mut notes = Vec::new();
+    for found in [
+        fhs::find_loader(layout, &bins.nix_daemon),
+        fhs::find_tool(layout, "/bin/sh", &[("bin/sh", "bash"), ("bin/bash", "bash")]),
+        fhs::find_tool(layout, "/usr/bin/env", &[("bin/env", "coreutils")]),
+    ] {
+        match found {
+            Ok(l) => links.push(l),
+            Err(e) => problems.push(e),
+        }
+    }
+    let ca = fhs::find_ca_bundle(layout);
+    match &ca {
+        Some(l) => links.push(l.clone()),
+        None => notes.push("no CA bundle in the image or its store: https substituters will fail".into()),
+    }
+    for l in &links {
+        let how = match l.source {
+            Source::Interpreter => "the nix-daemon's own interpreter",
+            Source::Store => "found in the store",
+            Source::Existing => "already present, kept",
+            Source::Host => "the host's (the root has none)",
+        };
+        notes.push(format!("{} -> {} ({how})", l.link.display(), l.target.display()));
+    }
+
+    let kvm = fhs::kvm_usable(layout);
+    notes.push(if kvm {
+        format!("{} is usable: advertising kvm and nixos-test", layout.kvm().display())
+    } else {
+        format!(
+            "{} is not usable: not advertising kvm or nixos-test",
+            layout.kvm().display()
+        )
+    });
+
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+
+    let dirs = vec![
+        (layout.path("/tmp"), 0o1777),
+        (layout.path("/var/empty"), 0o755),
+        (layout.path("/run/sshd"), 0o755),
+        (layout.path("/root"), 0o700),
+        (layout.ssh_dir(), 0o755),
+        (layout.authorized_keys_dir(), 0o755),
+        (layout.nix_conf_dir(), 0o755),
+        (layout.agent_run_dir(), 0o755),
+        (layout.push_queue(), 0o700),
+    ];
+
+    let read = |p: &str| fs::read_to_string(layout.path(p)).unwrap_or_default();
+    let shell = layout.path("/bin/sh").display().to_string();
+    let accounts = accounts::merge(
+        &read("/etc/passwd"),
+        &read("/etc/group"),
+        &read("/etc/shadow"),
+        &Wanted {
+            builder_user: config.builder_user.clone(),
+            build_users: config.max_jobs.max(1),
+            empty_home: layout.path("/var/empty").display().to_string(),
+            sshd_home: layout.path("/run/sshd").display().to_string(),
+            shell: shell.clone(),
+            nologin: "/bin/false".into(),
+        },
+    );
+
+    let post_build_hook = (!config.push.is_empty()).then(|| layout.post_build_hook());
+    let host = Host {
+        kvm,
+        system: nixconf::native_system(),
+        sandbox: opts.sandbox.clone(),
+        post_build_hook: post_build_hook.as_ref().map(|p| p.display().to_string()),
+    };
+    let sshd = SshdSettings {
+        port: config.ssh_port,
+        host_key: layout.host_key().display().to_string(),
+        authorized_keys_dir: layout.authorized_keys_dir().display().to_string(),
+        pid_file: layout.path("/run/sshd.pid").display().to_string(),
+        builder_user: config.builder_user.clone(),
+        max_jobs: config.max_jobs,
+    };
+    let text = |path: PathBuf, content: String, mode: u32| File {
+        path,
+        content: content.into_bytes(),
+        mode,
+        secret: false,
+    };
+    let mut files = vec![
+        text(layout.path("/etc/passwd"), accounts.passwd, 0o644),
+        text(layout.path("/etc/group"), accounts.group, 0o644),
+        File {
+            path: layout.path("/etc/shadow"),
+            content: accounts.shadow.into_bytes(),
+            mode: 0o600,
+            secret: true,
+        },
+        text(
+            layout.path("/etc/nsswitch.conf"),
+            "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n".into(),
+            0o644,
+        ),
+        text(layout.nix_conf(), nixconf::render(&config, &host), 0o644),
+        File {
+            path: layout.host_key(),
+            content: host_key_text.into_bytes(),
+            mode: 0o600,
+            secret: true,
+        },
+        text(
+            layout.host_key().with_extension("pub"),
+            format!("{host_public_key}\n"),
+            0o644,
+        ),
+        text(layout.sshd_config(), ssh::render_sshd_config(&sshd), 0o644),
+        text(
+            layout.authorized_keys_dir().join(&config.builder_user),
+            authorized_keys,
+            0o644,
+        ),
+    ];
+    if let Some(hook) = post_build_hook {
+        files.push(text(
+            hook,
+            format!(
+                "#!{shell}\n# Written by nixpool-agent: queues what this builder built for the cache pusher; never fails a build.\n{} --root {} enqueue\nexit 0\n",
+                bins.agent.display(),
+                layout.root.display()
+            ),
+            0o755,
+        ));
+    }
+
+    Ok(Plan {
+        config,
+        links,
+        dirs,
+        files,
+        notes,
+        bad_keys,
+        key_count,
+        build_uids: accounts.build_uids,
+        host_public_key,
+        forced_command,
+        ca_bundle: ca.map(|l| l.link),
+    })
+}
+
+/// Applies the plan; idempotent. Returns the paths it changed.
+pub fn apply(plan: &Plan) -> Result<Vec<PathBuf>, FsError> {
+    let mut changed = Vec::new();
+    for (dir, mode) in &plan.dirs {
+        fhs::ensure_dir(dir, *mode)?;
+    }
+    for l in &plan.links {
+        if fhs::ensure_link(l)? {
+            changed.push(l.link.clone());
+        }
+    }
+    for f in &plan.files {
+        if fhs::write_file(&f.path, &f.content, f.mode)? {
+            changed.push(f.path.clone());
+        }
+    }
+    Ok(changed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nixconf::tests::config;
+
+    #[test]
+    fn validation_names_the_field_and_the_fix() {
+        let mut c = config();
+        c.builder_user = "root".into();
+        c.max_jobs = 0;
+        c.health_port = 22;
+        c.extra_nix_config.insert("trusted-users".into(), "eve".into());
+        let errs: Vec<String> = validate(&c).iter().map(ToString::to_string).collect();
+        assert_eq!(errs.len(), 4, "{errs:?}");
+        assert!(errs[0].contains("builderUser") && errs[0].contains("reserved"));
+        assert!(errs[1].contains("maxJobs") && errs[1].contains("at least 1"));
+        assert!(errs[2].contains("healthPort"));
+        assert!(errs[3].contains("extraNixConfig") && errs[3].contains("trusted-users"));
+        assert!(validate(&config()).is_empty());
+    }
+}

@@ -1,0 +1,207 @@
+//! sshd's config, the host key and the builder's `authorized_keys`. The renderers are pure.
+
+use std::path::Path;
+
+use ssh_key::{Algorithm, PrivateKey, PublicKey};
+
+use crate::error::HostKeyError;
+
+/// Inputs of `sshd_config`.
+#[derive(Clone, Debug)]
+pub struct SshdSettings {
+    pub port: u16,
+    pub host_key: String,
+    /// Directory holding one root-owned file per user (`%u`).
+    pub authorized_keys_dir: String,
+    pub pid_file: String,
+    pub builder_user: String,
+    pub max_jobs: u32,
+}
+
+/// `MaxStartups start:rate:full`, with `start` well above max-jobs so parallel builds that open
+/// connections at once are never dropped.
+pub fn max_startups(max_jobs: u32) -> (u32, u32, u32) {
+    let start = (max_jobs.saturating_mul(4)).max(32);
+    (start, 30, start * 2)
+}
+
+pub fn render_sshd_config(s: &SshdSettings) -> String {
+    let (start, rate, full) = max_startups(s.max_jobs);
+    format!(
+        "# Written by nixpool-agent; rewritten at every start.
+Port {port}
+HostKey {host_key}
+PidFile {pid_file}
+AuthorizedKeysFile {ak}/%u
+AuthorizedKeysCommand none
+AuthenticationMethods publickey
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitEmptyPasswords no
+HostbasedAuthentication no
+PermitRootLogin no
+AllowUsers {user}
+UsePAM no
+StrictModes yes
+AllowTcpForwarding no
+AllowStreamLocalForwarding no
+AllowAgentForwarding no
+X11Forwarding no
+PermitTunnel no
+GatewayPorts no
+PermitTTY no
+PermitUserEnvironment no
+PermitUserRC no
+ClientAliveInterval 15
+ClientAliveCountMax 4
+MaxStartups {start}:{rate}:{full}
+MaxSessions {sessions}
+LoginGraceTime 30
+UseDNS no
+PrintMotd no
+PrintLastLog no
+LogLevel VERBOSE
+",
+        port = s.port,
+        host_key = s.host_key,
+        pid_file = s.pid_file,
+        ak = s.authorized_keys_dir,
+        user = s.builder_user,
+        sessions = s.max_jobs.max(10),
+    )
+}
+
+/// The forced command every key gets.
+pub fn forced_command(agent: &Path, nix_daemon: &Path, nix_store: &Path) -> String {
+    format!(
+        "{} gate --nix-daemon {} --nix-store {}",
+        agent.display(),
+        nix_daemon.display(),
+        nix_store.display()
+    )
+}
+
+/// A skipped line of the authorized-keys Secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BadLine {
+    pub line: usize,
+    pub reason: String,
+}
+
+/// The builder's `authorized_keys`: every key of the Secret, its own options dropped, with
+/// `restrict` and the forced command. Lines that are not public keys are reported, not copied.
+pub fn render_authorized_keys(secret: &str, command: &str) -> (String, Vec<BadLine>) {
+    let command = command.replace('\\', "\\\\").replace('"', "\\\"");
+    let mut out = String::from("# Written by nixpool-agent from the authorized-keys Secret.\n");
+    let mut bad = Vec::new();
+    for (i, raw) in secret.lines().enumerate() {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        match parse_key_line(line) {
+            Ok(key) => {
+                let key = key.to_openssh().expect("a parsed key encodes");
+                out.push_str(&format!("restrict,command=\"{command}\" {key}\n"));
+            }
+            Err(reason) => bad.push(BadLine { line: i + 1, reason }),
+        }
+    }
+    (out, bad)
+}
+
+/// A public key line, with or without leading options.
+fn parse_key_line(line: &str) -> Result<PublicKey, String> {
+    if let Ok(k) = PublicKey::from_openssh(line) {
+        return Ok(k);
+    }
+    match line.parse::<ssh_key::authorized_keys::Entry>() {
+        Ok(e) => Ok(e.public_key().clone()),
+        Err(e) => Err(format!("not an OpenSSH public key ({e})")),
+    }
+}
+
+/// Parses the mounted host key: an OpenSSH ed25519 private key. Returns the public key line.
+pub fn check_host_key(text: &str) -> Result<String, HostKeyError> {
+    let key = PrivateKey::from_openssh(text).map_err(|e| HostKeyError::Parse(e.to_string()))?;
+    if key.algorithm() != Algorithm::Ed25519 {
+        return Err(HostKeyError::Algorithm(key.algorithm().to_string()));
+    }
+    if key.is_encrypted() {
+        return Err(HostKeyError::Encrypted);
+    }
+    let mut public = key.public_key().clone();
+    public.set_comment("");
+    Ok(public.to_openssh().expect("a public key encodes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHbOkOOzoWy8fLjOmJmbmT7K8GmeiE5XaH7Sik8y7Dm0 dev@laptop";
+
+    #[test]
+    fn keys_get_restrict_and_the_forced_command_and_lose_their_options() {
+        let secret = format!("# comment\n{KEY}\n\nno-pty,permitopen=\"x:1\" {KEY}\nnot a key\n");
+        let (out, bad) = render_authorized_keys(&secret, "/bin/nixpool-agent gate");
+        let lines: Vec<&str> = out.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(lines.len(), 2);
+        for l in lines {
+            assert!(
+                l.starts_with("restrict,command=\"/bin/nixpool-agent gate\" ssh-ed25519 AAAA"),
+                "{l}"
+            );
+            assert!(!l.contains("permitopen"));
+        }
+        assert_eq!(bad.len(), 1);
+        assert_eq!(bad[0].line, 5);
+    }
+
+    #[test]
+    fn quotes_in_the_command_are_escaped() {
+        let (out, _) = render_authorized_keys(KEY, "a \"b\"");
+        assert!(out.contains("command=\"a \\\"b\\\"\""));
+    }
+
+    #[test]
+    fn sshd_config_is_hardened() {
+        let c = render_sshd_config(&SshdSettings {
+            port: 22,
+            host_key: "/etc/ssh/k".into(),
+            authorized_keys_dir: "/etc/ssh/authorized_keys.d".into(),
+            pid_file: "/run/sshd.pid".into(),
+            builder_user: "builder".into(),
+            max_jobs: 16,
+        });
+        for line in [
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "PermitRootLogin no",
+            "AllowUsers builder",
+            "AllowTcpForwarding no",
+            "AllowAgentForwarding no",
+            "X11Forwarding no",
+            "PermitTunnel no",
+            "ClientAliveInterval 15",
+            "ClientAliveCountMax 4",
+            "MaxStartups 64:30:128",
+            "LogLevel VERBOSE",
+            "AuthorizedKeysFile /etc/ssh/authorized_keys.d/%u",
+        ] {
+            assert!(c.lines().any(|l| l == line), "missing {line:?}");
+        }
+        let (start, _, _) = max_startups(100);
+        assert!(start > 100);
+    }
+
+    #[test]
+    fn host_key_must_be_ed25519_private() {
+        let key = PrivateKey::random(&mut ssh_key::rand_core::OsRng, Algorithm::Ed25519).unwrap();
+        let text = key.to_openssh(ssh_key::LineEnding::LF).unwrap();
+        let public = check_host_key(&text).unwrap();
+        assert!(public.starts_with("ssh-ed25519 "));
+        assert!(matches!(check_host_key(KEY), Err(HostKeyError::Parse(_))));
+    }
+}

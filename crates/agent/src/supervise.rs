@@ -1,0 +1,277 @@
+//! Keeping nix-daemon and sshd up: restart a crashed child with backoff, give up (and let the
+//! agent exit non-zero) after repeated crashes. The restart policy is a pure state machine.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use tokio::process::Command;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use crate::procs;
+
+/// When to restart and when to give up.
+#[derive(Clone, Copy, Debug)]
+pub struct Policy {
+    /// Crashes tolerated within `window`; one more and the agent gives up.
+    pub max_restarts: u32,
+    pub window: Duration,
+    /// First backoff; doubled per crash in the window, up to `max_backoff`.
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Restart { after: Duration, crashes: u32 },
+    GiveUp { crashes: u32 },
+}
+
+/// Crash history of one child.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    exits: VecDeque<Instant>,
+}
+
+impl Tracker {
+    pub fn on_exit(&mut self, policy: &Policy, now: Instant) -> Decision {
+        while self
+            .exits
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > policy.window)
+        {
+            self.exits.pop_front();
+        }
+        self.exits.push_back(now);
+        let crashes = self.exits.len() as u32;
+        if crashes > policy.max_restarts {
+            return Decision::GiveUp { crashes };
+        }
+        let factor = 2u32.saturating_pow(crashes - 1);
+        Decision::Restart {
+            after: policy.backoff.saturating_mul(factor).min(policy.max_backoff),
+            crashes,
+        }
+    }
+}
+
+/// Resolves once `stop` is true (or its sender is gone).
+pub async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// A supervised program.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub name: &'static str,
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub env: Vec<(String, OsString)>,
+}
+
+impl Spec {
+    fn command(&self) -> Command {
+        let mut c = Command::new(&self.program);
+        c.args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(std::process::Stdio::null());
+        c
+    }
+}
+
+/// The running child's pid (0: none), for metrics, readiness and the drain.
+#[derive(Debug, Default)]
+pub struct Running {
+    pid: AtomicU32,
+    pub restarts: AtomicU32,
+}
+
+impl Running {
+    pub fn pid(&self) -> Option<u32> {
+        Some(self.pid.load(Ordering::SeqCst)).filter(|p| *p != 0)
+    }
+}
+
+/// Supervises `spec` until `stop` turns true (then SIGTERM, then SIGKILL after `grace`), or
+/// until it crashes too often (then sends the reason on `fatal`).
+pub async fn supervise(
+    spec: Spec,
+    policy: Policy,
+    mut stop: watch::Receiver<bool>,
+    fatal: mpsc::Sender<String>,
+    running: Arc<Running>,
+    on_restart: impl Fn() + Send + 'static,
+) {
+    let mut tracker = Tracker::default();
+    let grace = Duration::from_secs(10);
+    loop {
+        let status = match procs::spawn(&mut spec.command()) {
+            Err(e) => format!("could not start {}: {e}", spec.program.display()),
+            Ok(mut child) => {
+                let pid = child.id().unwrap_or(0);
+                running.pid.store(pid, Ordering::SeqCst);
+                info!(child = spec.name, pid, "started");
+                let status = tokio::select! {
+                    s = child.wait() => s,
+                    _ = stopped(&mut stop) => {
+                        procs::signal(pid, Signal::SIGTERM);
+                        let s = match tokio::time::timeout(grace, child.wait()).await {
+                            Ok(s) => s,
+                            Err(_) => {
+                                warn!(child = spec.name, pid, "did not stop within {grace:?}; killing");
+                                let _ = child.start_kill();
+                                child.wait().await
+                            }
+                        };
+                        procs::forget(pid);
+                        running.pid.store(0, Ordering::SeqCst);
+                        info!(child = spec.name, pid, status = ?s, "stopped");
+                        return;
+                    }
+                };
+                procs::forget(pid);
+                running.pid.store(0, Ordering::SeqCst);
+                match status {
+                    Ok(s) => s.to_string(),
+                    Err(e) => format!("wait failed: {e}"),
+                }
+            }
+        };
+        if *stop.borrow() {
+            return;
+        }
+        match tracker.on_exit(&policy, Instant::now()) {
+            Decision::Restart { after, crashes } => {
+                warn!(child = spec.name, %status, crashes, backoff = ?after, "crashed; restarting");
+                running.restarts.fetch_add(1, Ordering::SeqCst);
+                on_restart();
+                tokio::select! {
+                    _ = tokio::time::sleep(after) => {}
+                    _ = stopped(&mut stop) => return,
+                }
+            }
+            Decision::GiveUp { crashes } => {
+                let reason = format!(
+                    "{} crashed {crashes} times within {}s (last: {status}); giving up",
+                    spec.name,
+                    policy.window.as_secs()
+                );
+                let _ = fatal.send(reason).await;
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Policy {
+        Policy {
+            max_restarts: 3,
+            window: Duration::from_secs(60),
+            backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(3),
+        }
+    }
+
+    #[test]
+    fn backs_off_then_gives_up() {
+        let mut t = Tracker::default();
+        let now = Instant::now();
+        assert_eq!(
+            t.on_exit(&policy(), now),
+            Decision::Restart {
+                after: Duration::from_secs(1),
+                crashes: 1
+            }
+        );
+        assert_eq!(
+            t.on_exit(&policy(), now),
+            Decision::Restart {
+                after: Duration::from_secs(2),
+                crashes: 2
+            }
+        );
+        assert_eq!(
+            t.on_exit(&policy(), now),
+            Decision::Restart {
+                after: Duration::from_secs(3),
+                crashes: 3
+            }
+        );
+        assert_eq!(t.on_exit(&policy(), now), Decision::GiveUp { crashes: 4 });
+    }
+
+    #[test]
+    fn crashes_outside_the_window_are_forgotten() {
+        let mut t = Tracker::default();
+        let start = Instant::now();
+        for i in 0..3 {
+            t.on_exit(&policy(), start + Duration::from_secs(i));
+        }
+        let later = start + Duration::from_secs(120);
+        assert_eq!(
+            t.on_exit(&policy(), later),
+            Decision::Restart {
+                after: Duration::from_secs(1),
+                crashes: 1
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_crash_looping_child_is_reported() {
+        let (_stop_tx, stop) = watch::channel(false);
+        let (fatal_tx, mut fatal) = mpsc::channel(1);
+        let running = Arc::new(Running::default());
+        let spec = Spec {
+            name: "false",
+            program: "/bin/false".into(),
+            args: vec![],
+            env: vec![],
+        };
+        let p = Policy {
+            max_restarts: 2,
+            window: Duration::from_secs(60),
+            backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(20),
+        };
+        supervise(spec, p, stop, fatal_tx, running.clone(), || {}).await;
+        let reason = fatal.recv().await.unwrap();
+        assert!(
+            reason.starts_with("false crashed 3 times within 60s (last: exit status: 1)"),
+            "{reason}"
+        );
+        assert_eq!(running.restarts.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn stop_terminates_the_child() {
+        let (stop_tx, stop) = watch::channel(false);
+        let (fatal_tx, mut fatal) = mpsc::channel(1);
+        let running = Arc::new(Running::default());
+        let spec = Spec {
+            name: "sleep",
+            program: "/bin/sleep".into(),
+            args: vec!["30".into()],
+            env: vec![],
+        };
+        let task = tokio::spawn(supervise(spec, policy(), stop, fatal_tx, running.clone(), || {}));
+        while running.pid().is_none() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let t0 = Instant::now();
+        stop_tx.send(true).unwrap();
+        task.await.unwrap();
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        assert!(running.pid().is_none());
+        assert!(fatal.try_recv().is_err());
+    }
+}

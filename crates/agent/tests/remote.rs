@@ -1,0 +1,242 @@
+//! Real remote builds through the agent: sshd, nix-daemon and nix, no mocks.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+fn out_path(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn assert_built_remotely(b: &Builder, out: &std::process::Output, content: &str) {
+    assert!(
+        out.status.success(),
+        "build failed:\n{}\nagent log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        b.log()
+    );
+    let path = out_path(out);
+    assert!(path.starts_with("/nix/store/"), "{path}");
+    // The output is in the builder's own store (the scratch root's /nix) and was copied back.
+    let on_builder = b.root.path(&path);
+    assert_eq!(
+        std::fs::read_to_string(&on_builder)
+            .unwrap_or_else(|e| panic!("{} not on the builder: {e}", on_builder.display())),
+        content
+    );
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), content);
+}
+
+#[test]
+fn builds_over_ssh_ng_and_ssh() {
+    let mut b = Builder::new(&config("remote"));
+    b.start_agent(&[]);
+    b.wait_ready(Duration::from_secs(30));
+    let key = b.root.client_key.clone();
+    let out = b.build(
+        "ssh-ng",
+        &key,
+        &b.derivation("via-ssh-ng", "echo built-over-ssh-ng > $out"),
+    );
+    assert_built_remotely(&b, &out, "built-over-ssh-ng\n");
+    let out = b.build("ssh", &key, &b.derivation("via-ssh", "echo built-over-ssh > $out"));
+    assert_built_remotely(&b, &out, "built-over-ssh\n");
+    assert!(
+        b.log().contains("not advertising kvm"),
+        "the log says whether kvm is advertised"
+    );
+    let conf = std::fs::read_to_string(b.root.path("/etc/nix/nix.conf")).unwrap();
+    assert!(conf.contains("trusted-users = root builder"), "{conf}");
+    assert_eq!(b.stop_agent(Duration::from_secs(20)).code(), Some(0));
+}
+
+#[test]
+fn forced_command_refuses_anything_but_nix() {
+    let mut b = Builder::new(&config("gate"));
+    b.start_agent(&[]);
+    b.wait_ready(Duration::from_secs(30));
+    let key = b.root.client_key.clone();
+    let out = b.ssh("builder", &key, "ls /");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("only serves Nix remote builds") && stderr.contains("\"ls /\""),
+        "{stderr}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "ls ran: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // root cannot log in, even with an authorized key.
+    let out = b.ssh("root", &key, "nix-daemon --stdio");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn untrusted_builder_user_fails_and_the_agent_config_fixes_it() {
+    let mut b = Builder::new(&config("trust"));
+    b.start_agent(&[]);
+    b.wait_ready(Duration::from_secs(30));
+    assert_eq!(b.stop_agent(Duration::from_secs(20)).code(), Some(0));
+
+    // A hand-made builder: the same files, but the builder user is not trusted.
+    let conf_path = b.root.path("/etc/nix/nix.conf");
+    let conf = std::fs::read_to_string(&conf_path)
+        .unwrap()
+        .replace("trusted-users = root builder", "trusted-users = root");
+    std::fs::write(&conf_path, conf).unwrap();
+    let script = format!(
+        "NIX_CONF_DIR={conf_dir} {NIX_DAEMON} & exec {SSHD} -D -e -f {sshd_config}",
+        conf_dir = b.root.path("/etc/nix").display(),
+        sshd_config = b.root.path("/etc/ssh/sshd_config").display()
+    );
+    b.hand_made = Some(
+        b.inside("sh")
+            .args(["-c", &script])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let key = b.root.client_key.clone();
+    let mut out = None;
+    for _ in 0..100 {
+        let o = b.build("ssh-ng", &key, &b.derivation("untrusted", "echo x > $out"));
+        if String::from_utf8_lossy(&o.stderr).contains("Connection refused") {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        out = Some(o);
+        break;
+    }
+    let out = out.expect("the hand-made builder never came up");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not privileged to build input-addressed derivations"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    b.kill_all_inside("TERM");
+    b.hand_made.take().unwrap().wait().unwrap();
+
+    // The agent rewrites nix.conf on start; the same build now works.
+    b.start_agent(&[]);
+    b.wait_ready(Duration::from_secs(30));
+    let out = b.build("ssh-ng", &key, &b.derivation("trusted", "echo trusted > $out"));
+    assert_built_remotely(&b, &out, "trusted\n");
+}
+
+#[test]
+fn authorized_keys_reload_live_without_restarting_sshd() {
+    let mut b = Builder::new(&config("reload"));
+    b.start_agent(&["--key-reload-interval-ms", "200"]);
+    b.wait_ready(Duration::from_secs(30));
+    let second = b.root.dir.path().join("second_ed25519");
+    let second_public = keygen(&second);
+    let denied = b.ssh("builder", &second, "nix-daemon --stdio");
+    assert!(
+        String::from_utf8_lossy(&denied.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&denied.stderr)
+    );
+    let sshd = b.sshd_pid(b.agent_pid()).expect("sshd runs under the agent");
+
+    let first = b.root.client_public.clone();
+    b.root.set_authorized_keys(&[&first, &second_public]);
+    let mut accepted = false;
+    for _ in 0..50 {
+        let o = b.ssh("builder", &second, "echo");
+        if String::from_utf8_lossy(&o.stderr).contains("only serves Nix remote builds") {
+            accepted = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        accepted,
+        "the second key was not accepted after the Secret changed:\n{}",
+        b.log()
+    );
+    let out = b.build("ssh-ng", &second, &b.derivation("second-key", "echo second > $out"));
+    assert_built_remotely(&b, &out, "second\n");
+    assert_eq!(b.sshd_pid(b.agent_pid()), Some(sshd), "sshd was restarted");
+    assert!(b.log().contains("authorized keys reloaded"));
+}
+
+#[test]
+fn sigterm_drains_a_running_build() {
+    let mut b = Builder::new(&config("drain"));
+    b.start_agent(&[]);
+    b.wait_ready(Duration::from_secs(30));
+    let key = b.root.client_key.clone();
+    let file = b.derivation("slow", "busybox sleep 4; echo survived > $out");
+    let t0 = std::time::Instant::now();
+    let out = std::thread::scope(|s| {
+        let build = s.spawn(|| b.build("ssh-ng", &key, &file));
+        // Wait for the build to run on the builder.
+        let mut running = false;
+        for _ in 0..150 {
+            if b.metric("nixpool_agent_builds_running").unwrap_or(0.0) >= 1.0 {
+                running = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(
+            running,
+            "no build showed up in nixpool_agent_builds_running:\n{}",
+            b.log()
+        );
+        assert!(b.metric("nixpool_agent_ssh_sessions").unwrap_or(0.0) >= 1.0);
+        let pid = nix::unistd::Pid::from_raw(b.agent_pid() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(!b.http("/readyz").0, "still ready while draining");
+        let refused = b.ssh("builder", &key, "nix-daemon --stdio");
+        assert!(
+            String::from_utf8_lossy(&refused.stderr).contains("Connection refused"),
+            "a new SSH session was accepted while draining: {}",
+            String::from_utf8_lossy(&refused.stderr)
+        );
+        build.join().unwrap()
+    });
+    let built_at = t0.elapsed();
+    assert_built_remotely(&b, &out, "survived\n");
+    let mut agent = b.agent.take().unwrap();
+    let status = wait_timeout(&mut agent, Duration::from_secs(20)).expect("the agent exits after the build");
+    assert_eq!(status.code(), Some(0), "{}", b.log());
+    assert!(built_at >= Duration::from_secs(4));
+    assert!(b.log().contains("no SSH session left"));
+}
+
+#[test]
+fn a_crash_looping_child_ends_in_the_termination_log() {
+    let mut b = Builder::new(&config("crash"));
+    b.start_agent(&[
+        "--nix-daemon",
+        "/bin/false",
+        "--restart-limit",
+        "2",
+        "--restart-backoff-ms",
+        "50",
+    ]);
+    let mut agent = b.agent.take().unwrap();
+    let status = wait_timeout(&mut agent, Duration::from_secs(30)).expect("the agent gives up");
+    assert_eq!(status.code(), Some(1));
+    let log = std::fs::read_to_string(b.root.path("/dev/termination-log")).unwrap();
+    assert!(
+        log.starts_with("nix-daemon crashed 3 times within 300s (last: exit status: 1)"),
+        "{log}"
+    );
+}
