@@ -43,9 +43,9 @@ pub enum Command {
     /// The forced command of every builder key (sshd runs it): runs `nix-daemon --stdio` or
     /// `nix-store --serve [--write]` as asked in SSH_ORIGINAL_COMMAND and refuses anything else.
     Gate(GateArgs),
-    /// The post-build hook (Nix runs it with OUT_PATHS): queues the paths for the cache pusher
-    /// and returns at once; never fails a build.
-    Enqueue,
+    /// The post-build hook (Nix runs it with OUT_PATHS and DRV_PATH): queues the paths for the
+    /// cache pusher and returns at once; never fails a build.
+    Enqueue(EnqueueArgs),
 }
 
 /// Where the programs are and how the image is set up.
@@ -120,6 +120,13 @@ pub struct RunArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct EnqueueArgs {
+    /// nix-store, to find the outputs of DRV_PATH when Nix leaves OUT_PATHS empty (Nix 2.8).
+    #[arg(long, env = "NIXPOOL_NIX_STORE", default_value = "nix-store")]
+    pub nix_store: PathBuf,
+}
+
+#[derive(Args, Debug)]
 pub struct GateArgs {
     #[arg(long, default_value = "nix-daemon")]
     pub nix_daemon: PathBuf,
@@ -173,8 +180,13 @@ impl Cli {
         let layout = Layout::new(&self.root);
         match self.command {
             Command::Gate(g) => crate::gate::run(&g.nix_daemon, &g.nix_store),
-            Command::Enqueue => {
-                let paths = std::env::var("OUT_PATHS").unwrap_or_default();
+            Command::Enqueue(args) => {
+                let mut paths = std::env::var("OUT_PATHS").unwrap_or_default();
+                if paths.trim().is_empty()
+                    && let Ok(drv) = std::env::var("DRV_PATH")
+                {
+                    paths = crate::push::outputs_of(&layout.store(), &drv, &which(&args.nix_store)).join(" ");
+                }
                 if let Err(e) = crate::push::enqueue(&layout.push_queue(), &paths) {
                     eprintln!("nixpool-agent enqueue: cannot queue {paths:?} for push: {e}");
                 }

@@ -347,9 +347,10 @@ pub fn build(layout: &Layout, bins: &Binaries, opts: &Options) -> Result<Plan, V
         files.push(text(
             hook,
             format!(
-                "#!{shell}\n# Written by nixpool-agent: queues what this builder built for the cache pusher; never fails a build.\n{} --root {} enqueue\nexit 0\n",
+                "#!{shell}\n# Written by nixpool-agent: queues what this builder built for the cache pusher; never fails a build.\n{} --root {} enqueue --nix-store {}\nexit 0\n",
                 bins.agent.display(),
-                layout.root.display()
+                layout.root.display(),
+                bins.nix_store.display()
             ),
             0o755,
         ));

@@ -35,6 +35,36 @@ pub fn enqueue(queue: &Path, out_paths: &str) -> std::io::Result<Option<PathBuf>
     Ok(Some(dest))
 }
 
+/// The outputs of `drv_path` found in the store: the paths named like the derivation whose
+/// deriver is `drv_path`. For Nix versions (such as 2.8) that give the post-build hook an empty
+/// `OUT_PATHS`; the derivation itself is not in the builder's store for remote builds, so its
+/// outputs cannot be asked for directly.
+pub fn outputs_of(store: &Path, drv_path: &str, nix_store: &Path) -> Vec<String> {
+    let Some(base) = drv_path.rsplit('/').next().and_then(|b| b.strip_suffix(".drv")) else {
+        return Vec::new();
+    };
+    let Some((_, name)) = base.split_once('-') else {
+        return Vec::new();
+    };
+    let Ok(dir) = fs::read_dir(store) else {
+        return Vec::new();
+    };
+    let candidates = dir.filter_map(Result::ok).filter_map(|e| {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let (_, pname) = file.split_once('-')?;
+        let matches = pname == name || pname.strip_prefix(name).is_some_and(|rest| rest.starts_with('-'));
+        (matches && !file.ends_with(".drv")).then(|| format!("/nix/store/{file}"))
+    });
+    candidates
+        .filter(|p| {
+            std::process::Command::new(nix_store)
+                .args(["--query", "--deriver", p])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == drv_path)
+        })
+        .collect()
+}
+
 /// Queue entries, oldest first.
 pub fn queued(queue: &Path) -> Vec<PathBuf> {
     let Ok(dir) = fs::read_dir(queue) else {
@@ -287,6 +317,29 @@ mod tests {
         let (len, _) = queue_stats(&q);
         assert_eq!(len, 2);
         assert!(queued(&q)[0] < queued(&q)[1]);
+    }
+
+    #[test]
+    fn outputs_are_found_by_name_and_deriver() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            "aaa-hello-1.0",
+            "bbb-hello-1.0-dev",
+            "ccc-hello-1.0.drv",
+            "ddd-hello-10",
+            "eee-other",
+        ] {
+            fs::create_dir(dir.path().join(name)).unwrap();
+        }
+        // A fake nix-store that names the deriver of the first two.
+        let fake = dir.path().join("fake-nix-store");
+        fs::write(&fake, "#!/bin/sh\ncase \"$3\" in */aaa-*|*/bbb-*) echo /nix/store/zzz-hello-1.0.drv;; *) echo unknown-deriver;; esac\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
+        let mut found = outputs_of(dir.path(), "/nix/store/zzz-hello-1.0.drv", &fake);
+        found.sort();
+        assert_eq!(found, ["/nix/store/aaa-hello-1.0", "/nix/store/bbb-hello-1.0-dev"]);
+        assert!(outputs_of(dir.path(), "not-a-drv", &fake).is_empty());
     }
 
     #[test]

@@ -132,7 +132,12 @@ impl Root {
         let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
         fs::create_dir_all(base).unwrap();
         fs::set_permissions(base, fs::Permissions::from_mode(0o755)).unwrap();
-        let dir = tempfile::Builder::new().prefix("agent-").tempdir_in(base).unwrap();
+        // NIXPOOL_TEST_KEEP=1 keeps the scratch roots for a post-mortem.
+        let dir = tempfile::Builder::new()
+            .prefix("agent-")
+            .disable_cleanup(std::env::var_os("NIXPOOL_TEST_KEEP").is_some())
+            .tempdir_in(base)
+            .unwrap();
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
         let root = dir.path().join("root");
         fs::create_dir_all(root.join("nix")).unwrap();
