@@ -1,13 +1,18 @@
-//! builderctl: the client CLI of nixpool (being built).
+//! builderctl: puts a nixpool builder pool into your Nix and says what is wrong when builds do
+//! not reach it. See docs/builderctl.md.
 
+use std::process::ExitCode;
+
+use builderctl::cli::{Cli, exit};
 use clap::Parser;
 
-/// Puts a nixpool builder pool into your Nix (/etc/nix/machines) and says what is wrong when builds do not reach it.
-#[derive(Parser, Debug)]
-#[command(name = "builderctl", version)]
-struct Cli {}
-
-fn main() -> anyhow::Result<()> {
-    Cli::parse();
-    Ok(())
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    match Cli::parse().run().await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(exit::ERROR)
+        }
+    }
 }

@@ -1,0 +1,585 @@
+//! The command line: clap definitions and what each command does.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use nixpool_api::NixBuilderPool;
+
+use crate::merge::{self, Change};
+use crate::render::{self, RenderOptions};
+use crate::source::{self, ClusterOptions, Selection};
+use crate::{darwin, defaults, diff, doctor, fsio, keygen, sshconfig, status};
+
+const ABOUT: &str = "Puts a nixpool builder pool into your Nix (/etc/nix/machines, an ssh drop-in, a key) and says what is wrong when builds do not reach it.";
+
+const EXAMPLES: &str = "\
+Examples:
+  sudo builderctl keygen                            # /etc/nix/nixpool_ed25519, prints what to authorize
+  sudo builderctl machines-file linux               # pool `linux` of the current namespace into /etc/nix/machines
+  builderctl machines-file --from pool.yaml --dry-run
+  builderctl machines-file -A --check               # exit 1 when /etc/nix/machines is out of date
+  sudo builderctl machines-file --remove linux
+  sudo builderctl doctor linux
+  builderctl status -A
+  builderctl completions zsh > ~/.zfunc/_builderctl";
+
+/// Exit codes.
+pub mod exit {
+    /// `--check` found the file out of date; `doctor` found a failure.
+    pub const FAILED: u8 = 1;
+    /// Bad input, unreachable cluster, refused pool, unwritable file.
+    pub const ERROR: u8 = 2;
+}
+
+#[derive(Parser, Debug)]
+#[command(name = "builderctl", version, about = ABOUT, after_help = EXAMPLES)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Write pools' lines into /etc/nix/machines (or show, check or remove them).
+    #[command(after_help = MACHINES_EXAMPLES)]
+    MachinesFile(MachinesFileArgs),
+    /// Write an /etc/ssh/ssh_config.d drop-in (or print it) that reaches a pool by a Host alias.
+    #[command(after_help = SSH_EXAMPLES)]
+    SshConfig(SshConfigArgs),
+    /// Make a passphrase-less ed25519 client key the Nix daemon (root) can use.
+    #[command(after_help = KEYGEN_EXAMPLES)]
+    Keygen(KeygenArgs),
+    /// Check, in order, everything between `nix build` and a pool; print each finding and its fix.
+    #[command(after_help = DOCTOR_EXAMPLES)]
+    Doctor(DoctorArgs),
+    /// A table of pools: ready, endpoint, jobs, systems, features.
+    #[command(after_help = STATUS_EXAMPLES)]
+    Status(StatusArgs),
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Examples:\n  builderctl completions bash | sudo tee /etc/bash_completion.d/builderctl\n  builderctl completions zsh > ~/.zfunc/_builderctl\n  builderctl completions fish > ~/.config/fish/completions/builderctl.fish"
+    )]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+const MACHINES_EXAMPLES: &str = "\
+Each pool gets a block between `# BEGIN nixpool <ns>/<name>` and `# END nixpool <ns>/<name>`;
+every other line of the file is kept byte for byte. The write is atomic and keeps a backup
+(<file>.builderctl-backup). When /etc is managed by nix-darwin, a nix.buildMachines snippet is
+printed instead.
+
+Examples:
+  sudo builderctl machines-file linux                    # one pool, current namespace
+  sudo builderctl machines-file -n builds -l team=web    # pools matching a label selector
+  sudo builderctl machines-file -A                       # every pool in every namespace
+  kubectl get nbp linux -o yaml > pool.yaml && sudo builderctl machines-file --from pool.yaml
+  builderctl machines-file linux --dry-run               # show the diff, write nothing
+  builderctl machines-file -A --check                    # exit 1 when the file is out of date
+  sudo builderctl machines-file --remove builds/linux
+  sudo builderctl machines-file linux --via-ssh-config   # after `builderctl ssh-config linux`";
+
+const SSH_EXAMPLES: &str = "\
+The drop-in defines `Host nixpool-<ns>-<name>` with HostName, Port, User, IdentityFile, the pinned
+host key (HostKeyAlias + a known_hosts file) and multiplexing off. Use it for a port other than 22
+with Nix versions that take no port in the URI, then write the machines file with
+--via-ssh-config.
+
+Examples:
+  sudo builderctl ssh-config linux
+  builderctl ssh-config --from pool.yaml --print";
+
+const KEYGEN_EXAMPLES: &str = "\
+Examples:
+  sudo builderctl keygen                          # /etc/nix/nixpool_ed25519 (+ .pub), mode 0600, root's
+  sudo builderctl keygen --out /etc/nix/ci_ed25519 --pool linux";
+
+const DOCTOR_EXAMPLES: &str = "\
+Checks: builders (nix.conf reaches the machines file), machines-file (parses), key (exists, 0600,
+no passphrase, root's), host-key (pinned), tcp, ssh-auth (as the daemon: key + pinned host key),
+store-ping (ssh-ng), trusted-user (a probe build), builders-use-substitutes, daemon (restarted
+since nix.conf changed). Exit 1 when one fails.
+
+Examples:
+  sudo builderctl doctor                  # every nixpool pool in /etc/nix/machines
+  sudo builderctl doctor linux --json
+  sudo builderctl doctor --from pool.yaml --skip trusted-user";
+
+const STATUS_EXAMPLES: &str = "\
+Examples:
+  builderctl status
+  builderctl status -A
+  builderctl status --from pools.yaml";
+
+/// Which pools, from where.
+#[derive(Args, Debug, Clone)]
+pub struct SourceArgs {
+    /// Pools, by name (current namespace) or namespace/name. None: every pool (matching --selector).
+    pub pools: Vec<String>,
+    /// Read pools from this file (`kubectl get nbp -o yaml` output: a pool, a List, or several
+    /// documents) instead of the cluster.
+    #[arg(long, value_name = "FILE")]
+    pub from: Option<PathBuf>,
+    /// Kubeconfig file. Default: $KUBECONFIG, then ~/.kube/config.
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context. Default: the current context.
+    #[arg(long)]
+    pub context: Option<String>,
+    /// Namespace. Default: the context's namespace.
+    #[arg(short = 'n', long)]
+    pub namespace: Option<String>,
+    /// Pools of every namespace.
+    #[arg(short = 'A', long)]
+    pub all_namespaces: bool,
+    /// Label selector, e.g. `team=web,tier!=canary`.
+    #[arg(short = 'l', long)]
+    pub selector: Option<String>,
+}
+
+impl SourceArgs {
+    pub async fn load(&self) -> anyhow::Result<Vec<NixBuilderPool>> {
+        let sel = Selection {
+            names: self.pools.clone(),
+            selector: self.selector.clone(),
+        };
+        Ok(match &self.from {
+            Some(path) => source::from_file(path, &sel)?,
+            None => {
+                let opts = ClusterOptions {
+                    kubeconfig: self.kubeconfig.clone(),
+                    context: self.context.clone(),
+                    namespace: self.namespace.clone(),
+                    all_namespaces: self.all_namespaces,
+                };
+                source::from_cluster(&opts, &sel).await?
+            }
+        })
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct MachinesFileArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// The machines file to merge into.
+    #[arg(long, value_name = "FILE", default_value = defaults::MACHINES_FILE)]
+    pub machines_file: PathBuf,
+    /// Path of the client private key on this machine (the line's key column).
+    #[arg(long, value_name = "FILE", default_value = defaults::KEY)]
+    pub key: PathBuf,
+    /// Show the diff; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Exit 1 (and show the diff) when the file is out of date; write nothing.
+    #[arg(long, conflicts_with = "dry_run")]
+    pub check: bool,
+    /// Take the named pools' blocks out (no cluster access needed).
+    #[arg(long)]
+    pub remove: bool,
+    /// Write pools that are not Ready too.
+    #[arg(long)]
+    pub allow_unready: bool,
+    /// Reach the pool as ssh-ng://user@nixpool-<ns>-<name>, the Host alias of `builderctl ssh-config`.
+    #[arg(long)]
+    pub via_ssh_config: bool,
+    /// Do not keep <file>.builderctl-backup.
+    #[arg(long)]
+    pub no_backup: bool,
+    /// nix-darwin's /etc/static: when it exists, print a nix.buildMachines snippet instead of writing.
+    #[arg(long, value_name = "DIR", default_value = defaults::ETC_STATIC)]
+    pub etc_static: PathBuf,
+    /// Write the file even when /etc looks managed by nix-darwin.
+    #[arg(long)]
+    pub ignore_nix_darwin: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SshConfigArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Path of the client private key on this machine.
+    #[arg(long, value_name = "FILE", default_value = defaults::KEY)]
+    pub key: PathBuf,
+    /// Where the drop-in goes (`nixpool-<ns>-<name>.conf`).
+    #[arg(long, value_name = "DIR", default_value = defaults::SSH_CONFIG_DIR)]
+    pub ssh_config_dir: PathBuf,
+    /// Where the pinned host key goes (`nixpool-<ns>-<name>.known_hosts`).
+    #[arg(long, value_name = "DIR", default_value = defaults::KNOWN_HOSTS_DIR)]
+    pub known_hosts_dir: PathBuf,
+    /// Print the drop-in and the known_hosts line; write nothing.
+    #[arg(long)]
+    pub print: bool,
+    /// Use pools that are not Ready too.
+    #[arg(long)]
+    pub allow_unready: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct KeygenArgs {
+    /// The private key file (the public one gets `.pub`).
+    #[arg(long, value_name = "FILE", default_value = defaults::KEY)]
+    pub out: PathBuf,
+    /// The key's comment. Default: nixpool@<hostname>.
+    #[arg(long)]
+    pub comment: Option<String>,
+    /// Replace an existing key.
+    #[arg(long)]
+    pub force: bool,
+    /// Pool name used in the printed snippet.
+    #[arg(long, default_value = "<pool>")]
+    pub pool: String,
+}
+
+#[derive(Args, Debug)]
+pub struct DoctorArgs {
+    /// The pool to check (name or namespace/name). None: every nixpool pool in the machines file.
+    pub pool: Option<String>,
+    /// The machines file.
+    #[arg(long, value_name = "FILE", default_value = defaults::MACHINES_FILE)]
+    pub machines_file: PathBuf,
+    /// nix.conf.
+    #[arg(long, value_name = "FILE", default_value = defaults::NIX_CONF)]
+    pub nix_conf: PathBuf,
+    /// The pool as `kubectl get -o yaml` prints it: its host key is compared with the pinned one.
+    #[arg(long, value_name = "FILE")]
+    pub from: Option<PathBuf>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+    /// Check ids not to run (builders, machines-file, key, host-key, tcp, ssh-auth, store-ping,
+    /// trusted-user, builders-use-substitutes, daemon).
+    #[arg(long, value_name = "CHECK")]
+    pub skip: Vec<String>,
+    /// Seconds to wait for a connection.
+    #[arg(long, default_value_t = 5)]
+    pub connect_timeout: u64,
+    /// The ssh client.
+    #[arg(long, default_value = "ssh", hide = true)]
+    pub ssh: String,
+    /// The nix command.
+    #[arg(long, default_value = "nix", hide = true)]
+    pub nix: String,
+    /// nix-build.
+    #[arg(long, default_value = "nix-build", hide = true)]
+    pub nix_build: String,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+}
+
+impl Cli {
+    pub async fn run(self) -> anyhow::Result<ExitCode> {
+        match self.command {
+            Command::MachinesFile(a) => machines_file(a).await,
+            Command::SshConfig(a) => ssh_config(a).await,
+            Command::Keygen(a) => keygen_cmd(a),
+            Command::Doctor(a) => doctor_cmd(a),
+            Command::Status(a) => {
+                let pools = a.source.load().await?;
+                print!("{}", status::table(&pools));
+                for r in status::reasons(&pools) {
+                    println!("not ready: {r}");
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Completions { shell } => {
+                clap_complete::generate(shell, &mut Cli::command(), "builderctl", &mut std::io::stdout());
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    }
+}
+
+fn sudo_hint() -> String {
+    std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+}
+
+async fn machines_file(a: MachinesFileArgs) -> anyhow::Result<ExitCode> {
+    let path = &a.machines_file;
+    let existing = fsio::read_or_empty(path)?;
+    let mut changes = Vec::new();
+    let mut rendered: Vec<(String, nixpool_api::MachinesEntry, NixBuilderPool)> = Vec::new();
+    if a.remove {
+        if a.source.pools.is_empty() {
+            bail!("--remove needs the pools to take out, e.g. `builderctl machines-file --remove builds/linux`");
+        }
+        for p in &a.source.pools {
+            let id = merge::resolve_id(&existing, p).map_err(|ids| {
+                anyhow::anyhow!(
+                    "{}: several pools are called {p}: {}; name one as namespace/name",
+                    path.display(),
+                    ids.join(", ")
+                )
+            })?;
+            changes.push(Change::Remove { id });
+        }
+    } else {
+        let pools = a.source.load().await?;
+        let opts = RenderOptions {
+            key_path: a.key.display().to_string(),
+            allow_unready: a.allow_unready,
+            via_ssh_config: a.via_ssh_config,
+        };
+        let mut refused = Vec::new();
+        for p in pools {
+            match render::entry(&p, &opts) {
+                Ok(e) => rendered.push((render::pool_id(&p), e, p)),
+                Err(e) => refused.push(e.to_string()),
+            }
+        }
+        if !refused.is_empty() {
+            for r in &refused {
+                eprintln!("error: {r}");
+            }
+            eprintln!("nothing written to {}", path.display());
+            return Ok(ExitCode::from(exit::ERROR));
+        }
+        for (id, e, _) in &rendered {
+            changes.push(Change::Set {
+                id: id.clone(),
+                line: e.to_string(),
+            });
+        }
+    }
+
+    if !a.ignore_nix_darwin
+        && let Some(why) = darwin::managed_reason(&a.etc_static, path)
+    {
+        eprintln!("{why}.\nPaste this into your nix-darwin configuration instead (builderctl wrote nothing):\n");
+        if a.remove {
+            println!(
+                "# Remove the nix.buildMachines entries of {} from your configuration.",
+                a.source.pools.join(", ")
+            );
+        } else {
+            let snippets: Vec<(String, Option<(String, String)>)> = rendered
+                .iter()
+                .map(|(_, e, p)| {
+                    let port = p
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.endpoint.as_ref())
+                        .map(|e| e.port)
+                        .unwrap_or(22);
+                    let cfg = (port != 22 || a.via_ssh_config).then(|| {
+                        let c = ssh_config_of(p, &a.key, &PathBuf::from(defaults::KNOWN_HOSTS_DIR), e);
+                        (c.alias.clone(), c.render())
+                    });
+                    (render::pool_id(p), cfg)
+                })
+                .collect();
+            let pools: Vec<darwin::SnippetPool> = rendered
+                .iter()
+                .zip(&snippets)
+                .map(|((_, e, _), (id, cfg))| darwin::SnippetPool {
+                    id,
+                    entry: e,
+                    ssh_config: cfg.clone(),
+                })
+                .collect();
+            print!("{}", darwin::snippet(&pools));
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    let merged = merge::merge(&existing, &changes).with_context(|| format!("{}: nothing written", path.display()))?;
+    for u in &merged.unparsable {
+        eprintln!(
+            "warning: {} line {}: {} ({}); kept as it is — Nix will reject it too, fix it by hand",
+            path.display(),
+            u.line_no,
+            u.text,
+            u.error
+        );
+    }
+    for id in &merged.not_found {
+        eprintln!("note: {} has no block for pool {id}; nothing to remove", path.display());
+    }
+    let shown = path.display().to_string();
+    let d = diff::unified(&shown, &existing, &merged.text);
+    if a.check {
+        if d.is_empty() {
+            println!("{shown} is up to date");
+            return Ok(ExitCode::SUCCESS);
+        }
+        print!("{d}");
+        eprintln!(
+            "{shown} is out of date for {}; run `sudo builderctl machines-file` with the same arguments",
+            merged.changed.join(", ")
+        );
+        return Ok(ExitCode::from(exit::FAILED));
+    }
+    if a.dry_run {
+        if d.is_empty() {
+            println!("{shown} is up to date; nothing would change");
+        } else {
+            print!("{d}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if d.is_empty() {
+        println!("{shown} is up to date; nothing written");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let written = fsio::write_atomic(path, merged.text.as_bytes(), 0o644, !a.no_backup, &sudo_hint())?;
+    let verb = if a.remove { "removed" } else { "wrote" };
+    println!("{verb} {} in {shown}", merged.changed.join(", "));
+    if let Some(b) = written.backup {
+        println!("previous version: {}", b.display());
+    }
+    if !a.remove {
+        println!("Nix reads it at the next build; `sudo builderctl doctor` checks the rest of the way.");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ssh_config_of(
+    p: &NixBuilderPool,
+    key: &std::path::Path,
+    known_dir: &std::path::Path,
+    e: &nixpool_api::MachinesEntry,
+) -> sshconfig::SshConfig {
+    let alias = render::ssh_alias(p);
+    let endpoint = p.status.as_ref().and_then(|s| s.endpoint.clone());
+    sshconfig::SshConfig {
+        pool_id: render::pool_id(p),
+        alias: alias.clone(),
+        host: endpoint.as_ref().map(|e| e.host.clone()).unwrap_or_default(),
+        port: endpoint.map(|e| e.port as u16).unwrap_or(22),
+        user: p.spec.ssh.user.clone(),
+        key: key.display().to_string(),
+        host_public_key: e.host_public_key.clone().unwrap_or_default(),
+        known_hosts: sshconfig::known_hosts_path(known_dir, &alias),
+    }
+}
+
+async fn ssh_config(a: SshConfigArgs) -> anyhow::Result<ExitCode> {
+    let pools = a.source.load().await?;
+    let opts = RenderOptions {
+        key_path: a.key.display().to_string(),
+        allow_unready: a.allow_unready,
+        via_ssh_config: true,
+    };
+    let mut configs = Vec::new();
+    for p in &pools {
+        let e = render::entry(p, &opts)?;
+        configs.push(ssh_config_of(p, &a.key, &a.known_hosts_dir, &e));
+    }
+    for c in &configs {
+        if a.print {
+            println!("# {}", a.ssh_config_dir.join(c.file_name()).display());
+            print!("{}", c.render());
+            println!("# {}", c.known_hosts.display());
+            print!("{}", c.known_hosts_line());
+            continue;
+        }
+        let conf = a.ssh_config_dir.join(c.file_name());
+        fsio::write_atomic(
+            &c.known_hosts,
+            c.known_hosts_line().as_bytes(),
+            0o644,
+            false,
+            &sudo_hint(),
+        )?;
+        fsio::write_atomic(&conf, c.render().as_bytes(), 0o644, false, &sudo_hint())?;
+        println!("wrote {} and {}", conf.display(), c.known_hosts.display());
+        println!(
+            "reach it as ssh-ng://{}@{}: `sudo builderctl machines-file {} --via-ssh-config`",
+            c.user, c.alias, c.pool_id
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+fn keygen_cmd(a: KeygenArgs) -> anyhow::Result<ExitCode> {
+    let comment = a.comment.clone().unwrap_or_else(|| format!("nixpool@{}", hostname()));
+    let g = keygen::generate(&a.out, &comment, a.force)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "private key: {} (mode 0600, no passphrase)",
+        g.private_path.display()
+    )?;
+    writeln!(out, "public key:  {}", g.public_path.display())?;
+    writeln!(out, "{}\n", g.public_line)?;
+    write!(
+        out,
+        "{}",
+        keygen::authorize_snippet(
+            &g.public_line,
+            &a.pool,
+            &format!("{}-keys-{}", a.pool.trim_matches(['<', '>']), hostname())
+        )
+    )?;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!(
+            "warning: the key belongs to you, not root; the Nix daemon runs as root. Run `sudo builderctl keygen` (or `sudo chown root {}`)",
+            g.private_path.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn doctor_cmd(a: DoctorArgs) -> anyhow::Result<ExitCode> {
+    let expected_host_key = match &a.from {
+        None => None,
+        Some(path) => {
+            let sel = Selection {
+                names: a.pool.iter().cloned().collect(),
+                selector: None,
+            };
+            let pools = source::from_file(path, &sel)?;
+            pools
+                .first()
+                .and_then(|p| p.status.as_ref())
+                .and_then(|s| s.host_public_key.clone())
+        }
+    };
+    let opts = doctor::Options {
+        pool: a.pool,
+        machines_file: a.machines_file,
+        nix_conf: a.nix_conf,
+        expected_host_key,
+        connect_timeout: Duration::from_secs(a.connect_timeout),
+        os: doctor::Os::current(),
+        skip: a.skip,
+        ssh: a.ssh,
+        ssh_keyscan: "ssh-keyscan".into(),
+        nix: a.nix,
+        nix_build: a.nix_build,
+    };
+    let checks = doctor::run(&opts);
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "passed": doctor::passed(&checks),
+                "checks": checks,
+            }))?
+        );
+    } else {
+        print!("{}", doctor::report(&checks));
+    }
+    Ok(if doctor::passed(&checks) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(exit::FAILED)
+    })
+}

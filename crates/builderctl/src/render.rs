@@ -1,0 +1,168 @@
+//! A pool's `/etc/nix/machines` line, rendered from its status and spec. Pure.
+
+use nixpool_api::conditions::READY;
+use nixpool_api::{MachinesEntry, NixBuilderPool};
+
+/// Why a pool gives no machines line.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RenderError {
+    #[error(
+        "pool {pool} is not Ready ({reason}); wait for it (`kubectl get nbp -n {ns} {name}`) or pass --allow-unready to write it anyway"
+    )]
+    NotReady {
+        pool: String,
+        ns: String,
+        name: String,
+        reason: String,
+    },
+    #[error("pool {pool}: {field} is empty: {why}")]
+    Missing {
+        pool: String,
+        field: &'static str,
+        why: &'static str,
+    },
+    #[error("pool {pool}: {field} is {value:?}: {why}")]
+    Invalid {
+        pool: String,
+        field: &'static str,
+        value: String,
+        why: &'static str,
+    },
+}
+
+/// How the line is rendered.
+#[derive(Clone, Debug)]
+pub struct RenderOptions {
+    /// Path of the client's private key on this machine (the line's 3rd column).
+    pub key_path: String,
+    /// Render pools that are not Ready.
+    pub allow_unready: bool,
+    /// Connect through the `builderctl ssh-config` Host alias instead of host and port.
+    pub via_ssh_config: bool,
+}
+
+/// `namespace/name`: the id of a pool's block in the machines file.
+pub fn pool_id(pool: &NixBuilderPool) -> String {
+    format!("{}/{}", namespace(pool), pool.metadata.name.as_deref().unwrap_or("?"))
+}
+
+pub fn namespace(pool: &NixBuilderPool) -> &str {
+    pool.metadata.namespace.as_deref().unwrap_or("default")
+}
+
+pub fn name(pool: &NixBuilderPool) -> &str {
+    pool.metadata.name.as_deref().unwrap_or("?")
+}
+
+/// The ssh_config `Host` alias of a pool (`builderctl ssh-config`).
+pub fn ssh_alias(pool: &NixBuilderPool) -> String {
+    format!("nixpool-{}-{}", namespace(pool), name(pool))
+}
+
+/// `Some(reason)` when the pool's Ready condition is not True.
+pub fn not_ready_reason(pool: &NixBuilderPool) -> Option<String> {
+    let status = pool.status.as_ref()?;
+    let Some(ready) = status.conditions.iter().find(|c| c.type_ == READY) else {
+        return Some("it has no Ready condition yet".into());
+    };
+    if ready.status == "True" {
+        None
+    } else {
+        Some(format!("Ready={} {}: {}", ready.status, ready.reason, ready.message))
+    }
+}
+
+fn is_ready(pool: &NixBuilderPool) -> Result<(), String> {
+    match &pool.status {
+        None => Err("it has no status: is the operator running?".into()),
+        Some(_) => match not_ready_reason(pool) {
+            None => Ok(()),
+            Some(r) => Err(r),
+        },
+    }
+}
+
+/// Builds that may run at once on the pool: ready builders × jobs per builder. An unready pool
+/// rendered with `--allow-unready` counts its desired builders (at least one), so Nix does not
+/// see a machine with zero slots.
+pub fn max_jobs(pool: &NixBuilderPool) -> u32 {
+    let per = pool.spec.max_jobs.max(1) as u32;
+    let ready = pool.status.as_ref().map(|s| s.ready_replicas).unwrap_or(0).max(0) as u32;
+    if ready > 0 {
+        ready * per
+    } else {
+        pool.spec.replicas.max(1) as u32 * per
+    }
+}
+
+/// The pool's machines line with the local key path.
+pub fn entry(pool: &NixBuilderPool, opts: &RenderOptions) -> Result<MachinesEntry, RenderError> {
+    let id = pool_id(pool);
+    if let Err(reason) = is_ready(pool)
+        && !opts.allow_unready
+    {
+        return Err(RenderError::NotReady {
+            pool: id,
+            ns: namespace(pool).into(),
+            name: name(pool).into(),
+            reason,
+        });
+    }
+    let status = pool.status.clone().unwrap_or_default();
+    let endpoint = status.endpoint.as_ref().ok_or_else(|| RenderError::Missing {
+        pool: id.clone(),
+        field: "status.endpoint",
+        why: "the operator has not published where to connect yet (is the Service created?)",
+    })?;
+    if endpoint.host.trim().is_empty() || endpoint.host.contains(char::is_whitespace) {
+        return Err(RenderError::Invalid {
+            pool: id,
+            field: "status.endpoint.host",
+            value: endpoint.host.clone(),
+            why: "a host name or address without spaces is needed",
+        });
+    }
+    let port = u16::try_from(endpoint.port)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| RenderError::Invalid {
+            pool: id.clone(),
+            field: "status.endpoint.port",
+            value: endpoint.port.to_string(),
+            why: "a TCP port between 1 and 65535 is needed",
+        })?;
+    let host_key = status
+        .host_public_key
+        .as_deref()
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| RenderError::Missing {
+            pool: id.clone(),
+            field: "status.hostPublicKey",
+            why: "without the host key the builder cannot be pinned; wait for the operator to publish it",
+        })?;
+    if ssh_key::PublicKey::from_openssh(host_key).is_err() {
+        return Err(RenderError::Invalid {
+            pool: id,
+            field: "status.hostPublicKey",
+            value: host_key.chars().take(40).collect(),
+            why: "it is not an OpenSSH public key line (`ssh-ed25519 AAAA...`)",
+        });
+    }
+    let user = &pool.spec.ssh.user;
+    let uri = if opts.via_ssh_config {
+        format!("ssh-ng://{user}@{}", ssh_alias(pool))
+    } else {
+        MachinesEntry::ssh_ng_uri(user, &endpoint.host, port)
+    };
+    Ok(MachinesEntry {
+        uri,
+        systems: pool.spec.systems.clone(),
+        ssh_key: Some(opts.key_path.clone()),
+        max_jobs: max_jobs(pool),
+        speed_factor: pool.spec.speed_factor.max(1) as u32,
+        supported_features: pool.spec.supported_features.clone(),
+        mandatory_features: pool.spec.mandatory_features.clone(),
+        host_public_key: Some(host_key.to_string()),
+    })
+}
