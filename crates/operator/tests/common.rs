@@ -61,22 +61,26 @@ impl Operator {
     }
 
     pub fn start_with(cp: &ControlPlane, ns: &str, name: &str, extra: &[&str]) -> Operator {
+        let mut args = vec!["--namespace", ns, "--lease-namespace", ns, "--identity", name];
+        args.extend_from_slice(extra);
+        Self::spawn(&cp.kubeconfig(), &cp.dir().join(format!("operator-{ns}-{name}")), &args)
+    }
+
+    /// `nixpool-operator run <args>` with the given kubeconfig; its log goes to `<log_prefix>-<port>.log`.
+    pub fn spawn(kubeconfig: &std::path::Path, log_prefix: &std::path::Path, args: &[&str]) -> Operator {
         let port = free_port();
-        let log = cp.dir().join(format!("operator-{ns}-{name}-{port}.log"));
+        let log = std::path::PathBuf::from(format!("{}-{port}.log", log_prefix.display()));
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_nixpool-operator"))
             .args([
                 "run",
-                "--namespace",
-                ns,
-                "--lease-namespace",
-                ns,
                 "--default-image",
                 "nixpool-builder:test",
+                "--http-addr",
+                &format!("127.0.0.1:{port}"),
             ])
-            .args(["--http-addr", &format!("127.0.0.1:{port}"), "--identity", name])
-            .args(extra)
-            .env("KUBECONFIG", cp.kubeconfig())
+            .args(args)
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,kube_client=error")
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())

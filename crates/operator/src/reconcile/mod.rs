@@ -69,8 +69,12 @@ pub async fn run(
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
-            if let Err(e) = res {
-                tracing::debug!(error = %e, "reconcile stream");
+            match res {
+                // Already logged, with its category, by error_policy.
+                Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => {}
+                // A watch that fails (RBAC, a removed CRD) retries with backoff; say why.
+                Err(e) => warn!(error = %e, "watching failed; retrying"),
+                Ok(_) => {}
             }
         })
         .await;

@@ -1,0 +1,63 @@
+{{- define "nixpool.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "nixpool.labels" -}}
+app.kubernetes.io/name: nixpool-operator
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/part-of: nixpool
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "nixpool.selectorLabels" -}}
+app.kubernetes.io/name: nixpool-operator
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "nixpool.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "nixpool.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The operator's permissions: one rule per thing it does, nothing more. */}}
+{{- define "nixpool.rules" -}}
+# Watch the pools.
+- apiGroups: [nixpool.dev]
+  resources: [nixbuilderpools]
+  verbs: [get, list, watch]
+# Write their status (server-side apply on /status).
+- apiGroups: [nixpool.dev]
+  resources: [nixbuilderpools/status]
+  verbs: [patch]
+# The builder Deployments: watched as owned children, server-side applied (an apply that
+# creates the object needs create as well as patch).
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [get, list, watch, create, patch]
+# The SSH Service and the agent ConfigMap of each pool.
+- apiGroups: [""]
+  resources: [services, configmaps]
+  verbs: [get, list, watch, create, patch]
+# The host key (created once, never overwritten), the authorized keys, and the team-key and
+# host-key Secrets pools reference (read and watched, so a new key reaches builders in seconds).
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get, list, watch, create, patch]
+# One PodDisruptionBudget per pool where policy/v1 is served.
+- apiGroups: [policy]
+  resources: [poddisruptionbudgets]
+  verbs: [get, list, watch, create, patch]
+# Events on pools (HostKeyGenerated, Applied, InvalidSpec, BadAuthorizedKeys).
+- apiGroups: [events.k8s.io]
+  resources: [events]
+  verbs: [create, patch]
+{{- end -}}
