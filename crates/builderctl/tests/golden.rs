@@ -1,0 +1,217 @@
+//! Golden tests: what builderctl renders for the pools in fixtures/pools.yaml. Set
+//! UPDATE_GOLDEN=1 to rewrite the files after an intended change (and review the diff).
+
+use std::path::{Path, PathBuf};
+
+use builderctl::render::{self, RenderError, RenderOptions};
+use builderctl::{darwin, source, sshconfig, status};
+use nixpool_api::{MachinesEntry, NixBuilderPool};
+
+fn dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests")
+}
+
+fn pools() -> Vec<NixBuilderPool> {
+    source::from_file(&dir().join("fixtures/pools.yaml"), &Default::default()).expect("fixture parses")
+}
+
+fn pool(name: &str) -> NixBuilderPool {
+    pools().into_iter().find(|p| render::name(p) == name).unwrap()
+}
+
+fn opts() -> RenderOptions {
+    RenderOptions {
+        key_path: "/etc/nix/nixpool_ed25519".into(),
+        allow_unready: false,
+        via_ssh_config: false,
+    }
+}
+
+fn golden(name: &str, actual: &str) {
+    let path = dir().join("golden").join(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, actual).unwrap();
+    }
+    let expected = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (run with UPDATE_GOLDEN=1 to create it)", path.display()));
+    assert_eq!(
+        actual,
+        expected,
+        "{} differs; UPDATE_GOLDEN=1 rewrites it",
+        path.display()
+    );
+}
+
+#[test]
+fn machines_lines() {
+    let mut out = String::new();
+    for p in pools().iter().filter(|p| render::name(p) != "pending") {
+        out.push_str(&render::entry(p, &opts()).unwrap().to_string());
+        out.push('\n');
+    }
+    let via = RenderOptions {
+        via_ssh_config: true,
+        ..opts()
+    };
+    out.push_str(&render::entry(&pool("kvm"), &via).unwrap().to_string());
+    out.push('\n');
+    golden("machines.txt", &out);
+}
+
+#[test]
+fn the_line_carries_what_the_status_and_spec_say() {
+    let e = render::entry(&pool("linux"), &opts()).unwrap();
+    // The line is read back by the shared parser, field by field.
+    let back = MachinesEntry::parse(&e.to_string()).unwrap();
+    assert_eq!(back.uri, "ssh-ng://builder@nbp.example.com");
+    assert_eq!(back.max_jobs, 2 * 4, "ready builders x jobs per builder");
+    assert_eq!(back.speed_factor, 2);
+    assert_eq!(back.systems, ["x86_64-linux", "i686-linux"]);
+    assert_eq!(back.supported_features, ["benchmark", "big-parallel"]);
+    assert_eq!(back.ssh_key.as_deref(), Some("/etc/nix/nixpool_ed25519"));
+    assert_eq!(
+        back.host_public_key,
+        pool("linux").status.unwrap().host_public_key,
+        "the host key is pinned"
+    );
+    let kvm = render::entry(&pool("kvm"), &opts()).unwrap();
+    assert_eq!(kvm.uri, "ssh-ng://nix@192.0.2.10:2222");
+    assert_eq!(kvm.mandatory_features, ["kvm"]);
+}
+
+#[test]
+fn an_unready_pool_is_refused_unless_allowed() {
+    let err = render::entry(&pool("pending"), &opts()).unwrap_err();
+    assert!(matches!(err, RenderError::NotReady { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("builds/pending") && msg.contains("NoReadyBuilders") && msg.contains("--allow-unready"),
+        "{msg}"
+    );
+    let allowed = RenderOptions {
+        allow_unready: true,
+        ..opts()
+    };
+    let e = render::entry(&pool("pending"), &allowed).unwrap();
+    assert_eq!(e.max_jobs, 2 * 4, "no ready builder yet: the desired ones count");
+}
+
+#[test]
+fn a_pool_without_host_key_or_endpoint_names_the_field() {
+    let mut p = pool("linux");
+    p.status.as_mut().unwrap().host_public_key = None;
+    let msg = render::entry(&p, &opts()).unwrap_err().to_string();
+    assert!(msg.contains("status.hostPublicKey"), "{msg}");
+    let mut p = pool("linux");
+    p.status.as_mut().unwrap().host_public_key = Some("not a key".into());
+    let msg = render::entry(&p, &opts()).unwrap_err().to_string();
+    assert!(
+        msg.contains("status.hostPublicKey") && msg.contains("not an OpenSSH public key"),
+        "{msg}"
+    );
+    let mut p = pool("linux");
+    p.status.as_mut().unwrap().endpoint = None;
+    let msg = render::entry(&p, &opts()).unwrap_err().to_string();
+    assert!(msg.contains("status.endpoint"), "{msg}");
+    let mut p = pool("linux");
+    p.status = None;
+    let msg = render::entry(&p, &opts()).unwrap_err().to_string();
+    assert!(msg.contains("no status") && msg.contains("operator"), "{msg}");
+}
+
+#[test]
+fn ssh_config_drop_in() {
+    let p = pool("kvm");
+    let e = render::entry(&p, &opts()).unwrap();
+    let c = sshconfig::SshConfig {
+        pool_id: render::pool_id(&p),
+        alias: render::ssh_alias(&p),
+        host: "192.0.2.10".into(),
+        port: 2222,
+        user: "nix".into(),
+        key: "/etc/nix/nixpool_ed25519".into(),
+        host_public_key: e.host_public_key.clone().unwrap(),
+        known_hosts: sshconfig::known_hosts_path(Path::new("/etc/ssh"), &render::ssh_alias(&p)),
+    };
+    golden(
+        "ssh-config-kvm.conf",
+        &format!("{}# known_hosts:\n{}", c.render(), c.known_hosts_line()),
+    );
+    let text = c.render();
+    for needed in [
+        "ControlMaster no",
+        "ControlPath none",
+        "IdentitiesOnly yes",
+        "HostKeyAlias nixpool-builds-kvm",
+        "Port 2222",
+    ] {
+        assert!(text.contains(needed), "{needed} missing:\n{text}");
+    }
+}
+
+#[test]
+fn nix_darwin_snippet() {
+    let entries: Vec<(String, MachinesEntry)> = ["kvm", "linux"]
+        .iter()
+        .map(|n| (format!("builds/{n}"), render::entry(&pool(n), &opts()).unwrap()))
+        .collect();
+    let snippets: Vec<darwin::SnippetPool> = entries
+        .iter()
+        .map(|(n, e)| darwin::SnippetPool {
+            id: n,
+            entry: e,
+            ssh_config: None,
+        })
+        .collect();
+    golden("darwin.nix", &darwin::snippet(&snippets));
+}
+
+#[test]
+fn nix_darwin_is_detected_from_etc_static_or_a_link() {
+    let t = tempfile::tempdir().unwrap();
+    let machines = t.path().join("machines");
+    assert_eq!(darwin::managed_reason(&t.path().join("static"), &machines), None);
+    std::os::unix::fs::symlink("/nix/store/xyz-etc/etc", t.path().join("static")).unwrap();
+    let why = darwin::managed_reason(&t.path().join("static"), &machines).unwrap();
+    assert!(
+        why.contains("nix-darwin") && why.contains("Unexpected files in /etc"),
+        "{why}"
+    );
+    let t = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink("/etc/static/nix/machines", t.path().join("machines")).unwrap();
+    let why = darwin::managed_reason(&t.path().join("none"), &t.path().join("machines")).unwrap();
+    assert!(why.contains("/etc/static/nix/machines"), "{why}");
+}
+
+#[test]
+fn status_table() {
+    golden("status.txt", &status::table(&pools()));
+}
+
+#[test]
+fn bad_pool_files_name_the_file_and_document() {
+    let t = tempfile::tempdir().unwrap();
+    let f = t.path().join("pool.yaml");
+    std::fs::write(&f, "kind: ConfigMap\napiVersion: v1\nmetadata: {name: x}\n").unwrap();
+    let msg = source::from_file(&f, &Default::default()).unwrap_err().to_string();
+    assert!(
+        msg.contains("pool.yaml") && msg.contains("document 1") && msg.contains("kubectl get nbp"),
+        "{msg}"
+    );
+    std::fs::write(
+        &f,
+        "apiVersion: nixpool.dev/v1alpha1\nkind: NixBuilderPool\nmetadata: {name: x}\nspec: {maxJobs: many}\n",
+    )
+    .unwrap();
+    let msg = source::from_file(&f, &Default::default()).unwrap_err().to_string();
+    assert!(
+        msg.contains("not a valid NixBuilderPool") && msg.contains("maxJobs") || msg.contains("invalid type"),
+        "{msg}"
+    );
+    let sel = source::Selection {
+        names: vec![],
+        selector: Some("team=web".into()),
+    };
+    let only = source::from_file(&dir().join("fixtures/pools.yaml"), &sel).unwrap();
+    assert_eq!(only.iter().map(render::name).collect::<Vec<_>>(), ["linux"]);
+}
