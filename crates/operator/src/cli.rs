@@ -41,11 +41,22 @@ pub struct Cli {
 enum Command {
     /// Run the controller against the cluster of KUBECONFIG (or the in-cluster service account).
     Run(RunArgs),
-    /// Print the NixBuilderPool CustomResourceDefinition (YAML) to install with kubectl apply.
-    Crd,
+    /// Print the NixBuilderPool CustomResourceDefinition (YAML) to install with kubectl apply,
+    /// or its field reference (Markdown).
+    Crd {
+        /// yaml: the CRD; markdown: the field reference (docs/crd-reference.md).
+        #[arg(long, value_enum, default_value = "yaml")]
+        format: CrdFormat,
+    },
     /// Print, without a cluster, the objects the operator would apply for a pool (YAML), for
     /// review in GitOps. The host key is freshly generated and its private half redacted.
     Render(RenderArgs),
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum CrdFormat {
+    Yaml,
+    Markdown,
 }
 
 #[derive(Args, Debug)]
@@ -95,8 +106,16 @@ struct RenderArgs {
 impl Cli {
     pub async fn run(self) -> anyhow::Result<()> {
         match self.command {
-            Command::Crd => {
+            Command::Crd {
+                format: CrdFormat::Yaml,
+            } => {
                 print!("{}", crd_yaml());
+                Ok(())
+            }
+            Command::Crd {
+                format: CrdFormat::Markdown,
+            } => {
+                print!("{}", crate::reference::markdown());
                 Ok(())
             }
             Command::Render(args) => {
@@ -249,6 +268,16 @@ mod tests {
     #[test]
     fn cli_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_crd_reference_in_docs_matches_the_schema() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/crd-reference.md");
+        let checked_in = std::fs::read_to_string(path).expect("docs/crd-reference.md exists");
+        assert!(
+            checked_in == crate::reference::markdown(),
+            "docs/crd-reference.md is out of date: run `cargo run -p nixpool-operator -- crd --format markdown > docs/crd-reference.md`"
+        );
     }
 
     /// `crds/` is what users install; it must be exactly what the Rust types generate.

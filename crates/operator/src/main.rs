@@ -11,6 +11,7 @@ mod keys;
 mod leader;
 mod metrics;
 mod reconcile;
+mod reference;
 mod render;
 mod telemetry;
 

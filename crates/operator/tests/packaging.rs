@@ -1,0 +1,195 @@
+//! The packaging around the binaries: the Nix files parse, the FluxCD and nix-darwin examples
+//! say what they mean and what they say is accepted by the chart.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use nixpool_testenv::{helm, need_tool};
+
+fn nix_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        // crates/ holds Rust, and at most Nix *snippets* as test fixtures (builderctl's golden output).
+        if path.is_dir() && !name.starts_with('.') && name != "target" && name != "crates" {
+            nix_files(&path, out);
+        } else if name.ends_with(".nix") {
+            out.push(path);
+        }
+    }
+}
+
+#[test]
+fn every_nix_file_parses() {
+    need_tool("nix-instantiate", "apt-get install nix-bin").unwrap_or_else(|e| panic!("{e:#}"));
+    let mut files = Vec::new();
+    nix_files(std::path::Path::new(REPO), &mut files);
+    let names: Vec<String> = files
+        .iter()
+        .map(|f| f.strip_prefix(REPO).unwrap().display().to_string())
+        .collect();
+    for expected in [
+        "flake.nix",
+        "nix/packages.nix",
+        "nix/release.nix",
+        "image/builder.nix",
+        "image/operator.nix",
+        "examples/nix-darwin.nix",
+    ] {
+        assert!(
+            names.iter().any(|n| n.ends_with(expected)),
+            "{expected} is missing: {names:?}"
+        );
+    }
+    for f in &files {
+        run(Command::new("nix-instantiate").arg("--parse").arg(f));
+    }
+}
+
+#[test]
+fn the_flake_offers_what_users_build() {
+    let flake = std::fs::read_to_string(format!("{REPO}/flake.nix")).unwrap();
+    for attr in [
+        "nixpool-operator",
+        "nixpool-agent",
+        "builderctl",
+        "builder-image",
+        "operator-image",
+        "release",
+        "devShells",
+        "checks",
+    ] {
+        assert!(flake.contains(attr), "flake.nix lacks {attr}");
+    }
+    let image = std::fs::read_to_string(format!("{REPO}/image/builder.nix")).unwrap();
+    assert!(
+        image.contains("lib64/ld-linux-x86-64.so.2"),
+        "the builder image must carry the FHS loader link"
+    );
+    assert!(
+        image.contains(nixpool_api::paths::AGENT_BINARY),
+        "the image's entrypoint is the agent"
+    );
+}
+
+fn docs(path: &str) -> Vec<serde_yaml::Value> {
+    use serde::Deserialize;
+    let text = std::fs::read_to_string(format!("{REPO}/{path}")).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn s<'a>(v: &'a serde_yaml::Value, path: &[&str]) -> &'a str {
+    let mut cur = v;
+    for p in path {
+        cur = &cur[*p];
+    }
+    cur.as_str().unwrap_or_else(|| panic!("{path:?} is missing in {v:?}"))
+}
+
+#[test]
+fn the_flux_examples_are_complete_and_their_values_fit_the_chart() {
+    let known = [
+        ("source.toolkit.fluxcd.io/v1", "GitRepository"),
+        ("source.toolkit.fluxcd.io/v1", "HelmRepository"),
+        ("helm.toolkit.fluxcd.io/v2", "HelmRelease"),
+        ("kustomize.toolkit.fluxcd.io/v1", "Kustomization"),
+        ("v1", "Namespace"),
+    ];
+    let helm = helm().unwrap_or_else(|e| panic!("{e:#}"));
+    let mut releases = 0;
+    for file in [
+        "examples/flux/operator-helmrelease.yaml",
+        "examples/flux/operator-helmrepository.yaml",
+        "examples/flux/pools-kustomization.yaml",
+    ] {
+        let objects = docs(file);
+        let sources: Vec<(String, String)> = objects
+            .iter()
+            .filter(|o| s(o, &["apiVersion"]).starts_with("source.toolkit.fluxcd.io/"))
+            .map(|o| (s(o, &["kind"]).to_string(), s(o, &["metadata", "name"]).to_string()))
+            .collect();
+        for o in &objects {
+            let (api, kind) = (s(o, &["apiVersion"]), s(o, &["kind"]));
+            assert!(known.contains(&(api, kind)), "{file}: unexpected {api} {kind}");
+            s(o, &["metadata", "name"]);
+            match kind {
+                "HelmRelease" => {
+                    releases += 1;
+                    let spec = &o["spec"]["chart"]["spec"];
+                    let source = (
+                        s(spec, &["sourceRef", "kind"]).to_string(),
+                        s(spec, &["sourceRef", "name"]).to_string(),
+                    );
+                    assert!(
+                        sources.contains(&source),
+                        "{file}: the HelmRelease's source {source:?} is not defined next to it"
+                    );
+                    if source.0 == "GitRepository" {
+                        let chart = s(spec, &["chart"]);
+                        assert!(
+                            std::path::Path::new(REPO).join(chart).join("Chart.yaml").is_file(),
+                            "{file}: no chart at {chart}"
+                        );
+                    }
+                    // The values must pass the chart's values.schema.json and render.
+                    let values = tempfile::NamedTempFile::new().unwrap();
+                    std::fs::write(values.path(), serde_yaml::to_string(&o["spec"]["values"]).unwrap()).unwrap();
+                    run(Command::new(&helm)
+                        .args(["template", "flux", &format!("{REPO}/charts/nixpool"), "-f"])
+                        .arg(values.path()));
+                }
+                "Kustomization" => {
+                    let source = (
+                        s(o, &["spec", "sourceRef", "kind"]).to_string(),
+                        s(o, &["spec", "sourceRef", "name"]).to_string(),
+                    );
+                    assert!(
+                        sources.contains(&source),
+                        "{file}: the Kustomization's source {source:?} is not defined next to it"
+                    );
+                    assert!(s(o, &["spec", "path"]).starts_with("./"));
+                    assert_eq!(o["spec"]["prune"].as_bool(), Some(true));
+                    let check = &o["spec"]["healthChecks"][0];
+                    assert_eq!(
+                        (s(check, &["apiVersion"]), s(check, &["kind"])),
+                        ("nixpool.dev/v1alpha1", "NixBuilderPool")
+                    );
+                }
+                "GitRepository" | "HelmRepository" => {
+                    assert!(s(o, &["spec", "url"]).contains("://"));
+                    s(o, &["spec", "interval"]);
+                }
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(releases, 2);
+}
+
+#[test]
+fn the_nix_darwin_example_pins_the_host_key_and_uses_ssh_ng() {
+    let text = std::fs::read_to_string(format!("{REPO}/examples/nix-darwin.nix")).unwrap();
+    for needle in [
+        "nix.distributedBuilds = true",
+        "nix.buildMachines",
+        "protocol = \"ssh-ng\"",
+        "publicHostKey",
+        "sshKey",
+    ] {
+        assert!(text.contains(needle), "examples/nix-darwin.nix lacks {needle}");
+    }
+    let b64 = text
+        .split("publicHostKey = \"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap();
+    let entry = nixpool_api::MachinesEntry::parse(&format!("ssh-ng://builder@h x86_64-linux - 1 1 - - {b64}")).unwrap();
+    assert!(entry.host_public_key.unwrap().starts_with("ssh-ed25519 "));
+}
