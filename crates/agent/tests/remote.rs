@@ -240,3 +240,46 @@ fn a_crash_looping_child_ends_in_the_termination_log() {
         "{log}"
     );
 }
+
+#[test]
+fn a_crashed_nix_daemon_is_restarted_and_builds_go_on() {
+    let mut b = Builder::new(&config("restart"));
+    b.start_agent(&["--restart-backoff-ms", "100"]);
+    b.wait_ready(Duration::from_secs(30));
+    let agent = b.agent_pid();
+    let daemon = child_named(agent, "nix-daemon").expect("nix-daemon runs under the agent");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let mut restarted = None;
+    for _ in 0..100 {
+        restarted = child_named(agent, "nix-daemon").filter(|p| *p != daemon);
+        if restarted.is_some() && b.http("/readyz").0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(restarted.is_some(), "nix-daemon was not restarted:\n{}", b.log());
+    assert_eq!(
+        b.metric("nixpool_agent_child_restarts_total"),
+        Some(1.0),
+        "{}",
+        b.http("/metrics").1
+    );
+    let key = b.root.client_key.clone();
+    let out = b.build("ssh-ng", &key, &b.derivation("after-restart", "echo again > $out"));
+    assert_built_remotely(&b, &out, "again\n");
+}
+
+fn child_named(parent: u32, comm: &str) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.filter_map(Result::ok).find_map(|e| {
+        let pid: u32 = e.file_name().to_string_lossy().parse().ok()?;
+        let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+        let (head, tail) = stat.rsplit_once(')')?;
+        let name = head.split_once('(')?.1;
+        let ppid: u32 = tail.split_whitespace().nth(1)?.parse().ok()?;
+        (name == comm && ppid == parent).then_some(pid)
+    })
+}
