@@ -93,11 +93,13 @@ pub struct RunArgs {
     /// exits 1 with the reason in /dev/termination-log.
     #[arg(long, env = "NIXPOOL_RESTART_LIMIT", default_value_t = 5)]
     pub restart_limit: u32,
+    /// Window in which crashes are counted; a child that stays up longer starts afresh.
     #[arg(long, env = "NIXPOOL_RESTART_WINDOW_SECONDS", default_value_t = 300)]
     pub restart_window_seconds: u64,
     /// First restart backoff; doubles per crash up to --restart-max-backoff-ms.
     #[arg(long, env = "NIXPOOL_RESTART_BACKOFF_MS", default_value_t = 500)]
     pub restart_backoff_ms: u64,
+    /// Longest restart backoff.
     #[arg(long, env = "NIXPOOL_RESTART_MAX_BACKOFF_MS", default_value_t = 30_000)]
     pub restart_max_backoff_ms: u64,
     /// How often the authorized-keys Secret is re-read.
@@ -115,6 +117,7 @@ pub struct RunArgs {
     /// First retry backoff of a failed push; doubles up to --push-max-backoff-ms.
     #[arg(long, env = "NIXPOOL_PUSH_BACKOFF_MS", default_value_t = 2000)]
     pub push_backoff_ms: u64,
+    /// Longest retry backoff of a failing push.
     #[arg(long, env = "NIXPOOL_PUSH_MAX_BACKOFF_MS", default_value_t = 300_000)]
     pub push_max_backoff_ms: u64,
 }
@@ -128,8 +131,10 @@ pub struct EnqueueArgs {
 
 #[derive(Args, Debug)]
 pub struct GateArgs {
+    /// nix-daemon run for `nix-daemon --stdio` (ssh-ng://); the client's path is never used.
     #[arg(long, default_value = "nix-daemon")]
     pub nix_daemon: PathBuf,
+    /// nix-store run for `nix-store --serve [--write]` (ssh://).
     #[arg(long, default_value = "nix-store")]
     pub nix_store: PathBuf,
 }
@@ -236,9 +241,17 @@ mod tests {
     }
 
     #[test]
-    fn every_subcommand_has_help() {
+    fn every_subcommand_and_flag_has_help() {
         for sub in Cli::command().get_subcommands() {
             assert!(sub.get_about().is_some(), "{} has no help", sub.get_name());
+            for arg in sub.get_arguments() {
+                assert!(
+                    arg.get_help().is_some(),
+                    "{} --{} has no help",
+                    sub.get_name(),
+                    arg.get_id()
+                );
+            }
         }
     }
 }
