@@ -6,7 +6,7 @@ pub enum Error {
     /// The API server did not answer a read.
     #[error("reading {kind} {name}: {source}")]
     Read {
-        kind: &'static str,
+        kind: String,
         name: String,
         #[source]
         source: kube::Error,
@@ -14,7 +14,7 @@ pub enum Error {
     /// Applying a child failed.
     #[error("applying {kind} {name}: {source}")]
     Apply {
-        kind: &'static str,
+        kind: String,
         name: String,
         #[source]
         source: kube::Error,

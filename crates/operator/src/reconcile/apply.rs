@@ -65,7 +65,7 @@ where
     let kind = K::kind(&()).to_string();
     let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
     let live = api.get_opt(&name).await.map_err(|source| Error::Read {
-        kind: static_kind::<K>(),
+        kind: kind.clone(),
         name: name.clone(),
         source,
     })?;
@@ -84,23 +84,12 @@ where
         )
         .await
         .map_err(|source| Error::Apply {
-            kind: static_kind::<K>(),
+            kind: kind.clone(),
             name: name.clone(),
             source,
         })?;
     changed.push(format!("{kind}/{name}"));
     Ok(applied)
-}
-
-fn static_kind<K: Resource<DynamicType = ()>>() -> &'static str {
-    match K::kind(&()).as_ref() {
-        "Secret" => "Secret",
-        "ConfigMap" => "ConfigMap",
-        "Deployment" => "Deployment",
-        "Service" => "Service",
-        "PodDisruptionBudget" => "PodDisruptionBudget",
-        _ => "object",
-    }
 }
 
 /// Whether every field of `desired` is in `live` with the same value. Quantities compare by

@@ -263,7 +263,7 @@ async fn host_key(
         ),
     };
     let existing = api.get_opt(&name).await.map_err(|source| Error::Read {
-        kind: "Secret",
+        kind: "Secret".into(),
         name: name.clone(),
         source,
     })?;
@@ -299,7 +299,7 @@ async fn host_key(
             api.create(&pp, &build::stamp(secret))
                 .await
                 .map_err(|source| Error::Apply {
-                    kind: "Secret",
+                    kind: "Secret".into(),
                     name: name.clone(),
                     source,
                 })?;
@@ -323,7 +323,7 @@ async fn authorized_keys(
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     for r in &pool.spec.ssh.authorized_keys_secrets {
         let Some(secret) = api.get_opt(&r.name).await.map_err(|source| Error::Read {
-            kind: "Secret",
+            kind: "Secret".into(),
             name: r.name.clone(),
             source,
         })?
