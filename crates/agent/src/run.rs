@@ -282,6 +282,19 @@ pub async fn run(layout: Layout, bins: Binaries, opts: Options, settings: RunSet
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Give the pusher what is left of the budget to send what was built here.
+    if pusher.is_some() {
+        while !crate::push::queued(&layout.push_queue()).is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let (left, _) = crate::push::queue_stats(&layout.push_queue());
+        if left > 0 {
+            warn!(
+                batches = left,
+                "drain budget spent with paths still queued for push; they stay queued on /nix"
+            );
+        }
+    }
     let _ = aux_stop.send(true);
     if let Some(p) = pusher {
         let _ = p.await;

@@ -13,6 +13,8 @@ use support::*;
 fn built_paths_are_pushed_signed_and_a_down_cache_fails_nothing() {
     preflight();
     let mut c = config("push");
+    // The down cache keeps the queue from emptying: the drain waits this long for it.
+    c.drain_timeout_seconds = 2;
     let key_file = "/run/nixpool/cache/store-signing-key".to_string();
     // A placeholder root to learn the scratch dir; the real one is made by Builder::new below.
     c.push = vec![];
@@ -109,4 +111,20 @@ fn built_paths_are_pushed_signed_and_a_down_cache_fails_nothing() {
     assert!(b.metric("nixpool_agent_push_lag_seconds").is_some());
     assert!(b.log().contains("push failed; will retry"));
     assert_eq!(b.stop_agent(Duration::from_secs(20)).code(), Some(0));
+    assert!(
+        b.log().contains("still queued for push; they stay queued"),
+        "{}",
+        b.log()
+    );
+    assert!(
+        !push_queue_is_empty(&b),
+        "the queue survives the pod for the next start"
+    );
+}
+
+fn push_queue_is_empty(b: &Builder) -> bool {
+    std::fs::read_dir(b.root.path("/nix/var/nixpool/push-queue"))
+        .unwrap()
+        .next()
+        .is_none()
 }
