@@ -1,1 +1,154 @@
-fn main() {}
+//! `builderctl machines-file` for 100 pools from a real kube-apiserver (crates/testenv):
+//! wall time of the whole process (start, kubeconfig, TLS, one list call, render, merge, atomic
+//! write), against `kubectl get nbp -o json` of the same pools as the API-bound baseline, and the
+//! list/get requests the API server counted. Prints a table.
+//!
+//! cargo bench -p builderctl --bench machines_file
+
+#[path = "../tests/support/cluster.rs"]
+mod cluster;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_builderctl");
+const POOLS: usize = 100;
+const RUNS: usize = 15;
+
+fn stats(mut v: Vec<Duration>) -> (f64, f64, f64) {
+    v.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    (ms(v[0]), ms(v[v.len() / 2]), ms(v[v.len() - 1]))
+}
+
+fn time(mut f: impl FnMut()) -> Vec<Duration> {
+    f(); // warm-up
+    (0..RUNS)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .collect()
+}
+
+fn main() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cp = cluster::control_plane();
+    let ns = rt.block_on(async {
+        let client = cp.client().await.unwrap();
+        let ns = cp.namespace("bench").await.unwrap();
+        for i in 0..POOLS {
+            cluster::pool(
+                &client,
+                &ns,
+                &format!("pool-{i:03}"),
+                serde_json::json!({"team": "bench"}),
+                3,
+                3,
+                (&format!("pool-{i:03}.example.com"), 22),
+                cluster::HOST_KEY,
+            )
+            .await;
+        }
+        ns
+    });
+    let t = tempfile::tempdir().unwrap();
+    let machines = t.path().join("machines");
+    let kc = cp.kubeconfig();
+    let builderctl = |extra: &[&str]| {
+        let out = Command::new(BIN)
+            .args(["machines-file", "-n", &ns, "--kubeconfig"])
+            .arg(&kc)
+            .arg("--machines-file")
+            .arg(&machines)
+            .arg("--etc-static")
+            .arg(t.path().join("none"))
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() || extra.contains(&"--check"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+
+    // First write (100 new blocks), then unchanged runs (nothing written), then a rewrite of
+    // every block after the file was emptied.
+    let lists0 = cluster::pool_requests(cp, "LIST");
+    let gets0 = cluster::pool_requests(cp, "GET");
+    let first = {
+        let t0 = Instant::now();
+        builderctl(&[]);
+        t0.elapsed()
+    };
+    let lists1 = cluster::pool_requests(cp, "LIST");
+    let gets1 = cluster::pool_requests(cp, "GET");
+    let blocks = std::fs::read_to_string(&machines)
+        .unwrap()
+        .matches("# BEGIN nixpool")
+        .count();
+    assert_eq!(blocks, POOLS);
+    let unchanged = time(|| {
+        builderctl(&[]);
+    });
+    let check = time(|| {
+        builderctl(&["--check"]);
+    });
+    let rewrite = time(|| {
+        std::fs::write(&machines, "ssh://me@mine x86_64-linux\n").unwrap();
+        builderctl(&[]);
+    });
+    let kubectl = time(|| {
+        let out = cp
+            .kubectl()
+            .args(["get", "nixbuilderpools.nixpool.dev", "-n", &ns, "-o", "json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    });
+    let size = std::fs::metadata(&machines).unwrap().len();
+    // The pure part alone, in process: render 100 lines and merge them into the file.
+    let pools = rt.block_on(async {
+        let client = cp.client().await.unwrap();
+        let api: kube::Api<nixpool_api::NixBuilderPool> = kube::Api::namespaced(client, &ns);
+        api.list(&Default::default()).await.unwrap().items
+    });
+    let existing = std::fs::read_to_string(&machines).unwrap();
+    let opts = builderctl::render::RenderOptions {
+        key_path: "/etc/nix/nixpool_ed25519".into(),
+        allow_unready: false,
+        via_ssh_config: false,
+    };
+    let pure = time(|| {
+        let changes: Vec<_> = pools
+            .iter()
+            .map(|p| builderctl::merge::Change::Set {
+                id: builderctl::render::pool_id(p),
+                line: builderctl::render::entry(p, &opts).unwrap().to_string(),
+            })
+            .collect();
+        let m = builderctl::merge::merge(&existing, &changes).unwrap();
+        assert!(m.changed.is_empty());
+    });
+
+    println!("\nmachines-file, {POOLS} pools, real kube-apiserver 1.20 on loopback, {RUNS} runs each (ms)\n");
+    println!("| run                                             |    min | median |    max |");
+    println!("|-------------------------------------------------|-------:|-------:|-------:|");
+    let row = |name: &str, (a, b, c): (f64, f64, f64)| println!("| {name:<47} | {a:>6.1} | {b:>6.1} | {c:>6.1} |");
+    let f = first.as_secs_f64() * 1000.0;
+    row("first write (100 new blocks)", (f, f, f));
+    row("unchanged (nothing written)", stats(unchanged));
+    row("--check", stats(check));
+    row("rewrite of 100 blocks (atomic write + backup)", stats(rewrite));
+    row("in process: render + merge only (no I/O)", stats(pure));
+    row("baseline: kubectl get nbp -o json (same list)", stats(kubectl));
+    println!(
+        "\nAPI requests of one run: {} LIST, {} GET (namespaced pools, counted by the API server); file: {} bytes",
+        lists1 - lists0,
+        gets1 - gets0,
+        size
+    );
+}

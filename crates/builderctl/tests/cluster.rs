@@ -1,0 +1,191 @@
+//! builderctl against a real kube-apiserver (crates/testenv): pools selected by name, label
+//! selector and namespace, with the request counts the API server itself reports.
+
+mod support;
+
+use std::process::{Command, Output};
+
+use nixpool_api::MachinesEntry;
+use support::cluster::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_builderctl");
+
+fn builderctl(kubeconfig: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .env_remove("KUBECONFIG")
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn machines_file_and_status_from_the_cluster() {
+    let cp = control_plane();
+    let client = cp.client().await.unwrap();
+    let ns = cp.namespace("builderctl").await.unwrap();
+    let web = serde_json::json!({"team": "web"});
+    let infra = serde_json::json!({"team": "infra"});
+    pool(
+        &client,
+        &ns,
+        "web",
+        web.clone(),
+        3,
+        2,
+        ("web.example.com", 22),
+        HOST_KEY,
+    )
+    .await;
+    pool(&client, &ns, "infra", infra, 1, 1, ("10.0.0.7", 2222), HOST_KEY).await;
+    pool(&client, &ns, "cold", web, 2, 0, ("cold.example.com", 22), HOST_KEY).await;
+
+    let t = tempfile::tempdir().unwrap();
+    let machines = t.path().join("machines");
+    std::fs::write(&machines, "ssh://me@mine x86_64-linux\n").unwrap();
+    let kc = cp.kubeconfig();
+    let m = machines.to_str().unwrap();
+    let none = t.path().join("none");
+    let base = [
+        "machines-file",
+        "--machines-file",
+        m,
+        "--etc-static",
+        none.to_str().unwrap(),
+    ];
+    let with = |extra: &[&str]| -> Vec<String> { base.iter().chain(extra).map(|s| s.to_string()).collect() };
+    let run = |args: Vec<String>| builderctl(&kc, &args.iter().map(String::as_str).collect::<Vec<_>>());
+
+    // One pool by name (and namespace), through the kubeconfig's context.
+    let out = run(with(&["-n", &ns, "--context", "nixpool-test", "web"]));
+    assert!(out.status.success(), "{}", text(&out));
+    let file = std::fs::read_to_string(&machines).unwrap();
+    assert!(file.starts_with("ssh://me@mine x86_64-linux\n"), "{file}");
+    let line = file.lines().find(|l| l.starts_with("ssh-ng://")).unwrap();
+    let e = MachinesEntry::parse(line).unwrap();
+    assert_eq!(e.uri, "ssh-ng://builder@web.example.com");
+    assert_eq!(e.max_jobs, 4, "2 ready builders x 2 jobs");
+    assert_eq!(e.host_public_key.as_deref(), Some(HOST_KEY));
+    assert!(file.contains(&format!("# BEGIN nixpool {ns}/web")));
+
+    // A label selector: one list call, no get. `cold` matches but is not Ready: refused.
+    let (lists, gets) = (pool_requests(cp, "LIST"), pool_requests(cp, "GET"));
+    let out = run(with(&["-n", &ns, "-l", "team=web"]));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("{ns}/cold is not Ready")),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(pool_requests(cp, "LIST") - lists, 1.0, "one list call");
+    assert_eq!(pool_requests(cp, "GET") - gets, 0.0, "no get per pool");
+    let out = run(with(&["-n", &ns, "-l", "team=web", "--allow-unready"]));
+    assert!(out.status.success(), "{}", text(&out));
+    let file = std::fs::read_to_string(&machines).unwrap();
+    assert!(
+        file.contains(&format!("{ns}/cold")) && !file.contains(&format!("{ns}/infra")),
+        "{file}"
+    );
+
+    // Every pool of the namespace; --check agrees afterwards.
+    let out = run(with(&["-n", &ns, "--allow-unready"]));
+    assert!(out.status.success(), "{}", text(&out));
+    let file = std::fs::read_to_string(&machines).unwrap();
+    assert!(file.contains("ssh-ng://builder@10.0.0.7:2222"), "{file}");
+    let out = run(with(&["-n", &ns, "--allow-unready", "--check"]));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+    // A pool that does not exist, and a context that does not.
+    let out = run(with(&["-n", &ns, "nope"]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out).contains(&format!("{ns}/nope was not found")),
+        "{}",
+        text(&out)
+    );
+    let out = run(with(&["-n", &ns, "--context", "nope", "web"]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out).contains("kubeconfig") && text(&out).contains("--context"),
+        "{}",
+        text(&out)
+    );
+
+    // status: the table.
+    let out = builderctl(&kc, &["status", "-n", &ns]);
+    assert!(out.status.success(), "{}", text(&out));
+    let table = String::from_utf8_lossy(&out.stdout);
+    let row = |name: &str| {
+        table
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(name))
+            .unwrap()
+            .to_string()
+    };
+    assert!(
+        row("web").contains("True") && row("web").contains("web.example.com:22"),
+        "{table}"
+    );
+    assert!(row("cold").contains("False") && row("cold").contains("0/2"), "{table}");
+    assert!(
+        table.contains(&format!("not ready: {ns}/cold: Ready=False NoReadyBuilders")),
+        "{table}"
+    );
+    let out = builderctl(&kc, &["status", "-A"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&ns));
+
+    // ssh-config from the cluster, written into a temp dir.
+    let out = builderctl(
+        &kc,
+        &[
+            "ssh-config",
+            "-n",
+            &ns,
+            "infra",
+            "--ssh-config-dir",
+            t.path().to_str().unwrap(),
+            "--known-hosts-dir",
+            t.path().to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let alias = format!("nixpool-{ns}-infra");
+    let conf = std::fs::read_to_string(t.path().join(format!("{alias}.conf"))).unwrap();
+    assert!(
+        conf.contains("Port 2222") && conf.contains("HostName 10.0.0.7"),
+        "{conf}"
+    );
+    // Real ssh reads it: the Host alias resolves to the pool's host, port, user and key.
+    let g = Command::new("ssh")
+        .args(["-G", "-F"])
+        .arg(t.path().join(format!("{alias}.conf")))
+        .arg(&alias)
+        .output()
+        .unwrap();
+    let g = String::from_utf8_lossy(&g.stdout);
+    for want in [
+        "hostname 10.0.0.7",
+        "port 2222",
+        "user builder",
+        "controlmaster false",
+        "identitiesonly yes",
+        "stricthostkeychecking true",
+    ] {
+        assert!(g.lines().any(|l| l == want), "ssh -G lacks {want:?}:\n{g}");
+    }
+    assert!(
+        !g.lines().any(|l| l.starts_with("controlpath ")),
+        "ControlPath none: no control socket\n{g}"
+    );
+    let kh = std::fs::read_to_string(t.path().join(format!("{alias}.known_hosts"))).unwrap();
+    assert_eq!(kh, format!("{alias} {HOST_KEY}\n"));
+}
