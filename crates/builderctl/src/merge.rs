@@ -3,7 +3,7 @@
 //! Each pool owns one block:
 //!
 //! ```text
-//! # BEGIN nixpool <namespace>/<name> (managed by builderctl; edits inside are replaced)
+//! # BEGIN nixpool <namespace>/<name> (managed by builderctl, edits inside are replaced)
 //! ssh-ng://builder@host x86_64-linux /etc/nix/nixpool_ed25519 8 1 big-parallel - c3No...
 //! # END nixpool <namespace>/<name>
 //! ```
@@ -70,7 +70,7 @@ fn marker_id<'a>(line: &'a str, prefix: &str) -> Option<&'a str> {
 
 /// The block for a pool, as written.
 pub fn block(id: &str, line: &str) -> String {
-    format!("{BEGIN}{id} (managed by builderctl; edits inside are replaced)\n{line}\n{END}{id}\n")
+    format!("{BEGIN}{id} (managed by builderctl, edits inside are replaced)\n{line}\n{END}{id}\n")
 }
 
 enum Piece<'a> {

@@ -280,6 +280,14 @@ fn hand_broken_blocks_are_refused_not_guessed() {
 }
 
 #[test]
+fn markers_survive_nix_splitting_lines_at_semicolons() {
+    // Nix 2.8 splits the machines file at `;` as well as newlines, before it strips comments:
+    // a `;` in a marker comment made the rest of it a machine line (found by the e2e test).
+    let b = merge::block("ns/a", "ssh-ng://b@h x86_64-linux");
+    assert!(!b.contains(';'), "{b}");
+}
+
+#[test]
 fn a_block_is_replaced_in_place() {
     let text = format!("first x\n{}last y\n", merge::block("ns/a", "old z"));
     let m = merge::merge(
