@@ -59,7 +59,11 @@ pub enum PushTarget {
     NixCopy { uri: String, signing_key_file: String },
     /// `attic push` with the token in `tokenFile`.
     #[serde(rename_all = "camelCase")]
-    Attic { endpoint: String, cache: String, token_file: String },
+    Attic {
+        endpoint: String,
+        cache: String,
+        token_file: String,
+    },
     /// `cachix push` with the token in `tokenFile`.
     #[serde(rename_all = "camelCase")]
     Cachix { cache: String, token_file: String },

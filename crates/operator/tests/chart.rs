@@ -217,7 +217,7 @@ async fn the_operator_works_with_exactly_the_charts_permissions() {
     // With every rule: a pool in any namespace converges.
     let ns = cp.namespace("team").await.unwrap();
     let pools: Api<NixBuilderPool> = Api::namespaced(client.clone(), &ns);
-    let op = Operator::spawn(&kubeconfig, &dir.join("op-full"), &op_args);
+    let op = Operator::spawn_here(&kubeconfig, &dir.join("op-full"), &op_args);
     pools.create(&Default::default(), &pool("builders")).await.unwrap();
     let converged = observed(&pools, "builders").await;
     assert!(converged.status.unwrap().host_public_key.is_some());
@@ -244,7 +244,7 @@ async fn the_operator_works_with_exactly_the_charts_permissions() {
         apply(&cp, &rbac.without(Some(i)), &dir);
         let ns = cp.namespace("rbac").await.unwrap();
         let pools: Api<NixBuilderPool> = Api::namespaced(client.clone(), &ns);
-        let op = Operator::spawn(&kubeconfig, &dir.join(format!("op-{i}")), &op_args);
+        let op = Operator::spawn_here(&kubeconfig, &dir.join(format!("op-{i}")), &op_args);
         pools.create(&Default::default(), &pool("builders")).await.unwrap();
         eventually(
             Duration::from_secs(30),

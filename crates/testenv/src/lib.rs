@@ -9,6 +9,10 @@
 //! Every process is started through `setpriv --pdeathsig KILL` from a thread that lives as long
 //! as the test process, so nothing outlives a test run, even one that panics or is killed.
 
+pub mod flow;
+pub mod harness;
+pub mod node;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -296,7 +300,16 @@ impl ControlPlane {
     pub fn kubectl(&self) -> Command {
         let mut c = Command::new(self.bin.join("kubectl"));
         c.arg(format!("--kubeconfig={}", self.kubeconfig().display()));
+        // Discovery cached per control plane: ~/.kube/cache would mix up control planes that
+        // reused a port.
+        c.arg(format!("--cache-dir={}", self.dir.join("kube-cache").display()));
         c
+    }
+
+    /// Drops kubectl's cached discovery: after a CRD is installed, so short names like `nbp`
+    /// resolve.
+    pub fn forget_discovery(&self) {
+        let _ = std::fs::remove_dir_all(self.dir.join("kube-cache"));
     }
 
     /// A client with the admin credentials.

@@ -1,0 +1,297 @@
+//! The whole product on one machine: a real control plane, the real operator, the node stand-in
+//! running the real agent (sshd, nix-daemon) in namespaces, `builderctl machines-file` from the
+//! cluster, and a real `nix-build --max-jobs 0` that can only succeed on the pool.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::Api;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use nixpool_api::{MachinesEntry, NixBuilderPool};
+use nixpool_testenv::flow::{ClientKey, binary, derivation, nix_build, nix_build_command};
+use nixpool_testenv::harness::*;
+use nixpool_testenv::node::{Node, NodeConfig};
+
+const MIN: Duration = Duration::from_secs(90);
+
+/// One pool's world: a namespace, an operator, a node stand-in, a client key, a work dir.
+struct World {
+    cp: &'static nixpool_testenv::ControlPlane,
+    ns: String,
+    client: kube::Client,
+    operator: Operator,
+    node_stop: Option<tokio::sync::oneshot::Sender<()>>,
+    node: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    dir: PathBuf,
+    key: ClientKey,
+}
+
+impl World {
+    async fn new(prefix: &str, net: u8) -> World {
+        let cp = control_plane();
+        let ns = cp.namespace(prefix).await.unwrap();
+        let client = cp.client().await.unwrap();
+        let operator = Operator::start_in(
+            &binary("nixpool-operator").unwrap(),
+            cp,
+            &ns,
+            "op",
+            &["--resync-seconds", "3600"],
+        );
+        // Not under /tmp or /dev/shm: sshd's StrictModes refuses keys below a world-writable directory.
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("flow-{ns}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        nixpool_testenv::node::make_traversable(&dir).unwrap();
+        let key = ClientKey::new(&dir, "client_ed25519").unwrap();
+        let mut config = NodeConfig::new(&ns, &binary("nixpool-agent").unwrap(), &dir.join("node"));
+        config.net = net;
+        let node = Node::new(client.clone(), config).unwrap_or_else(|e| panic!("{e:#}"));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(node.run(async move {
+            let _ = rx.await;
+        }));
+        World {
+            cp,
+            ns,
+            client,
+            operator,
+            node_stop: Some(tx),
+            node: Some(task),
+            dir,
+            key,
+        }
+    }
+
+    fn pools(&self) -> Api<NixBuilderPool> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    /// The minimal example, reachable through a load balancer, with this world's client key.
+    async fn apply_pool(&self, name: &str, replicas: i32) {
+        let mut pool: NixBuilderPool =
+            serde_yaml::from_str(&std::fs::read_to_string(format!("{REPO}/examples/minimal.yaml")).unwrap()).unwrap();
+        pool.metadata.name = Some(name.into());
+        pool.spec.replicas = replicas;
+        pool.spec.max_jobs = 2;
+        pool.spec.ssh.authorized_keys = vec![self.key.public.clone()];
+        pool.spec.service.type_ = nixpool_api::v1alpha1::ServiceType::LoadBalancer;
+        pool.spec.termination_grace_period_seconds = 120;
+        self.pools().create(&PostParams::default(), &pool).await.unwrap();
+    }
+
+    async fn ready(&self, name: &str, replicas: i32) -> NixBuilderPool {
+        eventually(MIN, &format!("pool {name} Ready with {replicas} builders"), || async {
+            let p = self.pools().get(name).await.ok()?;
+            let st = p.status.as_ref()?;
+            let ready = st.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
+            (ready && st.ready_replicas == replicas && st.machines_entry.is_some()).then_some(p)
+        })
+        .await
+    }
+
+    /// `builderctl machines-file <pool>` from the cluster into this world's machines file.
+    fn machines_file(&self, pool: &str, key: &Path) -> PathBuf {
+        let file = self.dir.join("machines");
+        run(std::process::Command::new(binary("builderctl").unwrap())
+            .args(["machines-file", pool, "-n", &self.ns, "--kubeconfig"])
+            .arg(self.cp.kubeconfig())
+            .arg("--machines-file")
+            .arg(&file)
+            .arg("--key")
+            .arg(key)
+            .args(["--etc-static", "/nonexistent"]));
+        file
+    }
+
+    async fn pods(&self) -> Vec<Pod> {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &self.ns);
+        api.list(&ListParams::default().labels("app.kubernetes.io/name=nixpool-builder"))
+            .await
+            .unwrap()
+            .items
+    }
+
+    /// Whether a store path is in some builder's own store (the pod roots of the node).
+    fn built_on_a_builder(&self, out_path: &str) -> bool {
+        let base = Path::new(out_path.trim()).file_name().unwrap().to_owned();
+        std::fs::read_dir(self.dir.join("node"))
+            .unwrap()
+            .filter_map(Result::ok)
+            .any(|pod| pod.path().join("root/nix/store").join(&base).exists())
+    }
+
+    async fn stop(mut self) {
+        if let Some(tx) = self.node_stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.node.take() {
+            t.await.unwrap().unwrap();
+        }
+        self.operator.kill();
+    }
+}
+
+fn assert_built(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "nix-build failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+// Several threads: the test blocks on nix-build while the node stand-in and its relays run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn apply_then_build_then_scale_then_a_team_key_without_restarts() {
+    let w = World::new("flow", 120).await;
+    let t0 = Instant::now();
+    w.apply_pool("builders", 1).await;
+    let pool = w.ready("builders", 1).await;
+    let endpoint = pool.status.as_ref().unwrap().endpoint.clone().unwrap();
+    let machines = w.machines_file("builders", &w.key.path);
+    let line = std::fs::read_to_string(&machines).unwrap();
+    assert!(line.contains(&format!("ssh-ng://builder@{}", endpoint.host)), "{line}");
+
+    let drv = derivation(&w.dir, "hello", "echo built on a pool > $out").unwrap();
+    let out = assert_built(&nix_build(&machines, &drv).unwrap());
+    eprintln!("apply to first successful remote build: {:?}", t0.elapsed());
+    assert_eq!(std::fs::read_to_string(&out).unwrap().trim(), "built on a pool");
+    assert!(
+        w.built_on_a_builder(&out),
+        "{out} is not in any builder's store: the build ran elsewhere"
+    );
+
+    // Scale 1 -> 3: three builders, and the machines line's max jobs follows.
+    run(w
+        .cp
+        .kubectl()
+        .args(["scale", "-n", &w.ns, "nbp/builders", "--replicas=3"]));
+    let pool = w.ready("builders", 3).await;
+    let entry = MachinesEntry::parse(pool.status.unwrap().machines_entry.as_deref().unwrap()).unwrap();
+    assert_eq!(entry.max_jobs, 3 * 2);
+    let machines = w.machines_file("builders", &w.key.path);
+    let written = std::fs::read_to_string(&machines).unwrap();
+    let ours = written.lines().find(|l| l.starts_with("ssh-ng://")).unwrap();
+    assert_eq!(MachinesEntry::parse(ours).unwrap().max_jobs, 6);
+
+    // A second client's key, added through a team Secret: it builds, and no pod restarted.
+    let before: Vec<String> = w.pods().await.iter().map(|p| p.metadata.uid.clone().unwrap()).collect();
+    let bob = ClientKey::new(&w.dir, "bob_ed25519").unwrap();
+    let secrets: Api<Secret> = Api::namespaced(w.client.clone(), &w.ns);
+    let team: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "team-keys"}, "stringData": {"keys": format!("{}\n", bob.public)}
+    }))
+    .unwrap();
+    secrets.create(&PostParams::default(), &team).await.unwrap();
+    let patch = serde_json::json!({"spec": {"ssh": {"authorizedKeysSecrets": [{"name": "team-keys"}]}}});
+    w.pools()
+        .patch("builders", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let bob_machines = w.dir.join("machines-bob");
+    let bob_line = std::fs::read_to_string(&machines)
+        .unwrap()
+        .replace(&w.key.path.display().to_string(), &bob.path.display().to_string());
+    std::fs::write(&bob_machines, bob_line).unwrap();
+    let drv = derivation(&w.dir, "bob", "echo bob > $out").unwrap();
+    let out = eventually(Duration::from_secs(30), "bob's build succeeds", || async {
+        nix_build(&bob_machines, &drv).ok().filter(|o| o.status.success())
+    })
+    .await;
+    assert_built(&out);
+    let after: Vec<String> = w.pods().await.iter().map(|p| p.metadata.uid.clone().unwrap()).collect();
+    assert_eq!(before, after, "adding a key must not restart any builder");
+    w.stop().await;
+}
+
+// Several threads: the test blocks on nix-build while the node stand-in and its relays run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_nix_config_change_rolls_the_builders_while_a_build_runs_and_the_build_succeeds() {
+    let w = World::new("roll", 124).await;
+    w.apply_pool("builders", 1).await;
+    w.ready("builders", 1).await;
+    let machines = w.machines_file("builders", &w.key.path);
+    let old: Vec<String> = w
+        .pods()
+        .await
+        .iter()
+        .map(|p| p.metadata.name.clone().unwrap())
+        .collect();
+
+    let drv = derivation(&w.dir, "slow", "sleep 12; echo survived the rollout > $out").unwrap();
+    let build = nix_build_command(&machines, &drv)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let patch = serde_json::json!({"spec": {"nixConfig": {"keep-outputs": "true"}}});
+    w.pools()
+        .patch("builders", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    // A new builder comes up and the old one goes, while the build is still running.
+    eventually(MIN, "the rollout replaced the builder", || async {
+        let pods = w.pods().await;
+        let names: Vec<String> = pods.iter().map(|p| p.metadata.name.clone().unwrap()).collect();
+        (names.len() == 1 && !old.contains(&names[0])).then_some(())
+    })
+    .await;
+    let out = tokio::task::spawn_blocking(move || build.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let path = assert_built(&out);
+    assert_eq!(std::fs::read_to_string(&path).unwrap().trim(), "survived the rollout");
+    w.ready("builders", 1).await;
+    w.stop().await;
+}
+
+// Several threads: the test blocks on nix-build while the node stand-in and its relays run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_operator_killed_mid_way_converges_and_deleting_the_pool_removes_everything() {
+    let mut w = World::new("gone", 128).await;
+    w.apply_pool("builders", 2).await;
+    // Kill the operator as soon as it has started on the pool, then start a new one.
+    eventually(MIN, "the operator started on the pool", || async {
+        (w.operator.reconciles().await >= 1.0).then_some(())
+    })
+    .await;
+    w.operator.kill();
+    w.operator = Operator::start_in(
+        &binary("nixpool-operator").unwrap(),
+        w.cp,
+        &w.ns,
+        "op2",
+        &["--resync-seconds", "3600"],
+    );
+    w.ready("builders", 2).await;
+    let machines = w.machines_file("builders", &w.key.path);
+    let drv = derivation(&w.dir, "after-restart", "echo ok > $out").unwrap();
+    assert_built(&nix_build(&machines, &drv).unwrap());
+
+    w.pools().delete("builders", &DeleteParams::default()).await.unwrap();
+    eventually(MIN, "every child and builder gone", || async {
+        let pods = w.pods().await;
+        let deployments: Api<k8s_openapi::api::apps::v1::Deployment> = Api::namespaced(w.client.clone(), &w.ns);
+        let secrets: Api<Secret> = Api::namespaced(w.client.clone(), &w.ns);
+        let gone = pods.is_empty()
+            && deployments.list(&ListParams::default()).await.ok()?.items.is_empty()
+            && secrets
+                .list(&ListParams::default().labels("app.kubernetes.io/managed-by=nixpool-operator"))
+                .await
+                .ok()?
+                .items
+                .is_empty();
+        gone.then_some(())
+    })
+    .await;
+    // The node stopped the builders' processes: nothing listens on the old pods any more.
+    let out = nix_build(
+        &machines,
+        &derivation(&w.dir, "after-delete", "echo no > $out").unwrap(),
+    )
+    .unwrap();
+    assert!(!out.status.success(), "a deleted pool must not build");
+    w.stop().await;
+}

@@ -1,0 +1,112 @@
+//! Pieces of the whole flow, for the whole-flow tests and the demo: the product's binaries, a
+//! client key, a derivation that needs no nixpkgs, and a real `nix-build` on the host store that
+//! builds only remotely, through a machines file.
+
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{Context as _, bail};
+
+/// The workspace's binaries, next to the running executable (`target/<profile>/` or its
+/// `deps/`). `cargo test --workspace` and `cargo build --workspace --bins` put them there.
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    for dir in exe.ancestors().skip(1).take(2) {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "{name} is not built next to {}: run `cargo build --workspace --bins` first",
+        exe.display()
+    )
+}
+
+/// A passphrase-less ed25519 client key (what `builderctl keygen` makes), 0600, root's.
+pub struct ClientKey {
+    pub path: PathBuf,
+    pub public: String,
+}
+
+impl ClientKey {
+    pub fn new(dir: &Path, name: &str) -> anyhow::Result<Self> {
+        let path = dir.join(name);
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(path.with_extension("pub"));
+        let out = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+            .arg(&path)
+            .output()?;
+        if !out.status.success() {
+            bail!("ssh-keygen failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let public = std::fs::read_to_string(path.with_extension("pub"))?.trim().to_string();
+        Ok(Self { path, public })
+    }
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Writes a derivation whose builder is static busybox (no nixpkgs needed) that runs `script`,
+/// and returns the file. Every call gives a new derivation (a nonce), so nothing is cached.
+pub fn derivation(dir: &Path, name: &str, script: &str) -> anyhow::Result<PathBuf> {
+    let bb = dir.join("busybox-dir");
+    if !bb.join("bin/sh").exists() {
+        std::fs::create_dir_all(bb.join("bin"))?;
+        std::fs::copy("/bin/busybox", bb.join("bin/busybox"))
+            .context("/bin/busybox: apt-get install busybox-static")?;
+        symlink("busybox", bb.join("bin/sh"))?;
+    }
+    let nonce = format!(
+        "{}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst),
+        jiff::Timestamp::now().as_nanosecond()
+    );
+    let file = dir.join(format!("{name}.nix"));
+    std::fs::write(
+        &file,
+        format!(
+            r#"let bb = builtins.path {{ path = {bb}; name = "nixpool-busybox"; }}; in
+derivation {{
+  name = "{name}";
+  system = "x86_64-linux";
+  builder = "${{bb}}/bin/sh";
+  args = [ "-c" "{script}" ];
+  PATH = "${{bb}}/bin";
+  nonce = "{nonce}";
+}}
+"#,
+            bb = bb.display()
+        ),
+    )?;
+    Ok(file)
+}
+
+/// `nix-build` as root on the host store with `--max-jobs 0`: it can only succeed on a remote
+/// builder of the machines file.
+pub fn nix_build_command(machines: &Path, file: &Path) -> Command {
+    let mut c = Command::new("nix-build");
+    c.arg(file)
+        .args(["--no-out-link", "--max-jobs", "0", "--option", "builders"])
+        .arg(format!("@{}", machines.display()))
+        .args([
+            "--option",
+            "substituters",
+            "",
+            "--option",
+            "builders-use-substitutes",
+            "false",
+            "--option",
+            "connect-timeout",
+            "5",
+        ]);
+    c
+}
+
+pub fn nix_build(machines: &Path, file: &Path) -> anyhow::Result<Output> {
+    Ok(nix_build_command(machines, file).output()?)
+}
