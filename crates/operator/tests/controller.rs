@@ -172,11 +172,20 @@ async fn every_example_pool_gets_its_children_and_a_status() {
     assert_eq!(projected.sources.unwrap().len(), 2);
     assert!(vols.iter().any(|v| v.name == "nix" && v.ephemeral.is_some()));
 
-    // ClusterIP pool: in-cluster DNS endpoint; play the kubelet and it becomes Ready with a
-    // machines line whose max jobs is ready builders x jobs per builder.
-    let pool = pools.get("builders").await.unwrap();
-    let ep = pool.status.as_ref().unwrap().endpoint.clone().unwrap();
-    assert_eq!((ep.host.as_str(), ep.port), (format!("builders.{ns}.svc").as_str(), 22));
+    // ClusterIP pool: the in-cluster DNS name is the endpoint.
+    let teams = pools.get("teams").await.unwrap();
+    let ep = teams.status.as_ref().unwrap().endpoint.clone().unwrap();
+    assert_eq!((ep.host.as_str(), ep.port), (format!("teams.{ns}.svc").as_str(), 22));
+
+    // LoadBalancer pool: once the cloud publishes an address and the builders are ready (play
+    // the kubelet), it is Ready with a machines line whose max jobs is ready builders x jobs
+    // per builder.
+    assert!(pools.get("builders").await.unwrap().status.unwrap().endpoint.is_none());
+    let lb = serde_json::json!({"status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.20"}]}}});
+    services
+        .patch_status("builders", &PatchParams::default(), &Patch::Merge(&lb))
+        .await
+        .unwrap();
     eventually(MIN, "2 builder pods from the real ReplicaSet controller", || async {
         (make_pods_ready(&client, &ns, "builders").await == 2).then_some(())
     })
@@ -188,7 +197,7 @@ async fn every_example_pool_gets_its_children_and_a_status() {
     .await;
     let st = ready.status.clone().unwrap();
     let line = MachinesEntry::parse(st.machines_entry.as_deref().unwrap()).unwrap();
-    assert_eq!(line.uri, format!("ssh-ng://builder@builders.{ns}.svc"));
+    assert_eq!(line.uri, "ssh-ng://builder@192.0.2.20");
     assert_eq!(line.max_jobs, 2 * 4);
     assert_eq!(line.systems, vec!["x86_64-linux"]);
     assert_eq!(line.host_public_key.as_deref(), st.host_public_key.as_deref());

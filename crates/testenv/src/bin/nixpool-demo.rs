@@ -1,43 +1,59 @@
-//! The local demo: a real control plane on loopback, the CRD, the operator, the minimal example
-//! pool, and what the operator made of it. Everything it starts stops when it exits.
+//! The local demo: the whole product on one machine. A real Kubernetes control plane on
+//! loopback, the CRD, the operator, the node stand-in running the real agent for each builder
+//! pod, the minimal example pool, `builderctl machines-file` from the cluster, and a real
+//! `nix-build --max-jobs 0` that can only succeed on the pool. Prints what happened, with
+//! timings. Everything it starts stops when it exits; `down` removes what a killed run left.
 //!
 //! Run it through `hack/demo.sh`, which installs and builds what it needs.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use nixpool_testenv::flow::{binary, derivation, nix_build};
+use nixpool_testenv::node::{Node, NodeConfig, make_traversable};
 use nixpool_testenv::{ControlPlane, free_port};
 
+const HELP: &str = "nixpool-demo: nixpool end to end on this machine (as root).
+
+Usage: nixpool-demo [up] [--repo DIR] [--workdir DIR] [--keep]
+       nixpool-demo down [--workdir DIR]
+
+  up (default)     start a Kubernetes control plane on 127.0.0.1, install the CRD, run the
+                   operator and a node stand-in, apply examples/minimal.yaml, write a machines
+                   file with builderctl, and run a real remote nix-build through it
+  down             stop what an earlier run left behind and remove its files
+  --repo DIR       the nixpool checkout (default .)
+  --workdir DIR    pod roots, keys, machines file (default /var/lib/nixpool-demo)
+  --keep           keep everything running until Ctrl-C, to explore with kubectl and nix-build
+
+Use hack/demo.sh, which installs the packages and builds the binaries first.";
+
 struct Args {
-    operator: PathBuf,
+    down: bool,
     repo: PathBuf,
+    workdir: PathBuf,
     keep: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
-        operator: "target/debug/nixpool-operator".into(),
+        down: false,
         repo: ".".into(),
+        workdir: "/var/lib/nixpool-demo".into(),
         keep: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
-            "--operator" => args.operator = it.next().context("--operator needs a path")?.into(),
-            "--repo" => args.repo = it.next().context("--repo needs a path")?.into(),
+            "up" => {}
+            "down" => args.down = true,
+            "--repo" => args.repo = it.next().context("--repo needs a directory")?.into(),
+            "--workdir" => args.workdir = it.next().context("--workdir needs a directory")?.into(),
             "--keep" => args.keep = true,
             "-h" | "--help" => {
-                println!(
-                    "nixpool-demo: runs nixpool locally on a real Kubernetes control plane (etcd, kube-apiserver,\n\
-                     kube-controller-manager on loopback), applies examples/minimal.yaml and shows the pool.\n\n\
-                     Usage: nixpool-demo [--operator PATH] [--repo DIR] [--keep]\n\
-                     \x20 --operator PATH  the nixpool-operator binary (default target/debug/nixpool-operator)\n\
-                     \x20 --repo DIR       the nixpool checkout (default .)\n\
-                     \x20 --keep           keep everything running until Ctrl-C, to explore with kubectl\n\n\
-                     Use hack/demo.sh, which installs the packages and builds the binaries first."
-                );
+                println!("{HELP}");
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?}; see --help"),
@@ -46,15 +62,27 @@ fn parse_args() -> anyhow::Result<Args> {
     Ok(args)
 }
 
-fn step<T>(what: &str, started: Instant, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
-    let t = Instant::now();
-    let v = f().with_context(|| format!("{what} failed"))?;
-    println!(
-        "[{:>6.1}s] {what} ({:.1}s)",
-        started.elapsed().as_secs_f64(),
-        t.elapsed().as_secs_f64()
-    );
-    Ok(v)
+struct Timeline {
+    started: Instant,
+    rows: Vec<(String, Duration)>,
+}
+
+impl Timeline {
+    fn step<T>(&mut self, what: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+        let t = Instant::now();
+        let v = f().with_context(|| format!("{what} failed"))?;
+        self.done(what, t);
+        Ok(v)
+    }
+
+    fn done(&mut self, what: &str, since: Instant) {
+        println!(
+            "[{:>6.1}s] {what} ({:.1}s)",
+            self.started.elapsed().as_secs_f64(),
+            since.elapsed().as_secs_f64()
+        );
+        self.rows.push((what.to_string(), since.elapsed()));
+    }
 }
 
 fn kubectl(cp: &ControlPlane, args: &[&str]) -> anyhow::Result<String> {
@@ -65,16 +93,103 @@ fn kubectl(cp: &ControlPlane, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn main() -> anyhow::Result<()> {
+fn run(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("cannot run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !f()? {
+        if Instant::now() > deadline {
+            bail!("{what}: not after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Ok(())
+}
+
+/// Stops what an earlier (killed) run left: processes under the workdir, network namespaces and
+/// links of the node stand-in, the files.
+fn down(workdir: &Path) -> anyhow::Result<()> {
+    let marker = workdir.display().to_string();
+    for entry in std::fs::read_dir("/proc")?.filter_map(Result::ok) {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if pid != std::process::id() as i32 && String::from_utf8_lossy(&cmdline).contains(&marker) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    let netns = Command::new("ip").args(["netns", "list"]).output()?;
+    for line in String::from_utf8_lossy(&netns.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        if name.starts_with("nbp-") {
+            let _ = Command::new("ip").args(["netns", "del", name]).output();
+        }
+    }
+    let links = Command::new("ip").args(["-o", "link"]).output()?;
+    for line in String::from_utf8_lossy(&links.stdout).lines() {
+        let name = line
+            .split(": ")
+            .nth(1)
+            .unwrap_or_default()
+            .split('@')
+            .next()
+            .unwrap_or_default();
+        if name.starts_with("nbh") || name.starts_with("nblh") {
+            let _ = Command::new("ip").args(["link", "del", name]).output();
+        }
+    }
+    if let Ok(cp_dir) = std::fs::read_to_string(workdir.join("control-plane-dir")) {
+        let _ = std::fs::remove_dir_all(cp_dir.trim());
+    }
+    if workdir.exists() {
+        std::fs::remove_dir_all(workdir).with_context(|| format!("removing {}", workdir.display()))?;
+    }
+    println!("nixpool demo: stopped what was left and removed {}", workdir.display());
+    Ok(())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 4)]
+async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
-    let started = Instant::now();
-    let cp = step(
-        "started etcd, kube-apiserver 1.20 and kube-controller-manager on 127.0.0.1",
-        started,
+    if args.down {
+        return down(&args.workdir);
+    }
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "the demo needs root (network namespaces for the builder pods, a root-owned Nix client): run sudo hack/demo.sh"
+        );
+    }
+    if args.workdir.exists() {
+        down(&args.workdir)?;
+    }
+    std::fs::create_dir_all(&args.workdir)?;
+    make_traversable(&args.workdir)?;
+    let operator_bin = binary("nixpool-operator")?;
+    let agent_bin = binary("nixpool-agent")?;
+    let builderctl = binary("builderctl")?;
+
+    let mut t = Timeline {
+        started: Instant::now(),
+        rows: Vec::new(),
+    };
+    let cp = t.step(
+        "control plane: etcd, kube-apiserver 1.20, kube-controller-manager on 127.0.0.1",
         ControlPlane::start,
     )?;
+    std::fs::write(args.workdir.join("control-plane-dir"), cp.dir().display().to_string())?;
     let crd = args.repo.join("crds/nixbuilderpools.nixpool.dev.yaml");
-    step("installed the NixBuilderPool CRD", started, || {
+    t.step("installed the NixBuilderPool CRD", || {
         kubectl(&cp, &["apply", "--validate=false", "-f", &crd.to_string_lossy()])?;
         kubectl(
             &cp,
@@ -84,16 +199,21 @@ fn main() -> anyhow::Result<()> {
                 "--timeout=60s",
                 "crd/nixbuilderpools.nixpool.dev",
             ],
-        )
+        )?;
+        cp.forget_discovery();
+        Ok(())
     })?;
+
     let port = free_port();
-    let log = cp.dir().join("operator.log");
-    let mut operator = step("started nixpool-operator", started, || {
-        let file = std::fs::File::create(&log)?;
-        Command::new(&args.operator)
+    let operator_log = args.workdir.join("operator.log");
+    let mut operator = t.step("started nixpool-operator", || {
+        let file = std::fs::File::create(&operator_log)?;
+        Ok(Command::new(&operator_bin)
             .args([
                 "run",
                 "--namespace",
+                "default",
+                "--lease-namespace",
                 "default",
                 "--http-addr",
                 &format!("127.0.0.1:{port}"),
@@ -102,87 +222,109 @@ fn main() -> anyhow::Result<()> {
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file)
-            .spawn()
-            .with_context(|| {
-                format!(
-                    "cannot run {}; build it with cargo build -p nixpool-operator",
-                    args.operator.display()
-                )
-            })
+            .spawn()?)
     })?;
-    let example = args.repo.join("examples/minimal.yaml");
-    step("applied examples/minimal.yaml", started, || {
-        kubectl(&cp, &["apply", "-f", &example.to_string_lossy()])
-    })?;
-    step(
-        "the operator made the pool's children and wrote its status",
-        started,
-        || {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            loop {
-                let key = kubectl(
-                    &cp,
-                    &["get", "nbp", "builders", "-o", "jsonpath={.status.hostPublicKey}"],
-                )?;
-                if !key.is_empty() {
-                    return Ok(());
-                }
-                if Instant::now() > deadline {
-                    bail!("no status after 60 s; see {}", log.display());
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        },
+
+    let client = cp.client().await?;
+    let node = Node::new(
+        client.clone(),
+        NodeConfig::new("default", &agent_bin, &args.workdir.join("node")),
     )?;
-    println!("\n$ kubectl get nbp\n{}", kubectl(&cp, &["get", "nbp"])?);
+    let (stop_node, stopped) = tokio::sync::oneshot::channel::<()>();
+    let node_task = tokio::spawn(node.run(async move {
+        let _ = stopped.await;
+    }));
     println!(
-        "$ kubectl get deploy,svc,secret,cm -l app.kubernetes.io/instance=builders\n{}",
-        kubectl(
-            &cp,
-            &[
-                "get",
-                "deploy,svc,secret,cm",
-                "-l",
-                "app.kubernetes.io/instance=builders"
-            ]
-        )?
+        "[{:>6.1}s] started the node stand-in (builder pods run the real agent in network namespaces)",
+        t.started.elapsed().as_secs_f64()
     );
-    println!(
-        "$ kubectl get nbp builders -o jsonpath='{{.status.conditions}}'\n{}\n",
-        kubectl(
+
+    let key = args.workdir.join("client_ed25519");
+    t.step("builderctl keygen: a client key for this machine's Nix", || {
+        run(Command::new(&builderctl)
+            .args(["keygen", "--pool", "builders", "--out"])
+            .arg(&key))
+        .map(drop)
+    })?;
+    let public = std::fs::read_to_string(key.with_extension("pub"))?.trim().to_string();
+
+    let apply = Instant::now();
+    let example = args.repo.join("examples/minimal.yaml");
+    kubectl(&cp, &["apply", "-f", &example.to_string_lossy()])?;
+    // The example's key is Alice's; authorize this machine's key too, as a user would.
+    let patch = serde_json::json!({"spec": {"ssh": {"authorizedKeys": [public]}}}).to_string();
+    kubectl(&cp, &["patch", "nbp", "builders", "--type", "merge", "-p", &patch])?;
+    t.done("kubectl apply -f examples/minimal.yaml (+ this machine's key)", apply);
+
+    let ready = Instant::now();
+    wait_for("the pool Ready", Duration::from_secs(120), || {
+        Ok(kubectl(
             &cp,
             &[
                 "get",
                 "nbp",
                 "builders",
                 "-o",
-                "jsonpath={range .status.conditions[*]}{.type}={.status} {.reason}: {.message}{\"\\n\"}{end}"
-            ]
-        )?
-    );
+                "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+            ],
+        )? == "True")
+    })
+    .await?;
+    t.done("the pool is Ready: builder pods up, load balancer published", ready);
+
+    let machines = args.workdir.join("machines");
+    t.step("builderctl machines-file builders (from the cluster)", || {
+        run(Command::new(&builderctl)
+            .args(["machines-file", "builders", "-n", "default", "--kubeconfig"])
+            .arg(cp.kubeconfig())
+            .arg("--machines-file")
+            .arg(&machines)
+            .arg("--key")
+            .arg(&key)
+            .args(["--etc-static", "/nonexistent"]))
+        .map(drop)
+    })?;
+
+    let drv = derivation(&args.workdir, "nixpool-demo", "echo built by a nixpool builder > $out")?;
+    let out = t.step("nix-build --max-jobs 0: a real remote build on the pool", || {
+        let out = nix_build(&machines, &drv)?;
+        if !out.status.success() {
+            bail!("{}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    })?;
+    let first_build = apply.elapsed();
+
+    println!("\n$ kubectl get nbp\n{}", kubectl(&cp, &["get", "nbp"])?);
     println!(
-        "machines line (status.machinesEntry):\n  {}\n",
-        kubectl(
-            &cp,
-            &["get", "nbp", "builders", "-o", "jsonpath={.status.machinesEntry}"]
-        )?
+        "$ kubectl get pods -o wide\n{}",
+        kubectl(&cp, &["get", "pods", "-o", "wide"])?
     );
+    println!("$ cat {}\n{}", machines.display(), std::fs::read_to_string(&machines)?);
+    println!("$ cat {out}\n{}", std::fs::read_to_string(&out)?);
+    println!("| Step | Seconds |\n| --- | --- |");
+    for (what, d) in &t.rows {
+        println!("| {what} | {:.1} |", d.as_secs_f64());
+    }
     println!(
-        "No kubelet runs here, so the builder pods stay Pending and the pool is not Ready; the operator's log is {}.",
-        log.display()
+        "| **kubectl apply to first successful remote build** | **{:.1}** |",
+        first_build.as_secs_f64()
     );
+
     if args.keep {
         println!(
-            "\nEverything keeps running. Explore with:\n  export KUBECONFIG={}\n  {} get nbp,pods\nCtrl-C stops it all.",
+            "\nEverything keeps running. Explore:\n  export KUBECONFIG={}\n  {} get nbp,pods\n  nix-build <file.nix> --max-jobs 0 --option builders @{}\nCtrl-C stops it all.",
             cp.kubeconfig().display(),
-            cp.kubectl().get_program().to_string_lossy()
+            cp.kubectl().get_program().to_string_lossy(),
+            machines.display()
         );
-        let _ = operator.wait();
-    } else {
-        let _ = operator.kill();
-        let _ = operator.wait();
-        let _ = std::fs::remove_dir_all(cp.dir());
-        println!("\nStopped the operator and the control plane (rerun with --keep to explore).");
+        tokio::signal::ctrl_c().await?;
     }
+    let _ = stop_node.send(());
+    node_task.await??;
+    let _ = operator.kill();
+    let _ = operator.wait();
+    drop(cp);
+    down(&args.workdir)?;
     Ok(())
 }
