@@ -350,11 +350,15 @@ impl ServiceType {
 }
 
 /// Binary caches.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CacheSpec {
+    /// Substitute from cache.nixos.org. Turn it off where builders cannot reach the internet
+    /// (air-gapped clusters): every build would first wait for it to time out.
+    #[serde(default = "default_true")]
+    pub nixos_cache: bool,
     /// Extra substituters the builders fetch from, each with the public key its paths are
-    /// signed with. cache.nixos.org is always used.
+    /// signed with.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub substituters: Vec<Substituter>,
     /// An Attic cache to substitute from and, optionally, push build results to.
@@ -367,6 +371,18 @@ pub struct CacheSpec {
     /// results to with `nix copy`, signed with a key from a Secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<StoreCache>,
+}
+
+impl Default for CacheSpec {
+    fn default() -> Self {
+        Self {
+            nixos_cache: true,
+            substituters: Vec::new(),
+            attic: None,
+            cachix: None,
+            store: None,
+        }
+    }
 }
 
 /// A substituter and its signing key.
@@ -518,6 +534,9 @@ pub struct Endpoint {
     pub port: i32,
 }
 
+fn default_true() -> bool {
+    true
+}
 fn default_replicas() -> i32 {
     1
 }

@@ -77,6 +77,8 @@ impl World {
         pool.spec.ssh.authorized_keys = vec![self.key.public.clone()];
         pool.spec.service.type_ = nixpool_api::v1alpha1::ServiceType::LoadBalancer;
         pool.spec.termination_grace_period_seconds = 120;
+        // No internet here: do not make every build wait for cache.nixos.org to time out.
+        pool.spec.cache.nixos_cache = false;
         self.pools().create(&PostParams::default(), &pool).await.unwrap();
     }
 

@@ -251,10 +251,15 @@ async fn main() -> anyhow::Result<()> {
     let apply = Instant::now();
     let example = args.repo.join("examples/minimal.yaml");
     kubectl(&cp, &["apply", "-f", &example.to_string_lossy()])?;
-    // The example's key is Alice's; authorize this machine's key too, as a user would.
-    let patch = serde_json::json!({"spec": {"ssh": {"authorizedKeys": [public]}}}).to_string();
+    // The example's key is Alice's; authorize this machine's key instead, as a user would. This
+    // machine has no internet: builders skip cache.nixos.org rather than wait for it.
+    let patch =
+        serde_json::json!({"spec": {"ssh": {"authorizedKeys": [public]}, "cache": {"nixosCache": false}}}).to_string();
     kubectl(&cp, &["patch", "nbp", "builders", "--type", "merge", "-p", &patch])?;
-    t.done("kubectl apply -f examples/minimal.yaml (+ this machine's key)", apply);
+    t.done(
+        "kubectl apply -f examples/minimal.yaml (+ this machine's key, no cache.nixos.org)",
+        apply,
+    );
 
     let ready = Instant::now();
     wait_for("the pool Ready", Duration::from_secs(120), || {

@@ -20,8 +20,11 @@ fn secret_file(name: &str) -> String {
 
 pub fn agent_config(pool: &NixBuilderPool, valid: &Valid) -> AgentConfig {
     let spec = &pool.spec;
-    let mut substituters = vec![NIXOS_CACHE.to_string()];
-    let mut trusted_public_keys = vec![NIXOS_CACHE_KEY.to_string()];
+    let (mut substituters, mut trusted_public_keys) = if spec.cache.nixos_cache {
+        (vec![NIXOS_CACHE.to_string()], vec![NIXOS_CACHE_KEY.to_string()])
+    } else {
+        (Vec::new(), Vec::new())
+    };
     let mut add = |url: String, key: Option<&String>| {
         if !substituters.contains(&url) {
             substituters.push(url);

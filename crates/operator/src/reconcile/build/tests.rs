@@ -203,6 +203,16 @@ fn caches_become_substituters_keys_and_push_targets_with_mounted_tokens() {
         ]
     );
     assert_eq!(agent.trusted_public_keys.len(), 3);
+    let mut offline = p.clone();
+    offline.spec.cache.nixos_cache = false;
+    let offline = children(&offline, &HostKey::generate());
+    let agent_offline =
+        nixpool_api::AgentConfig::from_json(&offline.config_map.data.as_ref().unwrap()[paths::AGENT_CONFIG_KEY])
+            .unwrap();
+    assert_eq!(
+        agent_offline.substituters,
+        vec!["https://attic.example.com/main", "https://my-team.cachix.org"]
+    );
     assert!(
         matches!(&agent.push[0], PushTarget::Attic { cache, token_file, .. } if cache == "main" && token_file == "/run/nixpool/cache/attic-token")
     );
