@@ -2,7 +2,8 @@
 # keyed by the toolchain, so a repeat CI run (and a fresh clone) reuses earlier builds.
 export NIXPOOL_CACHE="${NIXPOOL_CACHE:-/var/cache/nixpool}"
 if [ -z "${CARGO_TARGET_DIR:-}" ]; then
-  key=$(rustc -Vv | sha256sum | cut -c1-12)
-  export CARGO_TARGET_DIR="$NIXPOOL_CACHE/cargo-target-$key"
+  # Short: pod roots live below it, and Unix socket paths are limited to 108 bytes.
+  key=$(rustc -Vv | sha256sum | cut -c1-8)
+  export CARGO_TARGET_DIR="$NIXPOOL_CACHE/t-$key"
 fi
 mkdir -p "$CARGO_TARGET_DIR"

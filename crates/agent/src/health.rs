@@ -121,6 +121,26 @@ pub async fn sshd_answers(port: u16) -> Result<(), String> {
         .map_err(|_| "timed out".to_string())?
 }
 
+/// Connects to a Unix socket whatever the length of its path: a path longer than `sun_path`
+/// (108 bytes, easily reached under a deep `--root`) is reached through `/proc/self/fd/<dir>`.
+async fn connect_unix(socket: &std::path::Path) -> std::io::Result<tokio::net::UnixStream> {
+    use std::os::fd::AsRawFd;
+    const SUN_PATH_MAX: usize = 100;
+    if socket.as_os_str().len() < SUN_PATH_MAX {
+        return tokio::net::UnixStream::connect(socket).await;
+    }
+    let (Some(dir), Some(name)) = (socket.parent(), socket.file_name()) else {
+        return tokio::net::UnixStream::connect(socket).await;
+    };
+    let dir = std::fs::File::open(dir)?;
+    let short = std::path::Path::new("/proc/self/fd")
+        .join(dir.as_raw_fd().to_string())
+        .join(name);
+    let stream = tokio::net::UnixStream::connect(&short).await;
+    drop(dir);
+    stream
+}
+
 const WORKER_MAGIC_1: u64 = 0x6e697863;
 const WORKER_MAGIC_2: u64 = 0x6478696f;
 const STDERR_LAST: u64 = 0x616c7473;
@@ -131,7 +151,7 @@ const CLIENT_VERSION: u64 = 0x115;
 /// running `nix`).
 pub async fn daemon_answers(socket: &std::path::Path) -> Result<(), String> {
     let probe = async {
-        let mut s = tokio::net::UnixStream::connect(socket)
+        let mut s = connect_unix(socket)
             .await
             .map_err(|e| format!("connect {}: {e}", socket.display()))?;
         let io = |e: std::io::Error| format!("handshake: {e}");
@@ -229,5 +249,27 @@ async fn metrics(State(h): State<Arc<Health>>) -> impl IntoResponse {
         )
             .into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Deep `--root`s make the daemon socket's path longer than `sun_path` (108 bytes).
+    #[tokio::test]
+    async fn a_socket_path_longer_than_sun_path_still_connects() {
+        let base = tempfile::tempdir().unwrap();
+        let deep = base.path().join("a".repeat(60)).join("b".repeat(60));
+        std::fs::create_dir_all(&deep).unwrap();
+        let socket = deep.join("socket");
+        assert!(socket.as_os_str().len() > 108);
+        // Bind through the same /proc/self/fd trick (bind has the same limit).
+        let dir = std::fs::File::open(&deep).unwrap();
+        let short = format!("/proc/self/fd/{}/socket", std::os::fd::AsRawFd::as_raw_fd(&dir));
+        let _listener = std::os::unix::net::UnixListener::bind(&short).unwrap();
+        assert!(super::connect_unix(&socket).await.is_ok());
+        assert!(
+            tokio::net::UnixStream::connect(&socket).await.is_err(),
+            "the plain connect must hit the limit, or this test proves nothing"
+        );
     }
 }
