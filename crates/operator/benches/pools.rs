@@ -4,7 +4,7 @@
 //! pool has all its children and a status, API requests per pool while creating, API requests
 //! per pool in a no-op resync (writes must be 0), and the operator's peak RSS.
 
-#[path = "../tests/common.rs"]
+#[path = "../tests/common/mod.rs"]
 mod common;
 
 use std::time::{Duration, Instant};

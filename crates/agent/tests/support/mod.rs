@@ -412,37 +412,7 @@ impl Builder {
 
     /// Writes a derivation whose builder is static busybox (no nixpkgs) and returns its file.
     pub fn derivation(&self, name: &str, script: &str) -> PathBuf {
-        let bb = self.root.dir.path().join("bb");
-        if !bb.exists() {
-            fs::create_dir_all(bb.join("bin")).unwrap();
-            fs::copy(BUSYBOX, bb.join("bin/busybox")).unwrap();
-            symlink("busybox", bb.join("bin/sh")).unwrap();
-        }
-        let nonce = format!(
-            "{}-{}-{:?}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst),
-            Instant::now()
-        );
-        let file = self.root.dir.path().join(format!("{name}.nix"));
-        fs::write(
-            &file,
-            format!(
-                r#"let bb = builtins.path {{ path = {bb}; name = "nixpool-test-busybox"; }}; in
-derivation {{
-  name = "{name}";
-  system = "x86_64-linux";
-  builder = "${{bb}}/bin/sh";
-  args = [ "-c" "{script}" ];
-  PATH = "${{bb}}/bin";
-  nonce = "{nonce}";
-}}
-"#,
-                bb = bb.display()
-            ),
-        )
-        .unwrap();
-        file
+        nixpool_testenv::flow::derivation(self.root.dir.path(), name, script).unwrap()
     }
 
     /// `nix-build` as root on the host store, building only remotely.

@@ -326,37 +326,7 @@ impl Builder {
 
     /// A derivation whose builder is static busybox (no nixpkgs).
     pub fn derivation(&self, name: &str, script: &str) -> PathBuf {
-        let bb = self.dir.path().join("bb");
-        if !bb.exists() {
-            fs::create_dir_all(bb.join("bin")).unwrap();
-            fs::copy(BUSYBOX, bb.join("bin/busybox")).unwrap();
-            symlink("busybox", bb.join("bin/sh")).unwrap();
-        }
-        let nonce = format!(
-            "{}-{}-{:?}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst),
-            Instant::now()
-        );
-        let file = self.dir.path().join(format!("{name}.nix"));
-        fs::write(
-            &file,
-            format!(
-                r#"let bb = builtins.path {{ path = {bb}; name = "builderctl-test-busybox"; }}; in
-derivation {{
-  name = "{name}";
-  system = "x86_64-linux";
-  builder = "${{bb}}/bin/sh";
-  args = [ "-c" "{script}" ];
-  PATH = "${{bb}}/bin";
-  nonce = "{nonce}";
-}}
-"#,
-                bb = bb.display()
-            ),
-        )
-        .unwrap();
-        file
+        nixpool_testenv::flow::derivation(self.dir.path(), name, script).unwrap()
     }
 }
 

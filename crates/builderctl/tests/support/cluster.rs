@@ -2,44 +2,15 @@
 //! way the operator writes it (a status patch; no operator needed).
 #![allow(dead_code)]
 
-use std::process::Command;
-
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use nixpool_api::NixBuilderPool;
 use nixpool_testenv::ControlPlane;
 
-pub const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+#[allow(unused_imports)]
+pub use nixpool_testenv::harness::{REPO, control_plane, run};
+
 pub const HOST_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHbOkOOzoWy8fLjOmJmbmT7K8GmeiE5XaH7Sik8y7Dm0";
-
-/// The shared control plane, with the checked-in CRD installed and Established.
-pub fn control_plane() -> &'static ControlPlane {
-    static CRD: std::sync::OnceLock<()> = std::sync::OnceLock::new();
-    let cp = ControlPlane::shared();
-    CRD.get_or_init(|| {
-        let crd = format!("{REPO}/crds/nixbuilderpools.nixpool.dev.yaml");
-        // --validate=false: a 1.20 server does not know x-kubernetes-validations.
-        run(cp.kubectl().args(["apply", "--validate=false", "-f", &crd]));
-        run(cp.kubectl().args([
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/nixbuilderpools.nixpool.dev",
-        ]));
-    });
-    cp
-}
-
-pub fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// Creates a pool and writes its status as the operator would: `ready` of `replicas` builders
 /// ready, Ready=True when at least one is.
