@@ -1,8 +1,7 @@
 //! Benchmark of the whole flow on one machine (run as root):
 //!
 //! `cargo bench -p nixpool-e2e --bench flow` prints a Markdown table: time from `kubectl apply`
-//! to the pool Ready and to the first successful remote build (fresh pools), pod created to
-//! Ready, and the latency of a trivial remote build through a pool (operator-made config, the
+//! to the pool Ready and to the first successful remote build (fresh pools), and the latency of a trivial remote build through a pool (operator-made config, the
 //! agent, the load balancer) against a builder configured by hand (plain sshd + nix-daemon in a
 //! network namespace), measured in the same run.
 
@@ -72,7 +71,6 @@ async fn main() {
 
     let mut to_ready = Vec::new();
     let mut to_build = Vec::new();
-    let mut pod_ready = Vec::new();
     let mut last_machines = PathBuf::new();
     for i in 0..FRESH_POOLS {
         let name = format!("pool-{i}");
@@ -107,24 +105,6 @@ async fn main() {
             .args(["--etc-static", "/nonexistent"]));
         build_ok(&machines, &dir, &format!("first-{i}"));
         to_build.push(t.elapsed());
-        // Pod created -> Ready, from the pod's own timestamps (second resolution).
-        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &ns);
-        let lp = kube::api::ListParams::default().labels(&format!("app.kubernetes.io/instance={name}"));
-        for p in pods.list(&lp).await.unwrap().items {
-            let created = p.metadata.creation_timestamp.clone().unwrap().0;
-            if let Some(c) = p
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .into_iter()
-                .find(|c| c.type_ == "Ready" && c.status == "True")
-            {
-                let at = c.last_transition_time.unwrap().0;
-                pod_ready.push(Duration::from_secs_f64(
-                    at.duration_since(created).as_secs_f64().max(0.0),
-                ));
-            }
-        }
         let _ = ready;
         if i + 1 < FRESH_POOLS {
             pools.delete(&name, &DeleteParams::default()).await.unwrap();
@@ -166,10 +146,6 @@ async fn main() {
     println!(
         "| `kubectl apply` to first successful remote build, median of {FRESH_POOLS} | {} |",
         ms(median(to_build))
-    );
-    println!(
-        "| Builder pod created to Ready (pod timestamps, 1 s resolution), median | {} |",
-        ms(median(pod_ready))
     );
     println!(
         "| Trivial remote build through a pool, median of {BUILDS} | {} |",

@@ -17,8 +17,6 @@ use kube::api::{ListParams, PostParams};
 use nixpool_api::NixBuilderPool;
 use nixpool_testenv::ControlPlane;
 
-const RESYNC_SECONDS: u64 = 20;
-
 #[tokio::main]
 async fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing: only run for real
@@ -30,6 +28,8 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100);
+    // Long enough that creation settles before the first resync (1000 pools: 200 s).
+    let resync_seconds = (n as u64 / 5).max(20);
     let cp = ControlPlane::start().expect("start the control plane");
     let crd = format!("{REPO}/crds/nixbuilderpools.nixpool.dev.yaml");
     run(cp.kubectl().args(["apply", "--validate=false", "-f", &crd]));
@@ -41,7 +41,7 @@ async fn main() {
     ]));
     let ns = cp.namespace("bench").await.unwrap();
     let client = cp.client().await.unwrap();
-    let op = Operator::start_with(&cp, &ns, "bench", &["--resync-seconds", &RESYNC_SECONDS.to_string()]);
+    let op = Operator::start_with(&cp, &ns, "bench", &["--resync-seconds", &resync_seconds.to_string()]);
     eventually(Duration::from_secs(30), "the operator leads", || async {
         (op.counter("nixpool_operator_leader", "").await == 1.0).then_some(())
     })
@@ -96,7 +96,7 @@ async fn main() {
     // A no-op resync: every pool is reconciled again by the resync timer, nothing changed.
     let r0 = op.reconciles().await;
     let before = op.metrics().await;
-    eventually(Duration::from_secs(RESYNC_SECONDS * 4), "a full resync", || async {
+    eventually(Duration::from_secs(resync_seconds * 4), "a full resync", || async {
         let r = op.reconciles().await;
         (r >= r0 + n as f64).then_some(())
     })

@@ -119,7 +119,8 @@ impl Operator {
 
     /// Waits until no reconcile has run for `quiet`.
     pub async fn settle(&self, quiet: Duration) {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        // Generous: with many pools the Deployment controller keeps the operator busy for minutes.
+        let deadline = Instant::now() + Duration::from_secs(900);
         let mut last = self.reconciles().await;
         let mut since = Instant::now();
         while since.elapsed() < quiet {
