@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Runs nixpool locally: a real Kubernetes control plane on loopback, the CRD, the operator and the
-# minimal example pool, then shows what the operator made of it. Pass --keep to explore it with
-# kubectl until Ctrl-C.
-#   sudo hack/demo.sh [--keep]
+# nixpool end to end on this machine (as root): a real Kubernetes control plane on loopback, the
+# CRD, the operator, builder pods running the real agent (a node stand-in plays the kubelet), the
+# minimal example pool, builderctl machines-file, and a real remote nix-build, with timings.
+#   sudo hack/demo.sh [--keep]     # --keep: explore with kubectl until Ctrl-C
+#   sudo hack/demo.sh down         # remove what a killed run left behind
 set -euo pipefail
 cd "$(dirname "$0")/.."
 hack/setup.sh
 . hack/env.sh
-cargo build --locked -q -p nixpool-operator -p nixpool-testenv --bins
-exec "$CARGO_TARGET_DIR/debug/nixpool-demo" --operator "$CARGO_TARGET_DIR/debug/nixpool-operator" --repo . "$@"
+cargo build --locked -q --workspace --bins
+exec "$CARGO_TARGET_DIR/debug/nixpool-demo" --repo . "$@"
