@@ -9,6 +9,7 @@
 //! Every process is started through `setpriv --pdeathsig KILL` from a thread that lives as long
 //! as the test process, so nothing outlives a test run, even one that panics or is killed.
 
+pub mod builder;
 pub mod flow;
 pub mod harness;
 pub mod node;
