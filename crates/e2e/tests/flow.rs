@@ -29,6 +29,11 @@ struct World {
 
 impl World {
     async fn new(prefix: &str, net: u8) -> World {
+        // The node stand-in's log, shown with a failing test's output.
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter("nixpool_testenv=info")
+            .try_init();
         let cp = control_plane();
         let ns = cp.namespace(prefix).await.unwrap();
         let client = cp.client().await.unwrap();
@@ -267,7 +272,7 @@ async fn an_operator_killed_mid_way_converges_and_deleting_the_pool_removes_ever
         "op2",
         &["--resync-seconds", "3600"],
     );
-    w.ready("builders", 2).await;
+    let endpoint_host = w.ready("builders", 2).await.status.unwrap().endpoint.unwrap().host;
     let machines = w.machines_file("builders", &w.key.path);
     let drv = derivation(&w.dir, "after-restart", "echo ok > $out").unwrap();
     assert_built(&nix_build(&machines, &drv).unwrap());
@@ -288,7 +293,15 @@ async fn an_operator_killed_mid_way_converges_and_deleting_the_pool_removes_ever
         gone.then_some(())
     })
     .await;
-    // The node stopped the builders' processes: nothing listens on the old pods any more.
+    // The load balancer goes with the Service and the builders' processes with their pods: the
+    // old address stops answering, and the same machines line no longer builds.
+    let address: std::net::SocketAddr = format!("{}:22", endpoint_host).parse().unwrap();
+    eventually(MIN, "the deleted pool's address stops answering", || async {
+        std::net::TcpStream::connect_timeout(&address, Duration::from_millis(500))
+            .is_err()
+            .then_some(())
+    })
+    .await;
     let out = nix_build(
         &machines,
         &derivation(&w.dir, "after-delete", "echo no > $out").unwrap(),

@@ -371,6 +371,10 @@ impl Node {
             .iter()
             .filter(|s| s.spec.as_ref().and_then(|sp| sp.type_.as_deref()) == Some("LoadBalancer"))
             .collect();
+        let names: Vec<String> = wanted.iter().filter_map(|s| s.metadata.name.clone()).collect();
+        if let Some(lb) = self.lb.as_mut() {
+            lb.retain(&names);
+        }
         if wanted.is_empty() {
             return Ok(());
         }
@@ -616,6 +620,8 @@ struct LoadBalancers {
     netns: String,
     host_veth: String,
     net: u8,
+    /// Last octet of the next relay address (addresses are not reused).
+    next_host: u8,
     relays: HashMap<String, Relay>,
 }
 
@@ -643,8 +649,23 @@ impl LoadBalancers {
             netns,
             host_veth,
             net,
+            next_host: 1,
             relays: HashMap::new(),
         })
+    }
+
+    /// Removes the relays of Services that are gone, as a cloud deletes their load balancers.
+    /// Connections already open keep going.
+    fn retain(&mut self, services: &[String]) {
+        let gone: Vec<String> = self.relays.keys().filter(|k| !services.contains(k)).cloned().collect();
+        for name in gone {
+            if let Some(r) = self.relays.remove(&name) {
+                // The address stays (unused, never handed out again): connections to it are
+                // refused at once instead of timing out.
+                r.task.abort();
+                tracing::info!(service = %name, address = %r.address, "removed the load balancer");
+            }
+        }
     }
 
     fn ensure(&mut self, service: &str, port: u16, backends: Vec<SocketAddr>) -> anyhow::Result<SocketAddr> {
@@ -652,7 +673,8 @@ impl LoadBalancers {
             *r.backends.lock().expect("never poisoned") = backends;
             return Ok(r.address);
         }
-        let ip = Ipv4Addr::new(10, self.net, 1, self.relays.len() as u8 + 1);
+        let ip = Ipv4Addr::new(10, self.net, 1, self.next_host);
+        self.next_host = self.next_host.wrapping_add(1).max(1);
         run(Command::new("ip").args([
             "netns",
             "exec",
