@@ -141,17 +141,10 @@ fn a_pool_file_to_a_remote_build_and_every_planted_fault_named() {
     let drv = b.derivation("through-builderctl", "echo built-through-builderctl > $out");
     let out = b
         .client("/usr/bin/nix-build")
-        .arg(&drv)
-        .args(["--no-out-link", "--max-jobs", "0", "--option", "builders"])
-        .arg(format!("@{}", c.machines().display()))
-        .args([
-            "--option",
-            "substituters",
-            "",
-            "--option",
-            "builders-use-substitutes",
-            "false",
-        ])
+        .args(nixpool_testenv::flow::nix_build_args(
+            &format!("@{}", c.machines().display()),
+            &drv,
+        ))
         .output()
         .unwrap();
     assert!(

@@ -430,23 +430,9 @@ impl Builder {
 
     /// `nix-build` as root on the host store, building only remotely.
     pub fn build(&self, scheme: &str, key: &Path, file: &Path) -> Output {
-        run(self.client("/usr/bin/nix-build").arg(file).args([
-            "--no-out-link",
-            "--max-jobs",
-            "0",
-            "--option",
-            "builders",
-            &self.machines_line(scheme, key),
-            "--option",
-            "substituters",
-            "",
-            "--option",
-            "builders-use-substitutes",
-            "false",
-            "--option",
-            "connect-timeout",
-            "5",
-        ]))
+        run(self
+            .client("/usr/bin/nix-build")
+            .args(crate::flow::nix_build_args(&self.machines_line(scheme, key), file)))
     }
 
     /// `ssh builder@127.0.0.1 <command>` with the host key pinned.

@@ -86,24 +86,34 @@ derivation {{
     Ok(file)
 }
 
-/// `nix-build` as root on the host store with `--max-jobs 0`: it can only succeed on a remote
-/// builder of the machines file.
+/// Arguments of a `nix-build` of `file` that may only build remotely (`--max-jobs 0`), on the
+/// `builders` given (a machines line, or `@<machines file>`), with no substituters.
+pub fn nix_build_args(builders: &str, file: &Path) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = vec![file.into()];
+    for a in ["--no-out-link", "--max-jobs", "0", "--option", "builders", builders] {
+        args.push(a.into());
+    }
+    for a in [
+        "--option",
+        "substituters",
+        "",
+        "--option",
+        "builders-use-substitutes",
+        "false",
+        "--option",
+        "connect-timeout",
+        "5",
+    ] {
+        args.push(a.into());
+    }
+    args
+}
+
+/// `nix-build` as root on the host store through the machines file: it can only succeed on a
+/// remote builder of that file.
 pub fn nix_build_command(machines: &Path, file: &Path) -> Command {
     let mut c = Command::new("nix-build");
-    c.arg(file)
-        .args(["--no-out-link", "--max-jobs", "0", "--option", "builders"])
-        .arg(format!("@{}", machines.display()))
-        .args([
-            "--option",
-            "substituters",
-            "",
-            "--option",
-            "builders-use-substitutes",
-            "false",
-            "--option",
-            "connect-timeout",
-            "5",
-        ]);
+    c.args(nix_build_args(&format!("@{}", machines.display()), file));
     c
 }
 
