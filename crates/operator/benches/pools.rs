@@ -31,14 +31,7 @@ async fn main() {
     // Long enough that creation settles before the first resync (1000 pools: 200 s).
     let resync_seconds = (n as u64 / 5).max(20);
     let cp = ControlPlane::start().expect("start the control plane");
-    let crd = format!("{REPO}/crds/nixbuilderpools.nixpool.dev.yaml");
-    run(cp.kubectl().args(["apply", "--validate=false", "-f", &crd]));
-    run(cp.kubectl().args([
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/nixbuilderpools.nixpool.dev",
-    ]));
+    install_crd(&cp).expect("install the CRD");
     let ns = cp.namespace("bench").await.unwrap();
     let client = cp.client().await.unwrap();
     let op = Operator::start_with(&cp, &ns, "bench", &["--resync-seconds", &resync_seconds.to_string()]);

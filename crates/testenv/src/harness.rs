@@ -17,20 +17,44 @@ pub const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
 pub fn control_plane() -> &'static ControlPlane {
     static CRD: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     let cp = ControlPlane::shared();
-    CRD.get_or_init(|| {
-        let crd = format!("{REPO}/crds/nixbuilderpools.nixpool.dev.yaml");
-        // --validate=false: kubectl validates against the server's OpenAPI, and a 1.20 server
-        // does not know x-kubernetes-validations (it drops them; the operator checks the rules).
-        run(cp.kubectl().args(["apply", "--validate=false", "-f", &crd]));
-        run(cp.kubectl().args([
+    CRD.get_or_init(|| install_crd(cp).unwrap_or_else(|e| panic!("{e:#}")));
+    cp
+}
+
+/// Installs the checked-in CRD (`crds/` of the repository at `repo`) and waits until it is
+/// Established, so that kubectl and clients can use `nbp` at once.
+pub fn install_crd_from(cp: &ControlPlane, repo: &std::path::Path) -> anyhow::Result<()> {
+    let crd = repo.join("crds/nixbuilderpools.nixpool.dev.yaml");
+    // --validate=false: kubectl validates against the server's OpenAPI, and a 1.20 server does
+    // not know x-kubernetes-validations (it drops them; the operator checks the rules).
+    for args in [
+        vec![
+            "apply".to_string(),
+            "--validate=false".into(),
+            "-f".into(),
+            crd.display().to_string(),
+        ],
+        [
             "wait",
             "--for=condition=Established",
             "--timeout=60s",
             "crd/nixbuilderpools.nixpool.dev",
-        ]));
-        cp.forget_discovery();
-    });
-    cp
+        ]
+        .map(String::from)
+        .to_vec(),
+    ] {
+        let out = cp.kubectl().args(&args).output()?;
+        if !out.status.success() {
+            anyhow::bail!("kubectl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    cp.forget_discovery();
+    Ok(())
+}
+
+/// `install_crd_from` this checkout.
+pub fn install_crd(cp: &ControlPlane) -> anyhow::Result<()> {
+    install_crd_from(cp, std::path::Path::new(REPO))
 }
 
 /// Runs a command, panicking with its output when it fails.

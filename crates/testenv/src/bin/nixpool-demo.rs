@@ -188,20 +188,8 @@ async fn main() -> anyhow::Result<()> {
         ControlPlane::start,
     )?;
     std::fs::write(args.workdir.join("control-plane-dir"), cp.dir().display().to_string())?;
-    let crd = args.repo.join("crds/nixbuilderpools.nixpool.dev.yaml");
     t.step("installed the NixBuilderPool CRD", || {
-        kubectl(&cp, &["apply", "--validate=false", "-f", &crd.to_string_lossy()])?;
-        kubectl(
-            &cp,
-            &[
-                "wait",
-                "--for=condition=Established",
-                "--timeout=60s",
-                "crd/nixbuilderpools.nixpool.dev",
-            ],
-        )?;
-        cp.forget_discovery();
-        Ok(())
+        nixpool_testenv::harness::install_crd_from(&cp, &args.repo)
     })?;
 
     let port = free_port();
