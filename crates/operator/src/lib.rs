@@ -1,0 +1,18 @@
+//! nixpool-operator: reconciles NixBuilderPool resources into pools of Nix remote builders.
+//!
+//! The binary (`main.rs`) is `Cli::parse().run()`. The library exists so integration tests can
+//! call the pure stages directly, e.g. `reconcile::validate::validate` against the same corpus of
+//! specs the API server must refuse.
+
+pub mod cli;
+mod context;
+mod error;
+mod hostkey;
+mod http;
+mod keys;
+mod leader;
+mod metrics;
+pub mod reconcile;
+mod reference;
+mod render;
+mod telemetry;
