@@ -5,6 +5,7 @@
 //! This crate does no I/O and depends on no runtime.
 
 pub mod agent;
+pub mod bounds;
 pub mod machines;
 pub mod quantity;
 pub mod v1alpha1;

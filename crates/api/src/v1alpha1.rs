@@ -14,6 +14,11 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+/// A Nix public key as nix.conf's `trusted-public-keys` takes it: `name:base64`, the name printable
+/// ASCII without ':' or spaces. (`[^: ]` would also match a newline, which would end the nix.conf
+/// line and start a setting of the user's choosing.)
+const PUBLIC_KEY_RULE: &str = "self.matches('^[!-9;-~]+:[A-Za-z0-9+/=]+$')";
+
 /// A pool of x86_64-linux (or other) Nix remote builders reachable over SSH.
 ///
 /// The operator turns it into a Deployment of builder pods, a Service, the SSH host-key and
@@ -71,6 +76,7 @@ pub struct NixBuilderPoolSpec {
     /// Nix system types the builders build for, as in a machines line (e.g. `x86_64-linux`;
     /// add `i686-linux` if the builders can run it).
     #[serde(default = "default_systems")]
+    #[schemars(length(max = 16), inner(length(max = 64)))]
     #[x_kube(validation = Rule::new("self.size() > 0 && self.all(s, s.matches('^[a-z0-9_]+-[a-z0-9_]+$'))")
         .message("spec.systems: list at least one Nix system such as x86_64-linux (form <arch>-<os>)"))]
     pub systems: Vec<String>,
@@ -79,6 +85,7 @@ pub struct NixBuilderPoolSpec {
     /// column), e.g. `big-parallel`, `benchmark`. `kvm` and `nixos-test` only where the nodes
     /// expose /dev/kvm; the agent logs whether it does.
     #[serde(default = "default_supported_features")]
+    #[schemars(length(max = 64), inner(length(max = 64)))]
     #[x_kube(validation = Rule::new("self.all(f, f.matches('^[A-Za-z0-9_.+-]+$'))")
         .message("spec.supportedFeatures: a feature is one word without spaces or commas, e.g. big-parallel"))]
     pub supported_features: Vec<String>,
@@ -86,6 +93,7 @@ pub struct NixBuilderPoolSpec {
     /// Features a derivation must require to be built here (the machines line's 7th column).
     /// Usually empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(max = 64)))]
     #[x_kube(validation = Rule::new("self.all(f, f.matches('^[A-Za-z0-9_.+-]+$'))")
         .message("spec.mandatoryFeatures: a feature is one word without spaces or commas"))]
     pub mandatory_features: Vec<String>,
@@ -146,10 +154,13 @@ pub struct NixBuilderPoolSpec {
     /// post-build-hook, min-free, max-free, sandbox, secret-key-files; use the matching spec
     /// field instead.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64, "additionalProperties" = {"type": "string", "maxLength": 4096}))]
     #[x_kube(validation = Rule::new("self.all(k, !(k in ['build-users-group', 'trusted-users', 'allowed-users', 'max-jobs', 'cores', 'system-features', 'substituters', 'trusted-public-keys', 'extra-substituters', 'extra-trusted-public-keys', 'post-build-hook', 'min-free', 'max-free', 'sandbox', 'secret-key-files']))")
         .message("spec.nixConfig: this setting is owned by the operator; use spec.maxJobs, spec.cores, spec.supportedFeatures, spec.cache or spec.gc instead"))]
     #[x_kube(validation = Rule::new("self.all(k, k.matches('^[a-z][a-z0-9-]*$'))")
         .message("spec.nixConfig: a setting name is lower-case words joined by '-', e.g. keep-outputs"))]
+    #[x_kube(validation = Rule::new("self.all(k, !self[k].matches('[[:cntrl:]]'))")
+        .message("spec.nixConfig: a value is one line without control characters (nix.conf has one setting per line)"))]
     pub nix_config: BTreeMap<String, String>,
 
     /// Store garbage collection during builds (nix.conf min-free / max-free).
@@ -233,12 +244,16 @@ pub struct SshSpec {
     /// The user clients log in as. It is a Nix trusted user on the builder (needed to build
     /// input-addressed derivations) and may run only the Nix remote-build commands.
     #[serde(default = "default_user")]
+    #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("self.matches('^[a-z_][a-z0-9_-]{0,30}$') && !(self in ['root', 'sshd', 'nobody'])")
         .message("spec.ssh.user: use a lower-case POSIX user name other than root, sshd or nobody, e.g. builder"))]
     pub user: String,
 
     /// Public keys (OpenSSH `authorized_keys` lines) allowed to log in.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256), inner(length(max = 16384)))]
+    #[x_kube(validation = Rule::new("self.all(k, !k.matches('[[:cntrl:]]'))")
+        .message("spec.ssh.authorizedKeys: each entry is one authorized_keys line, without newlines or other control characters"))]
     pub authorized_keys: Vec<String>,
 
     /// Secrets in the pool's namespace holding more `authorized_keys` lines, e.g. one per
@@ -312,6 +327,7 @@ pub struct ServiceSpec {
     /// Host name clients should use (a DNS name pointing at the load balancer or nodes). When
     /// set it becomes `status.endpoint.host` and the machines line's host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
     #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?$')")
         .message("spec.service.externalHost: give a bare DNS name or IP address, without scheme, user or port"))]
     pub external_host: Option<String>,
@@ -360,6 +376,7 @@ pub struct CacheSpec {
     /// Extra substituters the builders fetch from, each with the public key its paths are
     /// signed with.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
     pub substituters: Vec<Substituter>,
     /// An Attic cache to substitute from and, optionally, push build results to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -390,13 +407,15 @@ impl Default for CacheSpec {
 #[serde(rename_all = "camelCase")]
 pub struct Substituter {
     /// Store URL, e.g. `https://cache.example.com`.
-    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9+]+://[^ ]+$')")
+    #[schemars(length(max = 2048))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9+]+://[!-~]+$')")
         .message("spec.cache.substituters[].url: give a store URL such as https://cache.example.com"))]
     pub url: String,
     /// Public key (`name:base64`) the cache signs with; paths without a trusted signature are
     /// not substituted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self.matches('^[^: ]+:[A-Za-z0-9+/=]+$')")
+    #[schemars(length(max = 1024))]
+    #[x_kube(validation = Rule::new(PUBLIC_KEY_RULE)
         .message("spec.cache.substituters[].publicKey: give the key as name:base64, e.g. cache.example.com-1:AbC..="))]
     pub public_key: Option<String>,
 }
@@ -408,13 +427,20 @@ pub struct Substituter {
     .message("spec.cache.attic.tokenSecret: pushing to Attic needs a token; set tokenSecret or push: false"))]
 pub struct AtticCache {
     /// Attic server URL, e.g. `https://attic.example.com`.
-    #[x_kube(validation = Rule::new("self.matches('^https?://[^ ]+$')")
+    #[schemars(length(max = 2048))]
+    #[x_kube(validation = Rule::new("self.matches('^https?://[!-~]+$')")
         .message("spec.cache.attic.endpoint: give the server URL, e.g. https://attic.example.com"))]
     pub endpoint: String,
     /// Cache name on the server.
+    #[schemars(length(max = 128))]
+    #[x_kube(validation = Rule::new("self.matches('^[!-~]+$')")
+        .message("spec.cache.attic.cache: give the cache name, one word without spaces or control characters"))]
     pub cache: String,
     /// The cache's public key (`attic cache info` shows it), to substitute from it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    #[x_kube(validation = Rule::new(PUBLIC_KEY_RULE)
+        .message("spec.cache.attic.publicKey: give the key as name:base64, as `attic cache info` prints it"))]
     pub public_key: Option<String>,
     /// Secret key holding an Attic token (needs push permission to push).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -431,11 +457,15 @@ pub struct AtticCache {
     .message("spec.cache.cachix.tokenSecret: pushing to Cachix needs an auth token; set tokenSecret or push: false"))]
 pub struct CachixCache {
     /// Cache name (`<name>.cachix.org`).
+    #[schemars(length(max = 128))]
     #[x_kube(validation = Rule::new("self.matches('^[a-z0-9][a-z0-9-]*$')")
         .message("spec.cache.cachix.cache: give the bare cache name, e.g. my-team (not the URL)"))]
     pub cache: String,
     /// The cache's public key (`<name>.cachix.org-1:...`), to substitute from it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    #[x_kube(validation = Rule::new(PUBLIC_KEY_RULE)
+        .message("spec.cache.cachix.publicKey: give the key as name:base64, e.g. my-team.cachix.org-1:AbC..="))]
     pub public_key: Option<String>,
     /// Secret key holding a Cachix auth token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -452,11 +482,15 @@ pub struct CachixCache {
     .message("spec.cache.store.signingKeySecret: pushed paths must be signed; set signingKeySecret or push: false"))]
 pub struct StoreCache {
     /// Store URI, e.g. `s3://nix-cache?region=eu-west-1`.
-    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9+]+://[^ ]+$')")
+    #[schemars(length(max = 2048))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9+]+://[!-~]+$')")
         .message("spec.cache.store.uri: give a Nix store URI such as s3://bucket or file:///path"))]
     pub uri: String,
     /// Public key of the signing key, to substitute from the store as well.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    #[x_kube(validation = Rule::new(PUBLIC_KEY_RULE)
+        .message("spec.cache.store.publicKey: give the key as name:base64, e.g. cache.example.com-1:AbC..="))]
     pub public_key: Option<String>,
     /// Secret key holding the Nix signing key (`nix key generate-secret`).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1,5 +1,6 @@
-//! Pure spec validation. The CEL rules in the CRD schema are evaluated here too (older API
-//! servers ignore them), followed by what CEL cannot say (quantities, SSH key syntax).
+//! Pure spec validation. The CRD schema's size bounds and CEL rules are evaluated here too (API
+//! servers before 1.25 ignore CEL; a spec may come from `render` without any server), followed
+//! by what CEL cannot say (quantities, SSH key syntax).
 
 use kube::ResourceExt;
 use nixpool_api::NixBuilderPool;
@@ -22,7 +23,9 @@ pub struct Valid {
 pub struct InvalidSpec(pub Vec<String>);
 
 pub fn validate(pool: &NixBuilderPool, default_image: &str) -> Result<Valid, InvalidSpec> {
-    let mut problems = Vec::new();
+    // The schema's size bounds first (an API server checks them before any CEL rule), then the
+    // CEL rules: both straight from the CRD the types generate.
+    let mut problems = nixpool_api::bounds::check(pool);
     if let Err(errors) = kube::core::cel::validate_cel(pool) {
         for e in errors.as_slice() {
             // Our rule messages already start with the field they are about.
