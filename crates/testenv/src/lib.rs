@@ -10,6 +10,7 @@
 //! as the test process, so nothing outlives a test run, even one that panics or is killed.
 
 pub mod builder;
+pub mod crd_engine;
 pub mod flow;
 pub mod harness;
 pub mod node;
