@@ -32,7 +32,7 @@ log() { echo "build-apiextensions-apiserver: $*" >&2; }
 
 # mmdebstrap itself comes from bookworm (the host's own release); nothing from sid is installed here.
 if ! command -v mmdebstrap >/dev/null; then
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mmdebstrap >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mmdebstrap >&2
 fi
 
 # The mirror the host's apt already uses (deb822 URIs: or one-line deb), else deb.debian.org.
