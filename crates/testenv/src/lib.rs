@@ -1,10 +1,12 @@
-//! Test tooling, never part of the product: a real Kubernetes control plane on loopback.
+//! Test tooling, never part of the product: a real Kubernetes control plane on loopback, and a
+//! real node next to it (`node`).
 //!
 //! `etcd` (Debian's `etcd-server`), `kube-apiserver` and `kube-controller-manager` (built from
 //! Debian's `kubernetes` source package by `hack/build-control-plane.sh`) run as child processes
 //! of the test binary, in a scratch directory, on free loopback ports. The controller-manager
-//! gives real Deployment/ReplicaSet controllers and real garbage collection; there is no kubelet,
-//! so pods stay Pending unless a test plays the kubelet.
+//! gives real Deployment/ReplicaSet controllers and real garbage collection. Tests that need
+//! builder pods to run start a real node (`node::Node`: containerd, kubelet, kube-proxy,
+//! kube-scheduler); the others play the kubelet by patching pod status.
 //!
 //! Every process is started through `setpriv --pdeathsig KILL` from a thread that lives as long
 //! as the test process, so nothing outlives a test run, even one that panics or is killed.
@@ -13,6 +15,7 @@ pub mod builder;
 pub mod crd_engine;
 pub mod flow;
 pub mod harness;
+pub mod load_balancer;
 pub mod node;
 
 use std::net::TcpListener;
@@ -29,6 +32,15 @@ pub const KUBE_VERSION: &str = "1.20.5+really1.20.2-1.1+deb12u1";
 
 /// The bearer token of the `admin` user (group `system:masters`) of a test control plane.
 pub const ADMIN_TOKEN: &str = "nixpool-test-admin-token";
+
+/// The bearer tokens of the node's components, each its own Kubernetes identity, so the Node
+/// authorizer and the default RBAC bindings judge them as in a real cluster.
+pub const NODE_TOKEN: &str = "nixpool-test-node-token";
+pub const KUBE_PROXY_TOKEN: &str = "nixpool-test-kube-proxy-token";
+pub const SCHEDULER_TOKEN: &str = "nixpool-test-scheduler-token";
+
+/// The Service ClusterIP range of a test control plane (kube-proxy on the node routes it).
+pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 
 /// Directory holding kube-apiserver, kube-controller-manager and kubectl.
 pub fn kube_bin_dir() -> anyhow::Result<PathBuf> {
@@ -182,7 +194,13 @@ impl ControlPlane {
         }
         std::fs::write(
             dir.join("tokens.csv"),
-            format!("{ADMIN_TOKEN},admin,admin,system:masters\n"),
+            format!(
+                "{ADMIN_TOKEN},admin,admin,system:masters\n\
+                 {NODE_TOKEN},system:node:{node},{node},system:nodes\n\
+                 {KUBE_PROXY_TOKEN},system:kube-proxy,kube-proxy\n\
+                 {SCHEDULER_TOKEN},system:kube-scheduler,kube-scheduler\n",
+                node = node::NODE_NAME
+            ),
         )?;
         std::fs::write(dir.join("kubeconfig"), cp.kubeconfig_yaml(ADMIN_TOKEN, "default"))?;
 
@@ -212,7 +230,10 @@ impl ControlPlane {
             .args(["--service-account-issuer=https://kubernetes.default.svc.cluster.local"])
             .arg(format!("--service-account-key-file={}", sa_key.display()))
             .arg(format!("--service-account-signing-key-file={}", sa_key.display()))
-            .args(["--service-cluster-ip-range=10.96.0.0/16", "--v=0"])
+            .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
+            .arg("--v=0")
+            // The test node's name does not resolve: reach its kubelet (logs, exec) by its IP.
+            .arg("--kubelet-preferred-address-types=InternalIP")
             // GA since 1.23; 1.20 needs the gate for a pool's `store.ephemeral`.
             .arg("--feature-gates=GenericEphemeralVolume=true");
         cp.spawn("kube-apiserver", api)?;
@@ -237,7 +258,8 @@ impl ControlPlane {
         Ok(cp)
     }
 
-    fn spawn(&self, name: &str, cmd: Command) -> anyhow::Result<u32> {
+    /// Starts `cmd` as a child that dies with the test process, its output in `<dir>/<name>.log`.
+    pub(crate) fn spawn(&self, name: &str, cmd: Command) -> anyhow::Result<u32> {
         let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
         let mut wrapped = Command::new("setpriv");
         wrapped
@@ -271,6 +293,11 @@ impl ControlPlane {
             }
             std::thread::sleep(Duration::from_millis(250));
         }
+    }
+
+    /// The directory holding the control plane's (and the node's) binaries.
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin
     }
 
     /// `https://127.0.0.1:<port>`.

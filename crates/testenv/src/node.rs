@@ -1,752 +1,577 @@
-//! A node stand-in for tests and the demo only, never part of the product: it does for builder
-//! pods what a kubelet and a cloud load balancer would, so the real operator, the real
-//! Deployment/ReplicaSet/Endpoints/garbage-collection controllers and the real agent run a pool
-//! end to end on one machine.
+//! A real Kubernetes node for the tests and the demo (test tooling, never part of the product):
+//! Debian's containerd, runc and CNI plugins, and kubelet, kube-proxy and kube-scheduler built
+//! from the same Debian `kubernetes` source package as the control plane.
 //!
-//! For each builder pod of a namespace it materializes the pod's ConfigMap, Secret and projected
-//! volumes as files (Secrets the kubelet way: a `..data` symlink swapped on change), runs the
-//! pod's container command (the agent, from a local binary) in its own mount, PID and UTS
-//! namespace and in a network namespace it creates (a veth pair, the pod IP inside), and patches
-//! the pod's status (Running, Ready from the agent's `/readyz`, podIP) as a kubelet would. A pod
-//! that goes away gets SIGTERM and its drain budget. For each LoadBalancer Service of a pool it
-//! runs a TCP relay on an address inside a network namespace of its own and publishes that
-//! address as the Service's load-balancer ingress, as a cloud provider would.
-//!
-//! Known differences from a real node: pods are not bound to a Node (the API server then
-//! deletes them at once instead of gracefully; the stand-in still drains them), init containers
-//! do not run (the host's Nix lives in /usr, so there is no image store to seed), and the image
-//! is not pulled: the local agent binary stands in for it.
+//! Layout on this machine, one node at a time (a lock file says so loudly):
+//! - a Linux bridge `nixpool0` holding the node IP `10.244.0.1/16`. The CNI bridge plugin puts
+//!   pods on it (`10.244.1.0`–`10.244.255.254`), the test load-balancer publisher hands out
+//!   `10.244.0.16`–`10.244.0.254`, and the Service range is routed to it. An address that no rule
+//!   rewrites ends on this port-less bridge: nothing a test sends leaves the machine.
+//! - containerd and kubelet run in a PID and mount namespace of their own: when the test process
+//!   dies, its init dies, and with it every shim, container and mount the node made.
+//! - kube-proxy (iptables mode) rewrites Service ClusterIPs and load-balancer addresses to pod IPs
+//!   in this machine's network namespace, so host processes (nix-build, ssh) reach pools as a
+//!   user's laptop reaches a cluster.
+//! - Images are imported, never pulled: the pause image (the control-plane build's static
+//!   `pause`), and the builder test image, Debian trixie's Nix and OpenSSH
+//!   (`hack/build-node-images.sh`) plus this checkout's `nixpool-agent` as `/bin/nixpool-agent`.
 
-use std::collections::{BTreeMap, HashMap};
-use std::net::{Ipv4Addr, SocketAddr};
-use std::os::unix::fs::{PermissionsExt, symlink};
+use std::io::Write as _;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, Volume};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 
-/// What the stand-in needs.
-#[derive(Clone, Debug)]
-pub struct NodeConfig {
-    /// Namespace whose builder pods and Services it serves.
-    pub namespace: String,
-    /// The local `nixpool-agent` that stands in for the image's `/bin/nixpool-agent`.
-    pub agent: PathBuf,
-    /// Extra arguments of `nixpool-agent run` (e.g. where sshd and nix-daemon are).
-    pub agent_run_args: Vec<String>,
-    /// Pod roots and logs go here.
-    pub workdir: PathBuf,
-    /// Second octet of the pod network `10.<net>.<pod>.0/30` and the LB network `10.<net+1>.0.0/16`.
-    pub net: u8,
-}
+use crate::{ControlPlane, KUBE_PROXY_TOKEN, NODE_TOKEN, SCHEDULER_TOKEN, SERVICE_CIDR, free_port, need_tool};
 
-impl NodeConfig {
-    pub fn new(namespace: &str, agent: &Path, workdir: &Path) -> Self {
-        Self {
-            namespace: namespace.into(),
-            agent: agent.into(),
-            agent_run_args: [
-                "--sshd",
-                "/usr/sbin/sshd",
-                "--nix-daemon",
-                "/usr/bin/nix-daemon",
-                "--nix-store",
-                "/usr/bin/nix-store",
-                "--nix",
-                "/usr/bin/nix",
-            ]
-            .map(String::from)
-            .to_vec(),
-            workdir: workdir.into(),
-            net: 213,
-        }
-    }
-}
+/// The node's name (its kubelet's `--hostname-override`).
+pub const NODE_NAME: &str = "nixpool-node";
+/// The bridge that holds the node IP and the pods.
+pub const BRIDGE: &str = "nixpool0";
+/// The node's InternalIP: the bridge's address and the pods' gateway.
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+/// The network of the bridge: node, load-balancer addresses and pods.
+pub const NODE_NET: &str = "10.244.0.0/16";
+/// The sandbox image containerd and kubelet use (kubelet 1.20's default name).
+pub const PAUSE_IMAGE: &str = "k8s.gcr.io/pause:3.2";
+/// The Debian suite and package list of the builder test image (keep in sync with
+/// `hack/build-node-images.sh`, which keys its cache by them).
+const BUILDER_SUITE: &str = "trixie";
+/// Where the node lives: one node per machine, so one fixed place, emptied at each start.
+const NODE_DIR: &str = "/var/tmp/nixpool-node";
+const LOCK_FILE: &str = "/run/nixpool-test-node.lock";
+/// Paths containerd and kubelet write whatever their configuration says: each gets a tmpfs of
+/// the node's mount namespace, so nothing of a node outlives it.
+const PRIVATE_DIRS: [&str; 5] = [
+    "/run/containerd",
+    "/run/netns",
+    "/var/lib/cni",
+    "/var/log/pods",
+    "/var/log/containers",
+];
 
-/// sshd's StrictModes refuses an authorized-keys file below a directory that others can write
-/// (like /tmp): make `dir` and its parents 0755 where they are not sticky-world-writable system
-/// directories, and refuse when one is.
-pub fn make_traversable(dir: &Path) -> anyhow::Result<()> {
-    for d in dir.ancestors() {
-        let meta = std::fs::metadata(d)?;
-        let mode = meta.permissions().mode();
-        if mode & 0o022 != 0 {
-            if mode & 0o1000 != 0 {
-                bail!(
-                    "{} is world-writable (like /tmp or /dev/shm): put pod roots elsewhere, sshd refuses keys below it",
-                    d.display()
-                );
-            }
-            std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode & !0o022))?;
-        }
-    }
-    Ok(())
-}
-
-const BUILDER_SELECTOR: &str = "app.kubernetes.io/name=nixpool-builder";
-
-/// One running pod.
-struct PodRuntime {
-    name: String,
-    uid: String,
-    ip: Ipv4Addr,
-    netns: String,
-    host_veth: String,
-    root: PathBuf,
-    holder: Child,
-    started: jiff::Timestamp,
-    ready: Option<bool>,
-    /// Set once the pod is gone or deleting: the agent got SIGTERM at this time.
-    draining: Option<(Instant, Duration)>,
-    volumes: Vec<Volume>,
-    mounts: Vec<(String, String)>,
-}
-
-/// The stand-in. `run` loops until the future given to it resolves, then stops every pod.
+/// A running node. Everything it started stops when the test process ends.
 pub struct Node {
-    config: NodeConfig,
-    client: kube::Client,
-    pods: HashMap<String, PodRuntime>,
-    next_index: u32,
-    lb: Option<LoadBalancers>,
+    dir: PathBuf,
+    builder_image: String,
+    cp: &'static ControlPlane,
+    _lock: std::fs::File,
 }
 
 impl Node {
-    pub fn new(client: kube::Client, config: NodeConfig) -> anyhow::Result<Self> {
-        for tool in ["ip", "unshare", "mount"] {
-            crate::need_tool(tool, "apt-get install iproute2 util-linux")?;
-        }
-        if !nix::unistd::geteuid().is_root() {
-            bail!("the node stand-in needs root (network namespaces, bind mounts)");
-        }
-        if !config.agent.is_file() {
-            bail!(
-                "{} is missing; build it with cargo build -p nixpool-agent",
-                config.agent.display()
-            );
-        }
-        std::fs::create_dir_all(&config.workdir)?;
-        // sshd's StrictModes checks every directory up to the authorized-keys file.
-        std::fs::set_permissions(&config.workdir, std::fs::Permissions::from_mode(0o755))?;
-        Ok(Self {
-            config,
-            client,
-            pods: HashMap::new(),
-            next_index: 1,
-            lb: None,
+    /// The node of this test binary's shared control plane, started on first use with the
+    /// workspace's `nixpool-agent` in its builder image.
+    pub fn shared() -> &'static Node {
+        static SHARED: std::sync::OnceLock<Node> = std::sync::OnceLock::new();
+        SHARED.get_or_init(|| {
+            let agent = crate::flow::binary("nixpool-agent").unwrap_or_else(|e| panic!("{e:#}"));
+            Node::start(crate::harness::control_plane(), &agent)
+                .unwrap_or_else(|e| panic!("cannot start the test node: {e:#}"))
         })
     }
 
-    /// Serves pods until `stop` resolves, then drains and removes every pod and relay.
-    pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
-        tokio::pin!(stop);
-        loop {
-            if let Err(e) = self.sync().await {
-                tracing::warn!(error = %format!("{e:#}"), "node sync failed; retrying");
-            }
-            tokio::select! {
-                _ = &mut stop => break,
-                _ = tokio::time::sleep(Duration::from_millis(300)) => {}
-            }
-        }
-        self.shutdown().await;
-        Ok(())
-    }
-
-    async fn sync(&mut self) -> anyhow::Result<()> {
-        let pods_api: Api<Pod> = Api::namespaced(self.client.clone(), &self.config.namespace);
-        let pods = pods_api
-            .list(&ListParams::default().labels(BUILDER_SELECTOR))
-            .await?
-            .items;
-        let live: HashMap<String, &Pod> = pods.iter().filter_map(|p| Some((p.metadata.uid.clone()?, p))).collect();
-
-        // Start new pods.
-        for pod in &pods {
-            let uid = pod.metadata.uid.clone().unwrap_or_default();
-            if pod.metadata.deletion_timestamp.is_none() && !self.pods.contains_key(&uid) {
-                match self.start_pod(pod).await {
-                    Ok(rt) => {
-                        tracing::info!(pod = %rt.name, ip = %rt.ip, "started");
-                        self.pods.insert(uid, rt);
-                    }
-                    Err(e) => tracing::warn!(pod = ?pod.metadata.name, error = %format!("{e:#}"), "cannot start pod"),
-                }
-            }
-        }
-
-        // Drain pods that are gone or deleting; refresh volumes and readiness of the others.
-        let mut finished = Vec::new();
-        for (uid, rt) in self.pods.iter_mut() {
-            let pod = live.get(uid);
-            let deleting = pod.is_none_or(|p| p.metadata.deletion_timestamp.is_some());
-            if deleting && rt.draining.is_none() {
-                let grace = pod
-                    .and_then(|p| p.spec.as_ref()?.termination_grace_period_seconds)
-                    .map(|s| Duration::from_secs(s.max(0) as u64))
-                    .unwrap_or(Duration::from_secs(3600));
-                tracing::info!(pod = %rt.name, "pod deleted: SIGTERM, draining");
-                signal_agent(rt, nix::sys::signal::Signal::SIGTERM);
-                rt.draining = Some((Instant::now(), grace));
-            }
-            if let Some((since, grace)) = rt.draining {
-                let exited = rt.holder.try_wait()?.is_some();
-                if exited || since.elapsed() > grace {
-                    if !exited {
-                        tracing::warn!(pod = %rt.name, "drain budget spent: SIGKILL");
-                    }
-                    finished.push(uid.clone());
-                }
-                continue;
-            }
-            if let Some(status) = rt.holder.try_wait()? {
-                tracing::warn!(pod = %rt.name, %status, "the agent exited; the pod fails");
-                finished.push(uid.clone());
-                continue;
-            }
-            if let Err(e) = materialize(&self.client, &self.config.namespace, &rt.root, &rt.volumes, &rt.mounts).await {
-                tracing::warn!(pod = %rt.name, error = %format!("{e:#}"), "cannot refresh volumes");
-            }
-            let ready = http_ok(SocketAddr::from((rt.ip, nixpool_api::ports::AGENT_HEALTH)), "/readyz").await;
-            if rt.ready != Some(ready) {
-                patch_status(&pods_api, rt, ready).await?;
-                rt.ready = Some(ready);
-            }
-        }
-        for uid in finished {
-            if let Some(mut rt) = self.pods.remove(&uid) {
-                teardown(&mut rt);
-                // A failed pod is deleted so that its ReplicaSet makes a new one.
-                if live.contains_key(&uid) {
-                    let _ = pods_api
-                        .delete(
-                            &rt.name,
-                            &DeleteParams {
-                                grace_period_seconds: Some(0),
-                                ..Default::default()
-                            },
-                        )
-                        .await;
-                }
-            }
-        }
-
-        // Load balancers for the pools' LoadBalancer Services.
-        let backends: Vec<(BTreeMap<String, String>, Ipv4Addr)> = self
-            .pods
-            .values()
-            .filter(|rt| rt.ready == Some(true) && rt.draining.is_none())
-            .filter_map(|rt| {
-                let p = live.get(&rt.uid)?;
-                Some((p.metadata.labels.clone().unwrap_or_default(), rt.ip))
-            })
-            .collect();
-        self.sync_load_balancers(&backends).await
-    }
-
-    async fn start_pod(&mut self, pod: &Pod) -> anyhow::Result<PodRuntime> {
-        let name = pod.metadata.name.clone().context("pod without a name")?;
-        let uid = pod.metadata.uid.clone().context("pod without a uid")?;
-        let spec = pod.spec.as_ref().context("pod without a spec")?;
-        let container = spec.containers.first().context("pod without containers")?;
-        let index = self.next_index;
-        self.next_index += 1;
-        let net = self.config.net;
-        let (host_ip, ip) = (
-            Ipv4Addr::new(10, net, index as u8, 1),
-            Ipv4Addr::new(10, net, index as u8, 2),
-        );
-        let netns = format!("nbp-{net}-{index}");
-        let host_veth = format!("nbh{net}x{index}");
-        let pod_veth = format!("nbp{net}x{index}");
-
-        let dir = self.config.workdir.join(&name);
-        let _ = std::fs::remove_dir_all(&dir);
-        let root = dir.join("root");
-        for d in ["nix", "run", "dev", "tmp"] {
-            std::fs::create_dir_all(root.join(d))?;
-        }
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
-        run(Command::new("cp").arg("-a").arg("/etc").arg(root.join("etc")))?;
-        let _ = std::fs::remove_dir_all(root.join("etc/nixpool"));
-        // No cluster DNS here: fail name lookups at once instead of timing out.
-        std::fs::write(root.join("etc/resolv.conf"), "nameserver 127.0.0.1\n")?;
-
-        let mounts: Vec<(String, String)> = container
-            .volume_mounts
-            .iter()
-            .flatten()
-            .map(|m| (m.name.clone(), m.mount_path.clone()))
-            .collect();
-        let volumes = spec.volumes.clone().unwrap_or_default();
-        materialize(&self.client, &self.config.namespace, &root, &volumes, &mounts).await?;
-
-        let _ = Command::new("ip").args(["netns", "del", &netns]).output();
-        let _ = Command::new("ip").args(["link", "del", &host_veth]).output();
-        run(Command::new("ip").args(["netns", "add", &netns]))?;
-        run(Command::new("ip").args(["link", "add", &host_veth, "type", "veth", "peer", "name", &pod_veth]))?;
-        run(Command::new("ip").args(["link", "set", &pod_veth, "netns", &netns]))?;
-        run(Command::new("ip").args(["addr", "add", &format!("{host_ip}/30"), "dev", &host_veth]))?;
-        run(Command::new("ip").args(["link", "set", &host_veth, "up"]))?;
-        for args in [
-            vec!["addr", "add", &format!("{ip}/30"), "dev", &pod_veth],
-            vec!["link", "set", &pod_veth, "up"],
-            vec!["link", "set", "lo", "up"],
-        ] {
-            run(Command::new("ip").args(["netns", "exec", &netns, "ip"]).args(args))?;
-        }
-
-        // The container command, with the local agent for the image's binary.
-        let mut command: Vec<String> = container.command.clone().unwrap_or_default();
-        command.extend(container.args.clone().unwrap_or_default());
-        if command.first().map(String::as_str) != Some(nixpool_api::paths::AGENT_BINARY) {
+    /// Starts containerd, kubelet, kube-proxy and kube-scheduler for `cp`, imports the images,
+    /// starts the test load-balancer publisher, and waits until the node is Ready.
+    pub fn start(cp: &'static ControlPlane, agent: &Path) -> anyhow::Result<Node> {
+        let started = Instant::now();
+        preflight(cp)?;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(LOCK_FILE)?;
+        if lock.try_lock().is_err() {
             bail!(
-                "the builder container runs {command:?}, not {}",
-                nixpool_api::paths::AGENT_BINARY
+                "another test node runs on this machine (it holds {LOCK_FILE}): one node at a time. \
+                 Stop the other test run or `hack/demo.sh down`, then retry"
             );
         }
-        let sub = command.get(1).cloned().unwrap_or_else(|| "run".into());
-        let mut agent = vec![
-            self.config.agent.display().to_string(),
-            "--root".into(),
-            root.display().to_string(),
-            sub,
-        ];
-        agent.extend(command.iter().skip(2).cloned());
-        agent.extend(self.config.agent_run_args.iter().cloned());
-        let r = root.display();
-        let script = format!(
-            "set -e; mount --bind {r}/etc /etc; mount --bind {r}/nix /nix; mount --bind {r}/run /run; hostname {name}; exec {}",
-            agent.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" ")
-        );
-        let log = std::fs::File::create(dir.join("agent.log"))?;
-        let holder = Command::new("ip")
+        let dir = PathBuf::from(NODE_DIR);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("remove the last node's {}", dir.display()))?;
+        }
+        std::fs::create_dir_all(dir.join("cni"))?;
+        network()?;
+        write_configs(cp, &dir)?;
+
+        // The namespace holder: PID 1 of the node's PID namespace, in its mount namespace.
+        let mounts: String = PRIVATE_DIRS
+            .iter()
+            .map(|d| format!("mkdir -p {d} && mount -t tmpfs -o mode=0755 nixpool-node {d} && "))
+            .collect();
+        for d in PRIVATE_DIRS {
+            std::fs::create_dir_all(d)?;
+        }
+        let ready_file = dir.join("namespace-ready");
+        let mut holder = Command::new("unshare");
+        holder
             .args([
-                "netns",
-                "exec",
-                &netns,
-                "unshare",
-                "--mount",
-                "--uts",
                 "--pid",
                 "--fork",
-                "--mount-proc",
                 "--kill-child",
-                "sh",
-                "-c",
-                &script,
+                "--mount",
+                "--propagation",
+                "private",
+                "--mount-proc",
+                "--",
             ])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("start the pod's agent")?;
-        Ok(PodRuntime {
-            name,
-            uid,
-            ip,
-            netns,
-            host_veth,
-            root,
-            holder,
-            started: jiff::Timestamp::now(),
-            ready: None,
-            draining: None,
-            volumes,
-            mounts,
-        })
+            .args(["sh", "-c"])
+            .arg(format!("{mounts}touch {} && exec sleep infinity", ready_file.display()));
+        let unshare_pid = cp.spawn("node-namespace", holder)?;
+        wait_for(Duration::from_secs(10), "the node's namespaces", || ready_file.exists())?;
+        let init = std::fs::read_to_string(format!("/proc/{unshare_pid}/task/{unshare_pid}/children"))?
+            .split_whitespace()
+            .next()
+            .context("the node's namespace holder has no child")?
+            .to_string();
+        let inside = |program: &Path| {
+            let mut c = Command::new("nsenter");
+            c.args(["--target", &init, "--mount", "--pid", "--"]).arg(program);
+            c
+        };
+
+        let mut containerd = inside(Path::new("/usr/bin/containerd"));
+        containerd.arg(format!("--config={}", dir.join("containerd.toml").display()));
+        cp.spawn("containerd", containerd)?;
+        let socket = dir.join("containerd.sock");
+        let ctr = || {
+            let mut c = inside(Path::new("/usr/bin/ctr"));
+            c.arg(format!("--address={}", socket.display()))
+                .args(["--namespace", "k8s.io"]);
+            c
+        };
+        wait_for(Duration::from_secs(30), "containerd", || {
+            ctr()
+                .arg("version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })?;
+
+        let images = dir.join("images");
+        std::fs::create_dir_all(&images)?;
+        let pause = pause_image(cp, &images)?;
+        let builder_tag = builder_image_tag(agent)?;
+        let builder = builder_image(&images, agent, &builder_tag)?;
+        for archive in [&pause, &builder] {
+            let out = ctr().args(["images", "import"]).arg(archive).output()?;
+            if !out.status.success() {
+                bail!(
+                    "ctr images import {}: {}",
+                    archive.display(),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        let _ = std::fs::remove_dir_all(&images);
+
+        let bin = cp.bin_dir();
+        let mut kubelet = inside(&bin.join("kubelet"));
+        kubelet
+            .arg(format!("--config={}", dir.join("kubelet.yaml").display()))
+            .arg(format!("--kubeconfig={}", dir.join("kubelet.kubeconfig").display()))
+            .args(["--container-runtime=remote"])
+            .arg(format!("--container-runtime-endpoint=unix://{}", socket.display()))
+            .arg(format!("--root-dir={}", dir.join("kubelet").display()))
+            .arg(format!("--cert-dir={}", dir.join("kubelet-pki").display()))
+            .arg(format!("--hostname-override={NODE_NAME}"))
+            .arg(format!("--node-ip={NODE_IP}"))
+            .arg(format!("--pod-infra-container-image={PAUSE_IMAGE}"))
+            .arg("--v=1");
+        cp.spawn("kubelet", kubelet)?;
+
+        let mut proxy = Command::new(bin.join("kube-proxy"));
+        proxy
+            .arg(format!("--kubeconfig={}", dir.join("kube-proxy.kubeconfig").display()))
+            .arg(format!("--hostname-override={NODE_NAME}"))
+            .args(["--proxy-mode=iptables", "--iptables-min-sync-period=0s"])
+            .arg(format!("--cluster-cidr={NODE_NET}"))
+            .arg(format!("--metrics-bind-address=127.0.0.1:{}", free_port()))
+            .arg(format!("--healthz-bind-address=127.0.0.1:{}", free_port()))
+            // Leave the machine's conntrack sysctls as they are (they are not the node's to set).
+            .args([
+                "--conntrack-max-per-core=0",
+                "--conntrack-tcp-timeout-established=0",
+                "--conntrack-tcp-timeout-close-wait=0",
+                "--v=1",
+            ]);
+        cp.spawn("kube-proxy", proxy)?;
+
+        let mut scheduler = Command::new(bin.join("kube-scheduler"));
+        scheduler
+            .arg(format!(
+                "--kubeconfig={}",
+                dir.join("kube-scheduler.kubeconfig").display()
+            ))
+            .args(["--leader-elect=false", "--port=0", "--secure-port=0", "--v=0"]);
+        cp.spawn("kube-scheduler", scheduler)?;
+
+        let node = Node {
+            dir,
+            builder_image: builder_tag,
+            cp,
+            _lock: lock,
+        };
+        node.wait_ready(cp, Duration::from_secs(120))?;
+        crate::load_balancer::start(cp)?;
+        tracing::info!(elapsed = ?started.elapsed(), "test node {NODE_NAME} is Ready");
+        Ok(node)
     }
 
-    async fn sync_load_balancers(&mut self, backends: &[(BTreeMap<String, String>, Ipv4Addr)]) -> anyhow::Result<()> {
-        let services: Api<Service> = Api::namespaced(self.client.clone(), &self.config.namespace);
-        let list = services
-            .list(&ListParams::default().labels("app.kubernetes.io/managed-by=nixpool-operator"))
-            .await?
-            .items;
-        let wanted: Vec<&Service> = list
-            .iter()
-            .filter(|s| s.spec.as_ref().and_then(|sp| sp.type_.as_deref()) == Some("LoadBalancer"))
-            .collect();
-        let names: Vec<String> = wanted.iter().filter_map(|s| s.metadata.name.clone()).collect();
-        if let Some(lb) = self.lb.as_mut() {
-            lb.retain(&names);
+    /// The builder test image (`imagePullPolicy: Never`): Debian's Nix and OpenSSH plus this
+    /// checkout's agent.
+    pub fn builder_image(&self) -> &str {
+        &self.builder_image
+    }
+
+    /// The node's working directory (configs; the control plane's directory has the logs).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// kubectl with the admin kubeconfig of the node's control plane.
+    pub fn kubectl(&self) -> Command {
+        self.cp.kubectl()
+    }
+
+    fn wait_ready(&self, cp: &ControlPlane, timeout: Duration) -> anyhow::Result<()> {
+        let jsonpath = "--output=jsonpath={.status.conditions[?(@.type==\"Ready\")].status}";
+        wait_for(timeout, "the node to be Ready", || {
+            self.kubectl()
+                .args(["get", "node", NODE_NAME, jsonpath])
+                .stderr(Stdio::null())
+                .output()
+                .is_ok_and(|o| o.stdout == b"True")
+        })
+        .with_context(|| format!("see kubelet.log and containerd.log in {}", cp.dir().display()))
+    }
+}
+
+fn preflight(cp: &ControlPlane) -> anyhow::Result<()> {
+    need_tool("containerd", "apt-get install containerd")?;
+    need_tool("containerd-shim-runc-v2", "apt-get install containerd")?;
+    need_tool("runc", "apt-get install runc")?;
+    need_tool("iptables", "apt-get install iptables")?;
+    need_tool("unshare", "apt-get install util-linux")?;
+    need_tool("nsenter", "apt-get install util-linux")?;
+    need_tool("ip", "apt-get install iproute2")?;
+    need_tool("tar", "apt-get install tar")?;
+    for plugin in ["bridge", "host-local", "loopback", "portmap"] {
+        if !Path::new("/usr/lib/cni").join(plugin).is_file() {
+            bail!("/usr/lib/cni/{plugin} is missing: apt-get install containernetworking-plugins");
         }
-        if wanted.is_empty() {
-            return Ok(());
+    }
+    for bin in ["kubelet", "kube-proxy", "kube-scheduler", "pause"] {
+        if !cp.bin_dir().join(bin).is_file() {
+            bail!(
+                "{} is missing: the test node needs it. Build it once with `sudo hack/build-control-plane.sh`",
+                cp.bin_dir().join(bin).display()
+            );
         }
-        if self.lb.is_none() {
-            self.lb = Some(LoadBalancers::new(self.config.net.wrapping_add(1))?);
-        }
-        let lb = self.lb.as_mut().expect("created above");
-        for svc in wanted {
-            let name = svc.metadata.name.clone().unwrap_or_default();
-            let spec = svc.spec.as_ref().expect("filtered on spec");
-            let port = spec.ports.iter().flatten().next().map(|p| p.port as u16).unwrap_or(22);
-            let selector = spec.selector.clone().unwrap_or_default();
-            let ips: Vec<SocketAddr> = backends
-                .iter()
-                .filter(|(labels, _)| selector.iter().all(|(k, v)| labels.get(k) == Some(v)))
-                .map(|(_, ip)| SocketAddr::from((*ip, nixpool_api::ports::SSH)))
-                .collect();
-            let address = lb.ensure(&name, port, ips)?;
-            let published = svc
-                .status
-                .as_ref()
-                .and_then(|s| s.load_balancer.as_ref()?.ingress.as_ref()?.first()?.ip.clone());
-            if published.as_deref() != Some(&address.ip().to_string()) {
-                let body =
-                    serde_json::json!({"status": {"loadBalancer": {"ingress": [{"ip": address.ip().to_string()}]}}});
-                services
-                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(&body))
-                    .await?;
-                tracing::info!(service = %name, %address, "published the load balancer");
-            }
+    }
+    builder_rootfs()?;
+    Ok(())
+}
+
+/// The bridge, its address and the Service route. Idempotent: a killed run's bridge is replaced.
+fn network() -> anyhow::Result<()> {
+    let ip = |args: &[&str]| -> anyhow::Result<()> {
+        let out = Command::new("ip").args(args).output()?;
+        if !out.status.success() {
+            bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
         }
         Ok(())
-    }
-
-    async fn shutdown(&mut self) {
-        for rt in self.pods.values_mut() {
-            signal_agent(rt, nix::sys::signal::Signal::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        for rt in self.pods.values_mut() {
-            while Instant::now() < deadline && matches!(rt.holder.try_wait(), Ok(None)) {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            teardown(rt);
-        }
-        self.pods.clear();
-        // Dropping the load balancers removes their relays and namespace.
-        self.lb = None;
-    }
-}
-
-fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "'\\''"))
-}
-
-fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    let out = cmd.output().with_context(|| format!("cannot run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
-}
-
-/// The agent is the child of `unshare --fork` (the holder).
-fn signal_agent(rt: &PodRuntime, sig: nix::sys::signal::Signal) {
-    let holder = rt.holder.id();
-    let children = std::fs::read_to_string(format!("/proc/{holder}/task/{holder}/children")).unwrap_or_default();
-    if let Some(pid) = children.split_whitespace().next().and_then(|p| p.parse::<i32>().ok()) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
-    }
-}
-
-fn teardown(rt: &mut PodRuntime) {
-    // --kill-child: killing unshare kills the pod's PID namespace.
-    let _ = rt.holder.kill();
-    let _ = rt.holder.wait();
-    let _ = Command::new("ip").args(["netns", "del", &rt.netns]).output();
-    let _ = Command::new("ip").args(["link", "del", &rt.host_veth]).output();
-    tracing::info!(pod = %rt.name, "stopped");
-}
-
-/// A node dropped without `run` finishing (a panicking test) still removes its pods' processes
-/// and namespaces.
-impl Drop for PodRuntime {
-    fn drop(&mut self) {
-        if matches!(self.holder.try_wait(), Ok(None)) {
-            teardown(self);
-        }
-    }
-}
-
-async fn http_ok(addr: SocketAddr, path: &str) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let attempt = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: pod\r\n\r\n").as_bytes())
-            .await
-            .ok()?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.ok()?;
-        let head = String::from_utf8_lossy(&buf);
-        Some(head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"))
     };
-    tokio::time::timeout(Duration::from_secs(2), attempt)
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or(false)
-}
-
-async fn patch_status(pods: &Api<Pod>, rt: &PodRuntime, ready: bool) -> anyhow::Result<()> {
-    let now = jiff::Timestamp::now().to_string();
-    let started = rt.started.to_string();
-    let r = if ready { "True" } else { "False" };
-    let body = serde_json::json!({"status": {
-        "phase": "Running", "podIP": rt.ip.to_string(), "podIPs": [{"ip": rt.ip.to_string()}],
-        "hostIP": "127.0.0.1", "startTime": started,
-        "conditions": [
-            {"type": "PodScheduled", "status": "True", "lastTransitionTime": started},
-            {"type": "Initialized", "status": "True", "lastTransitionTime": started},
-            {"type": "ContainersReady", "status": r, "lastTransitionTime": now},
-            {"type": "Ready", "status": r, "lastTransitionTime": now}
-        ],
-        "containerStatuses": [{"name": "builder", "ready": ready, "restartCount": 0, "started": true,
-            "image": "nixpool-builder", "imageID": "", "state": {"running": {"startedAt": started}}}]
-    }});
-    pods.patch_status(&rt.name, &PatchParams::default(), &Patch::Merge(&body))
-        .await?;
-    tracing::info!(pod = %rt.name, ready, "status");
+    let _ = Command::new("ip")
+        .args(["link", "del", BRIDGE])
+        .stderr(Stdio::null())
+        .status();
+    ip(&["link", "add", BRIDGE, "type", "bridge"])
+        .context("the test node needs a Linux bridge (kernel module `bridge`)")?;
+    ip(&["addr", "add", &format!("{NODE_IP}/16"), "dev", BRIDGE])?;
+    ip(&["link", "set", BRIDGE, "up"])?;
+    ip(&["route", "replace", SERVICE_CIDR, "dev", BRIDGE])?;
     Ok(())
 }
 
-/// Writes the pod's ConfigMap, Secret and projected volumes under its root, the kubelet way:
-/// files in a fresh `..<n>` directory, `..data` swapped to it atomically, each key a symlink
-/// through `..data`. Rewrites only what changed.
-async fn materialize(
-    client: &kube::Client,
-    ns: &str,
-    root: &Path,
-    volumes: &[Volume],
-    mounts: &[(String, String)],
-) -> anyhow::Result<()> {
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
-    for (volume_name, mount_path) in mounts {
-        let Some(volume) = volumes.iter().find(|v| &v.name == volume_name) else {
-            continue;
-        };
-        let mut files: Vec<(String, Vec<u8>, u32)> = Vec::new();
-        if let Some(s) = &volume.secret {
-            let name = s.secret_name.clone().unwrap_or_default();
-            let Some(secret) = secrets.get_opt(&name).await? else {
-                bail!("Secret {name} (volume {volume_name}) not found")
-            };
-            let data = secret.data.unwrap_or_default();
-            let mode = s.default_mode.unwrap_or(0o644) as u32;
-            match &s.items {
-                Some(items) => {
-                    for item in items {
-                        let v = data
-                            .get(&item.key)
-                            .with_context(|| format!("Secret {name} has no key {}", item.key))?;
-                        files.push((
-                            item.path.clone(),
-                            v.0.clone(),
-                            item.mode.map(|m| m as u32).unwrap_or(mode),
-                        ));
-                    }
-                }
-                None => files.extend(data.into_iter().map(|(k, v)| (k, v.0, mode))),
-            }
-        } else if let Some(c) = &volume.config_map {
-            let cm = config_maps.get(&c.name).await?;
-            let mode = c.default_mode.unwrap_or(0o644) as u32;
-            files.extend(
-                cm.data
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|(k, v)| (k, v.into_bytes(), mode)),
-            );
-        } else if let Some(p) = &volume.projected {
-            let mode = p.default_mode.unwrap_or(0o644) as u32;
-            for source in p.sources.iter().flatten() {
-                let Some(s) = &source.secret else { continue };
-                let Some(secret) = secrets.get_opt(&s.name).await? else {
-                    bail!("Secret {} (volume {volume_name}) not found", s.name)
-                };
-                let data = secret.data.unwrap_or_default();
-                for item in s.items.iter().flatten() {
-                    if let Some(v) = data.get(&item.key) {
-                        files.push((
-                            item.path.clone(),
-                            v.0.clone(),
-                            item.mode.map(|m| m as u32).unwrap_or(mode),
-                        ));
-                    }
-                }
-            }
-        } else {
-            // emptyDir / ephemeral: the pod root's own directory (the /nix store).
-            continue;
-        }
-        write_volume(&root.join(mount_path.trim_start_matches('/')), &files)?;
-    }
-    Ok(())
-}
-
-fn write_volume(dir: &Path, files: &[(String, Vec<u8>, u32)]) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let current = dir.join("..data");
-    let unchanged = files
-        .iter()
-        .all(|(name, content, _)| std::fs::read(current.join(name)).ok().as_deref() == Some(content.as_slice()));
-    if unchanged && current.exists() {
-        return Ok(());
-    }
-    let stamp = format!("..{}", jiff::Timestamp::now().as_nanosecond());
-    let data = dir.join(&stamp);
-    std::fs::create_dir_all(&data)?;
-    for (name, content, mode) in files {
-        let path = data.join(name);
-        std::fs::write(&path, content)?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(*mode))?;
-        let link = dir.join(name);
-        if std::fs::symlink_metadata(&link).is_err() {
-            symlink(Path::new("..data").join(name), &link)?;
-        }
-    }
-    let tmp = dir.join("..data_tmp");
-    let _ = std::fs::remove_file(&tmp);
-    symlink(&stamp, &tmp)?;
-    let old = std::fs::read_link(&current).ok();
-    std::fs::rename(&tmp, &current)?;
-    if let Some(old) = old {
-        let _ = std::fs::remove_dir_all(dir.join(old));
+fn write_configs(cp: &ControlPlane, dir: &Path) -> anyhow::Result<()> {
+    let d = dir.display();
+    std::fs::write(
+        dir.join("containerd.toml"),
+        format!(
+            r#"version = 2
+root = "{d}/containerd/root"
+state = "{d}/containerd/state"
+disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper"]
+[grpc]
+  address = "{d}/containerd.sock"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE_IMAGE}"
+  # No CAP_SYS_RESOURCE on these machines: runc must not lower a container's oom_score_adj.
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{d}/cni"
+"#
+        ),
+    )?;
+    std::fs::write(
+        dir.join("cni/10-nixpool.conflist"),
+        serde_json::to_string_pretty(&serde_json::json!({
+            "cniVersion": "0.4.0",
+            "name": "nixpool-node",
+            "plugins": [
+                {
+                    "type": "bridge",
+                    "bridge": BRIDGE,
+                    "isGateway": true,
+                    "hairpinMode": true,
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{
+                            "subnet": NODE_NET,
+                            "rangeStart": "10.244.1.1",
+                            "rangeEnd": "10.244.255.254",
+                            "gateway": NODE_IP.to_string(),
+                        }]],
+                        "dataDir": format!("{d}/cni-ipam"),
+                    },
+                },
+                { "type": "portmap", "capabilities": { "portMappings": true } },
+            ],
+        }))?,
+    )?;
+    std::fs::write(
+        dir.join("kubelet.yaml"),
+        format!(
+            r#"apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+address: "{NODE_IP}"
+port: {port}
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+healthzPort: {healthz}
+# These machines: cgroup v1 without systemd, swap allowed.
+cgroupDriver: cgroupfs
+cgroupsPerQOS: false
+enforceNodeAllocatable: []
+failSwapOn: false
+# The API server reaches this kubelet (logs, exec) without a client certificate.
+authentication:
+  anonymous:
+    enabled: true
+  webhook:
+    enabled: false
+authorization:
+  mode: AlwaysAllow
+# Images are imported, never pulled: never collect them.
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+evictionHard:
+  memory.available: "100Mi"
+  nodefs.available: "1%"
+  imagefs.available: "1%"
+  nodefs.inodesFree: "1%"
+serializeImagePulls: false
+resolvConf: /etc/resolv.conf
+# How often kubelet re-syncs a pod, and so how soon a changed Secret reaches its volume
+# (default 1m): shorter, so the key tests wait seconds rather than a minute.
+syncFrequency: 10s
+"#,
+            port = free_port(),
+            healthz = free_port()
+        ),
+    )?;
+    for (file, token) in [
+        ("kubelet.kubeconfig", NODE_TOKEN),
+        ("kube-proxy.kubeconfig", KUBE_PROXY_TOKEN),
+        ("kube-scheduler.kubeconfig", SCHEDULER_TOKEN),
+    ] {
+        std::fs::write(dir.join(file), cp.kubeconfig_yaml(token, "default"))?;
     }
     Ok(())
 }
 
-/// TCP relays, one per Service, listening on addresses inside a network namespace of their own
-/// (so port 22 is free even when the host runs sshd) and connecting to pods from the host.
-struct LoadBalancers {
-    netns: String,
-    host_veth: String,
-    net: u8,
-    /// Last octet of the next relay address (addresses are not reused).
-    next_host: u8,
-    relays: HashMap<String, Relay>,
+fn cache_dir() -> PathBuf {
+    std::env::var_os("NIXPOOL_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/cache/nixpool".into())
 }
 
-struct Relay {
-    address: SocketAddr,
-    backends: Arc<Mutex<Vec<SocketAddr>>>,
-    task: tokio::task::JoinHandle<()>,
+/// The cached root file system of the builder test image and its sha256.
+fn builder_rootfs() -> anyhow::Result<(PathBuf, String)> {
+    let prefix = format!("builder-image-{BUILDER_SUITE}-");
+    let missing = || {
+        anyhow::anyhow!(
+            "the builder test image's root file system is missing from {}: build it once with \
+             `sudo hack/build-node-images.sh`",
+            cache_dir().display()
+        )
+    };
+    let dir = std::fs::read_dir(cache_dir())
+        .map_err(|_| missing())?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&prefix)))
+        .find(|p| p.join("builder-rootfs.tar.sha256").is_file())
+        .ok_or_else(missing)?;
+    let sha = std::fs::read_to_string(dir.join("builder-rootfs.tar.sha256"))?
+        .trim()
+        .to_string();
+    Ok((dir.join("builder-rootfs.tar"), sha))
 }
 
-impl LoadBalancers {
-    fn new(net: u8) -> anyhow::Result<Self> {
-        let netns = format!("nbp-lb-{net}");
-        let host_veth = format!("nblh{net}");
-        let lb_veth = format!("nblb{net}");
-        let _ = Command::new("ip").args(["netns", "del", &netns]).output();
-        let _ = Command::new("ip").args(["link", "del", &host_veth]).output();
-        run(Command::new("ip").args(["netns", "add", &netns]))?;
-        run(Command::new("ip").args(["link", "add", &host_veth, "type", "veth", "peer", "name", &lb_veth]))?;
-        run(Command::new("ip").args(["link", "set", &lb_veth, "netns", &netns]))?;
-        run(Command::new("ip").args(["addr", "add", &format!("10.{net}.0.1/16"), "dev", &host_veth]))?;
-        run(Command::new("ip").args(["link", "set", &host_veth, "up"]))?;
-        run(Command::new("ip").args(["netns", "exec", &netns, "ip", "link", "set", &lb_veth, "up"]))?;
-        run(Command::new("ip").args(["netns", "exec", &netns, "ip", "link", "set", "lo", "up"]))?;
-        Ok(Self {
-            netns,
-            host_veth,
-            net,
-            next_host: 1,
-            relays: HashMap::new(),
-        })
+fn sha256_file(path: &Path) -> anyhow::Result<String> {
+    let out = Command::new("sha256sum").arg(path).output()?;
+    if !out.status.success() {
+        bail!("sha256sum {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
     }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
 
-    /// Removes the relays of Services that are gone, as a cloud deletes their load balancers.
-    /// Connections already open keep going.
-    fn retain(&mut self, services: &[String]) {
-        let gone: Vec<String> = self.relays.keys().filter(|k| !services.contains(k)).cloned().collect();
-        for name in gone {
-            if let Some(r) = self.relays.remove(&name) {
-                // The address stays (unused, never handed out again): connections to it are
-                // refused at once instead of timing out.
-                r.task.abort();
-                tracing::info!(service = %name, address = %r.address, "removed the load balancer");
-            }
+/// `nixpool.test/builder:<digest of the agent>`: a new agent is a new image.
+fn builder_image_tag(agent: &Path) -> anyhow::Result<String> {
+    Ok(format!("nixpool.test/builder:{}", &sha256_file(agent)?[..12]))
+}
+
+/// A one-layer tar of `files` (path in the image, source, mode), with their parent directories.
+fn layer(dir: &Path, name: &str, files: &[(&str, &Path, u32)]) -> anyhow::Result<PathBuf> {
+    let stage = dir.join(format!("{name}-stage"));
+    for (in_image, source, mode) in files {
+        let target = stage.join(in_image);
+        std::fs::create_dir_all(target.parent().unwrap())?;
+        std::fs::copy(source, &target).with_context(|| format!("copy {}", source.display()))?;
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(*mode))?;
+    }
+    let tar = dir.join(format!("{name}.tar"));
+    let out = Command::new("tar")
+        .args(["--owner=0", "--group=0", "--numeric-owner", "-cf"])
+        .arg(&tar)
+        .arg("-C")
+        .arg(&stage)
+        .arg(".")
+        .output()?;
+    if !out.status.success() {
+        bail!("tar: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(tar)
+}
+
+/// A `docker save`-style archive (what `ctr images import` reads) of `layers` under `tag`.
+fn image_archive(
+    dir: &Path,
+    name: &str,
+    tag: &str,
+    layers: &[(&Path, String)],
+    config: serde_json::Value,
+) -> anyhow::Result<PathBuf> {
+    let stage = dir.join(format!("{name}-image"));
+    std::fs::create_dir_all(&stage)?;
+    let mut names = Vec::new();
+    for (i, (path, _)) in layers.iter().enumerate() {
+        let n = format!("layer{i}.tar");
+        // A symlink, followed by `tar -h`: a cached layer is read, never copied first.
+        std::os::unix::fs::symlink(path, stage.join(&n))?;
+        names.push(n);
+    }
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": config,
+        "rootfs": {
+            "type": "layers",
+            "diff_ids": layers.iter().map(|(_, sha)| format!("sha256:{sha}")).collect::<Vec<_>>(),
+        },
+    });
+    std::fs::write(stage.join("config.json"), serde_json::to_vec(&config)?)?;
+    let manifest = serde_json::json!([{ "Config": "config.json", "RepoTags": [tag], "Layers": names }]);
+    std::fs::File::create(stage.join("manifest.json"))?.write_all(&serde_json::to_vec(&manifest)?)?;
+    let archive = dir.join(format!("{name}-image.tar"));
+    // Named members, not `.`: the manifest's names must match exactly (no `./`).
+    let out = Command::new("tar")
+        .arg("-chf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(&stage)
+        .args(["manifest.json", "config.json"])
+        .args(&names)
+        .output()?;
+    if !out.status.success() {
+        bail!("tar: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(archive)
+}
+
+fn pause_image(cp: &ControlPlane, dir: &Path) -> anyhow::Result<PathBuf> {
+    let layer = layer(dir, "pause", &[("pause", &cp.bin_dir().join("pause"), 0o755)])?;
+    let sha = sha256_file(&layer)?;
+    image_archive(
+        dir,
+        "pause",
+        PAUSE_IMAGE,
+        &[(&layer, sha)],
+        serde_json::json!({ "Entrypoint": ["/pause"] }),
+    )
+}
+
+fn builder_image(dir: &Path, agent: &Path, tag: &str) -> anyhow::Result<PathBuf> {
+    let (rootfs, rootfs_sha) = builder_rootfs()?;
+    // In /usr/bin: trixie's /bin is a symlink to it, which a `bin/` directory in a layer would hide.
+    let agent_layer = layer(dir, "agent", &[("usr/bin/nixpool-agent", agent, 0o755)])?;
+    let agent_sha = sha256_file(&agent_layer)?;
+    image_archive(
+        dir,
+        "builder",
+        tag,
+        &[(&rootfs, rootfs_sha), (&agent_layer, agent_sha)],
+        serde_json::json!({ "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"] }),
+    )
+}
+
+fn wait_for(timeout: Duration, what: &str, mut ok: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !ok() {
+        if Instant::now() > deadline {
+            bail!("{what} did not come up within {timeout:?}");
         }
+        std::thread::sleep(Duration::from_millis(200));
     }
-
-    fn ensure(&mut self, service: &str, port: u16, backends: Vec<SocketAddr>) -> anyhow::Result<SocketAddr> {
-        if let Some(r) = self.relays.get(service) {
-            *r.backends.lock().expect("never poisoned") = backends;
-            return Ok(r.address);
-        }
-        let ip = Ipv4Addr::new(10, self.net, 1, self.next_host);
-        self.next_host = self.next_host.wrapping_add(1).max(1);
-        run(Command::new("ip").args([
-            "netns",
-            "exec",
-            &self.netns,
-            "ip",
-            "addr",
-            "add",
-            &format!("{ip}/16"),
-            "dev",
-            &format!("nblb{}", self.net),
-        ]))?;
-        let address = SocketAddr::from((ip, port));
-        let listener = listen_in_netns(&self.netns, address)?;
-        let backends = Arc::new(Mutex::new(backends));
-        let task = tokio::spawn(relay(listener, backends.clone()));
-        self.relays.insert(
-            service.into(),
-            Relay {
-                address,
-                backends,
-                task,
-            },
-        );
-        Ok(address)
-    }
+    Ok(())
 }
 
-impl Drop for LoadBalancers {
-    fn drop(&mut self) {
-        for r in self.relays.values() {
-            r.task.abort();
-        }
-        let _ = Command::new("ip").args(["netns", "del", &self.netns]).output();
-        let _ = Command::new("ip").args(["link", "del", &self.host_veth]).output();
-    }
-}
-
-/// Binds a listener inside `netns`: a thread enters it, binds, and hands the socket back (a
-/// socket stays in the namespace it was made in).
-fn listen_in_netns(netns: &str, address: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
-    let path = format!("/run/netns/{netns}");
-    let std_listener = std::thread::spawn(move || -> anyhow::Result<std::net::TcpListener> {
-        let f = std::fs::File::open(&path)?;
-        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)?;
-        Ok(std::net::TcpListener::bind(address)?)
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("the netns thread panicked"))??;
-    std_listener.set_nonblocking(true)?;
-    Ok(tokio::net::TcpListener::from_std(std_listener)?)
-}
-
-async fn relay(listener: tokio::net::TcpListener, backends: Arc<Mutex<Vec<SocketAddr>>>) {
-    let mut next = 0usize;
-    loop {
-        let Ok((mut client, _)) = listener.accept().await else {
+/// Stops what a killed node left (its processes, found by the node's directory in their command
+/// line), and removes its bridge and directory. For `hack/demo.sh down`; tests need none of it.
+pub fn down() -> anyhow::Result<()> {
+    for entry in std::fs::read_dir("/proc")?.filter_map(Result::ok) {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
-        let target = {
-            let b = backends.lock().expect("never poisoned");
-            if b.is_empty() {
-                None
-            } else {
-                next = next.wrapping_add(1);
-                Some(b[next % b.len()])
-            }
-        };
-        let Some(target) = target else { continue };
-        tokio::spawn(async move {
-            if let Ok(mut upstream) = tokio::net::TcpStream::connect(target).await {
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-            }
-        });
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if pid != std::process::id() as i32 && String::from_utf8_lossy(&cmdline).contains(NODE_DIR) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
     }
+    // The namespaces (and their mounts) go with their last process.
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = Command::new("ip")
+        .args(["link", "del", BRIDGE])
+        .stderr(Stdio::null())
+        .status();
+    if Path::new(NODE_DIR).exists() {
+        std::fs::remove_dir_all(NODE_DIR).with_context(|| format!("remove {NODE_DIR}"))?;
+    }
+    Ok(())
 }

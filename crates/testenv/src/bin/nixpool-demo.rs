@@ -1,6 +1,6 @@
 //! The local demo: the whole product on one machine. A real Kubernetes control plane on
-//! loopback, the CRD, the operator, the node stand-in running the real agent for each builder
-//! pod, the minimal example pool, `builderctl machines-file` from the cluster, and a real
+//! loopback, the CRD, the operator, a real node (containerd, kubelet, kube-proxy, kube-scheduler)
+//! running the builder pods from the builder test image, the minimal example pool, `builderctl machines-file` from the cluster, and a real
 //! `nix-build --max-jobs 0` that can only succeed on the pool. Prints what happened, with
 //! timings. Everything it starts stops when it exits; `down` removes what a killed run left.
 //!
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use nixpool_testenv::flow::{binary, derivation, nix_build};
-use nixpool_testenv::node::{Node, NodeConfig, make_traversable};
+use nixpool_testenv::node::Node;
 use nixpool_testenv::{ControlPlane, free_port};
 
 const HELP: &str = "nixpool-demo: nixpool end to end on this machine (as root).
@@ -21,11 +21,11 @@ Usage: nixpool-demo [up] [--repo DIR] [--workdir DIR] [--keep]
        nixpool-demo down [--workdir DIR]
 
   up (default)     start a Kubernetes control plane on 127.0.0.1, install the CRD, run the
-                   operator and a node stand-in, apply examples/minimal.yaml, write a machines
+                   operator and a real node, apply examples/minimal.yaml, write a machines
                    file with builderctl, and run a real remote nix-build through it
   down             stop what an earlier run left behind and remove its files
   --repo DIR       the nixpool checkout (default .)
-  --workdir DIR    pod roots, keys, machines file (default /var/lib/nixpool-demo)
+  --workdir DIR    keys, logs, machines file (default /var/lib/nixpool-demo)
   --keep           keep everything running until Ctrl-C, to explore with kubectl and nix-build
 
 Use hack/demo.sh, which installs the packages and builds the binaries first.";
@@ -116,8 +116,7 @@ async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> anyhow::
     Ok(())
 }
 
-/// Stops what an earlier (killed) run left: processes under the workdir, network namespaces and
-/// links of the node stand-in, the files.
+/// Stops what an earlier (killed) run left: its processes, the test node, the files.
 fn down(workdir: &Path) -> anyhow::Result<()> {
     let marker = workdir.display().to_string();
     for entry in std::fs::read_dir("/proc")?.filter_map(Result::ok) {
@@ -129,26 +128,7 @@ fn down(workdir: &Path) -> anyhow::Result<()> {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
         }
     }
-    let netns = Command::new("ip").args(["netns", "list"]).output()?;
-    for line in String::from_utf8_lossy(&netns.stdout).lines() {
-        let name = line.split_whitespace().next().unwrap_or_default();
-        if name.starts_with("nbp-") {
-            let _ = Command::new("ip").args(["netns", "del", name]).output();
-        }
-    }
-    let links = Command::new("ip").args(["-o", "link"]).output()?;
-    for line in String::from_utf8_lossy(&links.stdout).lines() {
-        let name = line
-            .split(": ")
-            .nth(1)
-            .unwrap_or_default()
-            .split('@')
-            .next()
-            .unwrap_or_default();
-        if name.starts_with("nbh") || name.starts_with("nblh") {
-            let _ = Command::new("ip").args(["link", "del", name]).output();
-        }
-    }
+    nixpool_testenv::node::down()?;
     if let Ok(cp_dir) = std::fs::read_to_string(workdir.join("control-plane-dir")) {
         let _ = std::fs::remove_dir_all(cp_dir.trim());
     }
@@ -167,14 +147,13 @@ async fn main() -> anyhow::Result<()> {
     }
     if !nix::unistd::geteuid().is_root() {
         bail!(
-            "the demo needs root (network namespaces for the builder pods, a root-owned Nix client): run sudo hack/demo.sh"
+            "the demo needs root (containerd, kubelet, kube-proxy's iptables rules, a root-owned Nix client): run sudo hack/demo.sh"
         );
     }
     if args.workdir.exists() {
         down(&args.workdir)?;
     }
     std::fs::create_dir_all(&args.workdir)?;
-    make_traversable(&args.workdir)?;
     let operator_bin = binary("nixpool-operator")?;
     let agent_bin = binary("nixpool-agent")?;
     let builderctl = binary("builderctl")?;
@@ -183,13 +162,14 @@ async fn main() -> anyhow::Result<()> {
         started: Instant::now(),
         rows: Vec::new(),
     };
-    let cp = t.step(
+    // Lives as long as the process: the node's threads borrow it.
+    let cp: &'static ControlPlane = Box::leak(Box::new(t.step(
         "control plane: etcd, kube-apiserver 1.20, kube-controller-manager on 127.0.0.1",
         ControlPlane::start,
-    )?;
+    )?));
     std::fs::write(args.workdir.join("control-plane-dir"), cp.dir().display().to_string())?;
     t.step("installed the NixBuilderPool CRD", || {
-        nixpool_testenv::harness::install_crd_from(&cp, &args.repo)
+        nixpool_testenv::harness::install_crd_from(cp, &args.repo)
     })?;
 
     let port = free_port();
@@ -213,19 +193,10 @@ async fn main() -> anyhow::Result<()> {
             .spawn()?)
     })?;
 
-    let client = cp.client().await?;
-    let node = Node::new(
-        client.clone(),
-        NodeConfig::new("default", &agent_bin, &args.workdir.join("node")),
+    let node = t.step(
+        "a real node: containerd, kubelet, kube-proxy, kube-scheduler; builder image imported",
+        || Node::start(cp, &agent_bin),
     )?;
-    let (stop_node, stopped) = tokio::sync::oneshot::channel::<()>();
-    let node_task = tokio::spawn(node.run(async move {
-        let _ = stopped.await;
-    }));
-    println!(
-        "[{:>6.1}s] started the node stand-in (builder pods run the real agent in network namespaces)",
-        t.started.elapsed().as_secs_f64()
-    );
 
     let key = args.workdir.join("client_ed25519");
     t.step("builderctl keygen: a client key for this machine's Nix", || {
@@ -236,23 +207,29 @@ async fn main() -> anyhow::Result<()> {
     })?;
     let public = std::fs::read_to_string(key.with_extension("pub"))?.trim().to_string();
 
+    // The example as a user would adapt it, in one apply: this machine's key instead of Alice's,
+    // the builder test image the node imported (nothing is pulled here), and no cache.nixos.org
+    // (this machine has no internet).
+    let mut pool: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(args.repo.join("examples/minimal.yaml"))?)?;
+    let spec = pool.get_mut("spec").context("examples/minimal.yaml has no spec")?;
+    spec["ssh"]["authorizedKeys"] = serde_yaml::to_value([&public])?;
+    spec["image"] = node.builder_image().into();
+    spec["imagePullPolicy"] = "Never".into();
+    spec["cache"] = serde_yaml::to_value(serde_json::json!({"nixosCache": false}))?;
+    let pool_file = args.workdir.join("pool.yaml");
+    std::fs::write(&pool_file, serde_yaml::to_string(&pool)?)?;
     let apply = Instant::now();
-    let example = args.repo.join("examples/minimal.yaml");
-    kubectl(&cp, &["apply", "-f", &example.to_string_lossy()])?;
-    // The example's key is Alice's; authorize this machine's key instead, as a user would. This
-    // machine has no internet: builders skip cache.nixos.org rather than wait for it.
-    let patch =
-        serde_json::json!({"spec": {"ssh": {"authorizedKeys": [public]}, "cache": {"nixosCache": false}}}).to_string();
-    kubectl(&cp, &["patch", "nbp", "builders", "--type", "merge", "-p", &patch])?;
+    kubectl(cp, &["apply", "-f", &pool_file.to_string_lossy()])?;
     t.done(
-        "kubectl apply -f examples/minimal.yaml (+ this machine's key, no cache.nixos.org)",
+        "kubectl apply -f examples/minimal.yaml (+ this machine's key, the test image, no cache.nixos.org)",
         apply,
     );
 
     let ready = Instant::now();
     wait_for("the pool Ready", Duration::from_secs(120), || {
         Ok(kubectl(
-            &cp,
+            cp,
             &[
                 "get",
                 "nbp",
@@ -288,10 +265,10 @@ async fn main() -> anyhow::Result<()> {
     })?;
     let first_build = apply.elapsed();
 
-    println!("\n$ kubectl get nbp\n{}", kubectl(&cp, &["get", "nbp"])?);
+    println!("\n$ kubectl get nbp\n{}", kubectl(cp, &["get", "nbp"])?);
     println!(
         "$ kubectl get pods -o wide\n{}",
-        kubectl(&cp, &["get", "pods", "-o", "wide"])?
+        kubectl(cp, &["get", "pods", "-o", "wide"])?
     );
     println!("$ cat {}\n{}", machines.display(), std::fs::read_to_string(&machines)?);
     println!("$ cat {out}\n{}", std::fs::read_to_string(&out)?);
@@ -313,11 +290,9 @@ async fn main() -> anyhow::Result<()> {
         );
         tokio::signal::ctrl_c().await?;
     }
-    let _ = stop_node.send(());
-    node_task.await??;
     let _ = operator.kill();
     let _ = operator.wait();
-    drop(cp);
+    drop(node);
     down(&args.workdir)?;
     Ok(())
 }

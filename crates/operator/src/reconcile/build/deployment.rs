@@ -88,7 +88,7 @@ pub fn deployment(pool: &NixBuilderPool, valid: &Valid, config_hash: &str) -> De
         volumes.push(cache);
     }
 
-    let http_probe = |path: &str, period, failures, initial| Probe {
+    let http_probe = |path: &str, period, failures| Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
             port: IntOrString::String(ports::HEALTH_NAME.into()),
@@ -96,7 +96,6 @@ pub fn deployment(pool: &NixBuilderPool, valid: &Valid, config_hash: &str) -> De
         }),
         period_seconds: Some(period),
         failure_threshold: Some(failures),
-        initial_delay_seconds: Some(initial),
         timeout_seconds: Some(3),
         ..Probe::default()
     };
@@ -125,8 +124,13 @@ pub fn deployment(pool: &NixBuilderPool, valid: &Valid, config_hash: &str) -> De
                 ..Default::default()
             },
         ]),
-        readiness_probe: Some(http_probe("/readyz", 5, 2, 2)),
-        liveness_probe: Some(http_probe("/healthz", 10, 6, 10)),
+        // Ready within a second of the agent being ready, and out of the Service within a few
+        // seconds of a drain starting: `/readyz` is a local read, cheap to ask every second.
+        readiness_probe: Some(http_probe("/readyz", 1, 2)),
+        // Liveness waits for the start (seeding the store, the daemon's first answer) to finish,
+        // up to 10 minutes, then restarts only a builder that stays unhealthy for a minute.
+        startup_probe: Some(http_probe("/healthz", 1, 600)),
+        liveness_probe: Some(http_probe("/healthz", 10, 6)),
         resources: spec.resources.clone(),
         security_context: Some(security.clone()),
         volume_mounts: Some(mounts),
