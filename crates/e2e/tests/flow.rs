@@ -1,6 +1,8 @@
-//! The whole product on one machine: a real control plane, the real operator, the node stand-in
-//! running the real agent (sshd, nix-daemon) in namespaces, `builderctl machines-file` from the
-//! cluster, and a real `nix-build --max-jobs 0` that can only succeed on the pool.
+//! The whole product on one machine: a real control plane, the real operator, a real node
+//! (containerd, kubelet, kube-proxy) running builder pods of the builder test image (the real
+//! agent, sshd, nix-daemon), `builderctl machines-file` from the cluster, and a real
+//! `nix-build --max-jobs 0` that can only succeed on the pool, through the pool's load-balancer
+//! address as kube-proxy routes it.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -11,30 +13,29 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use nixpool_api::{MachinesEntry, NixBuilderPool};
 use nixpool_testenv::flow::{ClientKey, binary, derivation, nix_build, nix_build_command};
 use nixpool_testenv::harness::*;
-use nixpool_testenv::node::{Node, NodeConfig};
+use nixpool_testenv::node::Node;
 
 const MIN: Duration = Duration::from_secs(90);
 
-/// One pool's world: a namespace, an operator, a node stand-in, a client key, a work dir.
+/// One pool's world: a namespace, an operator, a client key, a work dir, on the shared node.
 struct World {
     cp: &'static nixpool_testenv::ControlPlane,
+    node: &'static Node,
     ns: String,
     client: kube::Client,
     operator: Operator,
-    node_stop: Option<tokio::sync::oneshot::Sender<()>>,
-    node: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     dir: PathBuf,
     key: ClientKey,
 }
 
 impl World {
-    async fn new(prefix: &str, net: u8) -> World {
-        // The node stand-in's log, shown with a failing test's output.
+    async fn new(prefix: &str) -> World {
         let _ = tracing_subscriber::fmt()
             .with_test_writer()
             .with_env_filter("nixpool_testenv=info")
             .try_init();
         let cp = control_plane();
+        let node = tokio::task::spawn_blocking(Node::shared).await.unwrap();
         let ns = cp.namespace(prefix).await.unwrap();
         let client = cp.client().await.unwrap();
         let operator = Operator::start_in(
@@ -44,25 +45,15 @@ impl World {
             "op",
             &["--resync-seconds", "3600"],
         );
-        // Not under /tmp or /dev/shm: sshd's StrictModes refuses keys below a world-writable directory.
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("flow-{ns}"));
         std::fs::create_dir_all(&dir).unwrap();
-        nixpool_testenv::node::make_traversable(&dir).unwrap();
         let key = ClientKey::new(&dir, "client_ed25519").unwrap();
-        let mut config = NodeConfig::new(&ns, &binary("nixpool-agent").unwrap(), &dir.join("node"));
-        config.net = net;
-        let node = Node::new(client.clone(), config).unwrap_or_else(|e| panic!("{e:#}"));
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(node.run(async move {
-            let _ = rx.await;
-        }));
         World {
             cp,
+            node,
             ns,
             client,
             operator,
-            node_stop: Some(tx),
-            node: Some(task),
             dir,
             key,
         }
@@ -84,6 +75,8 @@ impl World {
         pool.spec.termination_grace_period_seconds = 120;
         // No internet here: do not make every build wait for cache.nixos.org to time out.
         pool.spec.cache.nixos_cache = false;
+        pool.spec.image = Some(self.node.builder_image().into());
+        pool.spec.image_pull_policy = Some(nixpool_api::v1alpha1::ImagePullPolicy::Never);
         self.pools().create(&PostParams::default(), &pool).await.unwrap();
     }
 
@@ -119,22 +112,23 @@ impl World {
             .items
     }
 
-    /// Whether a store path is in some builder's own store (the pod roots of the node).
-    fn built_on_a_builder(&self, out_path: &str) -> bool {
-        let base = Path::new(out_path.trim()).file_name().unwrap().to_owned();
-        std::fs::read_dir(self.dir.join("node"))
-            .unwrap()
-            .filter_map(Result::ok)
-            .any(|pod| pod.path().join("root/nix/store").join(&base).exists())
+    /// `kubectl` in this world's namespace.
+    fn kubectl(&self, args: &[&str]) -> std::process::Output {
+        self.cp.kubectl().args(["-n", &self.ns]).args(args).output().unwrap()
     }
 
-    async fn stop(mut self) {
-        if let Some(tx) = self.node_stop.take() {
-            let _ = tx.send(());
+    /// Whether a store path is in some builder's own store (asked with `kubectl exec`).
+    async fn built_on_a_builder(&self, out_path: &str) -> bool {
+        let mut found = false;
+        for pod in self.pods().await {
+            let name = pod.metadata.name.unwrap();
+            let out = self.kubectl(&["exec", &name, "-c", "builder", "--", "test", "-e", out_path.trim()]);
+            found |= out.status.success();
         }
-        if let Some(t) = self.node.take() {
-            t.await.unwrap().unwrap();
-        }
+        found
+    }
+
+    fn stop(mut self) {
         self.operator.kill();
     }
 }
@@ -148,10 +142,10 @@ fn assert_built(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-// Several threads: the test blocks on nix-build while the node stand-in and its relays run.
+// Several threads: the test blocks on nix-build while the operator's clients run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn apply_then_build_then_scale_then_a_team_key_without_restarts() {
-    let w = World::new("flow", 120).await;
+    let w = World::new("flow").await;
     let t0 = Instant::now();
     w.apply_pool("builders", 1).await;
     let pool = w.ready("builders", 1).await;
@@ -165,7 +159,7 @@ async fn apply_then_build_then_scale_then_a_team_key_without_restarts() {
     eprintln!("apply to first successful remote build: {:?}", t0.elapsed());
     assert_eq!(std::fs::read_to_string(&out).unwrap().trim(), "built on a pool");
     assert!(
-        w.built_on_a_builder(&out),
+        w.built_on_a_builder(&out).await,
         "{out} is not in any builder's store: the build ran elsewhere"
     );
 
@@ -209,13 +203,47 @@ async fn apply_then_build_then_scale_then_a_team_key_without_restarts() {
     assert_built(&out);
     let after: Vec<String> = w.pods().await.iter().map(|p| p.metadata.uid.clone().unwrap()).collect();
     assert_eq!(before, after, "adding a key must not restart any builder");
-    w.stop().await;
+
+    // Revoked: the team Secret is no longer named, kubelet swaps the Secret volume (`..data`),
+    // the agent reloads, and bob's builds stop working, still with no builder restarted.
+    let patch = serde_json::json!({"spec": {"ssh": {"authorizedKeysSecrets": []}}});
+    w.pools()
+        .patch("builders", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    eventually(MIN, "bob's key stops working", || async {
+        let drv = derivation(&w.dir, "bob-revoked", "echo no > $out").ok()?;
+        nix_build(&bob_machines, &drv)
+            .ok()
+            .filter(|o| !o.status.success())
+            .map(drop)
+    })
+    .await;
+    assert_built(&nix_build(&machines, &derivation(&w.dir, "alice-still", "echo ok > $out").unwrap()).unwrap());
+    let after: Vec<String> = w.pods().await.iter().map(|p| p.metadata.uid.clone().unwrap()).collect();
+    assert_eq!(before, after, "removing a key must not restart any builder");
+
+    // `kubectl logs` through the API server and the kubelet: the agent's own account.
+    let pod = w.pods().await[0].metadata.name.clone().unwrap();
+    let logs = w.kubectl(&["logs", &pod, "-c", "builder"]);
+    let text = String::from_utf8_lossy(&logs.stdout);
+    assert!(
+        logs.status.success(),
+        "kubectl logs: {}",
+        String::from_utf8_lossy(&logs.stderr)
+    );
+    assert!(text.contains("ready"), "the agent's log has no ready line:\n{text}");
+    assert!(
+        text.contains("authorized keys reloaded"),
+        "no key reload in the log:\n{text}"
+    );
+    w.stop();
 }
 
-// Several threads: the test blocks on nix-build while the node stand-in and its relays run.
+// Several threads: the test blocks on nix-build while the operator's clients run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_nix_config_change_rolls_the_builders_while_a_build_runs_and_the_build_succeeds() {
-    let w = World::new("roll", 124).await;
+    let w = World::new("roll").await;
     w.apply_pool("builders", 1).await;
     w.ready("builders", 1).await;
     let machines = w.machines_file("builders", &w.key.path);
@@ -251,13 +279,13 @@ async fn a_nix_config_change_rolls_the_builders_while_a_build_runs_and_the_build
     let path = assert_built(&out);
     assert_eq!(std::fs::read_to_string(&path).unwrap().trim(), "survived the rollout");
     w.ready("builders", 1).await;
-    w.stop().await;
+    w.stop();
 }
 
-// Several threads: the test blocks on nix-build while the node stand-in and its relays run.
+// Several threads: the test blocks on nix-build while the operator's clients run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_operator_killed_mid_way_converges_and_deleting_the_pool_removes_everything() {
-    let mut w = World::new("gone", 128).await;
+    let mut w = World::new("gone").await;
     w.apply_pool("builders", 2).await;
     // Kill the operator as soon as it has started on the pool, then start a new one.
     eventually(MIN, "the operator started on the pool", || async {
@@ -308,5 +336,71 @@ async fn an_operator_killed_mid_way_converges_and_deleting_the_pool_removes_ever
     )
     .unwrap();
     assert!(!out.status.success(), "a deleted pool must not build");
-    w.stop().await;
+    w.stop();
+}
+
+// Several threads: the test blocks on nix-build while the operator's clients run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deleted_builder_leaves_the_service_and_finishes_its_build_within_the_grace_period() {
+    let w = World::new("grace").await;
+    w.apply_pool("builders", 1).await;
+    w.ready("builders", 1).await;
+    let machines = w.machines_file("builders", &w.key.path);
+    let pod = w.pods().await[0].metadata.name.clone().unwrap();
+
+    let drv = derivation(&w.dir, "slow", "sleep 10; echo finished while terminating > $out").unwrap();
+    let build = nix_build_command(&machines, &drv)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let deleted = Instant::now();
+    let out = w.kubectl(&["delete", "pod", &pod, "--wait=false"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // The kubelet sent SIGTERM: the agent drains, its readiness probe fails, and the pod leaves
+    // the Service's endpoints while it is still Terminating with the build running.
+    let pods: Api<Pod> = Api::namespaced(w.client.clone(), &w.ns);
+    eventually(
+        MIN,
+        "the draining builder is NotReady and out of the endpoints",
+        || async {
+            let p = pods.get(&pod).await.ok()?;
+            let ready = p
+                .status
+                .as_ref()?
+                .conditions
+                .as_ref()?
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            let eps: Api<k8s_openapi::api::core::v1::Endpoints> = Api::namespaced(w.client.clone(), &w.ns);
+            let listed = serde_json::to_string(&eps.get("builders").await.ok()?).ok()?;
+            (p.metadata.deletion_timestamp.is_some() && !ready && !listed.contains(&pod)).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        pods.get(&pod).await.is_ok(),
+        "the pod must stay while its build runs (grace period 120 s)"
+    );
+    let out = tokio::task::spawn_blocking(move || build.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let path = assert_built(&out);
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap().trim(),
+        "finished while terminating"
+    );
+    // With the build done the agent exits, and the pod goes well before its grace period ends.
+    eventually(MIN, "the drained pod is gone", || async {
+        pods.get(&pod).await.is_err().then_some(())
+    })
+    .await;
+    assert!(
+        deleted.elapsed() < Duration::from_secs(100),
+        "took {:?}",
+        deleted.elapsed()
+    );
+    w.stop();
 }

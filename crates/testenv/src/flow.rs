@@ -2,7 +2,7 @@
 //! client key, a derivation that needs no nixpkgs, and a real `nix-build` on the host store that
 //! builds only remotely, through a machines file.
 
-use std::os::unix::fs::symlink;
+use std::os::unix::fs::{PermissionsExt as _, symlink};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -119,4 +119,24 @@ pub fn nix_build_command(machines: &Path, file: &Path) -> Command {
 
 pub fn nix_build(machines: &Path, file: &Path) -> anyhow::Result<Output> {
     Ok(nix_build_command(machines, file).output()?)
+}
+
+/// sshd's StrictModes refuses an authorized-keys file below a directory that others can write
+/// (like /tmp): make `dir` and its parents 0755 where they are not sticky-world-writable system
+/// directories, and refuse when one is. For the hand-made builder a benchmark compares against.
+pub fn make_traversable(dir: &Path) -> anyhow::Result<()> {
+    for d in dir.ancestors() {
+        let meta = std::fs::metadata(d)?;
+        let mode = meta.permissions().mode();
+        if mode & 0o022 != 0 {
+            if mode & 0o1000 != 0 {
+                bail!(
+                    "{} is world-writable (like /tmp or /dev/shm): sshd refuses keys below it; use another directory",
+                    d.display()
+                );
+            }
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode & !0o022))?;
+        }
+    }
+    Ok(())
 }
