@@ -179,7 +179,17 @@ impl HandMadeBuilder {
         let etc = root.join("etc");
         let mut passwd = std::fs::read_to_string(etc.join("passwd")).unwrap();
         passwd.push_str("builder:x:1500:1500::/var/empty:/bin/sh\n");
+        // Build users, as a hand-made builder's setup makes them (the host may have none).
+        passwd.push_str("nixbld1:x:30001:30000::/var/empty:/bin/false\n");
         std::fs::write(etc.join("passwd"), passwd).unwrap();
+        let mut group: String = std::fs::read_to_string(etc.join("group"))
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with("nixbld:"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        group.push_str("nixbld:x:30000:nixbld1\n");
+        std::fs::write(etc.join("group"), group).unwrap();
         let mut shadow = std::fs::read_to_string(etc.join("shadow")).unwrap_or_default();
         shadow.push_str("builder:*:19000:0:99999:7:::\n");
         std::fs::write(etc.join("shadow"), shadow).unwrap();
