@@ -127,9 +127,9 @@ pub fn deployment(pool: &NixBuilderPool, valid: &Valid, config_hash: &str) -> De
         // Ready within a second of the agent being ready, and out of the Service within a few
         // seconds of a drain starting: `/readyz` is a local read, cheap to ask every second.
         readiness_probe: Some(http_probe("/readyz", 1, 2)),
-        // Liveness waits for the start (seeding the store, the daemon's first answer) to finish,
-        // up to 10 minutes, then restarts only a builder that stays unhealthy for a minute.
-        startup_probe: Some(http_probe("/healthz", 1, 600)),
+        // Only a builder whose agent stops answering for a minute is restarted. No startup
+        // probe: `/healthz` answers from the agent's first milliseconds (seeding the store is the
+        // init container's), and a startup probe holds readiness back by up to one more period.
         liveness_probe: Some(http_probe("/healthz", 10, 6)),
         resources: spec.resources.clone(),
         security_context: Some(security.clone()),
