@@ -90,6 +90,13 @@ impl World {
         .await
     }
 
+    /// A pool of `replicas` builders, Ready, and the machines file builderctl writes for it.
+    async fn ready_pool(&self, name: &str, replicas: i32) -> PathBuf {
+        self.apply_pool(name, replicas).await;
+        self.ready(name, replicas).await;
+        self.machines_file(name, &self.key.path)
+    }
+
     /// `builderctl machines-file <pool>` from the cluster into this world's machines file.
     fn machines_file(&self, pool: &str, key: &Path) -> PathBuf {
         let file = self.dir.join("machines");
@@ -244,9 +251,7 @@ async fn apply_then_build_then_scale_then_a_team_key_without_restarts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_nix_config_change_rolls_the_builders_while_a_build_runs_and_the_build_succeeds() {
     let w = World::new("roll").await;
-    w.apply_pool("builders", 1).await;
-    w.ready("builders", 1).await;
-    let machines = w.machines_file("builders", &w.key.path);
+    let machines = w.ready_pool("builders", 1).await;
     let old: Vec<String> = w
         .pods()
         .await
@@ -343,9 +348,7 @@ async fn an_operator_killed_mid_way_converges_and_deleting_the_pool_removes_ever
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_deleted_builder_leaves_the_service_and_finishes_its_build_within_the_grace_period() {
     let w = World::new("grace").await;
-    w.apply_pool("builders", 1).await;
-    w.ready("builders", 1).await;
-    let machines = w.machines_file("builders", &w.key.path);
+    let machines = w.ready_pool("builders", 1).await;
     let pod = w.pods().await[0].metadata.name.clone().unwrap();
 
     let drv = derivation(&w.dir, "slow", "sleep 10; echo finished while terminating > $out").unwrap();
