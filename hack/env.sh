@@ -7,3 +7,5 @@ if [ -z "${CARGO_TARGET_DIR:-}" ]; then
   export CARGO_TARGET_DIR="$NIXPOOL_CACHE/t-$key"
 fi
 mkdir -p "$CARGO_TARGET_DIR"
+# The node's tools (runc, iptables, ip) live in sbin; a non-login root shell may lack it.
+case ":$PATH:" in *:/usr/sbin:*) ;; *) export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin" ;; esac
