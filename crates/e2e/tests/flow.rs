@@ -143,6 +143,18 @@ impl World {
         .await
     }
 
+    /// A remote build of `script` started through `machines`, given 3 s to reach a builder.
+    async fn build_under_way(&self, machines: &Path, script: &str) -> std::process::Child {
+        let drv = derivation(&self.dir, "slow", script).unwrap();
+        let build = nix_build_command(machines, &drv)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        build
+    }
+
     /// `kubectl` in this world's namespace.
     fn kubectl(&self, args: &[&str]) -> std::process::Output {
         self.cp.kubectl().args(["-n", &self.ns]).args(args).output().unwrap()
@@ -265,13 +277,9 @@ async fn a_nix_config_change_rolls_the_builders_while_a_build_runs_and_the_build
         .map(|p| p.metadata.name.clone().unwrap())
         .collect();
 
-    let drv = derivation(&w.dir, "slow", "sleep 12; echo survived the rollout > $out").unwrap();
-    let build = nix_build_command(&machines, &drv)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let build = w
+        .build_under_way(&machines, "sleep 12; echo survived the rollout > $out")
+        .await;
     let patch = serde_json::json!({"spec": {"nixConfig": {"keep-outputs": "true"}}});
     w.pools()
         .patch("builders", &PatchParams::default(), &Patch::Merge(&patch))
@@ -357,13 +365,9 @@ async fn a_deleted_builder_leaves_the_service_and_finishes_its_build_within_the_
     let machines = w.ready_pool("builders", 1).await;
     let pod = w.pods().await[0].metadata.name.clone().unwrap();
 
-    let drv = derivation(&w.dir, "slow", "sleep 10; echo finished while terminating > $out").unwrap();
-    let build = nix_build_command(&machines, &drv)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let build = w
+        .build_under_way(&machines, "sleep 10; echo finished while terminating > $out")
+        .await;
     let deleted = Instant::now();
     let out = w.kubectl(&["delete", "pod", &pod, "--wait=false"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
