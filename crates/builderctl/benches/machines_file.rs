@@ -121,6 +121,7 @@ fn main() {
         key_path: "/etc/nix/nixpool_ed25519".into(),
         allow_unready: false,
         via_ssh_config: false,
+        allow_stale: false,
     };
     let pure = time(|| {
         let changes: Vec<_> = pools

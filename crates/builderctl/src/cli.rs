@@ -186,6 +186,9 @@ pub struct MachinesFileArgs {
     /// Write pools that are not Ready too.
     #[arg(long)]
     pub allow_unready: bool,
+    /// Write pools whose status is older than their spec (the operator has not caught up).
+    #[arg(long)]
+    pub allow_stale: bool,
     /// Reach the pool as ssh-ng://user@nixpool-<ns>-<name>, the Host alias of `builderctl ssh-config`.
     #[arg(long)]
     pub via_ssh_config: bool,
@@ -219,6 +222,9 @@ pub struct SshConfigArgs {
     /// Use pools that are not Ready too.
     #[arg(long)]
     pub allow_unready: bool,
+    /// Use pools whose status is older than their spec (the operator has not caught up).
+    #[arg(long)]
+    pub allow_stale: bool,
 }
 
 #[derive(Args, Debug)]
@@ -329,6 +335,7 @@ async fn machines_file(a: MachinesFileArgs) -> anyhow::Result<ExitCode> {
             key_path: a.key.display().to_string(),
             allow_unready: a.allow_unready,
             via_ssh_config: a.via_ssh_config,
+            allow_stale: a.allow_stale,
         };
         let mut refused = Vec::new();
         for p in pools {
@@ -469,6 +476,7 @@ async fn ssh_config(a: SshConfigArgs) -> anyhow::Result<ExitCode> {
         key_path: a.key.display().to_string(),
         allow_unready: a.allow_unready,
         via_ssh_config: true,
+        allow_stale: a.allow_stale,
     };
     let mut configs = Vec::new();
     for p in &pools {

@@ -21,6 +21,16 @@ pub enum RenderError {
         field: &'static str,
         why: &'static str,
     },
+    #[error(
+        "pool {pool}: its status (generation {observed}) is older than its spec (generation {generation}): the operator has not caught up; wait for it (`kubectl get nbp -n {ns} {name}`) or pass --allow-stale"
+    )]
+    Stale {
+        pool: String,
+        ns: String,
+        name: String,
+        observed: i64,
+        generation: i64,
+    },
     #[error("pool {pool}: {field} is {value:?}: {why}")]
     Invalid {
         pool: String,
@@ -39,6 +49,43 @@ pub struct RenderOptions {
     pub allow_unready: bool,
     /// Connect through the `builderctl ssh-config` Host alias instead of host and port.
     pub via_ssh_config: bool,
+    /// Render pools whose status is older than their spec.
+    pub allow_stale: bool,
+}
+
+/// Why `value` would not survive in a machines line as one token, if it would not: Nix splits
+/// lines at whitespace, cuts comments at `#`, splits at `;` (Nix 2.8), and joins systems and
+/// features with `,`.
+fn breaks_a_column(value: &str) -> Option<&'static str> {
+    if value.is_empty() {
+        Some("it is empty")
+    } else if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Some("it holds whitespace or a control character, where Nix splits a machines line")
+    } else if value.contains('#') {
+        Some("it holds `#`, where Nix cuts a machines line as a comment")
+    } else if value.contains(';') {
+        Some("it holds `;`, where Nix splits a machines line")
+    } else if value.contains(',') {
+        Some("it holds `,`, which separates systems and features")
+    } else {
+        None
+    }
+}
+
+/// Why `host` is no host of an ssh URI, if it is not: an extra `@`, `/` or bracket would move
+/// the connection elsewhere; a colon or bracket is only for an IPv6 address.
+fn bad_host(host: &str) -> Option<&'static str> {
+    if let Some(why) = breaks_a_column(host) {
+        return Some(why);
+    }
+    let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    if host.contains(['@', '/', '?']) {
+        Some("a host name or address is needed, without `@`, `/` or `?`")
+    } else if (host.contains(['[', ']', ':'])) && bare.parse::<std::net::Ipv6Addr>().is_err() {
+        Some("a colon or bracket is allowed only in an IPv6 address")
+    } else {
+        None
+    }
 }
 
 /// `namespace/name`: the id of a pool's block in the machines file.
@@ -109,18 +156,55 @@ pub fn entry(pool: &NixBuilderPool, opts: &RenderOptions) -> Result<MachinesEntr
         });
     }
     let status = pool.status.clone().unwrap_or_default();
+    if let (Some(observed), Some(generation)) = (status.observed_generation, pool.metadata.generation)
+        && observed < generation
+        && !opts.allow_stale
+    {
+        return Err(RenderError::Stale {
+            pool: id,
+            ns: namespace(pool).into(),
+            name: name(pool).into(),
+            observed,
+            generation,
+        });
+    }
     let endpoint = status.endpoint.as_ref().ok_or_else(|| RenderError::Missing {
         pool: id.clone(),
         field: "status.endpoint",
         why: "the operator has not published where to connect yet (is the Service created?)",
     })?;
-    if endpoint.host.trim().is_empty() || endpoint.host.contains(char::is_whitespace) {
+    if let Some(why) = bad_host(&endpoint.host) {
         return Err(RenderError::Invalid {
             pool: id,
             field: "status.endpoint.host",
             value: endpoint.host.clone(),
-            why: "a host name or address without spaces is needed",
+            why,
         });
+    }
+    let tokens = std::iter::once(("spec.ssh.user", &pool.spec.ssh.user))
+        .chain(pool.spec.systems.iter().map(|v| ("spec.systems", v)))
+        .chain(
+            pool.spec
+                .supported_features
+                .iter()
+                .map(|v| ("spec.supportedFeatures", v)),
+        )
+        .chain(
+            pool.spec
+                .mandatory_features
+                .iter()
+                .map(|v| ("spec.mandatoryFeatures", v)),
+        );
+    for (field, value) in tokens {
+        let bad = breaks_a_column(value).or_else(|| value.contains(['@', '/']).then_some("it holds `@` or `/`"));
+        if let Some(why) = bad {
+            return Err(RenderError::Invalid {
+                pool: id,
+                field,
+                value: value.clone(),
+                why,
+            });
+        }
     }
     let port = u16::try_from(endpoint.port)
         .ok()
@@ -155,7 +239,7 @@ pub fn entry(pool: &NixBuilderPool, opts: &RenderOptions) -> Result<MachinesEntr
     } else {
         MachinesEntry::ssh_ng_uri(user, &endpoint.host, port)
     };
-    Ok(MachinesEntry {
+    let entry = MachinesEntry {
         uri,
         systems: pool.spec.systems.clone(),
         ssh_key: Some(opts.key_path.clone()),
@@ -164,5 +248,16 @@ pub fn entry(pool: &NixBuilderPool, opts: &RenderOptions) -> Result<MachinesEntr
         supported_features: pool.spec.supported_features.clone(),
         mandatory_features: pool.spec.mandatory_features.clone(),
         host_public_key: Some(host_key.to_string()),
-    })
+    };
+    // What Nix will read back must be what was meant: parse the rendered line before it is used.
+    let line = entry.to_string();
+    if MachinesEntry::parse(&line).ok().as_ref() != Some(&entry) {
+        return Err(RenderError::Invalid {
+            pool: id,
+            field: "status",
+            value: line,
+            why: "the rendered machines line does not read back as written; report this with the pool's status",
+        });
+    }
+    Ok(entry)
 }

@@ -24,6 +24,7 @@ fn opts() -> RenderOptions {
         key_path: "/etc/nix/nixpool_ed25519".into(),
         allow_unready: false,
         via_ssh_config: false,
+        allow_stale: false,
     }
 }
 
@@ -117,6 +118,75 @@ fn a_pool_without_host_key_or_endpoint_names_the_field() {
     p.status = None;
     let msg = render::entry(&p, &opts()).unwrap_err().to_string();
     assert!(msg.contains("no status") && msg.contains("operator"), "{msg}");
+}
+
+#[test]
+fn a_status_or_spec_value_nix_would_split_is_refused_with_the_pool_and_field() {
+    type Breaker = fn(&mut NixBuilderPool);
+    let cases: [(&str, Breaker, &str); 9] = [
+        (
+            "status.endpoint.host",
+            |p| set_host(p, "evil.example.com builder"),
+            "whitespace",
+        ),
+        ("status.endpoint.host", |p| set_host(p, "h\nssh://x"), "control"),
+        ("status.endpoint.host", |p| set_host(p, "host#comment"), "`#`"),
+        ("status.endpoint.host", |p| set_host(p, "a;b"), "`;`"),
+        ("status.endpoint.host", |p| set_host(p, "other@host"), "`@`"),
+        ("status.endpoint.host", |p| set_host(p, "[not-ipv6]"), "IPv6"),
+        (
+            "spec.systems",
+            |p| p.spec.systems = vec!["x86_64-linux,aarch64-linux".into()],
+            "`,`",
+        ),
+        (
+            "spec.supportedFeatures",
+            |p| p.spec.supported_features = vec!["kvm big".into()],
+            "whitespace",
+        ),
+        ("spec.ssh.user", |p| p.spec.ssh.user = "builder#x".into(), "`#`"),
+    ];
+    for (field, break_it, why) in cases {
+        let mut p = pool("linux");
+        break_it(&mut p);
+        let msg = render::entry(&p, &opts()).unwrap_err().to_string();
+        assert!(
+            msg.contains("builds/linux") && msg.contains(field) && msg.contains(why),
+            "{field}: {msg}"
+        );
+    }
+    // An IPv6 address is a host, bare or in brackets.
+    for host in ["fd00::1", "[fd00::1]"] {
+        let mut p = pool("linux");
+        set_host(&mut p, host);
+        let e = render::entry(&p, &opts()).unwrap();
+        assert_eq!(e.uri, "ssh-ng://builder@[fd00::1]", "{host}");
+    }
+}
+
+fn set_host(p: &mut NixBuilderPool, host: &str) {
+    p.status.as_mut().unwrap().endpoint.as_mut().unwrap().host = host.into();
+}
+
+#[test]
+fn a_status_older_than_the_spec_is_refused_unless_allowed() {
+    let mut p = pool("linux");
+    p.metadata.generation = Some(5);
+    p.status.as_mut().unwrap().observed_generation = Some(4);
+    let err = render::entry(&p, &opts()).unwrap_err();
+    assert!(matches!(err, RenderError::Stale { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("builds/linux") && msg.contains("--allow-stale"), "{msg}");
+    let allowed = RenderOptions {
+        allow_stale: true,
+        ..opts()
+    };
+    assert!(render::entry(&p, &allowed).is_ok());
+    p.status.as_mut().unwrap().observed_generation = Some(5);
+    assert!(
+        render::entry(&p, &opts()).is_ok(),
+        "a status of the current spec is used"
+    );
 }
 
 #[test]
