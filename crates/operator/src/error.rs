@@ -29,6 +29,11 @@ pub enum Error {
     /// The host-key Secret exists but holds no usable key.
     #[error("{0}")]
     HostKey(String),
+    /// An object with a child's name exists and is not this pool's: it is left alone.
+    #[error(
+        "{kind} {name} already exists and does not belong to this pool, so nixpool leaves it alone; delete or rename it, or give the pool another name"
+    )]
+    NotOwned { kind: String, name: String },
 }
 
 /// Shorthand for a reconcile result.
@@ -42,6 +47,7 @@ impl Error {
             Error::Apply { .. } => "ApplyFailed",
             Error::Status { .. } => "StatusFailed",
             Error::HostKey(_) => "BadHostKey",
+            Error::NotOwned { .. } => "NameTaken",
         }
     }
 }

@@ -562,3 +562,80 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over() {
     .await;
     let _ = BTreeMap::<String, String>::new();
 }
+
+/// The Degraded condition's reason and message, once there is one.
+fn degraded(pool: &NixBuilderPool) -> Option<(String, String)> {
+    let c = pool
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded")?;
+    (c.status == "True").then(|| (c.reason.clone(), c.message.clone()))
+}
+
+#[tokio::test]
+async fn an_object_under_a_childs_name_is_not_taken_over_and_outlives_the_pool() {
+    let cp = control_plane();
+    let ns = cp.namespace("taken").await.unwrap();
+    let client = cp.client().await.unwrap();
+    // Another team's ConfigMap under the name pool `builders` would give its config, and another
+    // team's Secret under the name pool `second` would give its generated host key.
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let theirs: ConfigMap = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "builders-config"}, "data": {"owner": "another team"}
+    }))
+    .unwrap();
+    cms.create(&Default::default(), &theirs).await.unwrap();
+    let their_secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "second-host-key"}, "stringData": {"ssh_host_ed25519_key": "theirs"}
+    }))
+    .unwrap();
+    secrets.create(&Default::default(), &their_secret).await.unwrap();
+
+    let _op = Operator::start(cp, &ns);
+    apply_example(cp, &ns, "minimal.yaml");
+    let mut second: NixBuilderPool =
+        serde_yaml::from_str(&std::fs::read_to_string(format!("{REPO}/examples/minimal.yaml")).unwrap()).unwrap();
+    second.metadata.name = Some("second".into());
+    let pools: Api<NixBuilderPool> = Api::namespaced(client.clone(), &ns);
+    pools.create(&Default::default(), &second).await.unwrap();
+    for (pool, object) in [
+        ("builders", "ConfigMap builders-config"),
+        ("second", "Secret second-host-key"),
+    ] {
+        let (reason, message) = eventually(MIN, &format!("{pool} is Degraded naming {object}"), || async {
+            degraded(&pools.get(pool).await.ok()?)
+        })
+        .await;
+        assert_eq!(reason, "NameTaken", "{message}");
+        assert!(
+            message.contains(object) && message.contains("leaves it alone"),
+            "{message}"
+        );
+    }
+    let untouched = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+        meta.owner_references.as_ref().is_none_or(|o| o.is_empty())
+    };
+    let cm = cms.get("builders-config").await.unwrap();
+    assert!(untouched(&cm.metadata), "{cm:?}");
+    assert_eq!(cm.data.unwrap()["owner"], "another team");
+    let s = secrets.get("second-host-key").await.unwrap();
+    assert!(untouched(&s.metadata));
+    assert_eq!(secret_text(&s, "ssh_host_ed25519_key"), "theirs");
+
+    // Deleting the pools garbage-collects what they own, never what they found.
+    for pool in ["builders", "second"] {
+        pools.delete(pool, &DeleteParams::background()).await.unwrap();
+    }
+    eventually(MIN, "the pools' own children gone", || async {
+        let gone = secrets.get_opt("builders-host-key").await.ok()?.is_none()
+            && secrets.get_opt("builders-authorized-keys").await.ok()?.is_none()
+            && secrets.get_opt("second-authorized-keys").await.ok()?.is_none();
+        gone.then_some(())
+    })
+    .await;
+    assert!(cms.get_opt("builders-config").await.unwrap().is_some());
+    assert!(secrets.get_opt("second-host-key").await.unwrap().is_some());
+}

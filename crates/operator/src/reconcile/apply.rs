@@ -6,6 +6,7 @@ use std::fmt::Debug;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Resource, ResourceExt};
 use nixpool_api::FIELD_MANAGER;
@@ -70,6 +71,17 @@ where
         source,
     })?;
     if let Some(live) = live {
+        // Never take over an object by name: only one this pool controls is updated.
+        let pool_uid = desired
+            .meta()
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|o| o.controller == Some(true))
+            .map(|o| o.uid.clone());
+        if !controlled_by(live.meta(), pool_uid.as_deref()) {
+            return Err(Error::NotOwned { kind, name });
+        }
         let d = serde_json::to_value(&desired).expect("children serialize");
         let l = serde_json::to_value(&live).expect("live objects serialize");
         if is_subset(&d, &l) {
@@ -90,6 +102,17 @@ where
         })?;
     changed.push(format!("{kind}/{name}"));
     Ok(applied)
+}
+
+/// Whether `meta`'s controller is the pool with `pool_uid`.
+pub fn controlled_by(meta: &ObjectMeta, pool_uid: Option<&str>) -> bool {
+    let Some(uid) = pool_uid else {
+        return false;
+    };
+    meta.owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.controller == Some(true) && o.uid == uid)
 }
 
 /// Whether every field of `desired` is in `live` with the same value. Quantities compare by

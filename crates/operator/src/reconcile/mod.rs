@@ -111,7 +111,7 @@ async fn reconcile(guard: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action> {
     ctx.metrics.reconciles.inc();
     let result = match &guard.0 {
         Ok(pool) => match reconcile_pool(pool, &ctx).await {
-            Err(e @ Error::Apply { .. }) | Err(e @ Error::HostKey(_)) => {
+            Err(e @ (Error::Apply { .. } | Error::HostKey(_) | Error::NotOwned { .. })) => {
                 report_failure(pool, &e, &ctx).await;
                 Err(e)
             }
@@ -268,6 +268,13 @@ async fn host_key(
         source,
     })?;
     match existing {
+        // A Secret under the generated key's name that this pool did not make is not adopted.
+        Some(secret) if ours && !apply::controlled_by(&secret.metadata, pool.metadata.uid.as_deref()) => {
+            Err(Error::NotOwned {
+                kind: "Secret".into(),
+                name,
+            })
+        }
         Some(secret) => {
             let data = secret.data.as_ref().and_then(|d| d.get(&key)).ok_or_else(|| {
                 Error::HostKey(format!(
