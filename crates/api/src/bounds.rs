@@ -13,13 +13,16 @@ use crate::NixBuilderPool;
 /// Every bound `pool` exceeds, one message per field (`spec.systems: must have at most 16
 /// items`). Empty when all are met.
 pub fn check(pool: &NixBuilderPool) -> Vec<String> {
-    let crd = NixBuilderPool::crd();
-    let schema = crd.spec.versions[0]
-        .schema
-        .as_ref()
-        .and_then(|s| s.open_api_v3_schema.as_ref())
-        .map(|s| serde_json::to_value(s).expect("the schema serializes"))
-        .expect("the derived CRD has an openAPIV3Schema");
+    // Generated once per process: the operator checks every pool at every reconcile.
+    static SCHEMA: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    let schema = SCHEMA.get_or_init(|| {
+        NixBuilderPool::crd().spec.versions[0]
+            .schema
+            .as_ref()
+            .and_then(|s| s.open_api_v3_schema.as_ref())
+            .map(|s| serde_json::to_value(s).expect("the schema serializes"))
+            .expect("the derived CRD has an openAPIV3Schema")
+    });
     let value = serde_json::to_value(pool).expect("the pool serializes");
     let mut problems = Vec::new();
     if let Some(spec) = value.get("spec") {
@@ -30,7 +33,7 @@ pub fn check(pool: &NixBuilderPool) -> Vec<String> {
 
 /// Checks `value` against the bounds of `schema` and descends into properties, items and
 /// map values.
-pub fn walk(schema: &Value, value: &Value, path: &str, problems: &mut Vec<String>) {
+fn walk(schema: &Value, value: &Value, path: &str, problems: &mut Vec<String>) {
     let bound = |key: &str| schema.get(key).and_then(Value::as_f64);
     match value {
         Value::String(s) => {

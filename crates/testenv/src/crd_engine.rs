@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 
 use crate::{ADMIN_TOKEN, ControlPlane, cache_dir, free_port};
@@ -68,7 +68,7 @@ impl CrdEngine {
     /// `apiextensions.k8s.io/v1` to the admin.
     pub async fn start(cp: &ControlPlane) -> anyhow::Result<CrdEngine> {
         let bin = binary()?;
-        let etcd = etcd_url(cp)?;
+        let etcd = cp.etcd_url();
         let port = free_port();
         let dir = tempfile::Builder::new()
             .prefix("crd-engine-")
@@ -165,30 +165,4 @@ impl Drop for CrdEngine {
         use nix::unistd::Pid;
         let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
     }
-}
-
-/// The client URL of `cp`'s etcd, read from the command line of the etcd whose data directory
-/// is the control plane's (the control plane does not keep it).
-fn etcd_url(cp: &ControlPlane) -> anyhow::Result<String> {
-    let data_dir = cp.dir().join("etcd");
-    let data_dir = data_dir.to_string_lossy();
-    for entry in std::fs::read_dir("/proc").context("reading /proc")? {
-        let Ok(entry) = entry else { continue };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        let is_ours = args.windows(2).any(|w| w[0] == "--data-dir" && w[1] == data_dir)
-            && args.iter().any(|a| a.ends_with("etcd"));
-        if !is_ours {
-            continue;
-        }
-        if let Some(url) = args.iter().find_map(|a| a.strip_prefix("--listen-client-urls=")) {
-            return Ok(url.split(',').next().unwrap_or(url).to_string());
-        }
-    }
-    bail!("found no etcd with --data-dir {data_dir}: is the control plane running?")
 }

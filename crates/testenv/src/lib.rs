@@ -46,12 +46,7 @@ pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 pub fn kube_bin_dir() -> anyhow::Result<PathBuf> {
     let dir = match std::env::var_os("NIXPOOL_KUBE_BIN") {
         Some(d) => PathBuf::from(d),
-        None => {
-            let cache = std::env::var_os("NIXPOOL_CACHE")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| "/var/cache/nixpool".into());
-            cache.join(format!("kube-{KUBE_VERSION}"))
-        }
+        None => cache_dir().join(format!("kube-{KUBE_VERSION}")),
     };
     for bin in ["kube-apiserver", "kube-controller-manager", "kubectl"] {
         if !dir.join(bin).is_file() {
@@ -116,6 +111,7 @@ pub fn free_port() -> u16 {
 pub struct ControlPlane {
     dir: PathBuf,
     port: u16,
+    etcd_port: u16,
     bin: PathBuf,
     spawner: mpsc::Sender<SpawnRequest>,
 }
@@ -174,9 +170,11 @@ impl ControlPlane {
         let dir = tempfile::Builder::new().prefix("nixpool-cp-").tempdir_in(base)?.keep();
         let spawner = spawner();
         let port = free_port();
+        let etcd_port = free_port();
         let cp = ControlPlane {
             dir: dir.clone(),
             port,
+            etcd_port,
             bin: bin.clone(),
             spawner,
         };
@@ -204,7 +202,6 @@ impl ControlPlane {
         )?;
         std::fs::write(dir.join("kubeconfig"), cp.kubeconfig_yaml(ADMIN_TOKEN, "default"))?;
 
-        let etcd_port = free_port();
         let peer_port = free_port();
         let mut etcd = Command::new("etcd");
         etcd.args(["--name", "nixpool-test", "--data-dir"])
@@ -298,6 +295,12 @@ impl ControlPlane {
     /// The directory holding the control plane's (and the node's) binaries.
     pub fn bin_dir(&self) -> &Path {
         &self.bin
+    }
+
+    /// The client URL of the control plane's etcd (other API servers may share it under their
+    /// own prefix).
+    pub fn etcd_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.etcd_port)
     }
 
     /// `https://127.0.0.1:<port>`.

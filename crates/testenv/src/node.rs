@@ -24,7 +24,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
-use crate::{ControlPlane, KUBE_PROXY_TOKEN, NODE_TOKEN, SCHEDULER_TOKEN, SERVICE_CIDR, free_port, need_tool};
+use crate::{
+    ControlPlane, KUBE_PROXY_TOKEN, NODE_TOKEN, SCHEDULER_TOKEN, SERVICE_CIDR, cache_dir, free_port, need_tool,
+};
 
 /// The node's name (its kubelet's `--hostname-override`).
 pub const NODE_NAME: &str = "nixpool-node";
@@ -398,12 +400,6 @@ syncFrequency: 10s
         std::fs::write(dir.join(file), cp.kubeconfig_yaml(token, "default"))?;
     }
     Ok(())
-}
-
-fn cache_dir() -> PathBuf {
-    std::env::var_os("NIXPOOL_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "/var/cache/nixpool".into())
 }
 
 /// The cached root file system of the builder test image and its sha256.
