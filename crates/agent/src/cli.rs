@@ -40,8 +40,9 @@ pub enum Command {
     /// Validate the config and the mounted Secrets and print what `run` would do; exits non-zero
     /// with every problem found.
     Check(Common),
-    /// The forced command of every builder key (sshd runs it): runs `nix-daemon --stdio` or
-    /// `nix-store --serve [--write]` as asked in SSH_ORIGINAL_COMMAND and refuses anything else.
+    /// The forced command of every builder key (sshd runs it): serves `nix-daemon --stdio`
+    /// (passing only build and copy requests, and only harmless client settings) or runs
+    /// `nix-store --serve [--write]` as asked in SSH_ORIGINAL_COMMAND; refuses anything else.
     Gate(GateArgs),
     /// The post-build hook (Nix runs it with OUT_PATHS and DRV_PATH): queues the paths for the
     /// cache pusher and returns at once; never fails a build.
@@ -131,9 +132,10 @@ pub struct EnqueueArgs {
 
 #[derive(Args, Debug)]
 pub struct GateArgs {
-    /// nix-daemon run for `nix-daemon --stdio` (ssh-ng://); the client's path is never used.
-    #[arg(long, default_value = "nix-daemon")]
-    pub nix_daemon: PathBuf,
+    /// nix-daemon's socket, which serves `nix-daemon --stdio` (ssh-ng://) through the gate's
+    /// request filter; the client's program path is never used.
+    #[arg(long, default_value = "/nix/var/nix/daemon-socket/socket")]
+    pub daemon_socket: PathBuf,
     /// nix-store run for `nix-store --serve [--write]` (ssh://).
     #[arg(long, default_value = "nix-store")]
     pub nix_store: PathBuf,
@@ -184,7 +186,7 @@ impl Cli {
     pub fn run(self) -> ExitCode {
         let layout = Layout::new(&self.root);
         match self.command {
-            Command::Gate(g) => crate::gate::run(&g.nix_daemon, &g.nix_store),
+            Command::Gate(g) => crate::gate::run(&g.daemon_socket, &g.nix_store),
             Command::Enqueue(args) => {
                 let mut paths = std::env::var("OUT_PATHS").unwrap_or_default();
                 if paths.trim().is_empty()

@@ -201,7 +201,7 @@ pub fn build(layout: &Layout, bins: &Binaries, opts: &Options) -> Result<Plan, V
     }
 
     // Authorized keys.
-    let forced_command = ssh::forced_command(&bins.agent, &bins.nix_daemon, &bins.nix_store);
+    let forced_command = ssh::forced_command(&bins.agent, &layout.daemon_socket(), &bins.nix_store);
     let ak_path = layout.authorized_keys_secret();
     let (authorized_keys, bad_keys, key_count) = match fs::read_to_string(&ak_path) {
         Err(e) => {

@@ -73,11 +73,11 @@ LogLevel VERBOSE
 }
 
 /// The forced command every key gets.
-pub fn forced_command(agent: &Path, nix_daemon: &Path, nix_store: &Path) -> String {
+pub fn forced_command(agent: &Path, daemon_socket: &Path, nix_store: &Path) -> String {
     format!(
-        "{} gate --nix-daemon {} --nix-store {}",
+        "{} gate --daemon-socket {} --nix-store {}",
         agent.display(),
-        nix_daemon.display(),
+        daemon_socket.display(),
         nix_store.display()
     )
 }

@@ -1,0 +1,212 @@
+//! The forced command of every builder key: lets through only what Nix runs over SSH and refuses
+//! anything else with a clear message. sshd runs it as the builder user with the client's
+//! command in `SSH_ORIGINAL_COMMAND`.
+//! - `ssh-ng://` (`nix-daemon --stdio`): the gate connects to nix-daemon's socket itself and
+//!   passes the client's requests through [`worker`], which keeps a trusted client from changing
+//!   how builds run.
+//! - `ssh://` (`nix-store --serve`): the gate replaces itself with `nix-store --serve`, in an
+//!   environment that gives it no settings of its own; the serve protocol carries only build
+//!   limits.
+
+mod wire;
+pub mod worker;
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, ExitCode};
+use std::sync::{Arc, Mutex, mpsc};
+
+/// What a client may run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Allowed {
+    /// `nix-daemon --stdio` (`ssh-ng://`).
+    Daemon,
+    /// `nix-store --serve [--write]` (`ssh://`).
+    Serve { write: bool },
+}
+
+/// Decides on the client's command. The program may be named by path (Nix's `remote-program`),
+/// but the configured binary is run, never the client's path.
+pub fn decide(original: Option<&str>) -> Result<Allowed, String> {
+    let Some(original) = original.map(str::trim).filter(|s| !s.is_empty()) else {
+        return Err("no command given: this account has no shell".into());
+    };
+    let words: Vec<&str> = original.split_whitespace().collect();
+    let program = words[0].rsplit('/').next().unwrap_or(words[0]);
+    match (program, &words[1..]) {
+        ("nix-daemon", ["--stdio"]) => Ok(Allowed::Daemon),
+        ("nix-store", ["--serve", "--write"]) | ("nix-store", ["--write", "--serve"]) => {
+            Ok(Allowed::Serve { write: true })
+        }
+        ("nix-store", ["--serve"]) => Ok(Allowed::Serve { write: false }),
+        _ => Err(format!("refusing {original:?}")),
+    }
+}
+
+pub fn refusal(reason: &str) -> String {
+    format!(
+        "nixpool: this account only serves Nix remote builds (ssh-ng:// runs `nix-daemon --stdio`, ssh:// runs `nix-store --serve --write`); {reason}"
+    )
+}
+
+/// Serves the client's command, or prints why not and exits 1.
+pub fn run(daemon_socket: &Path, nix_store: &Path) -> ExitCode {
+    let original = std::env::var("SSH_ORIGINAL_COMMAND").ok();
+    match decide(original.as_deref()) {
+        Ok(Allowed::Daemon) => serve_daemon(daemon_socket),
+        Ok(Allowed::Serve { write }) => {
+            let mut c = Command::new(nix_store);
+            c.arg("--serve");
+            if write {
+                c.arg("--write");
+            }
+            // No settings from the environment or the builder user's files: the daemon applies
+            // what this trusted client forwards.
+            c.env_clear()
+                .env(
+                    "PATH",
+                    std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
+                )
+                .env("NIX_USER_CONF_FILES", "/dev/null");
+            let err = c.exec();
+            eprintln!("nixpool: cannot start {}: {err}", nix_store.display());
+            ExitCode::from(1)
+        }
+        Err(reason) => {
+            eprintln!("{}", refusal(&reason));
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `nix-daemon --stdio`, served through the request filter: the client's bytes are read here,
+/// the daemon's answers are copied back by a second thread.
+fn serve_daemon(socket: &Path) -> ExitCode {
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        eprintln!("nixpool: {what}: {e}; the builder is not ready, try again or see the pod's log");
+        ExitCode::from(1)
+    };
+    let daemon = match connect(socket) {
+        Ok(s) => s,
+        Err(e) => return fail(&format!("cannot reach nix-daemon at {}", socket.display()), &e),
+    };
+    let (from_daemon, stdout) = match (daemon.try_clone(), std::io::stdout().as_fd().try_clone_to_owned()) {
+        (Ok(d), Ok(o)) => (d, std::fs::File::from(o)),
+        (Err(e), _) | (_, Err(e)) => return fail("cannot set up the session", &e),
+    };
+    let stdout = Arc::new(Mutex::new(stdout));
+    let (version_tx, version_rx) = mpsc::channel();
+    let copy_out = Arc::clone(&stdout);
+    std::thread::spawn(move || copy_answers(from_daemon, &copy_out, version_tx));
+    let mut to_daemon = BufWriter::new(&daemon);
+    let end = worker::session(
+        BufReader::new(std::io::stdin().lock()),
+        &mut to_daemon,
+        || version_rx.recv().ok(),
+        &mut |bytes| {
+            let mut out = stdout.lock().unwrap_or_else(|p| p.into_inner());
+            out.write_all(bytes).and_then(|()| out.flush())
+        },
+    );
+    match end {
+        worker::End::Done => {
+            // The client is done asking; the answers still under way are copied to the end.
+            let _ = to_daemon.flush();
+            drop(to_daemon);
+            let _ = daemon.shutdown(std::net::Shutdown::Write);
+            loop {
+                std::thread::park();
+            }
+        }
+        worker::End::Refused(reason) => {
+            eprintln!("{reason}");
+            ExitCode::from(1)
+        }
+        worker::End::Broken(wire::WireError::Malformed(m)) => {
+            eprintln!("nixpool: not a Nix worker-protocol client ({m}); the builder serves only Nix");
+            ExitCode::from(1)
+        }
+        worker::End::Broken(wire::WireError::Io(e)) => {
+            eprintln!("nixpool: the session ended mid-request: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Copies the daemon's answers to the client, first reporting the version it announces. The
+/// process ends with the daemon's side of the connection.
+fn copy_answers(mut daemon: UnixStream, stdout: &Mutex<std::fs::File>, version: mpsc::Sender<u64>) -> ! {
+    let mut hello = [0u8; 16];
+    if daemon.read_exact(&mut hello).is_err() || hello[..8] != wire::WORKER_MAGIC_2.to_le_bytes() {
+        eprintln!("nixpool: nix-daemon did not answer the handshake; see the pod's log");
+        std::process::exit(1);
+    }
+    {
+        let mut out = stdout.lock().unwrap_or_else(|p| p.into_inner());
+        if out.write_all(&hello).and_then(|()| out.flush()).is_err() {
+            std::process::exit(1);
+        }
+    }
+    let _ = version.send(u64::from_le_bytes(hello[8..].try_into().expect("8 bytes")));
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match daemon.read(&mut buf) {
+            Ok(0) | Err(_) => std::process::exit(0),
+            Ok(n) => n,
+        };
+        let mut out = stdout.lock().unwrap_or_else(|p| p.into_inner());
+        if out.write_all(&buf[..n]).and_then(|()| out.flush()).is_err() {
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Connects from the socket's directory, so a path longer than `sun_path` (a deep `--root` in
+/// tests) still works.
+fn connect(socket: &Path) -> std::io::Result<UnixStream> {
+    match (socket.parent(), socket.file_name()) {
+        (Some(dir), Some(name)) if !dir.as_os_str().is_empty() => {
+            std::env::set_current_dir(dir)?;
+            UnixStream::connect(name)
+        }
+        _ => UnixStream::connect(socket),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lets_through_what_nix_runs() {
+        assert_eq!(decide(Some("nix-daemon --stdio")), Ok(Allowed::Daemon));
+        assert_eq!(
+            decide(Some("/nix/store/x-nix/bin/nix-daemon --stdio")),
+            Ok(Allowed::Daemon)
+        );
+        assert_eq!(
+            decide(Some("nix-store --serve --write")),
+            Ok(Allowed::Serve { write: true })
+        );
+        assert_eq!(decide(Some("nix-store --serve")), Ok(Allowed::Serve { write: false }));
+    }
+
+    #[test]
+    fn refuses_everything_else() {
+        for cmd in [
+            "ls",
+            "nix-daemon",
+            "nix-daemon --stdio; rm -rf /",
+            "nix-store --delete x",
+            "sh -c nix-daemon --stdio",
+            "bash",
+        ] {
+            assert!(decide(Some(cmd)).is_err(), "{cmd} let through");
+        }
+        assert!(decide(None).unwrap_err().contains("no shell"));
+        assert!(refusal("refusing \"ls\"").contains("only serves Nix remote builds"));
+    }
+}
