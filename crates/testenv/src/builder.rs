@@ -437,11 +437,15 @@ impl Builder {
 
     /// `ssh builder@127.0.0.1 <command>` with the host key pinned.
     pub fn ssh(&self, user: &str, key: &Path, command: &str) -> Output {
+        run(&mut self.ssh_command(user, key, command))
+    }
+
+    /// The command of [`Builder::ssh`], not yet run.
+    pub fn ssh_command(&self, user: &str, key: &Path, command: &str) -> Command {
         let known = self.root.dir.path().join("known_hosts");
         fs::write(&known, format!("127.0.0.1 {}\n", self.root.host_public)).unwrap();
-        run(self
-            .client("/usr/bin/ssh")
-            .arg("-i")
+        let mut c = self.client("/usr/bin/ssh");
+        c.arg("-i")
             .arg(key)
             .arg("-o")
             .arg(format!("UserKnownHostsFile={}", known.display()))
@@ -458,7 +462,48 @@ impl Builder {
                 "/dev/null",
             ])
             .arg(format!("{user}@127.0.0.1"))
-            .arg(command))
+            .arg(command);
+        c
+    }
+}
+
+/// The scratch-root builder under attack, from the client key's holder.
+impl crate::attack::Target for Builder {
+    fn ssh(&self, command: &str) -> Command {
+        self.ssh_command("builder", &self.root.client_key, command)
+    }
+
+    fn machines_line(&self, scheme: &str) -> String {
+        Builder::machines_line(self, scheme, &self.root.client_key)
+    }
+
+    fn store_uri(&self) -> String {
+        let entry = MachinesEntry::parse(&Builder::machines_line(self, "ssh-ng", &self.root.client_key)).unwrap();
+        format!(
+            "ssh-ng://builder@127.0.0.1?ssh-key={}&base64-ssh-public-host-key={}",
+            self.root.client_key.display(),
+            entry.host_key_column()
+        )
+    }
+
+    fn client(&self, program: &str) -> Command {
+        Builder::client(self, program)
+    }
+
+    fn read(&self, path: &str) -> Option<String> {
+        fs::read_to_string(self.root.path(path)).ok()
+    }
+
+    fn exists(&self, path: &str) -> bool {
+        self.root.path(path).symlink_metadata().is_ok()
+    }
+
+    fn secrets(&self) -> Vec<String> {
+        vec![fs::read_to_string(self.root.dir.path().join("host_key")).unwrap()]
+    }
+
+    fn scratch(&self) -> PathBuf {
+        self.root.dir.path().to_path_buf()
     }
 }
 

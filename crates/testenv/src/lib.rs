@@ -11,12 +11,14 @@
 //! Every process is started through `setpriv --pdeathsig KILL` from a thread that lives as long
 //! as the test process, so nothing outlives a test run, even one that panics or is killed.
 
+pub mod attack;
 pub mod builder;
 pub mod crd_engine;
 pub mod flow;
 pub mod harness;
 pub mod load_balancer;
 pub mod node;
+pub mod worker_client;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
