@@ -417,3 +417,116 @@ async fn a_deleted_builder_leaves_the_service_and_finishes_its_build_within_the_
     );
     w.stop();
 }
+
+/// One builder pod of a pool, attacked through the pool's address by the holder of a key.
+struct PoolTarget<'a> {
+    w: &'a World,
+    pod: String,
+    entry: MachinesEntry,
+    secrets: Vec<String>,
+}
+
+impl PoolTarget<'_> {
+    fn host(&self) -> String {
+        self.entry.uri.rsplit('@').next().unwrap().to_string()
+    }
+
+    fn exec(&self, args: &[&str]) -> std::process::Output {
+        let mut all = vec!["exec", &self.pod, "-c", "builder", "--"];
+        all.extend(args);
+        self.w.kubectl(&all)
+    }
+}
+
+impl nixpool_testenv::attack::Target for PoolTarget<'_> {
+    fn ssh(&self, command: &str) -> std::process::Command {
+        let known = self.w.dir.join("known_hosts");
+        let host_key = self.entry.host_public_key.clone().unwrap();
+        std::fs::write(&known, format!("{} {host_key}\n", self.host())).unwrap();
+        let mut c = std::process::Command::new("ssh");
+        c.arg("-i")
+            .arg(&self.w.key.path)
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", known.display()))
+            .args([
+                "-o",
+                "StrictHostKeyChecking=yes",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "IdentitiesOnly=yes",
+            ])
+            .args(["-o", "ConnectTimeout=5", "-F", "/dev/null"])
+            .arg(format!("builder@{}", self.host()))
+            .arg(command);
+        c
+    }
+
+    fn machines_line(&self, scheme: &str) -> String {
+        let mut e = self.entry.clone();
+        e.uri = e.uri.replacen("ssh-ng://", &format!("{scheme}://"), 1);
+        e.ssh_key = Some(self.w.key.path.display().to_string());
+        e.to_string()
+    }
+
+    fn store_uri(&self) -> String {
+        format!(
+            "ssh-ng://builder@{}?ssh-key={}&base64-ssh-public-host-key={}",
+            self.host(),
+            self.w.key.path.display(),
+            self.entry.host_key_column()
+        )
+    }
+
+    fn client(&self, program: &str) -> std::process::Command {
+        std::process::Command::new(program)
+    }
+
+    fn read(&self, path: &str) -> Option<String> {
+        let out = self.exec(&["cat", path]);
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn exists(&self, path: &str) -> bool {
+        self.exec(&["test", "-e", path]).status.success()
+    }
+
+    fn secrets(&self) -> Vec<String> {
+        self.secrets.clone()
+    }
+
+    fn scratch(&self) -> PathBuf {
+        self.w.dir.clone()
+    }
+}
+
+/// The attacks of `nixpool_testenv::attack` on a pool pod: real sshd and trixie's Nix 2.26
+/// daemon behind the gate, from Nix 2.8's CLI and the worker-protocol test client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_holder_builds_in_a_pool_pods_sandbox_and_gets_nothing_more() {
+    let w = World::new("attack").await;
+    w.apply_pool("builders", 1).await;
+    let pool = w.ready("builders", 1).await;
+    let entry = MachinesEntry::parse(pool.status.as_ref().unwrap().machines_entry.as_deref().unwrap()).unwrap();
+    let secrets: Api<Secret> = Api::namespaced(w.client.clone(), &w.ns);
+    let host_key = secrets.get("builders-host-key").await.unwrap();
+    let private: Vec<String> = host_key
+        .data
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(k, _)| !k.ends_with(".pub"))
+        .map(|(_, v)| String::from_utf8(v.0).unwrap())
+        .collect();
+    assert!(!private.is_empty(), "the pool's host-key Secret holds a private key");
+    let pod = w.pods().await[0].metadata.name.clone().unwrap();
+    let target = PoolTarget {
+        w: &w,
+        pod,
+        entry,
+        secrets: private,
+    };
+    tokio::task::block_in_place(|| nixpool_testenv::attack::run_all(&target));
+    w.stop();
+}

@@ -162,17 +162,19 @@ fn unsigned_copy(t: &dyn Target, paths: &[&str]) {
     }
 }
 
-/// A worker-protocol client sends every hostile setting itself, then builds a probe.
-fn hostile_set_options_then_build(t: &dyn Target, tools: &Tools) {
+/// A worker-protocol client sends every hostile setting itself (none with `hostile` false: the
+/// baseline), then builds a probe.
+fn set_options_then_build(t: &dyn Target, tools: &Tools, hostile: bool) {
     let mut c = WorkerClient::connect(t.ssh("nix-daemon --stdio")).expect("a worker-protocol session");
-    let hostile = [
+    let settings = [
         ("sandbox", "false"),
         ("build-users-group", ""),
         ("extra-sandbox-paths", "/"),
         ("pre-build-hook", tools.pre_hook.as_str()),
         ("post-build-hook", tools.post_hook.as_str()),
     ];
-    assert_eq!(c.set_options(&hostile).unwrap(), Ok(()), "SetOptions is answered");
+    let settings = if hostile { &settings[..] } else { &[] };
+    assert_eq!(c.set_options(settings).unwrap(), Ok(()), "SetOptions is answered");
     let out_path = fresh_store_path("nixpool-attack-probe");
     let drv = BasicDerivation {
         drv_path: format!("{}.drv", fresh_store_path("nixpool-attack-probe")),
@@ -193,14 +195,19 @@ fn hostile_set_options_then_build(t: &dyn Target, tools: &Tools) {
     let output = t
         .read(&out_path)
         .unwrap_or_else(|| panic!("{out_path} is not on the builder"));
-    assert_sandboxed(t, "SetOptions sandbox=false, build-users-group=''", &output);
+    c.finish();
+    let what = if hostile {
+        "SetOptions sandbox=false, build-users-group=''"
+    } else {
+        "a plain BuildDerivation"
+    };
+    assert_sandboxed(t, what, &output);
     for marker in [&tools.pre_marker, &tools.post_marker] {
         assert!(
             !t.exists(marker),
             "a client-set build hook ran as root: {marker} exists"
         );
     }
-    c.finish();
 }
 
 /// A GC root is a symlink the daemon (root) makes anywhere: refused, and nix.conf is untouched.
@@ -252,7 +259,8 @@ fn cli_options(t: &dyn Target, tools: &Tools) {
 pub fn run_all(t: &dyn Target) {
     let tools = tools(t);
     unsigned_copy(t, &[&tools.busybox, &tools.pre_hook, &tools.post_hook]);
-    hostile_set_options_then_build(t, &tools);
+    set_options_then_build(t, &tools, false);
+    set_options_then_build(t, &tools, true);
     perm_root_over_nix_conf(t, &tools);
     cli_options(t, &tools);
 }
