@@ -1,5 +1,6 @@
 //! Command line: `run`, `crd`, `render`.
 
+use crate::reconcile::validate::Images;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -67,6 +68,15 @@ struct RunArgs {
     /// Builder image for pools whose spec.image is empty.
     #[arg(long, env = "NIXPOOL_DEFAULT_IMAGE", default_value = DEFAULT_IMAGE)]
     default_image: String,
+    /// Registry/repository prefixes pools may take spec.image from (repeat, or comma-separate);
+    /// a prefix ending in `/` allows everything below it. Default: only the default image's
+    /// repository. A pool runs its image as a privileged pod, so keep this to images you trust.
+    #[arg(
+        long = "allowed-image-prefix",
+        env = "NIXPOOL_ALLOWED_IMAGE_PREFIXES",
+        value_delimiter = ','
+    )]
+    allowed_image_prefixes: Vec<String>,
     /// Log format.
     #[arg(long, env = "NIXPOOL_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -98,6 +108,15 @@ struct RenderArgs {
     /// Builder image for a pool whose spec.image is empty.
     #[arg(long, env = "NIXPOOL_DEFAULT_IMAGE", default_value = DEFAULT_IMAGE)]
     default_image: String,
+    /// Registry/repository prefixes pools may take spec.image from (repeat, or comma-separate);
+    /// a prefix ending in `/` allows everything below it. Default: only the default image's
+    /// repository. A pool runs its image as a privileged pod, so keep this to images you trust.
+    #[arg(
+        long = "allowed-image-prefix",
+        env = "NIXPOOL_ALLOWED_IMAGE_PREFIXES",
+        value_delimiter = ','
+    )]
+    allowed_image_prefixes: Vec<String>,
     /// Render as if the server served policy/v1 PodDisruptionBudgets.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pdb: bool,
@@ -124,7 +143,14 @@ impl Cli {
                 } else {
                     std::fs::read_to_string(&args.file).with_context(|| format!("reading {}", args.file.display()))?
                 };
-                print!("{}", crate::render::render(&text, &args.default_image, args.pdb)?);
+                print!(
+                    "{}",
+                    crate::render::render(
+                        &text,
+                        &Images::new(&args.default_image, args.allowed_image_prefixes.clone()),
+                        args.pdb,
+                    )?
+                );
                 Ok(())
             }
             Command::Run(args) => run(args).await,
@@ -210,7 +236,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 instance: Some(identity),
             },
         ),
-        default_image: args.default_image,
+        images: Images::new(&args.default_image, args.allowed_image_prefixes),
         with_pdb,
         resync: Duration::from_secs(args.resync_seconds),
         failures: Default::default(),

@@ -14,7 +14,7 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
     /// Builder image for pools that name none.
-    pub default_image: String,
+    pub images: crate::reconcile::validate::Images,
     /// Whether the server serves policy/v1 (PodDisruptionBudgets).
     pub with_pdb: bool,
     /// How often an unchanged pool is looked at again.

@@ -6,11 +6,12 @@ use nixpool_api::{NixBuilderPool, paths};
 
 use crate::hostkey::HostKey;
 use crate::keys::AuthorizedKeys;
+use crate::reconcile::validate::Images;
 use crate::reconcile::{build, validate};
 
 /// Renders every NixBuilderPool document of a (multi-document) YAML file; other documents,
 /// such as the Secrets a pool references, are skipped.
-pub fn render(yaml: &str, default_image: &str, with_pdb: bool) -> anyhow::Result<String> {
+pub fn render(yaml: &str, images: &Images, with_pdb: bool) -> anyhow::Result<String> {
     use serde::Deserialize;
     let mut out = String::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
@@ -24,7 +25,7 @@ pub fn render(yaml: &str, default_image: &str, with_pdb: bool) -> anyhow::Result
                 i + 1
             )
         })?;
-        out.push_str(&render_pool(pool, default_image, with_pdb)?);
+        out.push_str(&render_pool(pool, images, with_pdb)?);
     }
     if out.is_empty() {
         bail!(
@@ -34,11 +35,11 @@ pub fn render(yaml: &str, default_image: &str, with_pdb: bool) -> anyhow::Result
     Ok(out)
 }
 
-fn render_pool(mut pool: NixBuilderPool, default_image: &str, with_pdb: bool) -> anyhow::Result<String> {
+fn render_pool(mut pool: NixBuilderPool, images: &Images, with_pdb: bool) -> anyhow::Result<String> {
     if pool.metadata.namespace.is_none() {
         pool.metadata.namespace = Some("default".into());
     }
-    let valid = validate::validate(&pool, default_image)
+    let valid = validate::validate(&pool, images)
         .map_err(|e| anyhow::anyhow!("{} is invalid:\n  {}", pool.name_any(), e.0.join("\n  ")))?;
     if pool.spec.ssh.authorized_keys_secrets.iter().any(|_| true) {
         eprintln!(

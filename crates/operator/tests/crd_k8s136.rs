@@ -9,6 +9,8 @@
 
 use std::time::{Duration, Instant};
 
+use nixpool_operator::reconcile::validate::Images;
+
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{ApiResource, DynamicObject, PostParams};
 use kube::{Api, CustomResourceExt};
@@ -471,7 +473,7 @@ async fn the_crd_installs_on_kubernetes_1_36_and_refuses_what_the_operator_refus
     for (file, mut example) in examples {
         example["metadata"]["namespace"] = json!("default");
         let pool: NixBuilderPool = serde_json::from_value(example.clone()).unwrap();
-        if let Err(e) = validate(&pool, "img") {
+        if let Err(e) = validate(&pool, &Images::from("img")) {
             panic!("the operator refuses examples/{file}: {e}");
         }
         if let Err(e) = create(example).await {
@@ -487,7 +489,7 @@ async fn the_crd_installs_on_kubernetes_1_36_and_refuses_what_the_operator_refus
 
         let pool: NixBuilderPool = serde_json::from_value(obj.clone()).unwrap();
         let expected = without_indices(case.field);
-        match validate(&pool, "img") {
+        match validate(&pool, &Images::from("img")) {
             Ok(_) => failures.push(format!("{}: the operator accepts it", case.what)),
             Err(e) if !e.0.iter().any(|m| without_indices(m).starts_with(&expected)) => failures.push(format!(
                 "{}: the operator's refusal does not name {}: {e}",

@@ -104,6 +104,9 @@ impl Operator {
                 "run",
                 "--default-image",
                 "nixpool-builder:test",
+                // The real node's builder image (crate::node).
+                "--allowed-image-prefix",
+                "nixpool-builder,nixpool.test/",
                 "--http-addr",
                 &format!("127.0.0.1:{port}"),
             ])

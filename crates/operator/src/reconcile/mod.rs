@@ -128,7 +128,7 @@ async fn reconcile(guard: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action> {
 
 async fn reconcile_pool(pool: &NixBuilderPool, ctx: &Context) -> Result<Action> {
     let ns = pool.namespace().unwrap_or_default();
-    let valid = match validate::validate(pool, &ctx.default_image) {
+    let valid = match validate::validate(pool, &ctx.images) {
         Ok(v) => v,
         Err(invalid) => {
             ctx.metrics.failure(REASON_INVALID_SPEC);

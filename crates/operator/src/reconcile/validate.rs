@@ -22,7 +22,58 @@ pub struct Valid {
 #[error("{}", .0.join("; "))]
 pub struct InvalidSpec(pub Vec<String>);
 
-pub fn validate(pool: &NixBuilderPool, default_image: &str) -> Result<Valid, InvalidSpec> {
+/// Which builder images pools may run: the operator's `--default-image` for pools that name none,
+/// and `--allowed-image-prefix` for those that do. A pool creator can run a privileged pod with
+/// the image, so the cluster admin decides which.
+#[derive(Clone, Debug)]
+pub struct Images {
+    pub default: String,
+    /// Registry/repository prefixes; a prefix ending in `/` allows everything below it, one that
+    /// does not allows that repository (any tag or digest).
+    pub allowed_prefixes: Vec<String>,
+}
+
+impl Images {
+    /// With no prefixes given, only the default image's repository is allowed.
+    pub fn new(default: &str, allowed_prefixes: Vec<String>) -> Self {
+        let allowed_prefixes = if allowed_prefixes.is_empty() {
+            vec![repository(default).to_string()]
+        } else {
+            allowed_prefixes
+        };
+        Self {
+            default: default.to_string(),
+            allowed_prefixes,
+        }
+    }
+
+    pub fn permits(&self, image: &str) -> bool {
+        self.allowed_prefixes.iter().any(|p| {
+            !p.is_empty()
+                && (image == p
+                    || image.strip_prefix(p.as_str()).is_some_and(|rest| {
+                        p.ends_with('/') || rest.starts_with(':') || rest.starts_with('@') || rest.starts_with('/')
+                    }))
+        })
+    }
+}
+
+impl From<&str> for Images {
+    fn from(default: &str) -> Self {
+        Images::new(default, Vec::new())
+    }
+}
+
+/// An image reference without its tag or digest.
+fn repository(image: &str) -> &str {
+    let image = image.split('@').next().unwrap_or(image);
+    match image.rfind(':') {
+        Some(colon) if !image[colon..].contains('/') => &image[..colon],
+        _ => image,
+    }
+}
+
+pub fn validate(pool: &NixBuilderPool, images: &Images) -> Result<Valid, InvalidSpec> {
     // The schema's size bounds first (an API server checks them before any CEL rule), then the
     // CEL rules: both straight from the CRD the types generate.
     let mut problems = nixpool_api::bounds::check(pool);
@@ -44,9 +95,14 @@ pub fn validate(pool: &NixBuilderPool, default_image: &str) -> Result<Valid, Inv
         .image
         .clone()
         .filter(|i| !i.trim().is_empty())
-        .unwrap_or_else(|| default_image.to_string());
+        .unwrap_or_else(|| images.default.clone());
     if image.trim().is_empty() {
         problems.push("spec.image: no image given and the operator has no --default-image; set spec.image to the nixpool builder image".into());
+    } else if !images.permits(&image) {
+        problems.push(format!(
+            "spec.image: {image:?} is not an image this operator runs (allowed: {}); use an image under one of those, or have the cluster admin add its registry/repository with the operator's --allowed-image-prefix",
+            images.allowed_prefixes.join(", ")
+        ));
     }
 
     let mut bytes = |field: &str, q: Option<&str>| -> Option<u64> {
@@ -124,7 +180,7 @@ mod tests {
 
     #[test]
     fn the_defaults_are_valid() {
-        let v = validate(&pool(serde_json::json!({})), "img:1").unwrap();
+        let v = validate(&pool(serde_json::json!({})), &Images::from("img:1")).unwrap();
         assert_eq!(v.image, "img:1");
         assert_eq!(v.min_free_bytes, Some(5 << 30));
         assert_eq!(v.max_free_bytes, Some(20 << 30));
@@ -160,7 +216,7 @@ mod tests {
             ),
         ];
         for (spec, expected) in cases {
-            let err = validate(&pool(spec.clone()), "img").unwrap_err();
+            let err = validate(&pool(spec.clone()), &Images::from("img")).unwrap_err();
             assert!(
                 err.0.iter().any(|m| m.starts_with(expected)),
                 "{spec}: expected {expected:?}, got {err}"
@@ -172,7 +228,7 @@ mod tests {
     fn a_bad_pool_name_is_refused() {
         let mut p = pool(serde_json::json!({}));
         p.metadata.name = Some("x".repeat(48));
-        let err = validate(&p, "img").unwrap_err();
+        let err = validate(&p, &Images::from("img")).unwrap_err();
         assert!(err.to_string().contains("metadata.name"), "{err}");
     }
 
@@ -183,7 +239,7 @@ mod tests {
                 "gc": {"minFree": "10 GB", "maxFree": "1Gi"},
                 "ssh": {"authorizedKeys": ["ssh-ed25519 nonsense"]}
             })),
-            "img",
+            &Images::from("img"),
         )
         .unwrap_err();
         assert!(
@@ -201,14 +257,58 @@ mod tests {
 
         let err = validate(
             &pool(serde_json::json!({"gc": {"minFree": "30Gi", "maxFree": "20Gi"}})),
-            "img",
+            &Images::from("img"),
         )
         .unwrap_err();
         assert!(
             err.0[0].starts_with("spec.gc: minFree must be smaller than maxFree"),
             "{err}"
         );
-        let err = validate(&pool(serde_json::json!({})), "").unwrap_err();
+        let err = validate(&pool(serde_json::json!({})), &Images::from("")).unwrap_err();
         assert!(err.0[0].starts_with("spec.image:"), "{err}");
+    }
+
+    #[test]
+    fn images_come_from_the_allowed_prefixes_only() {
+        let default_only = Images::from("ghcr.io/nixpool/nixpool-builder:latest");
+        assert_eq!(default_only.allowed_prefixes, ["ghcr.io/nixpool/nixpool-builder"]);
+        for ok in [
+            "ghcr.io/nixpool/nixpool-builder",
+            "ghcr.io/nixpool/nixpool-builder:0.2.0",
+            "ghcr.io/nixpool/nixpool-builder@sha256:abc",
+        ] {
+            assert!(default_only.permits(ok), "{ok}");
+        }
+        for refused in [
+            "ghcr.io/nixpool/nixpool-builder-evil:1",
+            "docker.io/library/alpine",
+            "ghcr.io/nixpool",
+            "",
+        ] {
+            assert!(!default_only.permits(refused), "{refused}");
+        }
+        let registry = Images::new("x", vec!["registry.corp/".into(), "localhost:5000/nix".into()]);
+        assert!(registry.permits("registry.corp/team/builder:1"));
+        assert!(registry.permits("localhost:5000/nix:2"));
+        assert!(!registry.permits("localhost:5000/nixevil"));
+        assert_eq!(repository("localhost:5000/builder"), "localhost:5000/builder");
+    }
+
+    #[test]
+    fn an_image_outside_the_prefixes_is_refused_naming_the_field_and_the_fix() {
+        let err = validate(
+            &pool(serde_json::json!({"image": "evil.example/miner:1"})),
+            &Images::from("img:1"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("spec.image") && err.contains("evil.example/miner:1"),
+            "{err}"
+        );
+        assert!(
+            err.contains("--allowed-image-prefix") && err.contains("allowed: img"),
+            "{err}"
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! Pure tests of the builders, from YAML fixtures.
 
+use crate::reconcile::validate::Images;
 use k8s_openapi::api::core::v1::Container;
 use kube::ResourceExt;
 use nixpool_api::agent::PushTarget;
@@ -18,7 +19,7 @@ fn pool(yaml: &str) -> NixBuilderPool {
 }
 
 fn children(p: &NixBuilderPool, key: &HostKey) -> Children {
-    let valid = validate(p, "img:default").unwrap();
+    let valid = validate(p, &Images::from("img:default")).unwrap();
     let mut keys = AuthorizedKeys::default();
     for k in &p.spec.ssh.authorized_keys {
         keys.add(k, || crate::keys::Origin(String::new()));
@@ -296,7 +297,7 @@ fn a_users_host_key_secret_is_mounted_and_none_is_built() {
 fn the_host_key_secret_holds_the_key_and_no_pdb_without_policy_v1() {
     let p = pool(MINIMAL);
     let key = HostKey::generate();
-    let valid = validate(&p, "img").unwrap();
+    let valid = validate(&p, &Images::from("img")).unwrap();
     let c = build(
         &p,
         &Inputs {
