@@ -43,6 +43,10 @@ pub mod labels {
     /// a child only when the live object lacks this hash or differs from what it would apply,
     /// so an unchanged pool costs no writes.
     pub const APPLIED_HASH: &str = "nixpool.dev/applied-hash";
+    /// A Secret a pool names (team keys, its own host key) is used only with this label set to
+    /// `"true"`: whoever can create a pool in a namespace cannot mount or read the namespace's
+    /// other Secrets by naming them.
+    pub const USE: &str = "nixpool.dev/use";
     /// Label selector (string form) matching every child of every pool.
     pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=nixpool-operator";
 }
@@ -56,6 +60,7 @@ pub mod conditions {
     pub const REASON_INVALID_SPEC: &str = "InvalidSpec";
     pub const REASON_BAD_AUTHORIZED_KEYS: &str = "BadAuthorizedKeys";
     pub const REASON_MISSING_SECRET: &str = "MissingSecret";
+    pub const REASON_SECRET_NOT_OPTED_IN: &str = "SecretNotOptedIn";
     pub const REASON_BUILDERS_READY: &str = "BuildersReady";
     pub const REASON_NO_READY_BUILDERS: &str = "NoReadyBuilders";
     pub const REASON_ENDPOINT_PENDING: &str = "EndpointPending";

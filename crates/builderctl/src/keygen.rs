@@ -98,6 +98,6 @@ pub fn authorize_snippet(public_line: &str, pool: &str, secret: &str) -> String 
          ---\n\
          # or keep it in a Secret the pool names (spec.ssh.authorizedKeysSecrets: [{{name: {secret}}}]);\n\
          # builders pick a change up within seconds, without a restart:\n\
-         apiVersion: v1\nkind: Secret\nmetadata:\n  name: {secret}\nstringData:\n  authorized_keys: |\n    {public_line}\n"
+         apiVersion: v1\nkind: Secret\nmetadata:\n  name: {secret}\n  labels:\n    nixpool.dev/use: \"true\" # lets pools of this namespace use it\nstringData:\n  authorized_keys: |\n    {public_line}\n"
     )
 }

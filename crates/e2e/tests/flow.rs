@@ -224,7 +224,8 @@ async fn apply_then_build_then_scale_then_a_team_key_without_restarts() {
     let bob = ClientKey::new(&w.dir, "bob_ed25519").unwrap();
     let secrets: Api<Secret> = Api::namespaced(w.client.clone(), &w.ns);
     let team: Secret = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "team-keys"}, "stringData": {"keys": format!("{}\n", bob.public)}
+        "metadata": {"name": "team-keys", "labels": {"nixpool.dev/use": "true"}},
+        "stringData": {"keys": format!("{}\n", bob.public)}
     }))
     .unwrap();
     secrets.create(&PostParams::default(), &team).await.unwrap();

@@ -379,7 +379,7 @@ async fn an_invalid_spec_is_reported_and_changes_nothing() {
     // and a healthy pool next to both converges.
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let garbage: Secret = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "bad-host-key"}, "stringData": {"key": "not a private key"}
+        "metadata": {"name": "bad-host-key", "labels": {"nixpool.dev/use": "true"}}, "stringData": {"key": "not a private key"}
     }))
     .unwrap();
     secrets.create(&Default::default(), &garbage).await.unwrap();

@@ -153,8 +153,9 @@ async fn reconcile_pool(pool: &NixBuilderPool, ctx: &Context) -> Result<Action> 
     };
 
     let mut missing = Vec::new();
-    let (host_key, generated) = host_key(ctx, pool, &ns, &mut missing).await?;
-    let authorized = authorized_keys(ctx, pool, &ns, &mut missing).await?;
+    let mut refused = Vec::new();
+    let (host_key, generated) = host_key(ctx, pool, &ns, &mut missing, &mut refused).await?;
+    let authorized = authorized_keys(ctx, pool, &ns, &mut missing, &mut refused).await?;
     let children = build::build(
         pool,
         &build::Inputs {
@@ -172,6 +173,7 @@ async fn reconcile_pool(pool: &NixBuilderPool, ctx: &Context) -> Result<Action> 
         host_public_key: host_key.as_ref().map(|k| k.public.as_str()),
         bad_keys: &authorized.bad,
         missing_secrets: &missing,
+        refused_secrets: &refused,
     };
     let new_status = status::compute(pool, &seen, ctx.now());
     let bad_keys_news = new_status.conditions.iter().any(|c| {
@@ -252,6 +254,7 @@ async fn host_key(
     pool: &NixBuilderPool,
     ns: &str,
     missing: &mut Vec<String>,
+    refused: &mut Vec<String>,
 ) -> Result<(Option<HostKey>, bool)> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let (name, key, ours) = match &pool.spec.ssh.host_key_secret {
@@ -274,6 +277,10 @@ async fn host_key(
                 kind: "Secret".into(),
                 name,
             })
+        }
+        Some(secret) if !ours && !opted_in(&secret) => {
+            refused.push(name);
+            Ok((None, false))
         }
         Some(secret) => {
             let data = secret.data.as_ref().and_then(|d| d.get(&key)).ok_or_else(|| {
@@ -316,12 +323,23 @@ async fn host_key(
     }
 }
 
+/// Whether a Secret's owner let pools use it (`nixpool.dev/use: "true"`).
+fn opted_in(secret: &Secret) -> bool {
+    secret
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(nixpool_api::labels::USE))
+        .is_some_and(|v| v == "true")
+}
+
 /// Inline keys plus every line of the referenced Secrets.
 async fn authorized_keys(
     ctx: &Context,
     pool: &NixBuilderPool,
     ns: &str,
     missing: &mut Vec<String>,
+    refused: &mut Vec<String>,
 ) -> Result<AuthorizedKeys> {
     let mut keys = AuthorizedKeys::default();
     for (i, line) in pool.spec.ssh.authorized_keys.iter().enumerate() {
@@ -338,6 +356,10 @@ async fn authorized_keys(
             missing.push(r.name.clone());
             continue;
         };
+        if !opted_in(&secret) {
+            refused.push(r.name.clone());
+            continue;
+        }
         let data = secret.data.unwrap_or_default();
         let wanted: Vec<&String> = match &r.key {
             Some(k) => {

@@ -24,6 +24,8 @@ pub struct Observed<'a> {
     pub bad_keys: &'a [BadKey],
     /// Referenced Secrets that do not exist (`spec.ssh.hostKeySecret` / authorized keys).
     pub missing_secrets: &'a [String],
+    /// Referenced Secrets without the `nixpool.dev/use: "true"` label, so not used.
+    pub refused_secrets: &'a [String],
 }
 
 pub fn compute(pool: &NixBuilderPool, seen: &Observed<'_>, now: Timestamp) -> NixBuilderPoolStatus {
@@ -39,13 +41,9 @@ pub fn compute(pool: &NixBuilderPool, seen: &Observed<'_>, now: Timestamp) -> Ni
         condition(prev, type_, ok, reason, message, generation, now)
     };
 
-    let ready_cond = if !seen.missing_secrets.is_empty() && seen.host_public_key.is_none() {
-        cond(
-            READY,
-            false,
-            REASON_MISSING_SECRET,
-            missing_message(seen.missing_secrets),
-        )
+    let secrets = secrets_problem(seen.missing_secrets, seen.refused_secrets, pool);
+    let ready_cond = if let (Some((reason, message)), None) = (&secrets, seen.host_public_key) {
+        cond(READY, false, reason, message.clone())
     } else if desired == 0 {
         cond(
             READY,
@@ -63,16 +61,15 @@ pub fn compute(pool: &NixBuilderPool, seen: &Observed<'_>, now: Timestamp) -> Ni
                 selector_string(pool)
             ),
         )
-    } else if endpoint.is_none() {
-        cond(READY, false, REASON_ENDPOINT_PENDING, endpoint_pending_message(pool))
-    } else {
-        let e = endpoint.as_ref().expect("checked above");
+    } else if let Some(e) = &endpoint {
         cond(
             READY,
             true,
             REASON_BUILDERS_READY,
             format!("{ready} of {desired} builders ready at {}:{}", e.host, e.port),
         )
+    } else {
+        cond(READY, false, REASON_ENDPOINT_PENDING, endpoint_pending_message(pool))
     };
 
     let deployment_generation = seen.deployment.metadata.generation;
@@ -105,13 +102,8 @@ pub fn compute(pool: &NixBuilderPool, seen: &Observed<'_>, now: Timestamp) -> Ni
                 .clone()
                 .unwrap_or_else(|| "the rollout is not progressing".into()),
         )
-    } else if !seen.missing_secrets.is_empty() {
-        cond(
-            DEGRADED,
-            true,
-            REASON_MISSING_SECRET,
-            missing_message(seen.missing_secrets),
-        )
+    } else if let Some((reason, message)) = secrets {
+        cond(DEGRADED, true, reason, message)
     } else if !seen.bad_keys.is_empty() {
         cond(
             DEGRADED,
@@ -255,6 +247,29 @@ fn endpoint_pending_message(pool: &NixBuilderPool) -> String {
             "a NodePort Service has no single address: set spec.service.externalHost to a node's DNS name or IP".into()
         }
         _ => "waiting for the load balancer to publish an address (or set spec.service.externalHost)".into(),
+    }
+}
+
+/// Missing Secrets first (nothing else works without them), then Secrets not opted in.
+fn secrets_problem(missing: &[String], refused: &[String], pool: &NixBuilderPool) -> Option<(&'static str, String)> {
+    let ns = pool.metadata.namespace.as_deref().unwrap_or("default");
+    let refused_message = || {
+        format!(
+            "Secret(s) {} lack the label {}=true, so the pool does not use them (a pool may only use Secrets their owner opted in); if they are meant for this pool: kubectl label secret -n {ns} {} {}=true",
+            refused.join(", "),
+            nixpool_api::labels::USE,
+            refused.join(" "),
+            nixpool_api::labels::USE
+        )
+    };
+    match (missing.is_empty(), refused.is_empty()) {
+        (true, true) => None,
+        (true, false) => Some((REASON_SECRET_NOT_OPTED_IN, refused_message())),
+        (false, true) => Some((REASON_MISSING_SECRET, missing_message(missing))),
+        (false, false) => Some((
+            REASON_MISSING_SECRET,
+            format!("{}; {}", missing_message(missing), refused_message()),
+        )),
     }
 }
 

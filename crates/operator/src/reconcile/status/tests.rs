@@ -55,6 +55,7 @@ fn compute_with(
             host_public_key: Some(KEY),
             bad_keys: bad,
             missing_secrets: &[],
+            refused_secrets: &[],
         },
         now,
     )
@@ -193,12 +194,38 @@ fn bad_keys_and_missing_secrets_degrade_and_name_the_source() {
             host_public_key: None,
             bad_keys: &[],
             missing_secrets: &missing,
+            refused_secrets: &[],
         },
         t("2026-01-01T00:00:00Z"),
     );
     assert_eq!(cond(&s, "Ready").reason, "MissingSecret");
     assert!(cond(&s, "Ready").message.contains("my-host-key"));
     assert!(s.machines_entry.is_none());
+}
+
+#[test]
+fn a_secret_not_opted_in_is_named_with_the_label_command() {
+    let p = pool(serde_json::json!({}));
+    let refused = vec!["other-team-keys".to_string()];
+    let s = compute(
+        &p,
+        &Observed {
+            deployment: &deployment(1, 1, 1),
+            service: &Service::default(),
+            host_public_key: Some("ssh-ed25519 AAAA"),
+            bad_keys: &[],
+            missing_secrets: &[],
+            refused_secrets: &refused,
+        },
+        t("2026-01-01T00:00:00Z"),
+    );
+    let d = cond(&s, "Degraded");
+    assert_eq!((d.status.as_str(), d.reason.as_str()), ("True", "SecretNotOptedIn"));
+    assert!(
+        d.message.contains("kubectl label secret -n") && d.message.contains("other-team-keys nixpool.dev/use=true"),
+        "{}",
+        d.message
+    );
 }
 
 #[test]
