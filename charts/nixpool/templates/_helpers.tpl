@@ -43,15 +43,17 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [apps]
   resources: [deployments]
   verbs: [get, list, watch, create, patch]
-# The SSH Service and the agent ConfigMap of each pool.
+# The SSH Service, the agent and authorized-keys ConfigMaps of each pool, and the team-key
+# ConfigMaps pools name (watched by their nixpool.dev/use=true label).
 - apiGroups: [""]
   resources: [services, configmaps]
   verbs: [get, list, watch, create, patch]
-# The host key (created once, never overwritten), the authorized keys, and the team-key and
-# host-key Secrets pools reference (read and watched, so a new key reaches builders in seconds).
+# Secrets only by name, never listed or watched: the host key it generates (created once, never
+# overwritten), and the Secrets a pool names (its own host key, deprecated team-key Secrets,
+# cache tokens), read to check they exist and are opted in.
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get, list, watch, create, patch]
+  verbs: [get, create]
 # One PodDisruptionBudget per pool where policy/v1 is served.
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]

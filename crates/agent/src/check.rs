@@ -79,13 +79,13 @@ pub fn check(layout: &Layout, bins: &Binaries, opts: &Options) -> ExitCode {
     }
     for b in &plan.bad_keys {
         eprintln!(
-            "authorized keys line {}: {} (fix the authorized-keys Secret)",
+            "authorized keys line {}: {} (fix the authorized-keys ConfigMap)",
             b.line, b.reason
         );
     }
     if plan.key_count == 0 {
         eprintln!(
-            "authorized keys: no usable key, so nobody can build here (add a public key to the authorized-keys Secret)"
+            "authorized keys: no usable key, so nobody can build here (add a public key to the authorized-keys ConfigMap)"
         );
     }
     ExitCode::from(1)

@@ -103,7 +103,7 @@ pub struct RunArgs {
     /// Longest restart backoff.
     #[arg(long, env = "NIXPOOL_RESTART_MAX_BACKOFF_MS", default_value_t = 30_000)]
     pub restart_max_backoff_ms: u64,
-    /// How often the authorized-keys Secret is re-read.
+    /// How often the authorized-keys ConfigMap is re-read.
     #[arg(long, env = "NIXPOOL_KEY_RELOAD_INTERVAL_MS", default_value_t = 1000)]
     pub key_reload_interval_ms: u64,
     /// How long nix-daemon may take to answer on its socket at start.

@@ -39,7 +39,7 @@ pub struct Plan {
     pub files: Vec<File>,
     /// What the agent found (logged by `run`, printed by `check`).
     pub notes: Vec<String>,
-    /// Lines of the authorized-keys Secret that are not keys (skipped).
+    /// Lines of the authorized-keys ConfigMap that are not keys (skipped).
     pub bad_keys: Vec<BadLine>,
     pub key_count: usize,
     pub build_uids: Vec<u32>,
@@ -206,7 +206,7 @@ pub fn build(layout: &Layout, bins: &Binaries, opts: &Options) -> Result<Plan, V
     let (authorized_keys, bad_keys, key_count) = match fs::read_to_string(&ak_path) {
         Err(e) => {
             problems.push(format!(
-                "authorized keys {}: {e}; mount the pool's authorized-keys Secret at {}",
+                "authorized keys {}: {e}; mount the pool's authorized-keys ConfigMap at {}",
                 ak_path.display(),
                 nixpool_api::paths::AUTHORIZED_KEYS_DIR
             ));

@@ -312,7 +312,7 @@ fn log_plan(plan: &Plan) {
     }
     info!(keys = plan.key_count, host_key = %plan.host_public_key, "authorized keys and host key read");
     for b in &plan.bad_keys {
-        warn!(line = b.line, reason = %b.reason, "authorized-keys Secret: line skipped");
+        warn!(line = b.line, reason = %b.reason, "authorized-keys ConfigMap: line skipped");
     }
 }
 
@@ -332,7 +332,7 @@ async fn reload_keys(layout: Layout, user: String, command: String, every: Durat
         match std::fs::read_to_string(&secret) {
             Err(e) => {
                 if !failing {
-                    warn!(path = %secret.display(), error = %e, "cannot read the authorized-keys Secret; keeping the current keys");
+                    warn!(path = %secret.display(), error = %e, "cannot read the authorized-keys ConfigMap; keeping the current keys");
                     failing = true;
                 }
             }
@@ -343,7 +343,7 @@ async fn reload_keys(layout: Layout, user: String, command: String, every: Durat
                 }
                 let (out, bad) = ssh::render_authorized_keys(&text, &command);
                 for b in &bad {
-                    warn!(line = b.line, reason = %b.reason, "authorized-keys Secret: line skipped");
+                    warn!(line = b.line, reason = %b.reason, "authorized-keys ConfigMap: line skipped");
                 }
                 match crate::fhs::write_file(&dest, out.as_bytes(), 0o644) {
                     Ok(_) => {

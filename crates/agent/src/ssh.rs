@@ -82,7 +82,7 @@ pub fn forced_command(agent: &Path, daemon_socket: &Path, nix_store: &Path) -> S
     )
 }
 
-/// A skipped line of the authorized-keys Secret.
+/// A skipped line of the authorized-keys ConfigMap.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BadLine {
     pub line: usize,
@@ -93,7 +93,7 @@ pub struct BadLine {
 /// `restrict` and the forced command. Lines that are not public keys are reported, not copied.
 pub fn render_authorized_keys(secret: &str, command: &str) -> (String, Vec<BadLine>) {
     let command = command.replace('\\', "\\\\").replace('"', "\\\"");
-    let mut out = String::from("# Written by nixpool-agent from the authorized-keys Secret.\n");
+    let mut out = String::from("# Written by nixpool-agent from the authorized-keys ConfigMap.\n");
     let mut bad = Vec::new();
     for (i, raw) in secret.lines().enumerate() {
         let line = raw.trim();

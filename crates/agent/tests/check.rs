@@ -99,7 +99,7 @@ fn bad_authorized_keys_lines_are_named_by_line() {
     let (ok, _, stderr) = check(&root);
     assert!(!ok);
     assert!(
-        stderr.contains("mount the pool's authorized-keys Secret at /run/nixpool/authorized-keys"),
+        stderr.contains("mount the pool's authorized-keys ConfigMap at /run/nixpool/authorized-keys"),
         "{stderr}"
     );
 }

@@ -60,7 +60,7 @@ pub mod conditions {
     pub const REASON_INVALID_SPEC: &str = "InvalidSpec";
     pub const REASON_BAD_AUTHORIZED_KEYS: &str = "BadAuthorizedKeys";
     pub const REASON_MISSING_SECRET: &str = "MissingSecret";
-    pub const REASON_SECRET_NOT_OPTED_IN: &str = "SecretNotOptedIn";
+    pub const REASON_NOT_OPTED_IN: &str = "NotOptedIn";
     pub const REASON_BUILDERS_READY: &str = "BuildersReady";
     pub const REASON_NO_READY_BUILDERS: &str = "NoReadyBuilders";
     pub const REASON_ENDPOINT_PENDING: &str = "EndpointPending";
@@ -85,9 +85,9 @@ pub mod paths {
     pub const HOST_KEY_FILE: &str = "ssh_host_ed25519_key";
     /// Key of the public half, next to [`HOST_KEY_FILE`].
     pub const HOST_PUBLIC_KEY_FILE: &str = "ssh_host_ed25519_key.pub";
-    /// The authorized-keys Secret is mounted here; the agent watches it for changes.
+    /// The authorized-keys ConfigMap is mounted here; the agent watches it for changes.
     pub const AUTHORIZED_KEYS_DIR: &str = "/run/nixpool/authorized-keys";
-    /// Key, in the authorized-keys Secret and as a file under [`AUTHORIZED_KEYS_DIR`].
+    /// Key, in the authorized-keys ConfigMap and as a file under [`AUTHORIZED_KEYS_DIR`].
     pub const AUTHORIZED_KEYS_FILE: &str = "authorized_keys";
     /// Cache tokens and signing keys are projected into this directory.
     pub const CACHE_SECRETS_DIR: &str = "/run/nixpool/cache";
@@ -116,7 +116,8 @@ pub mod names {
     pub fn host_key_secret(pool: &str) -> String {
         format!("{pool}-host-key")
     }
-    pub fn authorized_keys_secret(pool: &str) -> String {
+    /// The ConfigMap of every key allowed to log in (public keys are not secrets).
+    pub fn authorized_keys(pool: &str) -> String {
         format!("{pool}-authorized-keys")
     }
     pub fn config_map(pool: &str) -> String {

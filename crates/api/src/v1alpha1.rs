@@ -21,8 +21,8 @@ const PUBLIC_KEY_RULE: &str = "self.matches('^[!-9;-~]+:[A-Za-z0-9+/=]+$')";
 
 /// A pool of x86_64-linux (or other) Nix remote builders reachable over SSH.
 ///
-/// The operator turns it into a Deployment of builder pods, a Service, the SSH host-key and
-/// authorized-keys Secrets and the agent's ConfigMap, and reports in `status` everything a client
+/// The operator turns it into a Deployment of builder pods, a Service, the SSH host-key Secret,
+/// the authorized-keys and agent ConfigMaps, and reports in `status` everything a client
 /// needs: the endpoint, the pinned host key and a ready-made `/etc/nix/machines` line.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
@@ -256,10 +256,19 @@ pub struct SshSpec {
         .message("spec.ssh.authorizedKeys: each entry is one authorized_keys line, without newlines or other control characters"))]
     pub authorized_keys: Vec<String>,
 
-    /// Secrets in the pool's namespace holding more `authorized_keys` lines, e.g. one per
-    /// team. A change to them reaches the builders within seconds, without a restart.
+    /// ConfigMaps in the pool's namespace holding more `authorized_keys` lines, e.g. one per
+    /// team. Public keys are not secrets. Each ConfigMap must carry the label
+    /// `nixpool.dev/use: "true"`. A change reaches the builders within seconds, without a restart.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub authorized_keys_secrets: Vec<AuthorizedKeysSecretRef>,
+    #[schemars(length(max = 64))]
+    pub authorized_keys_config_maps: Vec<AuthorizedKeysRef>,
+
+    /// Deprecated: use authorizedKeysConfigMaps. Secrets in the pool's namespace holding more
+    /// `authorized_keys` lines, each labelled `nixpool.dev/use: "true"`. The operator reads them
+    /// by name every 30 s (it may not watch Secrets), so a change takes up to 30 s.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub authorized_keys_secrets: Vec<AuthorizedKeysRef>,
 
     /// An existing Secret holding the host's OpenSSH private key. Empty: the operator generates
     /// one ed25519 key for the pool once and keeps it for the pool's life.
@@ -272,19 +281,20 @@ impl Default for SshSpec {
         Self {
             user: default_user(),
             authorized_keys: Vec::new(),
+            authorized_keys_config_maps: Vec::new(),
             authorized_keys_secrets: Vec::new(),
             host_key_secret: None,
         }
     }
 }
 
-/// A Secret whose values are `authorized_keys` lines.
+/// A ConfigMap or Secret whose values are `authorized_keys` lines.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct AuthorizedKeysSecretRef {
-    /// Name of the Secret, in the pool's namespace.
+pub struct AuthorizedKeysRef {
+    /// Name of the object, in the pool's namespace.
     pub name: String,
-    /// The one key of the Secret to read. Empty: every key of the Secret.
+    /// The one key of the object to read. Empty: every key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
 }

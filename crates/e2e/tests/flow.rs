@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use nixpool_api::{MachinesEntry, NixBuilderPool};
@@ -219,17 +219,17 @@ async fn apply_then_build_then_scale_then_a_team_key_without_restarts() {
     let ours = written.lines().find(|l| l.starts_with("ssh-ng://")).unwrap();
     assert_eq!(MachinesEntry::parse(ours).unwrap().max_jobs, 6);
 
-    // A second client's key, added through a team Secret: it builds, and no pod restarted.
+    // A second client's key, added through a team ConfigMap: it builds, and no pod restarted.
     let before: Vec<String> = w.pods().await.iter().map(|p| p.metadata.uid.clone().unwrap()).collect();
     let bob = ClientKey::new(&w.dir, "bob_ed25519").unwrap();
-    let secrets: Api<Secret> = Api::namespaced(w.client.clone(), &w.ns);
-    let team: Secret = serde_json::from_value(serde_json::json!({
+    let config_maps: Api<ConfigMap> = Api::namespaced(w.client.clone(), &w.ns);
+    let team: ConfigMap = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "team-keys", "labels": {"nixpool.dev/use": "true"}},
-        "stringData": {"keys": format!("{}\n", bob.public)}
+        "data": {"keys": format!("{}\n", bob.public)}
     }))
     .unwrap();
-    secrets.create(&PostParams::default(), &team).await.unwrap();
-    let patch = serde_json::json!({"spec": {"ssh": {"authorizedKeysSecrets": [{"name": "team-keys"}]}}});
+    config_maps.create(&PostParams::default(), &team).await.unwrap();
+    let patch = serde_json::json!({"spec": {"ssh": {"authorizedKeysConfigMaps": [{"name": "team-keys"}]}}});
     w.pools()
         .patch("builders", &PatchParams::default(), &Patch::Merge(&patch))
         .await
@@ -239,7 +239,7 @@ async fn apply_then_build_then_scale_then_a_team_key_without_restarts() {
         .unwrap()
         .replace(&w.key.path.display().to_string(), &bob.path.display().to_string());
     std::fs::write(&bob_machines, bob_line).unwrap();
-    // Each builder's kubelet refreshes the Secret volume at its own next pod sync: wait until
+    // Each builder's kubelet refreshes the ConfigMap volume at its own next pod sync: wait until
     // every builder's log (`kubectl logs`, through the API server and the kubelet) says it
     // reloaded, so that whichever builder kube-proxy picks has bob's key.
     w.reloaded_everywhere(1).await;
@@ -247,9 +247,9 @@ async fn apply_then_build_then_scale_then_a_team_key_without_restarts() {
     let after: Vec<String> = w.pods().await.iter().map(|p| p.metadata.uid.clone().unwrap()).collect();
     assert_eq!(before, after, "adding a key must not restart any builder");
 
-    // Revoked: the team Secret is no longer named, kubelet swaps the Secret volume (`..data`),
+    // Revoked: the team ConfigMap is no longer named, kubelet swaps the ConfigMap volume (`..data`),
     // every agent reloads, and bob's builds fail on any builder, still with none restarted.
-    let patch = serde_json::json!({"spec": {"ssh": {"authorizedKeysSecrets": []}}});
+    let patch = serde_json::json!({"spec": {"ssh": {"authorizedKeysConfigMaps": []}}});
     w.pools()
         .patch("builders", &PatchParams::default(), &Patch::Merge(&patch))
         .await

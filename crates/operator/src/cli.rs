@@ -29,7 +29,7 @@ pub const DEFAULT_IMAGE: &str = "ghcr.io/nixpool/nixpool-builder:latest";
     about = "Runs pools of Nix remote builders on Kubernetes from NixBuilderPool resources",
     long_about = "Runs pools of Nix remote builders on Kubernetes.\n\n\
         Each NixBuilderPool (nixpool.dev/v1alpha1, short name nbp) becomes a Deployment of builder pods, \
-        a Service, an SSH host-key Secret, an authorized-keys Secret and the agent's ConfigMap; its status \
+        a Service, an SSH host-key Secret, an authorized-keys ConfigMap and the agent's ConfigMap; its status \
         carries the endpoint, the pinned host key and a ready-made /etc/nix/machines line.",
     after_help = "Examples:\n  nixpool-operator crd | kubectl apply -f -\n  nixpool-operator run --namespace ci\n  nixpool-operator render -f examples/minimal.yaml"
 )]

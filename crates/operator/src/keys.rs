@@ -54,9 +54,10 @@ impl AuthorizedKeys {
     }
 
     /// Adds every line of a Secret value.
-    pub fn add_text(&mut self, text: &str, secret: &str, key: &str) {
+    /// Every line of one key of an object; `source` names it, e.g. `ConfigMap team-keys`.
+    pub fn add_text(&mut self, text: &str, source: &str, key: &str) {
         for (i, line) in text.lines().enumerate() {
-            self.add(line, || Origin(format!("Secret {secret} key {key} line {}", i + 1)));
+            self.add(line, || Origin(format!("{source} key {key} line {}", i + 1)));
         }
     }
 
@@ -101,16 +102,16 @@ mod tests {
         keys.add(A, || Origin("spec.ssh.authorizedKeys[0]".into()));
         keys.add_text(
             &format!("# team keys\n\n{B}\n{}\nnot a key\n", A.replace("alice", "alice-again")),
-            "team-a",
+            "ConfigMap team-a",
             "keys",
         );
         assert_eq!(keys.lines, vec![A.to_string(), B.to_string()]);
         assert_eq!(keys.bad.len(), 1);
-        assert_eq!(keys.bad[0].origin, Origin("Secret team-a key keys line 5".into()));
+        assert_eq!(keys.bad[0].origin, Origin("ConfigMap team-a key keys line 5".into()));
         assert!(
             keys.bad[0]
                 .to_string()
-                .starts_with("Secret team-a key keys line 5: not an OpenSSH public key line")
+                .starts_with("ConfigMap team-a key keys line 5: not an OpenSSH public key line")
         );
         assert_eq!(keys.render(), format!("{A}\n{B}\n"));
     }

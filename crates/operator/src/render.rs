@@ -41,9 +41,9 @@ fn render_pool(mut pool: NixBuilderPool, images: &Images, with_pdb: bool) -> any
     }
     let valid = validate::validate(&pool, images)
         .map_err(|e| anyhow::anyhow!("{} is invalid:\n  {}", pool.name_any(), e.0.join("\n  ")))?;
-    if pool.spec.ssh.authorized_keys_secrets.iter().any(|_| true) {
+    if !pool.spec.ssh.authorized_keys_secrets.is_empty() || !pool.spec.ssh.authorized_keys_config_maps.is_empty() {
         eprintln!(
-            "note: keys from spec.ssh.authorizedKeysSecrets are read in the cluster; only inline keys are rendered"
+            "note: keys from spec.ssh.authorizedKeysConfigMaps and authorizedKeysSecrets are read in the cluster; only inline keys are rendered"
         );
     }
     let mut keys = AuthorizedKeys::default();
@@ -58,14 +58,12 @@ fn render_pool(mut pool: NixBuilderPool, images: &Images, with_pdb: bool) -> any
         &pool,
         &build::Inputs {
             valid: &valid,
-            host_key: Some(&key),
             authorized_keys: &keys,
             with_pdb,
         },
     );
     let build::Children {
-        host_key_secret,
-        authorized_keys_secret,
+        authorized_keys,
         config_map,
         deployment,
         service,
@@ -73,7 +71,8 @@ fn render_pool(mut pool: NixBuilderPool, images: &Images, with_pdb: bool) -> any
     } = children;
 
     let mut docs = Vec::new();
-    if let Some(mut secret) = host_key_secret {
+    if pool.spec.ssh.host_key_secret.is_none() {
+        let mut secret = build::host_key_secret(&pool, &key);
         // Never print a private key: it is generated in the cluster, once.
         if let Some(data) = secret.data.as_mut() {
             data.remove(paths::HOST_KEY_FILE);
@@ -85,7 +84,7 @@ fn render_pool(mut pool: NixBuilderPool, images: &Images, with_pdb: bool) -> any
         );
         docs.push(text);
     }
-    docs.push(serde_yaml::to_string(&build::stamp(authorized_keys_secret))?);
+    docs.push(serde_yaml::to_string(&build::stamp(authorized_keys))?);
     docs.push(serde_yaml::to_string(&build::stamp(config_map))?);
     docs.push(serde_yaml::to_string(&build::stamp(deployment))?);
     docs.push(serde_yaml::to_string(&build::stamp(service))?);

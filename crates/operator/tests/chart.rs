@@ -229,6 +229,30 @@ async fn the_operator_works_with_exactly_the_charts_permissions() {
     );
     drop(op);
 
+    // Secrets only by name: no list or watch anywhere, so no Secret reaches the operator's
+    // memory unless a pool names it.
+    let sa = format!("--as=system:serviceaccount:{RELEASE_NS}:t-nixpool");
+    for (verb, expected) in [
+        ("list", "no"),
+        ("watch", "no"),
+        ("update", "no"),
+        ("patch", "no"),
+        ("delete", "no"),
+        ("get", "yes"),
+        ("create", "yes"),
+    ] {
+        let out = cp
+            .kubectl()
+            .args(["auth", "can-i", verb, "secrets", "--all-namespaces", &sa])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            expected,
+            "can the chart's ServiceAccount {verb} Secrets?"
+        );
+    }
+
     // Without any one rule, the operator runs into "forbidden".
     let policy_v1 = run(cp.kubectl().args(["api-versions"]))
         .lines()

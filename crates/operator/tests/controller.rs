@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::*;
-use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::events::v1::Event;
@@ -79,9 +78,9 @@ async fn every_example_pool_gets_its_children_and_a_status() {
         let hk = secrets.get(&format!("{name}-host-key")).await.unwrap();
         assert!(owned_by(&hk.metadata, &pool));
         assert_eq!(secret_text(&hk, paths::HOST_PUBLIC_KEY_FILE).trim(), host_key);
-        let ak = secrets.get(&format!("{name}-authorized-keys")).await.unwrap();
+        let ak = config_maps.get(&format!("{name}-authorized-keys")).await.unwrap();
         assert!(owned_by(&ak.metadata, &pool));
-        assert!(secret_text(&ak, paths::AUTHORIZED_KEYS_FILE).contains("alice@laptop"));
+        assert!(ak.data.as_ref().unwrap()[paths::AUTHORIZED_KEYS_FILE].contains("alice@laptop"));
         let cm = config_maps.get(&format!("{name}-config")).await.unwrap();
         assert!(owned_by(&cm.metadata, &pool));
         let agent = nixpool_api::AgentConfig::from_json(&cm.data.as_ref().unwrap()[paths::AGENT_CONFIG_KEY]).unwrap();
@@ -231,7 +230,6 @@ async fn a_spec_change_rolls_the_deployment_and_a_team_key_does_not() {
     apply_example(cp, &ns, "team-keys.yaml");
     let pools: Api<NixBuilderPool> = Api::namespaced(client.clone(), &ns);
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     observed(&pools, "teams").await;
     let before = deployments.get("teams").await.unwrap();
     let hash_of = |d: &Deployment| {
@@ -248,14 +246,16 @@ async fn a_spec_change_rolls_the_deployment_and_a_team_key_does_not() {
             .clone()
     };
 
-    // A new key in a team Secret reaches the authorized-keys Secret within seconds...
+    // A new key in a team ConfigMap reaches the authorized-keys ConfigMap within seconds...
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let team_text = |cm: &ConfigMap| cm.data.as_ref().unwrap()["authorized_keys"].clone();
     let dave = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBtqZ2mhd1zVQ2b0mZ7oN5pX0y8rC1qWmQ3y6c2dE9fG dave@laptop";
-    let mut keys = secret_text(&secrets.get("team-mobile-keys").await.unwrap(), "authorized_keys");
+    let mut keys = team_text(&config_maps.get("team-mobile-keys").await.unwrap());
     keys.push_str(dave);
     keys.push('\n');
-    let patch = serde_json::json!({"data": {"authorized_keys": ByteString(keys.into_bytes())}});
+    let patch = serde_json::json!({"data": {"authorized_keys": keys}});
     let sent = std::time::Instant::now();
-    secrets
+    config_maps
         .patch("team-mobile-keys", &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .unwrap();
@@ -263,26 +263,26 @@ async fn a_spec_change_rolls_the_deployment_and_a_team_key_does_not() {
         Duration::from_secs(15),
         "dave's key in teams-authorized-keys",
         || async {
-            let s = secrets.get("teams-authorized-keys").await.ok()?;
-            secret_text(&s, paths::AUTHORIZED_KEYS_FILE)
+            let cm = config_maps.get("teams-authorized-keys").await.ok()?;
+            cm.data?[paths::AUTHORIZED_KEYS_FILE]
                 .contains("dave@laptop")
                 .then_some(())
         },
     )
     .await;
-    eprintln!("team key reached the authorized-keys Secret in {:?}", sent.elapsed());
+    eprintln!("team key reached the authorized-keys ConfigMap in {:?}", sent.elapsed());
     // ...without touching the pod template: no restart.
     let after_key = deployments.get("teams").await.unwrap();
     assert_eq!(after_key.metadata.generation, before.metadata.generation);
     assert_eq!(hash_of(&after_key), hash_of(&before));
 
-    // A bad line is reported with its Secret and line, not dropped silently.
+    // A bad line is reported with its ConfigMap and line, not dropped silently.
     let bad = format!(
         "{}not-a-key at all\n",
-        secret_text(&secrets.get("team-mobile-keys").await.unwrap(), "authorized_keys")
+        team_text(&config_maps.get("team-mobile-keys").await.unwrap())
     );
-    let patch = serde_json::json!({"data": {"authorized_keys": ByteString(bad.into_bytes())}});
-    secrets
+    let patch = serde_json::json!({"data": {"authorized_keys": bad}});
+    config_maps
         .patch("team-mobile-keys", &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .unwrap();
@@ -297,7 +297,7 @@ async fn a_spec_change_rolls_the_deployment_and_a_team_key_does_not() {
     .await;
     let msg = &condition(&degraded, "Degraded").message;
     assert!(
-        msg.contains("Secret team-mobile-keys key authorized_keys line 3"),
+        msg.contains("ConfigMap team-mobile-keys key authorized_keys line 3"),
         "{msg}"
     );
     assert!(
@@ -464,7 +464,7 @@ async fn a_pool_scales_with_kubectl_and_deleting_it_garbage_collects_its_childre
             && services.get_opt("builders").await.ok()?.is_none()
             && cms.get_opt("builders-config").await.ok()?.is_none()
             && secrets.get_opt("builders-host-key").await.ok()?.is_none()
-            && secrets.get_opt("builders-authorized-keys").await.ok()?.is_none();
+            && cms.get_opt("builders-authorized-keys").await.ok()?.is_none();
         gone.then_some(())
     })
     .await;
@@ -631,11 +631,111 @@ async fn an_object_under_a_childs_name_is_not_taken_over_and_outlives_the_pool()
     }
     eventually(MIN, "the pools' own children gone", || async {
         let gone = secrets.get_opt("builders-host-key").await.ok()?.is_none()
-            && secrets.get_opt("builders-authorized-keys").await.ok()?.is_none()
-            && secrets.get_opt("second-authorized-keys").await.ok()?.is_none();
+            && cms.get_opt("builders-authorized-keys").await.ok()?.is_none()
+            && cms.get_opt("second-authorized-keys").await.ok()?.is_none();
         gone.then_some(())
     })
     .await;
     assert!(cms.get_opt("builders-config").await.unwrap().is_some());
     assert!(secrets.get_opt("second-host-key").await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn a_pool_uses_only_opted_in_key_sources_and_allowed_images() {
+    let cp = control_plane();
+    let ns = cp.namespace("optin").await.unwrap();
+    let client = cp.client().await.unwrap();
+    let _op = Operator::start(cp, &ns);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let pools: Api<NixBuilderPool> = Api::namespaced(client.clone(), &ns);
+    const ALICE: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHbOkOOzoWy8fLjOmJmbmT7K8GmeiE5XaH7Sik8y7Dm0 alice@laptop";
+    const BOB: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIC6o/4wuvKOUyj0Yb5Ef8nC3U8OgAAbIAaAFhg8k45qB bob@laptop";
+    const CAROL: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIM0sK4zR4S0vLbV0qW8x2oYb1F0bJdQy8b4xGq8p0HqZ carol@laptop";
+    let create_cm = serde_json::json!({"metadata": {"name": "unlabelled-keys"}, "data": {"keys": ALICE}});
+    cms.create(&Default::default(), &serde_json::from_value(create_cm).unwrap())
+        .await
+        .unwrap();
+    for (name, key, labelled) in [("old-team-keys", BOB, true), ("someone-elses", CAROL, false)] {
+        let mut meta = serde_json::json!({"name": name});
+        if labelled {
+            meta["labels"] = serde_json::json!({"nixpool.dev/use": "true"});
+        }
+        let s = serde_json::json!({"metadata": meta, "stringData": {"keys": key}});
+        secrets
+            .create(&Default::default(), &serde_json::from_value(s).unwrap())
+            .await
+            .unwrap();
+    }
+    let pool: NixBuilderPool = serde_json::from_value(serde_json::json!({
+        "apiVersion": "nixpool.dev/v1alpha1", "kind": "NixBuilderPool",
+        "metadata": {"name": "teams"},
+        "spec": {"ssh": {
+            "authorizedKeysConfigMaps": [{"name": "unlabelled-keys"}],
+            "authorizedKeysSecrets": [{"name": "old-team-keys"}, {"name": "someone-elses"}]
+        }}
+    }))
+    .unwrap();
+    pools.create(&Default::default(), &pool).await.unwrap();
+
+    // The labelled (deprecated) Secret is used; the unlabelled ConfigMap and Secret are not, and
+    // the status names both with the command that opts them in.
+    let refused = eventually(MIN, "Degraded NotOptedIn", || async {
+        let p = pools.get("teams").await.ok()?;
+        let found = p.status.as_ref()?.conditions.iter().any(|c| c.reason == "NotOptedIn");
+        found.then_some(p)
+    })
+    .await;
+    let msg = &condition(&refused, "Degraded").message;
+    assert!(
+        msg.contains(&format!(
+            "kubectl label -n {ns} configmap/unlabelled-keys secret/someone-elses nixpool.dev/use=true"
+        )),
+        "{msg}"
+    );
+    let keys =
+        || async { cms.get("teams-authorized-keys").await.unwrap().data.unwrap()[paths::AUTHORIZED_KEYS_FILE].clone() };
+    let text = keys().await;
+    assert!(text.contains("bob@laptop"), "{text}");
+    assert!(
+        !text.contains("alice@laptop") && !text.contains("carol@laptop"),
+        "{text}"
+    );
+
+    // Labelling the ConfigMap opts it in: the label-selected watch brings it within seconds.
+    let label = serde_json::json!({"metadata": {"labels": {"nixpool.dev/use": "true"}}});
+    cms.patch("unlabelled-keys", &PatchParams::default(), &Patch::Merge(&label))
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(15),
+        "alice's key once her ConfigMap opts in",
+        || async { keys().await.contains("alice@laptop").then_some(()) },
+    )
+    .await;
+    assert!(!keys().await.contains("carol@laptop"));
+
+    // An image outside the operator's allowed prefixes is an invalid spec naming the field.
+    let evil: NixBuilderPool = serde_json::from_value(serde_json::json!({
+        "apiVersion": "nixpool.dev/v1alpha1", "kind": "NixBuilderPool",
+        "metadata": {"name": "miner"}, "spec": {"image": "evil.example/miner:1"}
+    }))
+    .unwrap();
+    pools.create(&Default::default(), &evil).await.unwrap();
+    let invalid = eventually(MIN, "the foreign image refused", || async {
+        let p = pools.get("miner").await.ok()?;
+        let found = p.status.as_ref()?.conditions.iter().any(|c| c.reason == "InvalidSpec");
+        found.then_some(p)
+    })
+    .await;
+    let msg = &condition(&invalid, "Ready").message;
+    assert!(
+        msg.contains("spec.image") && msg.contains("--allowed-image-prefix"),
+        "{msg}"
+    );
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    assert!(
+        deployments.get_opt("miner").await.unwrap().is_none(),
+        "no pod runs the image"
+    );
 }

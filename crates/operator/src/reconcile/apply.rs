@@ -28,19 +28,16 @@ pub struct Applied {
 
 pub async fn apply(ctx: &Context, ns: &str, children: Children) -> Result<Applied> {
     let Children {
-        host_key_secret,
-        authorized_keys_secret,
+        authorized_keys,
         config_map,
         deployment,
         service,
         pdb,
     } = children;
     let mut changed = Vec::new();
-    // Secrets and the ConfigMap first, so new pods find everything they mount.
-    if let Some(secret) = host_key_secret {
-        ensure(ctx, ns, secret, &mut changed).await?;
-    }
-    ensure(ctx, ns, authorized_keys_secret, &mut changed).await?;
+    // The ConfigMaps first, so new pods find everything they mount (the host-key Secret was
+    // created before, once).
+    ensure(ctx, ns, authorized_keys, &mut changed).await?;
     ensure(ctx, ns, config_map, &mut changed).await?;
     let deployment = ensure(ctx, ns, deployment, &mut changed).await?;
     let service = ensure(ctx, ns, service, &mut changed).await?;

@@ -22,6 +22,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use nixpool_api::conditions::{DEGRADED, READY, REASON_BAD_AUTHORIZED_KEYS, REASON_INVALID_SPEC};
+use nixpool_api::v1alpha1::SecretKeyRef;
 use nixpool_api::{NixBuilderPool, labels, names, paths};
 use tracing::{info, instrument, warn};
 
@@ -58,13 +59,13 @@ pub async fn run(
     if ctx.with_pdb {
         controller = controller.owns(api::<PodDisruptionBudget>(&client, &namespace), owned.clone());
     }
-    // One Secret watch serves both the Secrets a pool owns and the ones it references (team
-    // keys, a user's host key), so a change to either reaches the pool within seconds.
+    // Team-key ConfigMaps are watched by the opt-in label, so the operator caches only those;
+    // it has no list or watch right on Secrets at all (a pool's Secrets are read by name).
     controller
         .watches(
-            api::<Secret>(&client, &namespace),
-            watcher::Config::default(),
-            move |secret| pools_of_secret(&pools, &secret),
+            api::<ConfigMap>(&client, &namespace),
+            watcher::Config::default().labels(&format!("{}=true", labels::USE)),
+            move |cm| pools_naming_config_map(&pools, &cm),
         )
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
@@ -80,29 +81,20 @@ pub async fn run(
         .await;
 }
 
-/// The pools a Secret belongs to or is named by.
-fn pools_of_secret(pools: &Store<Guarded>, secret: &Secret) -> Vec<ObjectRef<Guarded>> {
-    let ns = secret.namespace();
-    let name = secret.name_any();
-    let mut refs: Vec<ObjectRef<Guarded>> = secret
-        .owner_references()
-        .iter()
-        .filter(|o| o.kind == "NixBuilderPool" && o.api_version.starts_with(nixpool_api::GROUP))
-        .map(|o| ObjectRef::new(&o.name).within(ns.as_deref().unwrap_or_default()))
-        .collect();
-    for guard in pools.state() {
-        let Ok(pool) = &guard.0 else { continue };
-        if pool.namespace() != ns {
-            continue;
-        }
-        let ssh = &pool.spec.ssh;
-        let named = ssh.authorized_keys_secrets.iter().any(|r| r.name == name)
-            || ssh.host_key_secret.as_ref().is_some_and(|r| r.name == name);
-        if named {
-            refs.push(ObjectRef::from_obj(guard.as_ref()));
-        }
-    }
-    refs
+/// The pools that name a team-key ConfigMap.
+fn pools_naming_config_map(pools: &Store<Guarded>, cm: &ConfigMap) -> Vec<ObjectRef<Guarded>> {
+    let ns = cm.namespace();
+    let name = cm.name_any();
+    pools
+        .state()
+        .into_iter()
+        .filter(|guard| {
+            guard.0.as_ref().is_ok_and(|pool| {
+                pool.namespace() == ns && pool.spec.ssh.authorized_keys_config_maps.iter().any(|r| r.name == name)
+            })
+        })
+        .map(|guard| ObjectRef::from_obj(guard.as_ref()))
+        .collect()
 }
 
 #[instrument(skip_all, fields(pool = %guard.name_any(), ns = guard.namespace().unwrap_or_default()))]
@@ -156,11 +148,11 @@ async fn reconcile_pool(pool: &NixBuilderPool, ctx: &Context) -> Result<Action> 
     let mut refused = Vec::new();
     let (host_key, generated) = host_key(ctx, pool, &ns, &mut missing, &mut refused).await?;
     let authorized = authorized_keys(ctx, pool, &ns, &mut missing, &mut refused).await?;
+    let usable = with_usable_cache_secrets(ctx, pool, &ns, &mut missing, &mut refused).await?;
     let children = build::build(
-        pool,
+        &usable,
         &build::Inputs {
             valid: &valid,
-            host_key: host_key.as_ref(),
             authorized_keys: &authorized,
             with_pdb: ctx.with_pdb,
         },
@@ -223,7 +215,55 @@ async fn reconcile_pool(pool: &NixBuilderPool, ctx: &Context) -> Result<Action> 
         )
         .await;
     }
-    Ok(Action::requeue(ctx.resync))
+    // Secrets are read by name, never watched: a pool that names Secrets that are missing or not
+    // opted in, or is still on the deprecated team-key Secrets, looks at them again every 30 s.
+    if pool.spec.ssh.authorized_keys_secrets.is_empty() && missing.is_empty() && refused.is_empty() {
+        Ok(Action::requeue(ctx.resync))
+    } else {
+        Ok(Action::requeue(ctx.resync.min(SECRET_POLL)))
+    }
+}
+
+/// How often Secrets a pool names are read again while they matter (Secrets are never watched).
+pub const SECRET_POLL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The pool as built: a cache Secret that is not opted in is left out of the pod (its push then
+/// goes without that token or key); a missing one stays (the pods wait for it). Both are
+/// reported.
+async fn with_usable_cache_secrets(
+    ctx: &Context,
+    pool: &NixBuilderPool,
+    ns: &str,
+    missing: &mut Vec<String>,
+    refused: &mut Vec<String>,
+) -> Result<NixBuilderPool> {
+    let mut usable = pool.clone();
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let cache = &mut usable.spec.cache;
+    let refs: [Option<&mut Option<SecretKeyRef>>; 3] = [
+        cache.attic.as_mut().map(|a| &mut a.token_secret),
+        cache.cachix.as_mut().map(|c| &mut c.token_secret),
+        cache.store.as_mut().map(|s| &mut s.signing_key_secret),
+    ];
+    for slot in refs.into_iter().flatten() {
+        let Some(r) = slot.as_ref() else { continue };
+        let name = r.name.clone();
+        let secret = api.get_opt(&name).await.map_err(|source| Error::Read {
+            kind: "Secret".into(),
+            name: name.clone(),
+            source,
+        })?;
+        match secret {
+            // Still mounted: the kubelet starts the pods once it exists.
+            None => missing.push(format!("secret/{name}")),
+            Some(s) if !opted_in(&s.metadata) => {
+                refused.push(format!("secret/{name}"));
+                *slot = None;
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(usable)
 }
 
 fn status_reason<'a>(pool: &'a NixBuilderPool, type_: &str) -> Option<&'a str> {
@@ -278,8 +318,8 @@ async fn host_key(
                 name,
             })
         }
-        Some(secret) if !ours && !opted_in(&secret) => {
-            refused.push(name);
+        Some(secret) if !ours && !opted_in(&secret.metadata) => {
+            refused.push(format!("secret/{name}"));
             Ok((None, false))
         }
         Some(secret) => {
@@ -298,7 +338,7 @@ async fn host_key(
             Ok((Some(parsed), false))
         }
         None if !ours => {
-            missing.push(name);
+            missing.push(format!("secret/{name}"));
             Ok((None, false))
         }
         None => {
@@ -323,11 +363,9 @@ async fn host_key(
     }
 }
 
-/// Whether a Secret's owner let pools use it (`nixpool.dev/use: "true"`).
-fn opted_in(secret: &Secret) -> bool {
-    secret
-        .metadata
-        .labels
+/// Whether an object's owner let pools use it (`nixpool.dev/use: "true"`).
+fn opted_in(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> bool {
+    meta.labels
         .as_ref()
         .and_then(|l| l.get(nixpool_api::labels::USE))
         .is_some_and(|v| v == "true")
@@ -345,6 +383,34 @@ async fn authorized_keys(
     for (i, line) in pool.spec.ssh.authorized_keys.iter().enumerate() {
         keys.add(line, || crate::keys::Origin(format!("spec.ssh.authorizedKeys[{i}]")));
     }
+    let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
+    for r in &pool.spec.ssh.authorized_keys_config_maps {
+        let Some(cm) = config_maps.get_opt(&r.name).await.map_err(|source| Error::Read {
+            kind: "ConfigMap".into(),
+            name: r.name.clone(),
+            source,
+        })?
+        else {
+            missing.push(format!("configmap/{}", r.name));
+            continue;
+        };
+        if !opted_in(&cm.metadata) {
+            refused.push(format!("configmap/{}", r.name));
+            continue;
+        }
+        let data = cm.data.unwrap_or_default();
+        if let Some(k) = &r.key
+            && !data.contains_key(k)
+        {
+            missing.push(format!("configmap/{} (key {k})", r.name));
+        }
+        for (k, text) in data
+            .iter()
+            .filter(|(k, _)| r.key.as_ref().is_none_or(|want| want == *k))
+        {
+            keys.add_text(text, &format!("ConfigMap {}", r.name), k);
+        }
+    }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     for r in &pool.spec.ssh.authorized_keys_secrets {
         let Some(secret) = api.get_opt(&r.name).await.map_err(|source| Error::Read {
@@ -353,18 +419,18 @@ async fn authorized_keys(
             source,
         })?
         else {
-            missing.push(r.name.clone());
+            missing.push(format!("secret/{}", r.name));
             continue;
         };
-        if !opted_in(&secret) {
-            refused.push(r.name.clone());
+        if !opted_in(&secret.metadata) {
+            refused.push(format!("secret/{}", r.name));
             continue;
         }
         let data = secret.data.unwrap_or_default();
         let wanted: Vec<&String> = match &r.key {
             Some(k) => {
                 if !data.contains_key(k) {
-                    missing.push(format!("{} (key {k})", r.name));
+                    missing.push(format!("secret/{} (key {k})", r.name));
                 }
                 data.keys().filter(|key| *key == k).collect()
             }
@@ -372,7 +438,7 @@ async fn authorized_keys(
         };
         for k in wanted {
             match std::str::from_utf8(&data[k].0) {
-                Ok(text) => keys.add_text(text, &r.name, k),
+                Ok(text) => keys.add_text(text, &format!("Secret {}", r.name), k),
                 Err(_) => keys.bad.push(crate::keys::BadKey {
                     origin: crate::keys::Origin(format!("Secret {} key {k}", r.name)),
                     reason: "not UTF-8 text; store authorized_keys lines".into(),

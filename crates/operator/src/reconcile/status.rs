@@ -255,16 +255,19 @@ fn secrets_problem(missing: &[String], refused: &[String], pool: &NixBuilderPool
     let ns = pool.metadata.namespace.as_deref().unwrap_or("default");
     let refused_message = || {
         format!(
-            "Secret(s) {} lack the label {}=true, so the pool does not use them (a pool may only use Secrets their owner opted in); if they are meant for this pool: kubectl label secret -n {ns} {} {}=true",
+            "{} lack(s) the label {label}=true, so the pool does not use it (a pool uses only objects their owner opted in); if meant for this pool: kubectl label -n {ns} {} {label}=true",
             refused.join(", "),
-            nixpool_api::labels::USE,
-            refused.join(" "),
-            nixpool_api::labels::USE
+            refused
+                .iter()
+                .map(|r| r.split(' ').next().unwrap_or(r))
+                .collect::<Vec<_>>()
+                .join(" "),
+            label = nixpool_api::labels::USE,
         )
     };
     match (missing.is_empty(), refused.is_empty()) {
         (true, true) => None,
-        (true, false) => Some((REASON_SECRET_NOT_OPTED_IN, refused_message())),
+        (true, false) => Some((REASON_NOT_OPTED_IN, refused_message())),
         (false, true) => Some((REASON_MISSING_SECRET, missing_message(missing))),
         (false, false) => Some((
             REASON_MISSING_SECRET,
@@ -275,7 +278,7 @@ fn secrets_problem(missing: &[String], refused: &[String], pool: &NixBuilderPool
 
 fn missing_message(missing: &[String]) -> String {
     format!(
-        "Secret(s) not found: {}; create them in the pool's namespace or fix the names in spec.ssh",
+        "not found: {}; create them in the pool's namespace or fix the names in spec.ssh or spec.cache",
         missing.join(", ")
     )
 }

@@ -70,9 +70,9 @@ pub fn deployment(pool: &NixBuilderPool, valid: &Valid, config_hash: &str) -> De
         host_key_volume(pool),
         Volume {
             name: "authorized-keys".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(names::authorized_keys_secret(&name)),
-                default_mode: Some(0o400),
+            config_map: Some(ConfigMapVolumeSource {
+                name: names::authorized_keys(&name),
+                default_mode: Some(0o444),
                 ..Default::default()
             }),
             ..Volume::default()

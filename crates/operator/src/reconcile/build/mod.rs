@@ -1,6 +1,7 @@
 //! Pure builders: from a validated pool and what was read from the cluster, the typed children
 //! the operator applies. No I/O, no clock.
 
+mod authorized_keys;
 mod config;
 mod deployment;
 mod secrets;
@@ -9,7 +10,7 @@ mod service;
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
@@ -19,16 +20,14 @@ use sha2::{Digest, Sha256};
 pub use secrets::host_key as host_key_secret;
 
 use super::validate::Valid;
-use crate::hostkey::HostKey;
 use crate::keys::AuthorizedKeys;
 
 /// Everything a pool consists of. `apply` destructures it without `..`, so a child added here
 /// and never applied does not compile.
 #[derive(Clone, Debug)]
 pub struct Children {
-    /// `None` when the pool uses its own host-key Secret.
-    pub host_key_secret: Option<Secret>,
-    pub authorized_keys_secret: Secret,
+    /// The host-key Secret is not here: it is created once, by the reconcile's host-key step.
+    pub authorized_keys: ConfigMap,
     pub config_map: ConfigMap,
     pub deployment: Deployment,
     pub service: Service,
@@ -39,9 +38,6 @@ pub struct Children {
 /// What `build` needs besides the pool.
 pub struct Inputs<'a> {
     pub valid: &'a Valid,
-    /// The pool's host key (`None` while the user's own host-key Secret is missing). No Secret
-    /// is built for it when the pool names its own Secret.
-    pub host_key: Option<&'a HostKey>,
     pub authorized_keys: &'a AuthorizedKeys,
     pub with_pdb: bool,
 }
@@ -50,11 +46,7 @@ pub fn build(pool: &NixBuilderPool, inputs: &Inputs<'_>) -> Children {
     let config_map = config::config_map(pool, inputs.valid);
     let config_hash = hash(&config_map.data);
     Children {
-        host_key_secret: match (&pool.spec.ssh.host_key_secret, inputs.host_key) {
-            (None, Some(key)) => Some(secrets::host_key(pool, key)),
-            _ => None,
-        },
-        authorized_keys_secret: secrets::authorized_keys(pool, inputs.authorized_keys),
+        authorized_keys: authorized_keys::authorized_keys(pool, inputs.authorized_keys),
         deployment: deployment::deployment(pool, inputs.valid, &config_hash),
         config_map,
         service: service::service(pool),

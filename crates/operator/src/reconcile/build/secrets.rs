@@ -1,4 +1,4 @@
-//! The host-key and authorized-keys Secrets.
+//! The host-key Secret: the one Secret the operator makes (created once, never updated).
 
 use std::collections::BTreeMap;
 
@@ -9,7 +9,6 @@ use nixpool_api::{NixBuilderPool, names, paths};
 
 use super::meta;
 use crate::hostkey::HostKey;
-use crate::keys::AuthorizedKeys;
 
 pub fn host_key(pool: &NixBuilderPool, key: &HostKey) -> Secret {
     Secret {
@@ -25,18 +24,6 @@ pub fn host_key(pool: &NixBuilderPool, key: &HostKey) -> Secret {
                 ByteString(format!("{}\n", key.public).into_bytes()),
             ),
         ])),
-        ..Secret::default()
-    }
-}
-
-pub fn authorized_keys(pool: &NixBuilderPool, keys: &AuthorizedKeys) -> Secret {
-    Secret {
-        metadata: meta(pool, names::authorized_keys_secret(&pool.name_any()), "authorized-keys"),
-        type_: Some("Opaque".into()),
-        data: Some(BTreeMap::from([(
-            paths::AUTHORIZED_KEYS_FILE.to_string(),
-            ByteString(keys.render().into_bytes()),
-        )])),
         ..Secret::default()
     }
 }

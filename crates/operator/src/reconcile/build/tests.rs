@@ -18,7 +18,7 @@ fn pool(yaml: &str) -> NixBuilderPool {
     p
 }
 
-fn children(p: &NixBuilderPool, key: &HostKey) -> Children {
+fn children(p: &NixBuilderPool) -> Children {
     let valid = validate(p, &Images::from("img:default")).unwrap();
     let mut keys = AuthorizedKeys::default();
     for k in &p.spec.ssh.authorized_keys {
@@ -28,7 +28,6 @@ fn children(p: &NixBuilderPool, key: &HostKey) -> Children {
         p,
         &Inputs {
             valid: &valid,
-            host_key: Some(key),
             authorized_keys: &keys,
             with_pdb: true,
         },
@@ -54,10 +53,9 @@ const CACHES: &str = include_str!("../../../../../examples/caches.yaml");
 fn every_child_has_a_deterministic_name_labels_and_the_controller_owner() {
     let p = pool(MINIMAL);
     let key = HostKey::generate();
-    let c = children(&p, &key);
+    let c = children(&p);
     let Children {
-        host_key_secret,
-        authorized_keys_secret,
+        authorized_keys,
         config_map,
         deployment,
         service,
@@ -65,10 +63,10 @@ fn every_child_has_a_deterministic_name_labels_and_the_controller_owner() {
     } = &c;
     let metas = [
         (
-            &host_key_secret.as_ref().unwrap().metadata,
+            &crate::reconcile::build::host_key_secret(&p, &key).metadata,
             names::host_key_secret("builders"),
         ),
-        (&authorized_keys_secret.metadata, "builders-authorized-keys".into()),
+        (&authorized_keys.metadata, "builders-authorized-keys".into()),
         (&config_map.metadata, "builders-config".into()),
         (&deployment.metadata, "builders".into()),
         (&service.metadata, "builders".into()),
@@ -91,7 +89,7 @@ fn every_child_has_a_deterministic_name_labels_and_the_controller_owner() {
 #[test]
 fn the_deployment_runs_the_agent_safely() {
     let p = pool(MINIMAL);
-    let c = children(&p, &HostKey::generate());
+    let c = children(&p);
     let spec = c.deployment.spec.as_ref().unwrap();
     assert_eq!(spec.replicas, Some(2));
     let pod = spec.template.spec.as_ref().unwrap();
@@ -153,7 +151,6 @@ fn the_deployment_runs_the_agent_safely() {
 #[test]
 fn the_config_hash_follows_nix_settings_but_not_keys() {
     let p = pool(MINIMAL);
-    let key = HostKey::generate();
     let hash = |c: &Children| {
         c.deployment
             .spec
@@ -168,7 +165,7 @@ fn the_config_hash_follows_nix_settings_but_not_keys() {
             .unwrap()[labels::CONFIG_HASH]
             .clone()
     };
-    let base = children(&p, &key);
+    let base = children(&p);
 
     let mut more_keys = p.clone();
     more_keys
@@ -176,14 +173,14 @@ fn the_config_hash_follows_nix_settings_but_not_keys() {
         .ssh
         .authorized_keys
         .push("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIC6o/4wuvKOUyj0Yb5Ef8nC3U8OgAAbIAaAFhg8k45qB bob@mac".into());
-    let with_keys = children(&more_keys, &key);
+    let with_keys = children(&more_keys);
     assert_eq!(hash(&with_keys), hash(&base), "a key change must not restart builders");
-    assert_ne!(with_keys.authorized_keys_secret.data, base.authorized_keys_secret.data);
+    assert_ne!(with_keys.authorized_keys.data, base.authorized_keys.data);
 
     let mut nix = p.clone();
     nix.spec.nix_config.insert("keep-outputs".into(), "true".into());
     assert_ne!(
-        hash(&children(&nix, &key)),
+        hash(&children(&nix)),
         hash(&base),
         "a nix.conf change must roll the builders"
     );
@@ -192,7 +189,7 @@ fn the_config_hash_follows_nix_settings_but_not_keys() {
 #[test]
 fn caches_become_substituters_keys_and_push_targets_with_mounted_tokens() {
     let p = pool(CACHES);
-    let c = children(&p, &HostKey::generate());
+    let c = children(&p);
     let agent =
         nixpool_api::AgentConfig::from_json(&c.config_map.data.as_ref().unwrap()[paths::AGENT_CONFIG_KEY]).unwrap();
     assert_eq!(
@@ -206,7 +203,7 @@ fn caches_become_substituters_keys_and_push_targets_with_mounted_tokens() {
     assert_eq!(agent.trusted_public_keys.len(), 3);
     let mut offline = p.clone();
     offline.spec.cache.nixos_cache = false;
-    let offline = children(&offline, &HostKey::generate());
+    let offline = children(&offline);
     let agent_offline =
         nixpool_api::AgentConfig::from_json(&offline.config_map.data.as_ref().unwrap()[paths::AGENT_CONFIG_KEY])
             .unwrap();
@@ -276,8 +273,7 @@ fn a_users_host_key_secret_is_mounted_and_none_is_built() {
         name: "mine".into(),
         key: "id".into(),
     });
-    let c = children(&p, &HostKey::generate());
-    assert!(c.host_key_secret.is_none());
+    let c = children(&p);
     let pod = c.deployment.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
     let hk = pod
         .volumes
@@ -302,13 +298,12 @@ fn the_host_key_secret_holds_the_key_and_no_pdb_without_policy_v1() {
         &p,
         &Inputs {
             valid: &valid,
-            host_key: Some(&key),
             authorized_keys: &AuthorizedKeys::default(),
             with_pdb: false,
         },
     );
     assert!(c.pdb.is_none());
-    let data = c.host_key_secret.unwrap().data.unwrap();
+    let data = crate::reconcile::build::host_key_secret(&p, &key).data.unwrap();
     assert_eq!(HostKey::parse(&data[paths::HOST_KEY_FILE].0).unwrap(), key);
     assert_eq!(
         String::from_utf8(data[paths::HOST_PUBLIC_KEY_FILE].0.clone())
@@ -321,9 +316,8 @@ fn the_host_key_secret_holds_the_key_and_no_pdb_without_policy_v1() {
 #[test]
 fn stamping_is_stable_and_tracks_content() {
     let p = pool(MINIMAL);
-    let key = HostKey::generate();
-    let a = stamp(children(&p, &key).deployment);
-    let b = stamp(stamp(children(&p, &key).deployment));
+    let a = stamp(children(&p).deployment);
+    let b = stamp(stamp(children(&p).deployment));
     assert_eq!(
         a.annotations()[labels::APPLIED_HASH],
         b.annotations()[labels::APPLIED_HASH]
@@ -332,7 +326,7 @@ fn stamping_is_stable_and_tracks_content() {
     p2.spec.tolerations.clear();
     p2.spec.replicas = 3;
     assert_ne!(
-        stamp(children(&p2, &key).deployment).annotations()[labels::APPLIED_HASH],
+        stamp(children(&p2).deployment).annotations()[labels::APPLIED_HASH],
         a.annotations()[labels::APPLIED_HASH]
     );
 }

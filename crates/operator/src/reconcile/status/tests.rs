@@ -206,7 +206,7 @@ fn bad_keys_and_missing_secrets_degrade_and_name_the_source() {
 #[test]
 fn a_secret_not_opted_in_is_named_with_the_label_command() {
     let p = pool(serde_json::json!({}));
-    let refused = vec!["other-team-keys".to_string()];
+    let refused = vec!["secret/other-team-keys".to_string()];
     let s = compute(
         &p,
         &Observed {
@@ -220,9 +220,9 @@ fn a_secret_not_opted_in_is_named_with_the_label_command() {
         t("2026-01-01T00:00:00Z"),
     );
     let d = cond(&s, "Degraded");
-    assert_eq!((d.status.as_str(), d.reason.as_str()), ("True", "SecretNotOptedIn"));
+    assert_eq!((d.status.as_str(), d.reason.as_str()), ("True", "NotOptedIn"));
     assert!(
-        d.message.contains("kubectl label secret -n") && d.message.contains("other-team-keys nixpool.dev/use=true"),
+        d.message.contains("kubectl label -n") && d.message.contains("secret/other-team-keys nixpool.dev/use=true"),
         "{}",
         d.message
     );
