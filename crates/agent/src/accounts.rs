@@ -4,9 +4,9 @@
 use std::collections::BTreeSet;
 
 /// Name of the group Nix's build users are in (nix.conf `build-users-group`).
-pub const BUILD_GROUP: &str = "nixbld";
+pub const BUILD_GROUP: &str = nixpool_api::rules::BUILD_GROUP;
 /// sshd's privilege-separation user (Debian's and upstream's default).
-pub const SSHD_USER: &str = "sshd";
+pub const SSHD_USER: &str = nixpool_api::rules::SSHD_USER;
 const FIRST_BUILD_UID: u32 = 30001;
 const BUILD_GID: u32 = 30000;
 const BUILDER_UID: u32 = 1000;

@@ -4,24 +4,6 @@ use nixpool_api::AgentConfig;
 
 use crate::accounts::BUILD_GROUP;
 
-/// Settings the agent writes itself; the pool's `extraNixConfig` may not set them.
-pub const OWNED: &[&str] = &[
-    "build-users-group",
-    "trusted-users",
-    "max-jobs",
-    "cores",
-    "sandbox",
-    "system-features",
-    "extra-platforms",
-    "substituters",
-    "trusted-public-keys",
-    "min-free",
-    "max-free",
-    "post-build-hook",
-    "ssl-cert-file",
-    "builders",
-];
-
 /// Facts found on the machine that shape nix.conf.
 #[derive(Clone, Debug)]
 pub struct Host {
@@ -61,15 +43,6 @@ pub fn system_features(config: &AgentConfig, kvm: bool) -> Vec<String> {
         add("nixos-test");
     }
     f
-}
-
-/// The owned key `extraNixConfig` sets, if any (the error names it).
-pub fn owned_extra_key(config: &AgentConfig) -> Option<&str> {
-    config
-        .extra_nix_config
-        .keys()
-        .map(String::as_str)
-        .find(|k| OWNED.contains(k) || k.strip_prefix("extra-").is_some_and(|b| OWNED.contains(&b)))
 }
 
 pub fn render(config: &AgentConfig, host: &Host) -> String {
@@ -169,13 +142,5 @@ pub(crate) mod tests {
         assert_eq!(value(&without, "system-features").unwrap(), "big-parallel");
         let with = render(&config(), &host(true));
         assert_eq!(value(&with, "system-features").unwrap(), "big-parallel kvm nixos-test");
-    }
-
-    #[test]
-    fn owned_keys_are_refused_in_extra() {
-        let mut c = config();
-        assert_eq!(owned_extra_key(&c), None);
-        c.extra_nix_config.insert("extra-trusted-users".into(), "eve".into());
-        assert_eq!(owned_extra_key(&c), Some("extra-trusted-users"));
     }
 }

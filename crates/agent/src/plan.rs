@@ -59,60 +59,15 @@ pub fn load_config(layout: &Layout) -> Result<AgentConfig, ConfigError> {
     AgentConfig::from_json(&text).map_err(|source| ConfigError::Parse { path, source })
 }
 
-fn valid_user_name(s: &str) -> bool {
-    let mut chars = s.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
-        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
-        && s.len() <= 32
-}
-
-/// Checks the document beyond its shape.
+/// Checks the document beyond its shape (the rules live in `nixpool_api`, shared with the CRD
+/// and the operator), plus what only the agent knows.
 pub fn validate(c: &AgentConfig) -> Vec<ConfigError> {
-    let mut errs = Vec::new();
+    let mut errs: Vec<ConfigError> = c
+        .problems()
+        .into_iter()
+        .map(|(field, problem)| ConfigError::Field { field, problem })
+        .collect();
     let mut bad = |field: &'static str, problem: String| errs.push(ConfigError::Field { field, problem });
-    if !valid_user_name(&c.builder_user) {
-        bad(
-            "builderUser",
-            format!(
-                "{:?} is not a user name: use lower-case letters, digits, `_` and `-`, at most 32",
-                c.builder_user
-            ),
-        );
-    } else if c.builder_user == "root"
-        || c.builder_user == accounts::SSHD_USER
-        || c.builder_user.starts_with(accounts::BUILD_GROUP)
-    {
-        bad(
-            "builderUser",
-            format!("{:?} is reserved: pick another name such as `builder`", c.builder_user),
-        );
-    }
-    if c.max_jobs == 0 {
-        bad("maxJobs", "is 0, so nothing would build here: set at least 1".into());
-    }
-    if c.ssh_port == 0 {
-        bad("sshPort", "is 0: set the port sshd listens on (22)".into());
-    }
-    if c.health_port == 0 || c.health_port == c.ssh_port {
-        bad(
-            "healthPort",
-            format!("{} is 0 or the SSH port: set another port (8090)", c.health_port),
-        );
-    }
-    if let Some(k) = nixconf::owned_extra_key(c) {
-        bad(
-            "extraNixConfig",
-            format!("sets `{k}`, which the agent owns: use the pool field for it instead"),
-        );
-    }
-    for (k, v) in &c.extra_nix_config {
-        if k.contains(['\n', '=', ' ']) || v.contains('\n') || k.is_empty() {
-            bad(
-                "extraNixConfig",
-                format!("entry {k:?} is not a single `key = value` line"),
-            );
-        }
-    }
     for t in &c.push {
         match t {
             PushTarget::NixCopy { uri, .. } if uri.is_empty() => {

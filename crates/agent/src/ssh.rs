@@ -89,8 +89,9 @@ pub struct BadLine {
     pub reason: String,
 }
 
-/// The builder's `authorized_keys`: every key of the Secret, its own options dropped, with
-/// `restrict` and the forced command. Lines that are not public keys are reported, not copied.
+/// The builder's `authorized_keys`: every key of the ConfigMap with `restrict` and the forced
+/// command; of its own options only those that narrow access (`from`, `expiry-time`,
+/// `verify-required`) are kept. Lines that are not public keys are reported, not copied.
 pub fn render_authorized_keys(secret: &str, command: &str) -> (String, Vec<BadLine>) {
     let command = command.replace('\\', "\\\\").replace('"', "\\\"");
     let mut out = String::from("# Written by nixpool-agent from the authorized-keys ConfigMap.\n");
@@ -100,10 +101,10 @@ pub fn render_authorized_keys(secret: &str, command: &str) -> (String, Vec<BadLi
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        match parse_key_line(line) {
-            Ok(key) => {
+        match parse_key_line(line).and_then(|key| Ok((key, nixpool_api::rules::kept_key_options(line)?))) {
+            Ok((key, kept)) => {
                 let key = key.to_openssh().expect("a parsed key encodes");
-                out.push_str(&format!("restrict,command=\"{command}\" {key}\n"));
+                out.push_str(&format!("restrict,command=\"{command}\"{kept} {key}\n"));
             }
             Err(reason) => bad.push(BadLine { line: i + 1, reason }),
         }
@@ -157,6 +158,20 @@ mod tests {
         }
         assert_eq!(bad.len(), 1);
         assert_eq!(bad[0].line, 5);
+    }
+
+    #[test]
+    fn options_that_narrow_access_are_kept() {
+        let secret =
+            format!("from=\"10.0.0.0/8\",command=\"sh\",expiry-time=\"20270101\" {KEY}\nfrom=\"unclosed {KEY}\n");
+        let (out, bad) = render_authorized_keys(&secret, "/bin/nixpool-agent gate");
+        let line = out.lines().find(|l| !l.starts_with('#')).unwrap();
+        assert!(
+            line.starts_with("restrict,command=\"/bin/nixpool-agent gate\",from=\"10.0.0.0/8\",expiry-time=\"20270101\" ssh-ed25519 AAAA"),
+            "{line}"
+        );
+        assert_eq!(bad.len(), 1, "a line whose options cannot be read is reported");
+        assert_eq!(bad[0].line, 2);
     }
 
     #[test]

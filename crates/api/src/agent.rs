@@ -79,4 +79,81 @@ impl AgentConfig {
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("AgentConfig serializes")
     }
+
+    /// What is wrong with the document beyond its shape, as (field, problem with the fix). The
+    /// agent refuses to start on any; the operator never writes one for a spec the API server
+    /// accepts (the rule-parity test feeds both one corpus).
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        use crate::rules;
+        let mut out = Vec::new();
+        let mut bad = |field: &'static str, problem: String| out.push((field, problem));
+        if let Some(p) = rules::builder_user_problem(&self.builder_user) {
+            bad("builderUser", p);
+        }
+        if self.max_jobs == 0 {
+            bad("maxJobs", "is 0, so nothing would build here: set at least 1".into());
+        }
+        if self.ssh_port == 0 {
+            bad("sshPort", "is 0: set the port sshd listens on (22)".into());
+        }
+        if self.health_port == 0 || self.health_port == self.ssh_port {
+            bad(
+                "healthPort",
+                format!("{} is 0 or the SSH port: set another port (8090)", self.health_port),
+            );
+        }
+        for (k, v) in &self.extra_nix_config {
+            if rules::refused_nix_setting(k) {
+                bad(
+                    "extraNixConfig",
+                    format!(
+                        "sets `{k}`, which nixpool sets itself or which runs a program as root: use the pool field for it instead"
+                    ),
+                );
+            } else if k.is_empty() || k.contains(['=', ' ', '#']) || rules::has_control(k) || rules::has_control(v) {
+                bad(
+                    "extraNixConfig",
+                    format!("entry {k:?} is not a single `key = value` line"),
+                );
+            }
+        }
+        let lists = [
+            ("systems", &self.systems),
+            ("supportedFeatures", &self.supported_features),
+            ("mandatoryFeatures", &self.mandatory_features),
+            ("substituters", &self.substituters),
+            ("trustedPublicKeys", &self.trusted_public_keys),
+        ];
+        for (field, list) in lists {
+            if let Some(v) = list
+                .iter()
+                .find(|v| v.is_empty() || v.contains(char::is_whitespace) || rules::has_control(v))
+            {
+                bad(
+                    field,
+                    format!(
+                        "{v:?} is empty or holds whitespace or a control character (nix.conf lists are space-separated)"
+                    ),
+                );
+            }
+        }
+        for t in &self.push {
+            let fields: Vec<&String> = match t {
+                PushTarget::NixCopy { uri, signing_key_file } => vec![uri, signing_key_file],
+                PushTarget::Attic {
+                    endpoint,
+                    cache,
+                    token_file,
+                } => vec![endpoint, cache, token_file],
+                PushTarget::Cachix { cache, token_file } => vec![cache, token_file],
+            };
+            if fields.iter().any(|f| f.is_empty() || rules::has_control(f)) {
+                bad(
+                    "push",
+                    format!("{t:?} has an empty value or a control character: fix the pool's spec.cache"),
+                );
+            }
+        }
+        out
+    }
 }

@@ -8,6 +8,7 @@ pub mod agent;
 pub mod bounds;
 pub mod machines;
 pub mod quantity;
+pub mod rules;
 pub mod v1alpha1;
 
 pub use agent::AgentConfig;

@@ -148,15 +148,14 @@ pub struct NixBuilderPoolSpec {
     #[serde(default)]
     pub cache: CacheSpec,
 
-    /// Extra nix.conf settings (name to value). Settings the operator owns are refused:
-    /// build-users-group, trusted-users, allowed-users, max-jobs, cores, system-features,
-    /// substituters, trusted-public-keys, extra-substituters, extra-trusted-public-keys,
-    /// post-build-hook, min-free, max-free, sandbox, secret-key-files; use the matching spec
-    /// field instead.
+    /// Extra nix.conf settings (name to value). Refused, with their `extra-` forms: the settings
+    /// nixpool sets from pool fields (build-users-group, trusted-users, allowed-users, max-jobs,
+    /// cores, sandbox, system-features, platforms, substituters, trusted-public-keys, min-free,
+    /// max-free, post-build-hook, ssl-cert-file, builders, secret-key-files), and those that make
+    /// nix-daemon run a program (pre-build-hook, build-hook, diff-hook, plugin-files).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 64, "additionalProperties" = {"type": "string", "maxLength": 4096}))]
-    #[x_kube(validation = Rule::new("self.all(k, !(k in ['build-users-group', 'trusted-users', 'allowed-users', 'max-jobs', 'cores', 'system-features', 'substituters', 'trusted-public-keys', 'extra-substituters', 'extra-trusted-public-keys', 'post-build-hook', 'min-free', 'max-free', 'sandbox', 'secret-key-files']))")
-        .message("spec.nixConfig: this setting is owned by the operator; use spec.maxJobs, spec.cores, spec.supportedFeatures, spec.cache or spec.gc instead"))]
+    #[x_kube(validation = Rule::new(crate::rules::NIX_SETTINGS_RULE).message(crate::rules::NIX_SETTINGS_MESSAGE))]
     #[x_kube(validation = Rule::new("self.all(k, k.matches('^[a-z][a-z0-9-]*$'))")
         .message("spec.nixConfig: a setting name is lower-case words joined by '-', e.g. keep-outputs"))]
     #[x_kube(validation = Rule::new("self.all(k, !self[k].matches('[[:cntrl:]]'))")
@@ -245,8 +244,7 @@ pub struct SshSpec {
     /// input-addressed derivations) and may run only the Nix remote-build commands.
     #[serde(default = "default_user")]
     #[schemars(length(max = 32))]
-    #[x_kube(validation = Rule::new("self.matches('^[a-z_][a-z0-9_-]{0,30}$') && !(self in ['root', 'sshd', 'nobody'])")
-        .message("spec.ssh.user: use a lower-case POSIX user name other than root, sshd or nobody, e.g. builder"))]
+    #[x_kube(validation = Rule::new(crate::rules::USER_RULE).message(crate::rules::USER_MESSAGE))]
     pub user: String,
 
     /// Public keys (OpenSSH `authorized_keys` lines) allowed to log in.

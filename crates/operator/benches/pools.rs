@@ -71,8 +71,8 @@ async fn main() {
         let complete = with_status == n
             && deployments.list(&managed).await.ok()?.items.len() == n
             && services.list(&managed).await.ok()?.items.len() == n
-            && cms.list(&managed).await.ok()?.items.len() == n
-            && secrets.list(&managed).await.ok()?.items.len() == 2 * n;
+            && cms.list(&managed).await.ok()?.items.len() == 2 * n
+            && secrets.list(&managed).await.ok()?.items.len() == n;
         complete.then_some(())
     })
     .await;

@@ -84,6 +84,10 @@ pub fn check(line: &str) -> Result<String, String> {
                 .into(),
         );
     }
+    // The builder keeps only the options that narrow access; the rest must at least parse the
+    // same way there.
+    nixpool_api::rules::kept_key_options(line)
+        .map_err(|e| format!("its options cannot be read ({e}); quote each value, e.g. from=\"10.0.0.0/8\""))?;
     let mut key = entry.public_key().clone();
     key.set_comment("");
     key.to_openssh().map_err(|e| format!("cannot encode the key ({e})"))

@@ -9,7 +9,7 @@ mod context;
 mod error;
 mod hostkey;
 mod http;
-mod keys;
+pub mod keys;
 mod leader;
 mod metrics;
 pub mod reconcile;

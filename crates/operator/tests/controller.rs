@@ -357,7 +357,7 @@ async fn an_invalid_spec_is_reported_and_changes_nothing() {
     assert!(
         ready
             .message
-            .contains("spec.nixConfig: this setting is owned by the operator"),
+            .contains("spec.nixConfig: this setting is set by nixpool"),
         "{}",
         ready.message
     );

@@ -84,6 +84,36 @@ fn corpus() -> Vec<Case> {
             json!({"nixConfig": {"trusted-users": "*"}}),
         ),
         case(
+            "a daemon plugin in nix.conf",
+            "spec.nixConfig",
+            json!({"nixConfig": {"plugin-files": "/nix/store/x-plugin/lib/p.so"}}),
+        ),
+        case(
+            "a root pre-build hook in nix.conf",
+            "spec.nixConfig",
+            json!({"nixConfig": {"pre-build-hook": "/nix/store/x-hook"}}),
+        ),
+        case(
+            "the extra- form of an owned setting",
+            "spec.nixConfig",
+            json!({"nixConfig": {"extra-trusted-users": "eve"}}),
+        ),
+        case(
+            "extra-platforms, which spec.systems sets",
+            "spec.nixConfig",
+            json!({"nixConfig": {"extra-platforms": "aarch64-linux"}}),
+        ),
+        case(
+            "builders on a builder",
+            "spec.nixConfig",
+            json!({"nixConfig": {"builders": "ssh://elsewhere"}}),
+        ),
+        case(
+            "a build user as the SSH user",
+            "spec.ssh.user",
+            json!({"ssh": {"user": "nixbld1"}}),
+        ),
+        case(
             "an upper-case nix.conf setting name",
             "spec.nixConfig",
             json!({"nixConfig": {"Keep_Outputs": "true"}}),

@@ -191,7 +191,7 @@ mod tests {
         let cases = [
             (
                 serde_json::json!({"nixConfig": {"trusted-users": "everyone"}}),
-                "spec.nixConfig: this setting is owned by the operator",
+                "spec.nixConfig: this setting is set by nixpool",
             ),
             (
                 serde_json::json!({"systems": []}),

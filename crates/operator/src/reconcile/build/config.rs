@@ -44,7 +44,9 @@ pub fn agent_config(pool: &NixBuilderPool, valid: &Valid) -> AgentConfig {
         if a.public_key.is_some() {
             add(format!("{endpoint}/{}", a.cache), a.public_key.as_ref());
         }
-        if a.push {
+        // A push needs its Secret; one left out (not opted in) pushes nowhere rather than stop
+        // the builder.
+        if a.push && a.token_secret.is_some() {
             push.push(PushTarget::Attic {
                 endpoint,
                 cache: a.cache.clone(),
@@ -56,7 +58,7 @@ pub fn agent_config(pool: &NixBuilderPool, valid: &Valid) -> AgentConfig {
         if c.public_key.is_some() {
             add(format!("https://{}.cachix.org", c.cache), c.public_key.as_ref());
         }
-        if c.push {
+        if c.push && c.token_secret.is_some() {
             push.push(PushTarget::Cachix {
                 cache: c.cache.clone(),
                 token_file: secret_file(paths::CACHIX_TOKEN_FILE),
@@ -67,7 +69,7 @@ pub fn agent_config(pool: &NixBuilderPool, valid: &Valid) -> AgentConfig {
         if s.public_key.is_some() {
             add(s.uri.clone(), s.public_key.as_ref());
         }
-        if s.push {
+        if s.push && s.signing_key_secret.is_some() {
             push.push(PushTarget::NixCopy {
                 uri: s.uri.clone(),
                 signing_key_file: secret_file(paths::STORE_SIGNING_KEY_FILE),
