@@ -355,9 +355,7 @@ async fn an_invalid_spec_is_reported_and_changes_nothing() {
     let ready = condition(&pool, "Ready");
     assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "InvalidSpec"));
     assert!(
-        ready
-            .message
-            .contains("spec.nixConfig: this setting is set by nixpool"),
+        ready.message.contains("spec.nixConfig: this setting is set by nixpool"),
         "{}",
         ready.message
     );

@@ -176,3 +176,52 @@ proptest! {
         prop_assert_eq!(cel.is_ok(), rust.is_none(), "{:?}: CEL {:?}, Rust {:?}", user, cel, rust);
     }
 }
+
+/// Every spec string that reaches nix.conf, sshd_config, the agent's push config or a machines
+/// line: a line break in it is refused, naming the field.
+#[test]
+fn a_control_character_is_refused_in_every_string_that_reaches_a_config_file() {
+    let attic = |f: &str, v: &str| {
+        let mut a = json!({"endpoint": "https://attic.example", "cache": "main", "push": false});
+        a[f] = json!(v);
+        json!({"cache": {"attic": a}})
+    };
+    let cachix = |f: &str, v: &str| {
+        let mut c = json!({"cache": "main", "push": false});
+        c[f] = json!(v);
+        json!({"cache": {"cachix": c}})
+    };
+    let store = |f: &str, v: &str| {
+        let mut s = json!({"uri": "s3://bucket", "push": false});
+        s[f] = json!(v);
+        json!({"cache": {"store": s}})
+    };
+    let bad = "a\nb";
+    let key = "cache.example-1:AAAA\nb";
+    for (spec, field) in [
+        (json!({"systems": [bad]}), "spec.systems"),
+        (json!({"supportedFeatures": [bad]}), "spec.supportedFeatures"),
+        (json!({"mandatoryFeatures": [bad]}), "spec.mandatoryFeatures"),
+        (json!({"ssh": {"user": bad}}), "spec.ssh.user"),
+        (json!({"ssh": {"authorizedKeys": [bad]}}), "spec.ssh.authorizedKeys"),
+        (json!({"nixConfig": {"keep-outputs": bad}}), "spec.nixConfig"),
+        (json!({"service": {"externalHost": bad}}), "spec.service.externalHost"),
+        (
+            json!({"cache": {"substituters": [{"url": bad}]}}),
+            "spec.cache.substituters",
+        ),
+        (
+            json!({"cache": {"substituters": [{"url": "https://c.example", "publicKey": key}]}}),
+            "spec.cache.substituters",
+        ),
+        (attic("endpoint", bad), "spec.cache.attic"),
+        (attic("cache", bad), "spec.cache.attic"),
+        (attic("publicKey", key), "spec.cache.attic"),
+        (cachix("cache", bad), "spec.cache.cachix"),
+        (cachix("publicKey", key), "spec.cache.cachix"),
+        (store("uri", bad), "spec.cache.store"),
+        (store("publicKey", key), "spec.cache.store"),
+    ] {
+        refused_by_the_operator(spec, field);
+    }
+}
