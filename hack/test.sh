@@ -8,4 +8,10 @@ hack/setup.sh
 . hack/env.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# Files the tests write after this marker are the ones the secret-leak scan reads.
+marker=$(mktemp /var/tmp/nixpool-test-start.XXXXXX)
+trap 'rm -f "$marker"' EXIT
 cargo test --workspace --locked --no-fail-fast
+# Every log, Event, ConfigMap, Pod, pool status and render output of the run, against every
+# private key and token the run made: fails on any match.
+cargo run --locked -q -p nixpool-testenv --bin nixpool-leak-scan -- --since "$marker"

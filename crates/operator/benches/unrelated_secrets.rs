@@ -28,6 +28,9 @@ fn env(name: &str, default: usize) -> usize {
 struct Row {
     rss_before: u64,
     rss_after: u64,
+    /// A fresh operator process started with the Secrets already there (its first list of
+    /// whatever it watches happens with them).
+    rss_restarted: u64,
 }
 
 /// One operator (`binary`; `None`: this checkout's) over 10 pools in a namespace of its own,
@@ -36,10 +39,11 @@ async fn measure(cp: &ControlPlane, binary: Option<&std::path::Path>, n_secrets:
     let ns = cp.namespace("secrets").await.unwrap();
     let client = cp.client().await.unwrap();
     let args = ["--resync-seconds", "3600"];
-    let op = match binary {
-        Some(b) => Operator::start_in(b, cp, &ns, "bench", &args),
-        None => Operator::start_with(cp, &ns, "bench", &args),
+    let start = |name: &str| match binary {
+        Some(b) => Operator::start_in(b, cp, &ns, name, &args),
+        None => Operator::start_with(cp, &ns, name, &args),
     };
+    let mut op = start("bench");
     let pools: Api<NixBuilderPool> = Api::namespaced(client.clone(), &ns);
     let template: NixBuilderPool = serde_yaml::from_str(include_str!("../../../examples/minimal.yaml")).unwrap();
     for i in 0..POOLS {
@@ -87,10 +91,19 @@ async fn measure(cp: &ControlPlane, binary: Option<&std::path::Path>, n_secrets:
     })
     .await;
     op.settle(Duration::from_secs(3)).await;
+    let rss_after = op.peak_rss();
+    op.kill();
+    let fresh = start("bench-restarted");
+    eventually(Duration::from_secs(120), "the restarted operator reconciled every pool", || async {
+        (fresh.reconciles().await >= POOLS as f64).then_some(())
+    })
+    .await;
+    fresh.settle(Duration::from_secs(3)).await;
     (
         Row {
             rss_before,
-            rss_after: op.peak_rss(),
+            rss_after,
+            rss_restarted: fresh.peak_rss(),
         },
         created_in,
     )

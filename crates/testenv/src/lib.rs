@@ -16,6 +16,7 @@ pub mod builder;
 pub mod crd_engine;
 pub mod flow;
 pub mod harness;
+pub mod leak_scan;
 pub mod load_balancer;
 pub mod node;
 pub mod worker_client;
@@ -42,6 +43,27 @@ pub const KUBE_PROXY_TOKEN: &str = "nixpool-test-kube-proxy-token";
 pub const SCHEDULER_TOKEN: &str = "nixpool-test-scheduler-token";
 
 /// The Service ClusterIP range of a test control plane (kube-proxy on the node routes it).
+/// The file name of a control plane's audit log.
+pub const AUDIT_LOG: &str = "audit.log";
+
+/// What the audit log keeps: whole bodies of Secrets, Events, ConfigMaps, Pods and pools (with
+/// their status), nothing else.
+const AUDIT_POLICY: &str = r#"apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: RequestResponse
+    verbs: [create, update, patch]
+    resources:
+      - group: ""
+        resources: [secrets, events, configmaps, pods]
+      - group: events.k8s.io
+        resources: [events]
+      - group: nixpool.dev
+        resources: [nixbuilderpools, nixbuilderpools/status]
+  - level: None
+"#;
+
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 
 /// Directory holding kube-apiserver, kube-controller-manager and kubectl.
@@ -158,6 +180,11 @@ impl ControlPlane {
         })
     }
 
+    /// The API server's audit log in [`ControlPlane::dir`].
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.join(AUDIT_LOG)
+    }
+
     /// Starts etcd, kube-apiserver and kube-controller-manager and waits until the API serves.
     pub fn start() -> anyhow::Result<ControlPlane> {
         let bin = kube_bin_dir()?;
@@ -203,6 +230,10 @@ impl ControlPlane {
             ),
         )?;
         std::fs::write(dir.join("kubeconfig"), cp.kubeconfig_yaml(ADMIN_TOKEN, "default"))?;
+        // Every Secret, Event, ConfigMap and pool body that passes the API server, for the
+        // suite's secret-leak scan (`nixpool-leak-scan`): Secrets say what is secret, the rest
+        // is where it must never appear.
+        std::fs::write(dir.join("audit-policy.yaml"), AUDIT_POLICY)?;
 
         let peer_port = free_port();
         let mut etcd = Command::new("etcd");
@@ -230,6 +261,11 @@ impl ControlPlane {
             .arg(format!("--service-account-key-file={}", sa_key.display()))
             .arg(format!("--service-account-signing-key-file={}", sa_key.display()))
             .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
+            .arg(format!(
+                "--audit-policy-file={}",
+                dir.join("audit-policy.yaml").display()
+            ))
+            .arg(format!("--audit-log-path={}", dir.join(AUDIT_LOG).display()))
             .arg("--v=0")
             // The test node's name does not resolve: reach its kubelet (logs, exec) by its IP.
             .arg("--kubelet-preferred-address-types=InternalIP")

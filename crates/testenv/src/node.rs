@@ -45,14 +45,11 @@ const BUILDER_SUITE: &str = "trixie";
 const NODE_DIR: &str = "/var/tmp/nixpool-node";
 const LOCK_FILE: &str = "/run/nixpool-test-node.lock";
 /// Paths containerd and kubelet write whatever their configuration says: each gets a tmpfs of
-/// the node's mount namespace, so nothing of a node outlives it.
-const PRIVATE_DIRS: [&str; 5] = [
-    "/run/containerd",
-    "/run/netns",
-    "/var/lib/cni",
-    "/var/log/pods",
-    "/var/log/containers",
-];
+/// the node's mount namespace, so nothing of a node outlives it...
+const PRIVATE_DIRS: [&str; 4] = ["/run/containerd", "/run/netns", "/var/lib/cni", "/var/log/containers"];
+/// ...but the pods' logs, kept in the control plane's directory for the suite's secret-leak
+/// scan.
+const POD_LOGS: &str = "/var/log/pods";
 
 /// A running node. Everything it started stops when the test process ends.
 pub struct Node {
@@ -99,11 +96,17 @@ impl Node {
         write_configs(cp, &dir)?;
 
         // The namespace holder: PID 1 of the node's PID namespace, in its mount namespace.
-        let mounts: String = PRIVATE_DIRS
+        let pod_logs = cp.dir().join("pod-logs");
+        std::fs::create_dir_all(&pod_logs)?;
+        let mut mounts: String = PRIVATE_DIRS
             .iter()
             .map(|d| format!("mkdir -p {d} && mount -t tmpfs -o mode=0755 nixpool-node {d} && "))
             .collect();
-        for d in PRIVATE_DIRS {
+        mounts.push_str(&format!(
+            "mkdir -p {POD_LOGS} && mount --bind {} {POD_LOGS} && ",
+            pod_logs.display()
+        ));
+        for d in PRIVATE_DIRS.iter().chain([&POD_LOGS]) {
             std::fs::create_dir_all(d)?;
         }
         let ready_file = dir.join("namespace-ready");
