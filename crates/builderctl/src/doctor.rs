@@ -866,7 +866,7 @@ fn check_ssh_auth(opts: &Options, e: &MachinesEntry, dest: &Target, t: Option<&s
         let public = e.ssh_key.as_deref().and_then(public_of);
         let fix = match public {
             Some(p) => format!(
-                "authorize the key in the pool: add `{p}` to spec.ssh.authorizedKeys (or to a Secret in spec.ssh.authorizedKeysSecrets); builders pick it up within seconds"
+                "authorize the key in the pool: add `{p}` to spec.ssh.authorizedKeys (or to a team ConfigMap in spec.ssh.authorizedKeysConfigMaps); builders pick it up within seconds"
             ),
             None => "authorize the public half of the line's key in the pool's spec.ssh.authorizedKeys".into(),
         };

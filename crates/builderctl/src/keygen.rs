@@ -90,14 +90,14 @@ pub fn generate(path: &Path, comment: &str, force: bool) -> Result<Generated, Ke
 }
 
 /// What to put in the cluster to authorize `public_line`.
-pub fn authorize_snippet(public_line: &str, pool: &str, secret: &str) -> String {
+pub fn authorize_snippet(public_line: &str, pool: &str, config_map: &str) -> String {
     format!(
         "# Either list the key in the pool's spec:\n\
          #   kubectl edit nbp {pool}\n\
          spec:\n  ssh:\n    authorizedKeys:\n      - {public_line}\n\
          ---\n\
-         # or keep it in a Secret the pool names (spec.ssh.authorizedKeysSecrets: [{{name: {secret}}}]);\n\
-         # builders pick a change up within seconds, without a restart:\n\
-         apiVersion: v1\nkind: Secret\nmetadata:\n  name: {secret}\n  labels:\n    nixpool.dev/use: \"true\" # lets pools of this namespace use it\nstringData:\n  authorized_keys: |\n    {public_line}\n"
+         # or keep it in a team ConfigMap the pool names (spec.ssh.authorizedKeysConfigMaps:\n\
+         # [{{name: {config_map}}}]); builders pick a change up within seconds, without a restart:\n\
+         apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {config_map}\n  labels:\n    nixpool.dev/use: \"true\" # lets pools of this namespace use it\ndata:\n  authorized_keys: |\n    {public_line}\n"
     )
 }

@@ -64,7 +64,7 @@ fn keygen_makes_a_usable_key_and_never_prints_it() {
     let public = parsed.public_key().to_openssh().unwrap();
     assert!(stdout.contains(&public), "the public key is printed");
     assert!(
-        stdout.contains("authorizedKeys:") && stdout.contains("kind: Secret"),
+        stdout.contains("authorizedKeys:") && stdout.contains("kind: ConfigMap"),
         "{stdout}"
     );
     assert!(!stdout.contains("PRIVATE KEY") && !String::from_utf8_lossy(&out.stderr).contains("PRIVATE KEY"));
