@@ -531,3 +531,102 @@ async fn a_key_holder_builds_in_a_pool_pods_sandbox_and_gets_nothing_more() {
     tokio::task::block_in_place(|| nixpool_testenv::attack::run_all(&target));
     w.stop();
 }
+
+/// Nix 2.26 (Debian trixie's, in a client pod of the builder test image) builds on a pool over
+/// `ssh-ng://` and `ssh://`, through the gate, as Nix 2.8 on the host does in the other tests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nix_2_26_builds_on_a_pool_over_ssh_ng_and_ssh() {
+    let w = World::new("nix226").await;
+    w.apply_pool("builders", 1).await;
+    let pool = w.ready("builders", 1).await;
+    let entry = MachinesEntry::parse(pool.status.as_ref().unwrap().machines_entry.as_deref().unwrap()).unwrap();
+    let builder_ip = w.pods().await[0].status.as_ref().unwrap().pod_ip.clone().unwrap();
+    // A pod of the builder image that only sleeps: trixie's nix, ssh and busybox, no agent.
+    let pods: Api<Pod> = Api::namespaced(w.client.clone(), &w.ns);
+    let client: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "nix-226-client"},
+        "spec": {
+            "containers": [{
+                "name": "client", "image": w.node.builder_image(), "imagePullPolicy": "Never",
+                "command": ["/usr/bin/busybox", "sleep", "3600"]
+            }],
+            "automountServiceAccountToken": false,
+            "terminationGracePeriodSeconds": 1
+        }
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &client).await.unwrap();
+    eventually(MIN, "the client pod running", || async {
+        let p = pods.get("nix-226-client").await.ok()?;
+        (p.status?.phase.as_deref() == Some("Running")).then_some(())
+    })
+    .await;
+    let exec = |script: &str, stdin: Option<&[u8]>| {
+        let mut c = w.cp.kubectl();
+        c.args([
+            "-n",
+            &w.ns,
+            "exec",
+            "-i",
+            "nix-226-client",
+            "--",
+            "/bin/sh",
+            "-c",
+            script,
+        ]);
+        c.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        {
+            use std::io::Write;
+            let mut input = child.stdin.take().unwrap();
+            input.write_all(stdin.unwrap_or_default()).unwrap();
+        }
+        child.wait_with_output().unwrap()
+    };
+    let version = exec("nix-build --version", None);
+    let version = String::from_utf8_lossy(&version.stdout).to_string();
+    assert!(version.contains("2.26"), "the client is not Nix 2.26: {version}");
+    let key = std::fs::read(&w.key.path).unwrap();
+    let out = exec(
+        "mkdir -p /root/bb/bin && cp /usr/bin/busybox /root/bb/bin/ && ln -sf busybox /root/bb/bin/sh && cat > /root/key && chmod 600 /root/key",
+        Some(&key),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    for scheme in ["ssh-ng", "ssh"] {
+        let mut e = entry.clone();
+        // The builder pod's own address: pods of the test node have no default route (nothing
+        // may leave the machine), so the Service's addresses are out of their reach.
+        e.uri = format!("{scheme}://builder@{builder_ip}");
+        e.ssh_key = Some("/root/key".into());
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let expr = format!(
+            r#"let bb = builtins.path {{ path = /root/bb; name = "bb"; }}; in derivation {{ name = "from-nix-226-{scheme}"; system = "x86_64-linux"; builder = "${{bb}}/bin/sh"; args = [ "-c" "echo built by $(busybox id -u) for 2.26 > $out" ]; PATH = "${{bb}}/bin"; nonce = "{nonce}"; }}"#
+        );
+        let script = format!(
+            "nix-build -E '{expr}' --no-out-link --max-jobs 0 --option build-users-group '' --option substituters '' --option builders '{e}' --option connect-timeout 5 && cat $(nix-build -E '{expr}' --no-out-link --max-jobs 0 --option build-users-group '' --option substituters '' --option builders '{e}')"
+        );
+        let out = exec(&script, None);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("built by 1000 for 2.26"),
+            "Nix 2.26 over {scheme}:// failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let path = stdout
+            .lines()
+            .find(|l| l.starts_with("/nix/store/"))
+            .unwrap()
+            .to_string();
+        assert!(
+            w.built_on_a_builder(&path).await,
+            "{path} is not in the builder's store: it was not built there"
+        );
+    }
+    w.stop();
+}

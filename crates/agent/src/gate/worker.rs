@@ -181,8 +181,14 @@ fn handshake(
         )));
     }
     let minor = wire::minor(version);
+    // What the client sent so far must reach the daemon now: from 1.38 the client waits for the
+    // daemon's features before it sends the rest of its handshake.
+    daemon.write_all(&c.take())?;
+    daemon.flush()?;
     if minor >= 38 {
         c.strings()?; // features
+        daemon.write_all(&c.take())?;
+        daemon.flush()?;
     }
     if c.u64()? != 0 {
         c.u64()?; // obsolete CPU affinity
@@ -469,6 +475,57 @@ mod tests {
             assert_eq!(r.to_daemon, client);
             assert!(r.to_client.is_empty());
         }
+    }
+
+    /// From 1.38 a client sends the rest of its handshake only after the daemon answered its
+    /// features, so the gate must pass them on before it reads further.
+    #[test]
+    fn the_1_38_handshake_passes_the_features_before_reading_on() {
+        use std::cell::RefCell;
+        use std::rc::Rc;
+        const V38: u64 = (1 << 8) | 38;
+        struct Client {
+            first: Vec<u8>,
+            rest: Vec<u8>,
+            daemon_got: Rc<RefCell<Vec<u8>>>,
+        }
+        impl Read for Client {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                let source = if !self.first.is_empty() {
+                    &mut self.first
+                } else if self.daemon_got.borrow().len() >= 8 + 8 + 8 + 8 + 16 {
+                    &mut self.rest
+                } else {
+                    return Err(std::io::Error::other(
+                        "the client waits for the daemon's features, which never came",
+                    ));
+                };
+                let n = buf.len().min(source.len());
+                buf[..n].copy_from_slice(&source[..n]);
+                source.drain(..n);
+                Ok(n)
+            }
+        }
+        struct Daemon(Rc<RefCell<Vec<u8>>>);
+        impl Write for Daemon {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.borrow_mut().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let all = hello(V38);
+        let got = Rc::new(RefCell::new(Vec::new()));
+        let client = Client {
+            first: all[..all.len() - 16].to_vec(),
+            rest: all[all.len() - 16..].to_vec(),
+            daemon_got: Rc::clone(&got),
+        };
+        let end = session(client, &mut Daemon(Rc::clone(&got)), || Some(V38), &mut |_| Ok(()));
+        assert!(matches!(end, End::Done), "{end:?}");
+        assert_eq!(*got.borrow(), all);
     }
 
     #[test]
