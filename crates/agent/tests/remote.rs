@@ -283,3 +283,53 @@ fn child_named(parent: u32, comm: &str) -> Option<u32> {
         (name == comm && ppid == parent).then_some(pid)
     })
 }
+
+/// A team's `from=` and `expiry-time=` options narrow who may log in, on the builder too:
+/// a key only allowed from elsewhere, or expired, is refused; the same key from here works.
+#[test]
+fn restrictive_key_options_are_kept() {
+    let mut b = Builder::new(&config("keyopts"));
+    b.start_agent(&["--key-reload-interval-ms", "200"]);
+    b.wait_ready(Duration::from_secs(30));
+    let k = b.root.client_key.clone();
+    let public = b.root.client_public.clone();
+    let gate_answers = |b: &Builder| {
+        let o = b.ssh("builder", &k, "echo");
+        String::from_utf8_lossy(&o.stderr).contains("only serves Nix remote builds")
+    };
+    let wait_for = |b: &Builder, want: bool, what: &str| {
+        for _ in 0..50 {
+            if gate_answers(b) == want {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("{what}:\n{}", b.log());
+    };
+    for (line, allowed) in [
+        (format!("from=\"10.9.9.9\" {public}"), false),
+        (format!("expiry-time=\"20000101\" {public}"), false),
+        (format!("from=\"127.0.0.1\",expiry-time=\"29990101\" {public}"), true),
+    ] {
+        // From a known state: the plain key logs in, then the line with options replaces it.
+        b.root.set_authorized_keys(&[&public]);
+        wait_for(&b, true, "the plain key logs in");
+        b.root.set_authorized_keys(&[&line]);
+        let option = line.split(' ').next().unwrap().to_string();
+        let file = b.root.path("/etc/ssh/authorized_keys.d/builder");
+        let mut reloaded = false;
+        for _ in 0..50 {
+            if std::fs::read_to_string(&file).unwrap_or_default().contains(&option) {
+                reloaded = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(
+            reloaded,
+            "the builder's authorized_keys never got {option}:\n{}",
+            b.log()
+        );
+        assert_eq!(gate_answers(&b), allowed, "{line}: login allowed should be {allowed}");
+    }
+}
