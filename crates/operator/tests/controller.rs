@@ -713,6 +713,44 @@ async fn a_pool_uses_only_opted_in_key_sources_and_allowed_images() {
     .await;
     assert!(!keys().await.contains("carol@laptop"));
 
+    // A cache token Secret without the label is not mounted, and its push is left out (the
+    // builder starts, it just does not push there).
+    let token =
+        serde_json::json!({"metadata": {"name": "attic-token"}, "stringData": {"token": "not-opted-in-token-123"}});
+    secrets
+        .create(&Default::default(), &serde_json::from_value(token).unwrap())
+        .await
+        .unwrap();
+    let pushing: NixBuilderPool = serde_json::from_value(serde_json::json!({
+        "apiVersion": "nixpool.dev/v1alpha1", "kind": "NixBuilderPool",
+        "metadata": {"name": "pushing"},
+        "spec": {"cache": {"attic": {"endpoint": "https://attic.example", "cache": "main", "push": true,
+                                     "tokenSecret": {"name": "attic-token", "key": "token"}}}}
+    }))
+    .unwrap();
+    pools.create(&Default::default(), &pushing).await.unwrap();
+    let refused = eventually(MIN, "the cache Secret refused", || async {
+        let p = pools.get("pushing").await.ok()?;
+        let found = p.status.as_ref()?.conditions.iter().any(|c| c.reason == "NotOptedIn");
+        found.then_some(p)
+    })
+    .await;
+    assert!(condition(&refused, "Degraded").message.contains("secret/attic-token"));
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let d = eventually(MIN, "the pushing pool's Deployment", || async {
+        deployments.get("pushing").await.ok()
+    })
+    .await;
+    let volumes = d.spec.unwrap().template.spec.unwrap().volumes.unwrap_or_default();
+    assert!(
+        volumes.iter().all(|v| v.name != "cache-secrets"),
+        "an unlabelled cache Secret is mounted"
+    );
+    let config = cms.get("pushing-config").await.unwrap().data.unwrap()[paths::AGENT_CONFIG_KEY].clone();
+    let config = nixpool_api::AgentConfig::from_json(&config).unwrap();
+    assert!(config.push.is_empty(), "a push without its token: {:?}", config.push);
+    assert!(config.problems().is_empty(), "{:?}", config.problems());
+
     // An image outside the operator's allowed prefixes is an invalid spec naming the field.
     let evil: NixBuilderPool = serde_json::from_value(serde_json::json!({
         "apiVersion": "nixpool.dev/v1alpha1", "kind": "NixBuilderPool",
