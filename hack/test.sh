@@ -8,6 +8,9 @@ hack/setup.sh
 . hack/env.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# Control planes keep their directories (logs, audit logs, etcd data) in /dev/shm for the scan
+# below; drop the last runs' so RAM does not fill up run after run.
+rm -rf /dev/shm/nixpool-cp-*
 # Files the tests write after this marker are the ones the secret-leak scan reads.
 marker=$(mktemp /var/tmp/nixpool-test-start.XXXXXX)
 trap 'rm -f "$marker"' EXIT
