@@ -158,6 +158,45 @@ pub fn kept_key_options(line: &str) -> Result<String, String> {
     Ok(out)
 }
 
+/// What a key holder may run over SSH: what Nix runs for a remote store. The builder's gate and
+/// the pool's gateway both decide with [`remote_command`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RemoteCommand {
+    /// `nix-daemon --stdio` (`ssh-ng://`).
+    Daemon,
+    /// `nix-store --serve [--write]` (`ssh://`).
+    Serve { write: bool },
+}
+
+/// Decides on the client's command. The program may be named by path (Nix's `remote-program`),
+/// but the configured binary is run, never the client's path.
+pub fn remote_command(original: Option<&str>) -> Result<RemoteCommand, String> {
+    let Some(original) = original.map(str::trim).filter(|s| !s.is_empty()) else {
+        return Err("no command given: this account has no shell".into());
+    };
+    let words: Vec<&str> = original.split_whitespace().collect();
+    let program = words[0].rsplit('/').next().unwrap_or(words[0]);
+    match (program, &words[1..]) {
+        ("nix-daemon", ["--stdio"]) => Ok(RemoteCommand::Daemon),
+        ("nix-store", ["--serve", "--write"]) | ("nix-store", ["--write", "--serve"]) => {
+            Ok(RemoteCommand::Serve { write: true })
+        }
+        ("nix-store", ["--serve"]) => Ok(RemoteCommand::Serve { write: false }),
+        _ => Err(format!("refusing {original:?}")),
+    }
+}
+
+impl RemoteCommand {
+    /// The command line the builder runs for it.
+    pub fn command_line(&self) -> &'static str {
+        match self {
+            RemoteCommand::Daemon => "nix-daemon --stdio",
+            RemoteCommand::Serve { write: true } => "nix-store --serve --write",
+            RemoteCommand::Serve { write: false } => "nix-store --serve",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,32 +19,7 @@ use std::path::Path;
 use std::process::{Command, ExitCode};
 use std::sync::{Arc, Mutex, mpsc};
 
-/// What a client may run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Allowed {
-    /// `nix-daemon --stdio` (`ssh-ng://`).
-    Daemon,
-    /// `nix-store --serve [--write]` (`ssh://`).
-    Serve { write: bool },
-}
-
-/// Decides on the client's command. The program may be named by path (Nix's `remote-program`),
-/// but the configured binary is run, never the client's path.
-pub fn decide(original: Option<&str>) -> Result<Allowed, String> {
-    let Some(original) = original.map(str::trim).filter(|s| !s.is_empty()) else {
-        return Err("no command given: this account has no shell".into());
-    };
-    let words: Vec<&str> = original.split_whitespace().collect();
-    let program = words[0].rsplit('/').next().unwrap_or(words[0]);
-    match (program, &words[1..]) {
-        ("nix-daemon", ["--stdio"]) => Ok(Allowed::Daemon),
-        ("nix-store", ["--serve", "--write"]) | ("nix-store", ["--write", "--serve"]) => {
-            Ok(Allowed::Serve { write: true })
-        }
-        ("nix-store", ["--serve"]) => Ok(Allowed::Serve { write: false }),
-        _ => Err(format!("refusing {original:?}")),
-    }
-}
+use nixpool_api::rules::{RemoteCommand, remote_command};
 
 pub fn refusal(reason: &str) -> String {
     format!(
@@ -55,9 +30,9 @@ pub fn refusal(reason: &str) -> String {
 /// Serves the client's command, or prints why not and exits 1.
 pub fn run(daemon_socket: &Path, nix_store: &Path) -> ExitCode {
     let original = std::env::var("SSH_ORIGINAL_COMMAND").ok();
-    match decide(original.as_deref()) {
-        Ok(Allowed::Daemon) => serve_daemon(daemon_socket),
-        Ok(Allowed::Serve { write }) => {
+    match remote_command(original.as_deref()) {
+        Ok(RemoteCommand::Daemon) => serve_daemon(daemon_socket),
+        Ok(RemoteCommand::Serve { write }) => {
             let mut c = Command::new(nix_store);
             c.arg("--serve");
             if write {
@@ -182,16 +157,19 @@ mod tests {
 
     #[test]
     fn lets_through_what_nix_runs() {
-        assert_eq!(decide(Some("nix-daemon --stdio")), Ok(Allowed::Daemon));
+        assert_eq!(remote_command(Some("nix-daemon --stdio")), Ok(RemoteCommand::Daemon));
         assert_eq!(
-            decide(Some("/nix/store/x-nix/bin/nix-daemon --stdio")),
-            Ok(Allowed::Daemon)
+            remote_command(Some("/nix/store/x-nix/bin/nix-daemon --stdio")),
+            Ok(RemoteCommand::Daemon)
         );
         assert_eq!(
-            decide(Some("nix-store --serve --write")),
-            Ok(Allowed::Serve { write: true })
+            remote_command(Some("nix-store --serve --write")),
+            Ok(RemoteCommand::Serve { write: true })
         );
-        assert_eq!(decide(Some("nix-store --serve")), Ok(Allowed::Serve { write: false }));
+        assert_eq!(
+            remote_command(Some("nix-store --serve")),
+            Ok(RemoteCommand::Serve { write: false })
+        );
     }
 
     #[test]
@@ -204,9 +182,9 @@ mod tests {
             "sh -c nix-daemon --stdio",
             "bash",
         ] {
-            assert!(decide(Some(cmd)).is_err(), "{cmd} let through");
+            assert!(remote_command(Some(cmd)).is_err(), "{cmd} let through");
         }
-        assert!(decide(None).unwrap_err().contains("no shell"));
+        assert!(remote_command(None).unwrap_err().contains("no shell"));
         assert!(refusal("refusing \"ls\"").contains("only serves Nix remote builds"));
     }
 }
