@@ -630,3 +630,193 @@ async fn nix_2_26_builds_on_a_pool_over_ssh_ng_and_ssh() {
     }
     w.stop();
 }
+
+/// The gateway (first slice: a static list of builders) in front of a pool of 3 builders with
+/// maxJobs 1: it presents the pool's host key, lets in the pool's keys only, and spreads 3
+/// concurrent builds over 3 different builders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_gateway_sends_concurrent_builds_to_different_builders() {
+    let w = World::new("gateway").await;
+    // The gateway reaches builders with a key of its own, authorized in the pool.
+    let gateway_key = ClientKey::new(&w.dir, "gateway_ed25519").unwrap();
+    w.apply_pool("builders", 3).await;
+    let patch = serde_json::json!({"spec": {"maxJobs": 1, "ssh": {"authorizedKeys": [w.key.public.clone(), gateway_key.public.clone()]}}});
+    w.pools()
+        .patch("builders", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let pool = eventually(MIN, "3 builders with maxJobs 1 and both keys", || async {
+        let p = w.pools().get("builders").await.ok()?;
+        let st = p.status.as_ref()?;
+        let entry = MachinesEntry::parse(st.machines_entry.as_deref()?).ok()?;
+        let up_to_date = st
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Progressing" && c.reason == "UpToDate");
+        let rolled = st.observed_generation == p.metadata.generation && st.ready_replicas == 3 && up_to_date;
+        let live = w
+            .pods()
+            .await
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .count();
+        (rolled && entry.max_jobs == 3 && live == 3).then_some(p)
+    })
+    .await;
+    let host_public = pool.status.unwrap().host_public_key.unwrap();
+
+    // Its inputs, as the operator will give them: the pool's host key, its authorized keys.
+    let secrets: Api<Secret> = Api::namespaced(w.client.clone(), &w.ns);
+    let host_key = secrets.get("builders-host-key").await.unwrap();
+    let host_key_file = w.dir.join("gateway-host-key");
+    std::fs::write(
+        &host_key_file,
+        &host_key.data.unwrap()[nixpool_api::paths::HOST_KEY_FILE].0,
+    )
+    .unwrap();
+    std::fs::set_permissions(&host_key_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let config_maps: Api<ConfigMap> = Api::namespaced(w.client.clone(), &w.ns);
+    let keys_file = w.dir.join("gateway-authorized-keys");
+    let keys = config_maps.get("builders-authorized-keys").await.unwrap().data.unwrap()
+        [nixpool_api::paths::AUTHORIZED_KEYS_FILE]
+        .clone();
+    std::fs::write(&keys_file, keys).unwrap();
+    let pods: Vec<Pod> = w
+        .pods()
+        .await
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect();
+    let builders: Vec<String> = pods
+        .iter()
+        .map(|p| format!("{}:22=1", p.status.as_ref().unwrap().pod_ip.as_ref().unwrap()))
+        .collect();
+    let port = nixpool_testenv::free_port();
+    let log = w.dir.join("gateway.log");
+    /// Stops the gateway however the test ends.
+    struct Running(std::process::Child);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let gateway = std::process::Command::new(binary("nixpool-gateway").unwrap())
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--hold-seconds", "60"])
+        .arg("--host-key")
+        .arg(&host_key_file)
+        .arg("--authorized-keys")
+        .arg(&keys_file)
+        .arg("--builder-key")
+        .arg(&gateway_key.path)
+        .arg("--builder")
+        .arg(builders.join(","))
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let gateway = Running(gateway);
+    eventually(MIN, "the gateway listening", || async {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
+    })
+    .await;
+
+    // One line for the gateway, with the pool's pinned host key; ssh gets the port from
+    // NIX_SSHOPTS (Nix 2.8's ssh URIs carry none).
+    let machines = w.dir.join("machines-gateway");
+    let line = MachinesEntry {
+        uri: "ssh-ng://builder@127.0.0.1".into(),
+        systems: vec!["x86_64-linux".into()],
+        ssh_key: Some(w.key.path.display().to_string()),
+        max_jobs: 3,
+        speed_factor: 1,
+        supported_features: vec![],
+        mandatory_features: vec![],
+        host_public_key: Some(host_public.clone()),
+    };
+    std::fs::write(&machines, format!("{line}\n")).unwrap();
+    let build = |name: &str, script: &str| {
+        let drv = derivation(&w.dir, name, script).unwrap();
+        let mut c = nix_build_command(&machines, &drv);
+        c.env("NIX_SSHOPTS", format!("-p {port}"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        c.spawn().unwrap()
+    };
+    let one = build("through-gateway", "echo through the gateway > $out")
+        .wait_with_output()
+        .unwrap();
+    let path = assert_built(&one);
+    assert!(w.built_on_a_builder(&path).await);
+
+    // 3 concurrent builds of 4 s each on 3 builders of one slot: one per builder.
+    let running: Vec<_> = (0..3)
+        .map(|i| build(&format!("spread-{i}"), &format!("busybox sleep 4; echo {i} > $out")))
+        .collect();
+    let outs: Vec<String> = running
+        .into_iter()
+        .map(|c| assert_built(&c.wait_with_output().unwrap()))
+        .collect();
+    let mut on = Vec::new();
+    for out in &outs {
+        let mut holders = Vec::new();
+        for pod in &pods {
+            let name = pod.metadata.name.clone().unwrap();
+            if w.kubectl(&["exec", &name, "-c", "builder", "--", "test", "-e", out])
+                .status
+                .success()
+            {
+                holders.push(name);
+            }
+        }
+        assert_eq!(holders.len(), 1, "{out} is on {holders:?}");
+        on.push(holders.remove(0));
+    }
+    on.sort();
+    on.dedup();
+    assert_eq!(on.len(), 3, "3 concurrent builds did not go to 3 builders: {on:?}");
+
+    // A key the pool does not list is refused, and so is a shell; the log says why.
+    let stranger = ClientKey::new(&w.dir, "stranger_ed25519").unwrap();
+    let known = w.dir.join("gateway-known-hosts");
+    std::fs::write(&known, format!("[127.0.0.1]:{port} {host_public}\n")).unwrap();
+    let ssh = |key: &std::path::Path, command: &str| {
+        std::process::Command::new("ssh")
+            .arg("-i")
+            .arg(key)
+            .args([
+                "-p",
+                &port.to_string(),
+                "-F",
+                "/dev/null",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "IdentitiesOnly=yes",
+            ])
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", known.display()))
+            .args(["-o", "StrictHostKeyChecking=yes", "builder@127.0.0.1", command])
+            .output()
+            .unwrap()
+    };
+    let refused = ssh(&stranger.path, "nix-daemon --stdio");
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("Permission denied"),
+        "{refused:?}"
+    );
+    let shell = ssh(&w.key.path, "sh -c id");
+    assert!(!shell.status.success());
+    assert!(
+        String::from_utf8_lossy(&shell.stderr).contains("only serves Nix remote builds"),
+        "{shell:?}"
+    );
+    drop(gateway);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("login refused") && text.contains("session refused"),
+        "{text}"
+    );
+    assert_eq!(text.matches("session done").count(), 4, "one line per session:\n{text}");
+    w.stop();
+}

@@ -1,0 +1,12 @@
+//! `nixpool-gateway`: the pool's SSH front door. See docs/gateway.md.
+
+use clap::Parser;
+
+mod cli;
+mod keys;
+mod route;
+mod server;
+
+fn main() -> std::process::ExitCode {
+    cli::Cli::parse().run()
+}
