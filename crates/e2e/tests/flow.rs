@@ -775,6 +775,20 @@ async fn the_gateway_sends_concurrent_builds_to_different_builders() {
     on.dedup();
     assert_eq!(on.len(), 3, "3 concurrent builds did not go to 3 builders: {on:?}");
 
+    // A 4th concurrent build finds every slot taken: the gateway holds it until one frees up,
+    // and it succeeds without a retry.
+    // (The clients' machines line offers more jobs than the builders have slots, so the clients
+    // themselves, which share per-machine slots through lock files, do not hold the 4th back.)
+    let mut wider = line.clone();
+    wider.max_jobs = 6;
+    std::fs::write(&machines, format!("{wider}\n")).unwrap();
+    let running: Vec<_> = (0..4)
+        .map(|i| build(&format!("held-{i}"), &format!("busybox sleep 3; echo held {i} > $out")))
+        .collect();
+    for c in running {
+        assert_built(&c.wait_with_output().unwrap());
+    }
+
     // A key the pool does not list is refused, and so is a shell; the log says why.
     let stranger = ClientKey::new(&w.dir, "stranger_ed25519").unwrap();
     let known = w.dir.join("gateway-known-hosts");
@@ -817,6 +831,22 @@ async fn the_gateway_sends_concurrent_builds_to_different_builders() {
         text.contains("login refused") && text.contains("session refused"),
         "{text}"
     );
-    assert_eq!(text.matches("session done").count(), 4, "one line per session:\n{text}");
+    assert_eq!(text.matches("session done").count(), 8, "one line per session:\n{text}");
+    let held: Vec<u64> = text
+        .lines()
+        .filter(|l| l.contains("session done"))
+        .filter_map(|l| l.split("held_ms").nth(1))
+        .filter_map(|rest| {
+            rest.trim_start_matches(|c: char| !c.is_ascii_digit())
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert!(
+        held.iter().any(|ms| *ms >= 1000),
+        "no session was held while every slot was taken: {held:?}\n{text}"
+    );
     w.stop();
 }

@@ -71,6 +71,7 @@ impl Cli {
                 tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,russh=warn".into()),
             )
             .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .try_init();
         match self.start() {
             Ok(()) => ExitCode::SUCCESS,
