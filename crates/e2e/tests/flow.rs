@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use nixpool_api::{MachinesEntry, NixBuilderPool};
-use nixpool_testenv::flow::{ClientKey, binary, derivation, nix_build, nix_build_command};
+use nixpool_testenv::flow::{ClientKey, binary, derivation, nix_build, nix_build_command, ssh_args};
 use nixpool_testenv::harness::*;
 use nixpool_testenv::node::Node;
 
@@ -445,21 +445,13 @@ impl nixpool_testenv::attack::Target for PoolTarget<'_> {
         let host_key = self.entry.host_public_key.clone().unwrap();
         std::fs::write(&known, format!("{} {host_key}\n", self.host())).unwrap();
         let mut c = std::process::Command::new("ssh");
-        c.arg("-i")
-            .arg(&self.w.key.path)
-            .arg("-o")
-            .arg(format!("UserKnownHostsFile={}", known.display()))
-            .args([
-                "-o",
-                "StrictHostKeyChecking=yes",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "IdentitiesOnly=yes",
-            ])
-            .args(["-o", "ConnectTimeout=5", "-F", "/dev/null"])
-            .arg(format!("builder@{}", self.host()))
-            .arg(command);
+        ssh_args(
+            &mut c,
+            &self.w.key.path,
+            &known,
+            &format!("builder@{}", self.host()),
+            command,
+        );
         c
     }
 
@@ -794,22 +786,9 @@ async fn the_gateway_sends_concurrent_builds_to_different_builders() {
     let known = w.dir.join("gateway-known-hosts");
     std::fs::write(&known, format!("[127.0.0.1]:{port} {host_public}\n")).unwrap();
     let ssh = |key: &std::path::Path, command: &str| {
-        std::process::Command::new("ssh")
-            .arg("-i")
-            .arg(key)
-            .args([
-                "-p",
-                &port.to_string(),
-                "-F",
-                "/dev/null",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "IdentitiesOnly=yes",
-            ])
-            .arg("-o")
-            .arg(format!("UserKnownHostsFile={}", known.display()))
-            .args(["-o", "StrictHostKeyChecking=yes", "builder@127.0.0.1", command])
+        let mut c = std::process::Command::new("ssh");
+        c.args(["-p", &port.to_string()]);
+        ssh_args(&mut c, key, &known, "builder@127.0.0.1", command)
             .output()
             .unwrap()
     };

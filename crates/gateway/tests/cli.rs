@@ -15,34 +15,26 @@ fn help_explains_and_bad_flags_name_the_fix() {
 
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nope");
-    let out = Command::new(GATEWAY)
-        .args(["--builder", "10.0.0.1:22"])
-        .arg("--host-key")
-        .arg(&missing)
-        .arg("--authorized-keys")
-        .arg(&missing)
-        .arg("--builder-key")
-        .arg(&missing)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let start = |builder: &str| {
+        let out = Command::new(GATEWAY)
+            .args(["--builder", builder])
+            .args(
+                ["--host-key", "--authorized-keys", "--builder-key"]
+                    .iter()
+                    .flat_map(|f| [f.as_ref(), missing.as_os_str()]),
+            )
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, err) = start("10.0.0.1:22");
+    assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains("--builder \"10.0.0.1:22\"") && err.contains("HOST:PORT=SLOTS"),
         "{err}"
     );
-
-    let out = Command::new(GATEWAY)
-        .args(["--builder", "10.0.0.1:22=1"])
-        .arg("--host-key")
-        .arg(&missing)
-        .arg("--authorized-keys")
-        .arg(&missing)
-        .arg("--builder-key")
-        .arg(&missing)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, err) = start("10.0.0.1:22=1");
+    assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains("--host-key") && err.contains("OpenSSH private key"),
         "{err}"

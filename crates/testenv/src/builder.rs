@@ -445,24 +445,7 @@ impl Builder {
         let known = self.root.dir.path().join("known_hosts");
         fs::write(&known, format!("127.0.0.1 {}\n", self.root.host_public)).unwrap();
         let mut c = self.client("/usr/bin/ssh");
-        c.arg("-i")
-            .arg(key)
-            .arg("-o")
-            .arg(format!("UserKnownHostsFile={}", known.display()))
-            .args([
-                "-o",
-                "StrictHostKeyChecking=yes",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "IdentitiesOnly=yes",
-                "-o",
-                "ConnectTimeout=5",
-                "-F",
-                "/dev/null",
-            ])
-            .arg(format!("{user}@127.0.0.1"))
-            .arg(command);
+        crate::flow::ssh_args(&mut c, key, &known, &format!("{user}@127.0.0.1"), command);
         c
     }
 }

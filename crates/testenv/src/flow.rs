@@ -25,6 +25,32 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     )
 }
 
+/// Adds to an `ssh` command what every test login uses: only `key`, the host key pinned in
+/// `known_hosts`, no config file, no prompts, a 5 s connect timeout.
+pub fn ssh_args<'a>(
+    ssh: &'a mut Command,
+    key: &Path,
+    known_hosts: &Path,
+    destination: &str,
+    command: &str,
+) -> &'a mut Command {
+    ssh.arg("-i")
+        .arg(key)
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
+        .args([
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+        ])
+        .args(["-o", "ConnectTimeout=5", "-F", "/dev/null"])
+        .arg(destination)
+        .arg(command)
+}
+
 /// A passphrase-less ed25519 client key (what `builderctl keygen` makes), 0600, root's.
 pub struct ClientKey {
     pub path: PathBuf,

@@ -238,7 +238,6 @@ async fn with_usable_cache_secrets(
     refused: &mut Vec<String>,
 ) -> Result<NixBuilderPool> {
     let mut usable = pool.clone();
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let cache = &mut usable.spec.cache;
     let refs: [Option<&mut Option<SecretKeyRef>>; 3] = [
         cache.attic.as_mut().map(|a| &mut a.token_secret),
@@ -247,20 +246,9 @@ async fn with_usable_cache_secrets(
     ];
     for slot in refs.into_iter().flatten() {
         let Some(r) = slot.as_ref() else { continue };
-        let name = r.name.clone();
-        let secret = api.get_opt(&name).await.map_err(|source| Error::Read {
-            kind: "Secret".into(),
-            name: name.clone(),
-            source,
-        })?;
-        match secret {
-            // Still mounted: the kubelet starts the pods once it exists.
-            None => missing.push(format!("secret/{name}")),
-            Some(s) if !opted_in(&s.metadata) => {
-                refused.push(format!("secret/{name}"));
-                *slot = None;
-            }
-            Some(_) => {}
+        // A missing one stays mounted: the kubelet starts the pods once it exists.
+        if let Named::NotOptedIn = named::<Secret>(ctx, ns, &r.name, missing, refused).await? {
+            *slot = None;
         }
     }
     Ok(usable)
@@ -363,6 +351,77 @@ async fn host_key(
     }
 }
 
+/// What reading an object a pool names found.
+enum Named<K> {
+    Usable(K),
+    Missing,
+    NotOptedIn,
+}
+
+/// Reads an object a pool names, by name (Secrets are never listed or watched), and notes it as
+/// missing or not opted in (`kind/name`, as `kubectl label` takes it).
+async fn named<K>(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    missing: &mut Vec<String>,
+    refused: &mut Vec<String>,
+) -> Result<Named<K>>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned,
+{
+    let kind = K::kind(&()).to_string();
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
+    let found = api.get_opt(name).await.map_err(|source| Error::Read {
+        kind: kind.clone(),
+        name: name.to_string(),
+        source,
+    })?;
+    let tag = format!("{}/{name}", kind.to_lowercase());
+    Ok(match found {
+        None => {
+            missing.push(tag);
+            Named::Missing
+        }
+        Some(o) if !opted_in(o.meta()) => {
+            refused.push(tag);
+            Named::NotOptedIn
+        }
+        Some(o) => Named::Usable(o),
+    })
+}
+
+/// The keys of one team-key ConfigMap or Secret (`None`: a value that is not UTF-8 text).
+fn add_team_keys(
+    keys: &mut AuthorizedKeys,
+    missing: &mut Vec<String>,
+    kind: &str,
+    r: &nixpool_api::v1alpha1::AuthorizedKeysRef,
+    data: std::collections::BTreeMap<String, Option<String>>,
+) {
+    if let Some(k) = &r.key
+        && !data.contains_key(k)
+    {
+        missing.push(format!("{}/{} (key {k})", kind.to_lowercase(), r.name));
+    }
+    let source = format!("{kind} {}", r.name);
+    for (k, text) in data
+        .iter()
+        .filter(|(k, _)| r.key.as_ref().is_none_or(|want| want == *k))
+    {
+        match text {
+            Some(text) => keys.add_text(text, &source, k),
+            None => keys.bad.push(crate::keys::BadKey {
+                origin: crate::keys::Origin(format!("{source} key {k}")),
+                reason: "not UTF-8 text; store authorized_keys lines".into(),
+            }),
+        }
+    }
+}
+
 /// Whether an object's owner let pools use it (`nixpool.dev/use: "true"`).
 fn opted_in(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> bool {
     meta.labels
@@ -383,67 +442,17 @@ async fn authorized_keys(
     for (i, line) in pool.spec.ssh.authorized_keys.iter().enumerate() {
         keys.add(line, || crate::keys::Origin(format!("spec.ssh.authorizedKeys[{i}]")));
     }
-    let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
     for r in &pool.spec.ssh.authorized_keys_config_maps {
-        let Some(cm) = config_maps.get_opt(&r.name).await.map_err(|source| Error::Read {
-            kind: "ConfigMap".into(),
-            name: r.name.clone(),
-            source,
-        })?
-        else {
-            missing.push(format!("configmap/{}", r.name));
-            continue;
-        };
-        if !opted_in(&cm.metadata) {
-            refused.push(format!("configmap/{}", r.name));
-            continue;
-        }
-        let data = cm.data.unwrap_or_default();
-        if let Some(k) = &r.key
-            && !data.contains_key(k)
-        {
-            missing.push(format!("configmap/{} (key {k})", r.name));
-        }
-        for (k, text) in data
-            .iter()
-            .filter(|(k, _)| r.key.as_ref().is_none_or(|want| want == *k))
-        {
-            keys.add_text(text, &format!("ConfigMap {}", r.name), k);
+        if let Named::Usable(cm) = named::<ConfigMap>(ctx, ns, &r.name, missing, refused).await? {
+            let data = cm.data.unwrap_or_default().into_iter().map(|(k, v)| (k, Some(v)));
+            add_team_keys(&mut keys, missing, "ConfigMap", r, data.collect());
         }
     }
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     for r in &pool.spec.ssh.authorized_keys_secrets {
-        let Some(secret) = api.get_opt(&r.name).await.map_err(|source| Error::Read {
-            kind: "Secret".into(),
-            name: r.name.clone(),
-            source,
-        })?
-        else {
-            missing.push(format!("secret/{}", r.name));
-            continue;
-        };
-        if !opted_in(&secret.metadata) {
-            refused.push(format!("secret/{}", r.name));
-            continue;
-        }
-        let data = secret.data.unwrap_or_default();
-        let wanted: Vec<&String> = match &r.key {
-            Some(k) => {
-                if !data.contains_key(k) {
-                    missing.push(format!("secret/{} (key {k})", r.name));
-                }
-                data.keys().filter(|key| *key == k).collect()
-            }
-            None => data.keys().collect(),
-        };
-        for k in wanted {
-            match std::str::from_utf8(&data[k].0) {
-                Ok(text) => keys.add_text(text, &format!("Secret {}", r.name), k),
-                Err(_) => keys.bad.push(crate::keys::BadKey {
-                    origin: crate::keys::Origin(format!("Secret {} key {k}", r.name)),
-                    reason: "not UTF-8 text; store authorized_keys lines".into(),
-                }),
-            }
+        if let Named::Usable(secret) = named::<Secret>(ctx, ns, &r.name, missing, refused).await? {
+            let data = secret.data.unwrap_or_default().into_iter();
+            let text = data.map(|(k, v)| (k, String::from_utf8(v.0).ok()));
+            add_team_keys(&mut keys, missing, "Secret", r, text.collect());
         }
     }
     Ok(keys)
