@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod bounds;
+pub mod demand;
 pub mod machines;
 pub mod quantity;
 pub mod rules;
@@ -48,6 +49,11 @@ pub mod labels {
     /// `"true"`: whoever can create a pool in a namespace cannot mount or read the namespace's
     /// other Secrets by naming them.
     pub const USE: &str = "nixpool.dev/use";
+    /// Value of [`NAME`] on a pool's gateway pods (kept apart from the builders' selector).
+    pub const GATEWAY_NAME_VALUE: &str = "nixpool-gateway";
+    /// Pod annotation the ReplicaSet controller (Kubernetes 1.22 and later) reads to pick which
+    /// pods go first on a scale-down: the lowest cost goes first.
+    pub const POD_DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
     /// Label selector (string form) matching every child of every pool.
     pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=nixpool-operator";
 }
@@ -70,6 +76,8 @@ pub mod conditions {
     pub const REASON_SCALED_TO_ZERO: &str = "ScaledToZero";
     pub const REASON_AS_EXPECTED: &str = "AsExpected";
     pub const REASON_ROLLOUT_STUCK: &str = "RolloutStuck";
+    pub const REASON_GATEWAY_READY: &str = "GatewayReady";
+    pub const REASON_NO_READY_GATEWAY: &str = "NoReadyGateway";
 }
 
 /// Where a builder pod finds what the operator gives it. The operator mounts these; the agent
@@ -100,6 +108,13 @@ pub mod paths {
     pub const STORE_MOUNT: &str = "/nix";
     /// The agent's binary inside the builder image.
     pub const AGENT_BINARY: &str = "/bin/nixpool-agent";
+    /// The gateway's binary, in the same image.
+    pub const GATEWAY_BINARY: &str = "/bin/nixpool-gateway";
+    /// The gateway's own key Secret is mounted here in gateway pods.
+    pub const GATEWAY_KEY_DIR: &str = "/run/nixpool/gateway-key";
+    /// Key, in the gateway-key Secret and as a file under [`GATEWAY_KEY_DIR`], of the gateway's
+    /// OpenSSH ed25519 private key (it logs in to builders with it).
+    pub const GATEWAY_KEY_FILE: &str = "id_ed25519";
 }
 
 /// Ports a builder pod listens on.
@@ -110,6 +125,10 @@ pub mod ports {
     pub const AGENT_HEALTH: u16 = 8090;
     pub const SSH_NAME: &str = "ssh";
     pub const HEALTH_NAME: &str = "health";
+    /// The gateway's SSH port inside its pod (unprivileged: the gateway runs as a plain user).
+    pub const GATEWAY_SSH: u16 = 2222;
+    /// The gateway's `/healthz`, `/readyz` and `/metrics`.
+    pub const GATEWAY_HTTP: u16 = 8091;
 }
 
 /// Deterministic names of a pool's children.
@@ -127,5 +146,17 @@ pub mod names {
     /// The Deployment, Service and PodDisruptionBudget share the pool's name.
     pub fn workload(pool: &str) -> String {
         pool.to_string()
+    }
+    /// The gateway's Deployment, ServiceAccount, Role and RoleBinding.
+    pub fn gateway(pool: &str) -> String {
+        format!("{pool}-gateway")
+    }
+    /// The Secret of the gateway's own SSH key (builders trust its public half).
+    pub fn gateway_key_secret(pool: &str) -> String {
+        format!("{pool}-gateway-key")
+    }
+    /// The ConfigMap the gateway pods write their demand reports to.
+    pub fn gateway_demand(pool: &str) -> String {
+        format!("{pool}-gateway-demand")
     }
 }

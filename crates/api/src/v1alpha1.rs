@@ -166,6 +166,20 @@ pub struct NixBuilderPoolSpec {
     #[serde(default)]
     pub gc: GcSpec,
 
+    /// A gateway in front of the builders: an SSH front door that presents the pool's host key,
+    /// sends each Nix session to the builder with the most free slots, and holds a session while
+    /// no slot is free. With it the Service points at the gateway, not at the builders. Needed by
+    /// `autoscaling`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewaySpec>,
+
+    /// Builders on demand: the gateway reports sessions waiting and running, and the operator
+    /// sets the number of builders between `minReplicas` and `maxReplicas`. With it,
+    /// `spec.replicas` (and `kubectl scale`) is not used: the operator owns the builder count.
+    /// Implies a gateway (`spec.gateway` defaults apply if it is not set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+
     /// Drain budget: seconds a builder pod being stopped (rollout, scale-down, node drain) waits
     /// for running builds to finish before it is killed.
     #[serde(default = "default_grace")]
@@ -508,6 +522,55 @@ pub struct StoreCache {
     pub push: bool,
 }
 
+/// The pool's gateway.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewaySpec {
+    /// Gateway pods. Two keep the pool reachable while one restarts or its node goes.
+    #[serde(default = "default_gateway_replicas")]
+    #[schemars(range(min = 1, max = 16))]
+    pub replicas: i32,
+    /// Seconds a session waits for a free builder slot (a builder starting, or one finishing a
+    /// build) before it is refused. The client's nix waits that long too.
+    #[serde(default = "default_hold_seconds")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub hold_seconds: i32,
+    /// CPU and memory requests and limits of each gateway container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+impl Default for GatewaySpec {
+    fn default() -> Self {
+        Self {
+            replicas: default_gateway_replicas(),
+            hold_seconds: default_hold_seconds(),
+            resources: None,
+        }
+    }
+}
+
+/// Builders on demand.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas")
+    .message("spec.autoscaling: minReplicas must not be above maxReplicas"))]
+pub struct AutoscalingSpec {
+    /// Fewest builders. 0 lets an idle pool cost nothing: the first build then waits, held at
+    /// the gateway, while a builder starts.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 1000))]
+    pub min_replicas: i32,
+    /// Most builders. The machines line advertises `maxReplicas × maxJobs`, so clients' machines
+    /// files do not change as the pool scales.
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: i32,
+    /// Seconds a builder must be without a session before it is removed.
+    #[serde(default = "default_idle_seconds")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub idle_seconds: i32,
+}
+
 /// Store garbage collection thresholds.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -560,6 +623,10 @@ pub struct NixBuilderPoolStatus {
     /// pool's life unless you replace the host-key Secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_public_key: Option<String>,
+    /// Builders the operator wants now, with `spec.autoscaling` (between minReplicas and
+    /// maxReplicas, from the sessions the gateway reports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_replicas: Option<i32>,
     /// A complete `/etc/nix/machines` line for this pool. Its SSH key column is `-`: put the
     /// path of your client key there (`builderctl machines-file` does).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -576,6 +643,15 @@ pub struct Endpoint {
     pub port: i32,
 }
 
+fn default_gateway_replicas() -> i32 {
+    2
+}
+fn default_hold_seconds() -> i32 {
+    300
+}
+fn default_idle_seconds() -> i32 {
+    600
+}
 fn default_true() -> bool {
     true
 }
@@ -614,6 +690,16 @@ fn default_max_free() -> Option<Quantity> {
 }
 
 impl NixBuilderPoolSpec {
+    /// The gateway the pool runs: `spec.gateway`, or its defaults when only `spec.autoscaling`
+    /// is set.
+    pub fn effective_gateway(&self) -> Option<GatewaySpec> {
+        match (&self.gateway, &self.autoscaling) {
+            (Some(g), _) => Some(g.clone()),
+            (None, Some(_)) => Some(GatewaySpec::default()),
+            (None, None) => None,
+        }
+    }
+
     /// The spec as the API server fills it in: every default applied. Deserializing `{}`
     /// gives the same.
     pub fn defaults() -> Self {
