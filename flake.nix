@@ -21,10 +21,10 @@
           bins = import ./nix/packages.nix { inherit pkgs; src = self; version = "0.1.0"; };
         in
         {
-          inherit (bins) nixpool-operator nixpool-agent builderctl;
+          inherit (bins) nixpool-operator nixpool-agent nixpool-gateway builderctl;
           default = bins.builderctl;
         } // nixpkgs.lib.optionalAttrs (system == imageOnly) {
-          builder-image = import ./image/builder.nix { inherit pkgs; agent = bins.nixpool-agent; tag = "amd64-${rev}"; };
+          builder-image = import ./image/builder.nix { inherit pkgs; agent = bins.nixpool-agent; gateway = bins.nixpool-gateway; tag = "amd64-${rev}"; };
           operator-image = import ./image/operator.nix { inherit pkgs; operator = bins.nixpool-operator; tag = "amd64-${rev}"; };
         });
 

@@ -1,7 +1,7 @@
 # The x86_64-linux builder image: Nix, OpenSSH and the cache clients, with nixpool-agent as
-# PID 1. The FHS bits every binary and shell expects are made at image build time too, so even
+# PID 1, and nixpool-gateway (the pool's gateway pods run the same image). The FHS bits every binary and shell expects are made at image build time too, so even
 # `kubectl exec ... sh` works before the agent runs (the agent makes them again, idempotently).
-{ pkgs, agent, tag }:
+{ pkgs, agent, gateway, tag }:
 let
   glibc = pkgs.glibc;
 in
@@ -10,6 +10,7 @@ pkgs.dockerTools.buildLayeredImage {
   inherit tag;
   contents = with pkgs; [
     agent
+    gateway
     nix
     openssh
     bashInteractive

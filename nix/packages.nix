@@ -1,4 +1,4 @@
-# The three binaries, built straight from Cargo.lock (no generated Cargo.nix).
+# The binaries, built straight from Cargo.lock (no generated Cargo.nix).
 { pkgs, src, version }:
 let
   crate = pname: description: pkgs.rustPlatform.buildRustPackage {
@@ -20,5 +20,6 @@ in
 {
   nixpool-operator = crate "nixpool-operator" "Reconciles NixBuilderPools into pools of Nix remote builders";
   nixpool-agent = crate "nixpool-agent" "PID 1 of the nixpool builder image";
+  nixpool-gateway = crate "nixpool-gateway" "The SSH front door of a nixpool builder pool";
   builderctl = crate "builderctl" "Puts a nixpool builder pool into a developer's Nix";
 }

@@ -38,16 +38,29 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [nixpool.dev]
   resources: [nixbuilderpools/status]
   verbs: [patch]
-# The builder Deployments: watched as owned children, server-side applied (an apply that
-# creates the object needs create as well as patch).
+# The builder and gateway Deployments: watched as owned children, server-side applied (an apply
+# that creates the object needs create as well as patch); a gateway a pool drops is deleted.
 - apiGroups: [apps]
   resources: [deployments]
-  verbs: [get, list, watch, create, patch]
-# The SSH Service, the agent and authorized-keys ConfigMaps of each pool, and the team-key
-# ConfigMaps pools name (watched by their nixpool.dev/use=true label).
+  verbs: [get, list, watch, create, patch, delete]
+# The SSH Service, the agent, authorized-keys and gateway-demand ConfigMaps of each pool, and the
+# team-key ConfigMaps pools name (watched by their nixpool.dev/use=true label).
 - apiGroups: [""]
   resources: [services, configmaps]
-  verbs: [get, list, watch, create, patch]
+  verbs: [get, list, watch, create, patch, delete]
+# A pool's gateway runs as its own ServiceAccount, with a Role that lets it watch the pool's pods
+# and write its demand ConfigMap.
+- apiGroups: [""]
+  resources: [serviceaccounts]
+  verbs: [get, create, patch, delete]
+- apiGroups: [rbac.authorization.k8s.io]
+  resources: [roles, rolebindings]
+  verbs: [get, create, patch, delete]
+# Kubernetes lets the operator grant only rights it holds, hence pods get/list/watch (the
+# gateway's Role); patch sets the pod-deletion cost before a scale-down, so idle builders go first.
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch, patch]
 # Secrets only by name, never listed or watched: the host key it generates (created once, never
 # overwritten), and the Secrets a pool names (its own host key, deprecated team-key Secrets,
 # cache tokens), read to check they exist and are opted in.
@@ -58,7 +71,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
   verbs: [get, list, watch, create, patch]
-# Events on pools (HostKeyGenerated, Applied, InvalidSpec, BadAuthorizedKeys).
+# Events on pools (HostKeyGenerated, Applied, InvalidSpec, BadAuthorizedKeys, ScaledUp, ScaledDown).
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]

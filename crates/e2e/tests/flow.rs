@@ -65,6 +65,11 @@ impl World {
 
     /// The minimal example, reachable through a load balancer, with this world's client key.
     async fn apply_pool(&self, name: &str, replicas: i32) {
+        self.apply_pool_with(name, replicas, |_| {}).await
+    }
+
+    /// [`World::apply_pool`], changed by `change` before it is created.
+    async fn apply_pool_with(&self, name: &str, replicas: i32, change: impl FnOnce(&mut NixBuilderPool)) {
         let mut pool: NixBuilderPool =
             serde_yaml::from_str(&std::fs::read_to_string(format!("{REPO}/examples/minimal.yaml")).unwrap()).unwrap();
         pool.metadata.name = Some(name.into());
@@ -77,6 +82,7 @@ impl World {
         pool.spec.cache.nixos_cache = false;
         pool.spec.image = Some(self.node.builder_image().into());
         pool.spec.image_pull_policy = Some(nixpool_api::v1alpha1::ImagePullPolicy::Never);
+        change(&mut pool);
         self.pools().create(&PostParams::default(), &pool).await.unwrap();
     }
 
@@ -117,6 +123,28 @@ impl World {
             .await
             .unwrap()
             .items
+    }
+
+    /// The pool's gateway pods that are not terminating.
+    async fn gateway_pods(&self) -> Vec<Pod> {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &self.ns);
+        api.list(&ListParams::default().labels("app.kubernetes.io/name=nixpool-gateway"))
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .collect()
+    }
+
+    /// Every gateway pod's log (`kubectl logs`), one after the other.
+    async fn gateway_logs(&self) -> String {
+        let mut text = String::new();
+        for pod in self.gateway_pods().await {
+            let out = self.kubectl(&["logs", pod.metadata.name.as_deref().unwrap()]);
+            text.push_str(&String::from_utf8_lossy(&out.stdout));
+        }
+        text
     }
 
     /// Waits until every builder's log (`kubectl logs`) shows at least `times` key reloads, and
@@ -629,112 +657,43 @@ async fn nix_2_26_builds_on_a_pool_over_ssh_ng_and_ssh() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_gateway_sends_concurrent_builds_to_different_builders() {
     let w = World::new("gateway").await;
-    // The gateway reaches builders with a key of its own, authorized in the pool.
-    let gateway_key = ClientKey::new(&w.dir, "gateway_ed25519").unwrap();
-    w.apply_pool("builders", 3).await;
-    let patch = serde_json::json!({"spec": {"maxJobs": 1, "ssh": {"authorizedKeys": [w.key.public.clone(), gateway_key.public.clone()]}}});
-    w.pools()
-        .patch("builders", &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .unwrap();
-    let pool = eventually(MIN, "3 builders with maxJobs 1 and both keys", || async {
-        let p = w.pools().get("builders").await.ok()?;
-        let st = p.status.as_ref()?;
-        let entry = MachinesEntry::parse(st.machines_entry.as_deref()?).ok()?;
-        let up_to_date = st
-            .conditions
-            .iter()
-            .any(|c| c.type_ == "Progressing" && c.reason == "UpToDate");
-        let rolled = st.observed_generation == p.metadata.generation && st.ready_replicas == 3 && up_to_date;
-        let live = w
-            .pods()
-            .await
-            .iter()
-            .filter(|p| p.metadata.deletion_timestamp.is_none())
-            .count();
-        (rolled && entry.max_jobs == 3 && live == 3).then_some(p)
+    w.apply_pool_with("builders", 3, |p| {
+        p.spec.max_jobs = 1;
+        p.spec.gateway = Some(Default::default());
     })
     .await;
-    let host_public = pool.status.unwrap().host_public_key.unwrap();
-
-    // Its inputs, as the operator will give them: the pool's host key, its authorized keys.
-    let secrets: Api<Secret> = Api::namespaced(w.client.clone(), &w.ns);
-    let host_key = secrets.get("builders-host-key").await.unwrap();
-    let host_key_file = w.dir.join("gateway-host-key");
-    std::fs::write(
-        &host_key_file,
-        &host_key.data.unwrap()[nixpool_api::paths::HOST_KEY_FILE].0,
-    )
-    .unwrap();
-    std::fs::set_permissions(&host_key_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let config_maps: Api<ConfigMap> = Api::namespaced(w.client.clone(), &w.ns);
-    let keys_file = w.dir.join("gateway-authorized-keys");
-    let keys = config_maps.get("builders-authorized-keys").await.unwrap().data.unwrap()
-        [nixpool_api::paths::AUTHORIZED_KEYS_FILE]
-        .clone();
-    std::fs::write(&keys_file, keys).unwrap();
+    let pool = w.ready("builders", 3).await;
+    let status = pool.status.clone().unwrap();
+    let host_public = status.host_public_key.clone().unwrap();
+    let endpoint = status.endpoint.clone().unwrap();
+    // The gateway's pods, behind the pool's Service; its key is one the builders trust.
+    let gateways = w.gateway_pods().await;
+    assert_eq!(gateways.len(), 2, "2 gateway pods by default");
+    let keys = Api::<ConfigMap>::namespaced(w.client.clone(), &w.ns)
+        .get("builders-authorized-keys")
+        .await
+        .unwrap();
+    assert!(keys.data.unwrap()[nixpool_api::paths::AUTHORIZED_KEYS_FILE].contains("nixpool-gateway"));
+    let machines = w.machines_file("builders", &w.key.path);
+    let entry = MachinesEntry::parse(std::fs::read_to_string(&machines).unwrap().trim()).unwrap();
+    assert_eq!(entry.max_jobs, 3, "3 builders × maxJobs 1");
     let pods: Vec<Pod> = w
         .pods()
         .await
         .into_iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .collect();
-    let builders: Vec<String> = pods
-        .iter()
-        .map(|p| format!("{}:22=1", p.status.as_ref().unwrap().pod_ip.as_ref().unwrap()))
-        .collect();
-    let port = nixpool_testenv::free_port();
-    let log = w.dir.join("gateway.log");
-    /// Stops the gateway however the test ends.
-    struct Running(std::process::Child);
-    impl Drop for Running {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let gateway = std::process::Command::new(binary("nixpool-gateway").unwrap())
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--hold-seconds", "60"])
-        .arg("--host-key")
-        .arg(&host_key_file)
-        .arg("--authorized-keys")
-        .arg(&keys_file)
-        .arg("--builder-key")
-        .arg(&gateway_key.path)
-        .arg("--builder")
-        .arg(builders.join(","))
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let gateway = Running(gateway);
-    eventually(MIN, "the gateway listening", || async {
-        std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
-    })
-    .await;
+    assert_eq!(pods.len(), 3);
 
-    // One line for the gateway, with the pool's pinned host key; ssh gets the port from
-    // NIX_SSHOPTS (Nix 2.8's ssh URIs carry none).
-    let machines = w.dir.join("machines-gateway");
-    let line = MachinesEntry {
-        uri: "ssh-ng://builder@127.0.0.1".into(),
-        systems: vec!["x86_64-linux".into()],
-        ssh_key: Some(w.key.path.display().to_string()),
-        max_jobs: 3,
-        speed_factor: 1,
-        supported_features: vec![],
-        mandatory_features: vec![],
-        host_public_key: Some(host_public.clone()),
-    };
-    std::fs::write(&machines, format!("{line}\n")).unwrap();
-    let build = |name: &str, script: &str| {
+    let build = |machines: &Path, name: &str, script: &str| {
         let drv = derivation(&w.dir, name, script).unwrap();
-        let mut c = nix_build_command(&machines, &drv);
-        c.env("NIX_SSHOPTS", format!("-p {port}"))
+        nix_build_command(machines, &drv)
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        c.spawn().unwrap()
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
     };
-    let one = build("through-gateway", "echo through the gateway > $out")
+    let one = build(&machines, "through-gateway", "echo through the gateway > $out")
         .wait_with_output()
         .unwrap();
     let path = assert_built(&one);
@@ -742,7 +701,13 @@ async fn the_gateway_sends_concurrent_builds_to_different_builders() {
 
     // 3 concurrent builds of 4 s each on 3 builders of one slot: one per builder.
     let running: Vec<_> = (0..3)
-        .map(|i| build(&format!("spread-{i}"), &format!("busybox sleep 4; echo {i} > $out")))
+        .map(|i| {
+            build(
+                &machines,
+                &format!("spread-{i}"),
+                &format!("busybox sleep 4; echo {i} > $out"),
+            )
+        })
         .collect();
     let outs: Vec<String> = running
         .into_iter()
@@ -767,15 +732,23 @@ async fn the_gateway_sends_concurrent_builds_to_different_builders() {
     on.dedup();
     assert_eq!(on.len(), 3, "3 concurrent builds did not go to 3 builders: {on:?}");
 
-    // A 4th concurrent build finds every slot taken: the gateway holds it until one frees up,
-    // and it succeeds without a retry.
-    // (The clients' machines line offers more jobs than the builders have slots, so the clients
-    // themselves, which share per-machine slots through lock files, do not hold the 4th back.)
-    let mut wider = line.clone();
+    // A 4th concurrent build finds every slot taken: a gateway holds it until one frees up, and
+    // it succeeds without a retry. (This machines line offers more jobs than the builders have
+    // slots, so the clients, which share per-machine slots through lock files, do not hold the
+    // 4th back themselves. Each gateway counts only its own sessions: with 2 gateways, the 4th
+    // may also land on a builder the other gateway uses, which then runs 2 builds.)
+    let wider_file = w.dir.join("machines-wider");
+    let mut wider = entry.clone();
     wider.max_jobs = 6;
-    std::fs::write(&machines, format!("{wider}\n")).unwrap();
+    std::fs::write(&wider_file, format!("{wider}\n")).unwrap();
     let running: Vec<_> = (0..4)
-        .map(|i| build(&format!("held-{i}"), &format!("busybox sleep 3; echo held {i} > $out")))
+        .map(|i| {
+            build(
+                &wider_file,
+                &format!("held-{i}"),
+                &format!("busybox sleep 3; echo held {i} > $out"),
+            )
+        })
         .collect();
     for c in running {
         assert_built(&c.wait_with_output().unwrap());
@@ -784,13 +757,11 @@ async fn the_gateway_sends_concurrent_builds_to_different_builders() {
     // A key the pool does not list is refused, and so is a shell; the log says why.
     let stranger = ClientKey::new(&w.dir, "stranger_ed25519").unwrap();
     let known = w.dir.join("gateway-known-hosts");
-    std::fs::write(&known, format!("[127.0.0.1]:{port} {host_public}\n")).unwrap();
+    std::fs::write(&known, format!("{} {host_public}\n", endpoint.host)).unwrap();
+    let target = format!("builder@{}", endpoint.host);
     let ssh = |key: &std::path::Path, command: &str| {
         let mut c = std::process::Command::new("ssh");
-        c.args(["-p", &port.to_string()]);
-        ssh_args(&mut c, key, &known, "builder@127.0.0.1", command)
-            .output()
-            .unwrap()
+        ssh_args(&mut c, key, &known, &target, command).output().unwrap()
     };
     let refused = ssh(&stranger.path, "nix-daemon --stdio");
     assert!(!refused.status.success());
@@ -804,15 +775,19 @@ async fn the_gateway_sends_concurrent_builds_to_different_builders() {
         String::from_utf8_lossy(&shell.stderr).contains("only serves Nix remote builds"),
         "{shell:?}"
     );
-    drop(gateway);
-    let text = std::fs::read_to_string(&log).unwrap();
+    let text = w.gateway_logs().await;
     assert!(
         text.contains("login refused") && text.contains("session refused"),
         "{text}"
     );
     assert_eq!(text.matches("session done").count(), 8, "one line per session:\n{text}");
-    let held: Vec<u64> = text
-        .lines()
+    assert!(!text.contains("PRIVATE KEY"), "{text}");
+    w.stop();
+}
+
+/// Milliseconds held, from the gateways' `session done` lines.
+fn held_ms(log: &str) -> Vec<u64> {
+    log.lines()
         .filter(|l| l.contains("session done"))
         .filter_map(|l| l.split("held_ms").nth(1))
         .filter_map(|rest| {
@@ -822,10 +797,118 @@ async fn the_gateway_sends_concurrent_builds_to_different_builders() {
                 .parse()
                 .ok()
         })
-        .collect();
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pool_at_zero_builders_takes_a_build_holds_it_while_one_starts_and_goes_back_to_zero() {
+    let w = World::new("autoscale").await;
+    w.apply_pool_with("builders", 0, |p| {
+        p.spec.max_jobs = 1;
+        p.spec.autoscaling = Some(nixpool_api::v1alpha1::AutoscalingSpec {
+            min_replicas: 0,
+            max_replicas: 2,
+            idle_seconds: 5,
+        });
+    })
+    .await;
+    // Ready with no builder: the gateway takes builds.
+    let pool = w.ready("builders", 0).await;
+    let st = pool.status.unwrap();
+    assert_eq!(st.desired_replicas, Some(0));
     assert!(
-        held.iter().any(|ms| *ms >= 1000),
-        "no session was held while every slot was taken: {held:?}\n{text}"
+        st.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.reason == "GatewayReady"),
+        "{:?}",
+        st.conditions
+    );
+    let machines = w.machines_file("builders", &w.key.path);
+    let before = std::fs::read_to_string(&machines).unwrap();
+    let entry = MachinesEntry::parse(before.trim()).unwrap();
+    assert_eq!(
+        entry.max_jobs, 2,
+        "the capacity (maxReplicas × maxJobs), not the pods now"
+    );
+    assert!(w.pods().await.is_empty());
+
+    // From zero: the session is held at the gateway while a builder starts, and the build
+    // succeeds with no retry.
+    let started = Instant::now();
+    let drv = derivation(&w.dir, "from-zero", "echo from zero > $out").unwrap();
+    let out = nix_build_command(&machines, &drv).output().unwrap();
+    let first = started.elapsed();
+    let path = assert_built(&out);
+    assert!(w.built_on_a_builder(&path).await);
+    eprintln!("first build from zero builders: {first:?}");
+    let log = w.gateway_logs().await;
+    let held = held_ms(&log);
+    assert!(held.iter().any(|ms| *ms > 0), "the session was not held: {log}");
+
+    // Two concurrent builds: a second builder starts (maxReplicas 2), one build on each.
+    let running: Vec<_> = (0..2)
+        .map(|i| {
+            let drv = derivation(
+                &w.dir,
+                &format!("pair-{i}"),
+                &format!("busybox sleep 4; echo {i} > $out"),
+            )
+            .unwrap();
+            nix_build_command(&machines, &drv)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in running {
+        assert_built(&c.wait_with_output().unwrap());
+    }
+    let events = w.kubectl(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=builders",
+        "-o",
+        "json",
+    ]);
+    let events = String::from_utf8_lossy(&events.stdout).to_string();
+    assert!(events.contains("ScaledUp"), "{events}");
+
+    // Idle for 5 s: back to zero builders, and the machines line never changed.
+    eventually(MIN, "the pool back at 0 builders", || async {
+        let p = w.pools().get("builders").await.ok()?;
+        let st = p.status?;
+        (st.desired_replicas == Some(0) && st.replicas == 0 && w.pods().await.is_empty()).then_some(())
+    })
+    .await;
+    let events = w.kubectl(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=builders",
+        "-o",
+        "json",
+    ]);
+    assert!(String::from_utf8_lossy(&events.stdout).contains("ScaledDown"));
+    w.machines_file("builders", &w.key.path);
+    assert_eq!(
+        std::fs::read_to_string(&machines).unwrap(),
+        before,
+        "the machines file stays as it was"
+    );
+
+    // A gateway pod deleted (as a node drain or rollout does): builds still get through the
+    // other one.
+    let gateways = w.gateway_pods().await;
+    let victim = gateways[0].metadata.name.clone().unwrap();
+    assert!(w.kubectl(&["delete", "pod", &victim, "--wait=false"]).status.success());
+    let drv = derivation(&w.dir, "after-gateway-loss", "echo still here > $out").unwrap();
+    assert_built(&nix_build_command(&machines, &drv).output().unwrap());
+    let metrics = w.operator.metrics().await;
+    assert!(
+        metrics.contains("nixpool_operator_scale_decisions_total{direction=\"up\"}"),
+        "{metrics}"
     );
     w.stop();
 }

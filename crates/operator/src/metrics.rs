@@ -13,6 +13,12 @@ pub struct CategoryLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    /// `up` or `down`.
+    pub direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VerbLabels {
     pub verb: String,
 }
@@ -26,6 +32,8 @@ pub struct Metrics {
     /// API requests sent, by HTTP method: `writes == 0` on a no-op resync is a tested promise.
     pub api_requests: Family<VerbLabels, Counter>,
     pub leader: Gauge,
+    /// Autoscaler decisions that changed a pool's builder count.
+    pub scale_decisions: Family<DirectionLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -36,6 +44,7 @@ impl Default for Metrics {
         let duration = Histogram::new(exponential_buckets(0.005, 2.0, 12));
         let api_requests = Family::<VerbLabels, Counter>::default();
         let leader = Gauge::default();
+        let scale_decisions = Family::<DirectionLabels, Counter>::default();
         registry.register("reconciles", "Reconciles of NixBuilderPools", reconciles.clone());
         registry.register("reconcile_failures", "Failed reconciles by category", failures.clone());
         registry.register(
@@ -49,6 +58,11 @@ impl Default for Metrics {
             api_requests.clone(),
         );
         registry.register("leader", "1 while this replica holds the leader Lease", leader.clone());
+        registry.register(
+            "scale_decisions",
+            "Autoscaler decisions that changed a pool's builder count, by direction",
+            scale_decisions.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -56,6 +70,7 @@ impl Default for Metrics {
             duration,
             api_requests,
             leader,
+            scale_decisions,
         }
     }
 }

@@ -60,6 +60,11 @@ fn render_pool(mut pool: NixBuilderPool, images: &Images, with_pdb: bool) -> any
             valid: &valid,
             authorized_keys: &keys,
             with_pdb,
+            builder_replicas: pool
+                .spec
+                .autoscaling
+                .as_ref()
+                .map_or(pool.spec.replicas, |a| a.min_replicas),
         },
     );
     let build::Children {
@@ -68,6 +73,7 @@ fn render_pool(mut pool: NixBuilderPool, images: &Images, with_pdb: bool) -> any
         deployment,
         service,
         pdb,
+        gateway,
     } = children;
 
     let mut docs = Vec::new();
@@ -90,6 +96,22 @@ fn render_pool(mut pool: NixBuilderPool, images: &Images, with_pdb: bool) -> any
     docs.push(serde_yaml::to_string(&build::stamp(service))?);
     if let Some(p) = pdb {
         docs.push(serde_yaml::to_string(&build::stamp(p))?);
+    }
+    if let Some(build::GatewayChildren {
+        service_account,
+        role,
+        role_binding,
+        demand,
+        deployment,
+    }) = gateway
+    {
+        // The gateway's key Secret, like the host key, is generated in the cluster; its public
+        // half then joins the authorized keys.
+        docs.push(serde_yaml::to_string(&build::stamp(service_account))?);
+        docs.push(serde_yaml::to_string(&build::stamp(role))?);
+        docs.push(serde_yaml::to_string(&build::stamp(role_binding))?);
+        docs.push(serde_yaml::to_string(&build::stamp(demand))?);
+        docs.push(serde_yaml::to_string(&build::stamp(deployment))?);
     }
     Ok(docs.iter().map(|d| format!("---\n{d}")).collect())
 }

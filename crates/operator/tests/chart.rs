@@ -189,8 +189,9 @@ async fn service_account_kubeconfig(cp: &ControlPlane, dir: &Path) -> std::path:
     path
 }
 
+/// A pool with a gateway and autoscaling, so that every rule is used.
 fn pool(name: &str) -> NixBuilderPool {
-    let mut p: NixBuilderPool = serde_yaml::from_str(include_str!("../../../examples/minimal.yaml")).unwrap();
+    let mut p: NixBuilderPool = serde_yaml::from_str(include_str!("../../../examples/autoscaling.yaml")).unwrap();
     p.metadata.name = Some(name.into());
     p
 }

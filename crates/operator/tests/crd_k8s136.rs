@@ -144,6 +144,16 @@ fn corpus() -> Vec<Case> {
             json!({"service": {"type": "LoadBalancer", "externalHost": "ssh://x:22"}}),
         ),
         case(
+            "autoscaling with minReplicas above maxReplicas",
+            "spec.autoscaling",
+            json!({"autoscaling": {"minReplicas": 3, "maxReplicas": 2}}),
+        ),
+        case(
+            "a gateway of 0 pods",
+            "spec.gateway.replicas",
+            json!({"gateway": {"replicas": 0}}),
+        ),
+        case(
             "a substituter URL without scheme",
             "spec.cache.substituters[0].url",
             json!({"cache": {"substituters": [{"url": "cache.example.com"}]}}),

@@ -54,6 +54,7 @@ fn the_flake_offers_what_users_build() {
     for attr in [
         "nixpool-operator",
         "nixpool-agent",
+        "nixpool-gateway",
         "builderctl",
         "builder-image",
         "operator-image",
@@ -71,6 +72,10 @@ fn the_flake_offers_what_users_build() {
     assert!(
         image.contains(nixpool_api::paths::AGENT_BINARY),
         "the image's entrypoint is the agent"
+    );
+    assert!(
+        image.contains("gateway"),
+        "gateway pods run the builder image's nixpool-gateway"
     );
 }
 

@@ -51,6 +51,7 @@ fn judge(spec: Value) -> Result<Vec<String>, String> {
             valid: &valid,
             authorized_keys: &keys,
             with_pdb: true,
+            builder_replicas: p.spec.replicas,
         },
     );
     let config = AgentConfig::from_json(&children.config_map.data.unwrap()[paths::AGENT_CONFIG_KEY]).unwrap();

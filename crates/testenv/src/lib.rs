@@ -250,7 +250,9 @@ impl ControlPlane {
         api.arg(format!("--etcd-servers=http://127.0.0.1:{etcd_port}"))
             .args([
                 "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                // Pods reach the API through the `kubernetes` Service, whose endpoint is this
+                // address: the test node forwards it to the loopback listener (node.rs).
+                "--advertise-address=10.244.0.1",
                 "--insecure-port=0",
             ])
             .arg(format!("--secure-port={port}"))
@@ -339,6 +341,11 @@ impl ControlPlane {
     /// own prefix).
     pub fn etcd_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.etcd_port)
+    }
+
+    /// The API server's port on loopback (and, forwarded by the test node, on its node IP).
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// `https://127.0.0.1:<port>`.

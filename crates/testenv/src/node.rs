@@ -9,6 +9,9 @@
 //!   rewrites ends on this port-less bridge: nothing a test sends leaves the machine.
 //! - containerd and kubelet run in a PID and mount namespace of their own: when the test process
 //!   dies, its init dies, and with it every shim, container and mount the node made.
+//! - pods have a route to the Service range only (no default route). The `kubernetes` Service
+//!   points at the node IP, where the test forwards to the API server's loopback listener, so a
+//!   pod with a ServiceAccount token (the gateway) reaches the API as in any cluster.
 //! - kube-proxy (iptables mode) rewrites Service ClusterIPs and load-balancer addresses to pod IPs
 //!   in this machine's network namespace, so host processes (nix-build, ssh) reach pools as a
 //!   user's laptop reaches a cluster.
@@ -51,6 +54,22 @@ const PRIVATE_DIRS: [&str; 4] = ["/run/containerd", "/run/netns", "/var/lib/cni"
 /// scan.
 const POD_LOGS: &str = "/var/log/pods";
 
+/// This checkout's binaries that go into the builder test image.
+pub struct Binaries {
+    pub agent: PathBuf,
+    pub gateway: PathBuf,
+}
+
+impl Binaries {
+    /// The workspace's debug builds (`cargo build --workspace --bins`).
+    pub fn of_workspace() -> anyhow::Result<Binaries> {
+        Ok(Binaries {
+            agent: crate::flow::binary("nixpool-agent")?,
+            gateway: crate::flow::binary("nixpool-gateway")?,
+        })
+    }
+}
+
 /// A running node. Everything it started stops when the test process ends.
 pub struct Node {
     dir: PathBuf,
@@ -61,19 +80,19 @@ pub struct Node {
 
 impl Node {
     /// The node of this test binary's shared control plane, started on first use with the
-    /// workspace's `nixpool-agent` in its builder image.
+    /// workspace's `nixpool-agent` and `nixpool-gateway` in its builder image.
     pub fn shared() -> &'static Node {
         static SHARED: std::sync::OnceLock<Node> = std::sync::OnceLock::new();
         SHARED.get_or_init(|| {
-            let agent = crate::flow::binary("nixpool-agent").unwrap_or_else(|e| panic!("{e:#}"));
-            Node::start(crate::harness::control_plane(), &agent)
+            let ours = Binaries::of_workspace().unwrap_or_else(|e| panic!("{e:#}"));
+            Node::start(crate::harness::control_plane(), &ours)
                 .unwrap_or_else(|e| panic!("cannot start the test node: {e:#}"))
         })
     }
 
     /// Starts containerd, kubelet, kube-proxy and kube-scheduler for `cp`, imports the images,
     /// starts the test load-balancer publisher, and waits until the node is Ready.
-    pub fn start(cp: &'static ControlPlane, agent: &Path) -> anyhow::Result<Node> {
+    pub fn start(cp: &'static ControlPlane, ours: &Binaries) -> anyhow::Result<Node> {
         let started = Instant::now();
         preflight(cp)?;
         let lock = std::fs::OpenOptions::new()
@@ -93,6 +112,7 @@ impl Node {
         }
         std::fs::create_dir_all(dir.join("cni"))?;
         network()?;
+        forward_api_server(cp)?;
         write_configs(cp, &dir)?;
 
         // The namespace holder: PID 1 of the node's PID namespace, in its mount namespace.
@@ -159,8 +179,8 @@ impl Node {
         let images = dir.join("images");
         std::fs::create_dir_all(&images)?;
         let pause = pause_image(cp, &images)?;
-        let builder_tag = builder_image_tag(agent)?;
-        let builder = builder_image(&images, agent, &builder_tag)?;
+        let builder_tag = builder_image_tag(ours)?;
+        let builder = builder_image(&images, ours, &builder_tag)?;
         for archive in [&pause, &builder] {
             let out = ctr().args(["images", "import"]).arg(archive).output()?;
             if !out.status.success() {
@@ -281,6 +301,36 @@ fn preflight(cp: &ControlPlane) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The API server listens on loopback; pods reach it at the node IP (the `kubernetes` Service's
+/// endpoint, its `--advertise-address`). A thread per connection copies bytes both ways; TLS
+/// stays end to end. It lives as long as the test process.
+fn forward_api_server(cp: &ControlPlane) -> anyhow::Result<()> {
+    use std::net::{TcpListener, TcpStream};
+    let port = cp.port();
+    let listener = TcpListener::bind((NODE_IP, port))
+        .with_context(|| format!("listen on {NODE_IP}:{port} to forward the API server to pods"))?;
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(server) = TcpStream::connect(("127.0.0.1", port)) else {
+                continue;
+            };
+            let (Ok(mut c2), Ok(mut s2)) = (client.try_clone(), server.try_clone()) else {
+                continue;
+            };
+            let (mut c1, mut s1) = (client, server);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c1, &mut s1);
+                let _ = s1.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut s2, &mut c2);
+                let _ = c2.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    Ok(())
+}
+
 /// The bridge, its address and the Service route. Idempotent: a killed run's bridge is replaced.
 fn network() -> anyhow::Result<()> {
     let ip = |args: &[&str]| -> anyhow::Result<()> {
@@ -347,6 +397,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                             "rangeEnd": "10.244.255.254",
                             "gateway": NODE_IP.to_string(),
                         }]],
+                        // Pods reach Services (the API server's among them) through the node,
+                        // and nothing else: there is no default route.
+                        "routes": [{ "dst": SERVICE_CIDR }],
                         "dataDir": format!("{d}/cni-ipam"),
                     },
                 },
@@ -440,9 +493,13 @@ fn sha256_file(path: &Path) -> anyhow::Result<String> {
         .to_string())
 }
 
-/// `nixpool.test/builder:<digest of the agent>`: a new agent is a new image.
-fn builder_image_tag(agent: &Path) -> anyhow::Result<String> {
-    Ok(format!("nixpool.test/builder:{}", &sha256_file(agent)?[..12]))
+/// `nixpool.test/builder:<digest of the agent and gateway>`: a new build is a new image.
+fn builder_image_tag(ours: &Binaries) -> anyhow::Result<String> {
+    Ok(format!(
+        "nixpool.test/builder:{}{}",
+        &sha256_file(&ours.agent)?[..8],
+        &sha256_file(&ours.gateway)?[..8]
+    ))
 }
 
 /// A one-layer tar of `files` (path in the image, source, mode), with their parent directories.
@@ -526,10 +583,17 @@ fn pause_image(cp: &ControlPlane, dir: &Path) -> anyhow::Result<PathBuf> {
     )
 }
 
-fn builder_image(dir: &Path, agent: &Path, tag: &str) -> anyhow::Result<PathBuf> {
+fn builder_image(dir: &Path, ours: &Binaries, tag: &str) -> anyhow::Result<PathBuf> {
     let (rootfs, rootfs_sha) = builder_rootfs()?;
     // In /usr/bin: trixie's /bin is a symlink to it, which a `bin/` directory in a layer would hide.
-    let agent_layer = layer(dir, "agent", &[("usr/bin/nixpool-agent", agent, 0o755)])?;
+    let agent_layer = layer(
+        dir,
+        "agent",
+        &[
+            ("usr/bin/nixpool-agent", &ours.agent, 0o755),
+            ("usr/bin/nixpool-gateway", &ours.gateway, 0o755),
+        ],
+    )?;
     let agent_sha = sha256_file(&agent_layer)?;
     image_archive(
         dir,

@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use super::build::{Children, stamp};
+use super::build::{Children, GatewayChildren, stamp};
 use crate::context::Context;
 use crate::error::{Error, Result};
 
@@ -22,6 +22,8 @@ use crate::error::{Error, Result};
 pub struct Applied {
     pub deployment: Deployment,
     pub service: Service,
+    /// The gateway's Deployment, with `spec.gateway` or `spec.autoscaling`.
+    pub gateway: Option<Deployment>,
     /// `Kind/name` of each child that was created or updated.
     pub changed: Vec<String>,
 }
@@ -33,6 +35,7 @@ pub async fn apply(ctx: &Context, ns: &str, children: Children) -> Result<Applie
         deployment,
         service,
         pdb,
+        gateway,
     } = children;
     let mut changed = Vec::new();
     // The ConfigMaps first, so new pods find everything they mount (the host-key Secret was
@@ -40,6 +43,23 @@ pub async fn apply(ctx: &Context, ns: &str, children: Children) -> Result<Applie
     ensure(ctx, ns, authorized_keys, &mut changed).await?;
     ensure(ctx, ns, config_map, &mut changed).await?;
     let deployment = ensure(ctx, ns, deployment, &mut changed).await?;
+    let gateway = match gateway {
+        Some(GatewayChildren {
+            service_account,
+            role,
+            role_binding,
+            demand,
+            deployment,
+        }) => {
+            // Its identity and rights before its pods, which need them to start.
+            ensure(ctx, ns, service_account, &mut changed).await?;
+            ensure(ctx, ns, role, &mut changed).await?;
+            ensure(ctx, ns, role_binding, &mut changed).await?;
+            ensure(ctx, ns, demand, &mut changed).await?;
+            Some(ensure(ctx, ns, deployment, &mut changed).await?)
+        }
+        None => None,
+    };
     let service = ensure(ctx, ns, service, &mut changed).await?;
     if let Some(pdb) = pdb {
         ensure(ctx, ns, pdb, &mut changed).await?;
@@ -47,6 +67,7 @@ pub async fn apply(ctx: &Context, ns: &str, children: Children) -> Result<Applie
     Ok(Applied {
         deployment,
         service,
+        gateway,
         changed,
     })
 }

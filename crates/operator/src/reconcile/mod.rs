@@ -2,7 +2,9 @@
 //! pipeline `validate → build → apply → status` for one pool at a time.
 
 pub mod apply;
+pub mod autoscale;
 pub mod build;
+mod scale;
 pub mod status;
 pub mod validate;
 
@@ -147,20 +149,61 @@ async fn reconcile_pool(pool: &NixBuilderPool, ctx: &Context) -> Result<Action> 
     let mut missing = Vec::new();
     let mut refused = Vec::new();
     let (host_key, generated) = host_key(ctx, pool, &ns, &mut missing, &mut refused).await?;
-    let authorized = authorized_keys(ctx, pool, &ns, &mut missing, &mut refused).await?;
+    let mut authorized = authorized_keys(ctx, pool, &ns, &mut missing, &mut refused).await?;
     let usable = with_usable_cache_secrets(ctx, pool, &ns, &mut missing, &mut refused).await?;
+
+    // The gateway logs in to the builders with a key of its own, which only builders trust.
+    let mut gateway_key_generated = false;
+    if pool.spec.effective_gateway().is_some() {
+        let (key, generated) = scale::gateway_key(ctx, pool, &ns).await?;
+        gateway_key_generated = generated;
+        authorized.add(&format!("{} nixpool-gateway", key.public), || {
+            crate::keys::Origin("the gateway's key".into())
+        });
+    }
+    // With autoscaling the operator owns the builder count; it starts from what it asked for
+    // last time.
+    let asked_before = pool
+        .status
+        .as_ref()
+        .and_then(|s| s.desired_replicas)
+        .unwrap_or(pool.spec.replicas);
+    let decision = match &pool.spec.autoscaling {
+        Some(a) => {
+            let reports = scale::demand(ctx, pool, &ns).await?;
+            Some(autoscale::decide(
+                a,
+                pool.spec.max_jobs,
+                asked_before,
+                &reports,
+                ctx.now().as_second(),
+            ))
+        }
+        None => None,
+    };
+    let builder_replicas = decision.as_ref().map_or(pool.spec.replicas, |d| d.replicas);
+    if let Some(d) = decision.as_ref().filter(|d| d.replicas < asked_before) {
+        scale::prefer_idle(ctx, &ns, d).await;
+    }
+
     let children = build::build(
         &usable,
         &build::Inputs {
             valid: &valid,
             authorized_keys: &authorized,
             with_pdb: ctx.with_pdb,
+            builder_replicas,
         },
     );
-    let applied = apply::apply(ctx, &ns, children).await?;
+    let mut applied = apply::apply(ctx, &ns, children).await?;
+    if applied.gateway.is_none() {
+        applied.changed.extend(scale::remove_gateway(ctx, pool, &ns).await?);
+    }
 
     let seen = status::Observed {
         deployment: &applied.deployment,
+        gateway: applied.gateway.as_ref(),
+        desired_builders: builder_replicas,
         service: &applied.service,
         host_public_key: host_key.as_ref().map(|k| k.public.as_str()),
         bad_keys: &authorized.bad,
@@ -192,6 +235,60 @@ async fn reconcile_pool(pool: &NixBuilderPool, ctx: &Context) -> Result<Action> 
         )
         .await;
     }
+    if gateway_key_generated {
+        publish(
+            ctx,
+            pool,
+            EventType::Normal,
+            "GatewayKeyGenerated",
+            "Create",
+            "generated the gateway's ed25519 key; builders trust it, clients cannot log in with it".into(),
+        )
+        .await;
+    }
+    if let Some(d) = decision.as_ref().filter(|d| d.replicas != asked_before) {
+        let (reason, direction) = if d.replicas > asked_before {
+            ("ScaledUp", "up")
+        } else {
+            ("ScaledDown", "down")
+        };
+        let why = if d.replicas > asked_before {
+            format!("{} sessions ({} waiting) need them", d.sessions, d.waiting)
+        } else {
+            format!(
+                "{} idle for {} s: {}",
+                if d.idle.len() == 1 {
+                    "1 builder was"
+                } else {
+                    "builders were"
+                },
+                pool.spec.autoscaling.as_ref().map_or(0, |a| a.idle_seconds),
+                d.idle.join(", ")
+            )
+        };
+        info!(
+            from = asked_before,
+            to = d.replicas,
+            sessions = d.sessions,
+            waiting = d.waiting,
+            "{reason}"
+        );
+        ctx.metrics
+            .scale_decisions
+            .get_or_create(&crate::metrics::DirectionLabels {
+                direction: direction.into(),
+            })
+            .inc();
+        publish(
+            ctx,
+            pool,
+            EventType::Normal,
+            reason,
+            "Scale",
+            format!("builders {asked_before} → {}: {why}", d.replicas),
+        )
+        .await;
+    }
     if !applied.changed.is_empty() {
         info!(changed = ?applied.changed, "applied");
         publish(
@@ -217,11 +314,16 @@ async fn reconcile_pool(pool: &NixBuilderPool, ctx: &Context) -> Result<Action> 
     }
     // Secrets are read by name, never watched: a pool that names Secrets that are missing or not
     // opted in, or is still on the deprecated team-key Secrets, looks at them again every 30 s.
-    if pool.spec.ssh.authorized_keys_secrets.is_empty() && missing.is_empty() && refused.is_empty() {
-        Ok(Action::requeue(ctx.resync))
-    } else {
-        Ok(Action::requeue(ctx.resync.min(SECRET_POLL)))
+    let mut next = ctx.resync;
+    if !(pool.spec.ssh.authorized_keys_secrets.is_empty() && missing.is_empty() && refused.is_empty()) {
+        next = next.min(SECRET_POLL);
     }
+    // The gateways write their reports when demand changes (which wakes this controller through
+    // the ConfigMap watch); only a builder's idle time running out needs a timer.
+    if let Some(due) = decision.and_then(|d| d.recheck) {
+        next = next.min(due);
+    }
+    Ok(Action::requeue(next))
 }
 
 /// How often Secrets a pool names are read again while they matter (Secrets are never watched).

@@ -10,7 +10,7 @@ use nixpool_api::conditions::*;
 use nixpool_api::v1alpha1::{Endpoint, ServiceType};
 use nixpool_api::{FIELD_MANAGER, MachinesEntry, NixBuilderPool, NixBuilderPoolStatus, names};
 
-use super::build::selector_string;
+use super::build::{gateway_selector_labels, selector_string};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::keys::BadKey;
@@ -18,6 +18,10 @@ use crate::keys::BadKey;
 /// What the reconcile saw, as input to the status.
 pub struct Observed<'a> {
     pub deployment: &'a Deployment,
+    /// The gateway's Deployment, when the pool has one.
+    pub gateway: Option<&'a Deployment>,
+    /// Builders asked for: `spec.replicas`, or the autoscaler's decision.
+    pub desired_builders: i32,
     pub service: &'a Service,
     /// `None` while the pool's own host-key Secret is missing.
     pub host_public_key: Option<&'a str>,
@@ -32,8 +36,11 @@ pub fn compute(pool: &NixBuilderPool, seen: &Observed<'_>, now: Timestamp) -> Ni
     let spec = &pool.spec;
     let generation = pool.metadata.generation;
     let d = seen.deployment.status.clone().unwrap_or_default();
-    let desired = spec.replicas;
+    let desired = seen.desired_builders;
     let ready = d.ready_replicas.unwrap_or(0);
+    let gateway_ready = seen
+        .gateway
+        .map(|g| g.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0));
     let updated = d.updated_replicas.unwrap_or(0);
     let endpoint = endpoint(pool, seen.service);
     let prev = pool.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or(&[]);
@@ -44,6 +51,27 @@ pub fn compute(pool: &NixBuilderPool, seen: &Observed<'_>, now: Timestamp) -> Ni
     let secrets = secrets_problem(seen.missing_secrets, seen.refused_secrets, pool);
     let ready_cond = if let (Some((reason, message)), None) = (&secrets, seen.host_public_key) {
         cond(READY, false, reason, message.clone())
+    } else if gateway_ready == Some(0) {
+        cond(
+            READY,
+            false,
+            REASON_NO_READY_GATEWAY,
+            format!(
+                "no gateway pod is ready; see `kubectl describe pod -l {}`",
+                gateway_selector_string(pool)
+            ),
+        )
+    } else if let (Some(n), Some(e), true) = (gateway_ready, &endpoint, spec.autoscaling.is_some()) {
+        // Builders start on demand: the gateway holds a session while one does.
+        cond(
+            READY,
+            true,
+            REASON_GATEWAY_READY,
+            format!(
+                "{n} gateway pods ready at {}:{}; {ready} of {desired} builders ready, more start on demand",
+                e.host, e.port
+            ),
+        )
     } else if desired == 0 {
         cond(
             READY,
@@ -121,7 +149,7 @@ pub fn compute(pool: &NixBuilderPool, seen: &Observed<'_>, now: Timestamp) -> Ni
                 uri: MachinesEntry::ssh_ng_uri(&spec.ssh.user, &e.host, e.port as u16),
                 systems: spec.systems.clone(),
                 ssh_key: None,
-                max_jobs: (ready.max(0) as u32) * spec.max_jobs.max(0) as u32,
+                max_jobs: advertised_builders(pool, ready) * spec.max_jobs.max(0) as u32,
                 speed_factor: spec.speed_factor.max(1) as u32,
                 supported_features: spec.supported_features.clone(),
                 mandatory_features: spec.mandatory_features.clone(),
@@ -142,7 +170,30 @@ pub fn compute(pool: &NixBuilderPool, seen: &Observed<'_>, now: Timestamp) -> Ni
         endpoint,
         host_public_key: seen.host_public_key.map(str::to_string),
         machines_entry,
+        desired_replicas: spec.autoscaling.is_some().then_some(desired),
     }
+}
+
+/// Builders the machines line counts. With a gateway it is the capacity the gateway serves
+/// (`maxReplicas`, or `spec.replicas`), so clients' machines files do not change as the pool
+/// scales; without one, the builders ready now.
+fn advertised_builders(pool: &NixBuilderPool, ready: i32) -> u32 {
+    let spec = &pool.spec;
+    let n = match (&spec.autoscaling, spec.effective_gateway()) {
+        (Some(a), _) => a.max_replicas,
+        (None, Some(_)) => spec.replicas,
+        (None, None) => ready,
+    };
+    n.max(0) as u32
+}
+
+/// The gateway pods' selector in its string form, for messages.
+fn gateway_selector_string(pool: &NixBuilderPool) -> String {
+    gateway_selector_labels(pool)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The status of a pool whose spec is refused: Ready=False/InvalidSpec, the rest kept.

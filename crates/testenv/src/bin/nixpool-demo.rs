@@ -155,7 +155,7 @@ async fn main() -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&args.workdir)?;
     let operator_bin = binary("nixpool-operator")?;
-    let agent_bin = binary("nixpool-agent")?;
+    let ours = nixpool_testenv::node::Binaries::of_workspace()?;
     let builderctl = binary("builderctl")?;
 
     let mut t = Timeline {
@@ -195,7 +195,7 @@ async fn main() -> anyhow::Result<()> {
 
     let node = t.step(
         "a real node: containerd, kubelet, kube-proxy, kube-scheduler; builder image imported",
-        || Node::start(cp, &agent_bin),
+        || Node::start(cp, &ours),
     )?;
 
     let key = args.workdir.join("client_ed25519");

@@ -24,7 +24,7 @@ const SEED_MOUNT: &str = "/nix-volume";
 /// first. `cp -a` keeps the store database so the copied paths stay valid.
 const SEED_SCRIPT: &str = "cp -a /nix/. /nix-volume/";
 
-pub fn deployment(pool: &NixBuilderPool, valid: &Valid, config_hash: &str) -> Deployment {
+pub fn deployment(pool: &NixBuilderPool, valid: &Valid, config_hash: &str, replicas: i32) -> Deployment {
     let spec = &pool.spec;
     let name = pool.name_any();
     let mut template_labels = selector_labels(pool);
@@ -150,7 +150,7 @@ pub fn deployment(pool: &NixBuilderPool, valid: &Valid, config_hash: &str) -> De
     Deployment {
         metadata: meta(pool, names::workload(&name), "builder"),
         spec: Some(DeploymentSpec {
-            replicas: Some(spec.replicas),
+            replicas: Some(replicas),
             selector: LabelSelector {
                 match_labels: Some(selector_labels(pool)),
                 ..LabelSelector::default()

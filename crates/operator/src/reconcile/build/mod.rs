@@ -4,6 +4,7 @@
 mod authorized_keys;
 mod config;
 mod deployment;
+mod gateway;
 mod secrets;
 mod service;
 
@@ -17,7 +18,8 @@ use kube::{Resource, ResourceExt};
 use nixpool_api::{NixBuilderPool, labels};
 use sha2::{Digest, Sha256};
 
-pub use secrets::host_key as host_key_secret;
+pub use gateway::{GatewayChildren, gateway_selector_labels};
+pub use secrets::{gateway_key as gateway_key_secret, host_key as host_key_secret};
 
 use super::validate::Valid;
 use crate::keys::AuthorizedKeys;
@@ -33,6 +35,8 @@ pub struct Children {
     pub service: Service,
     /// `None` where the server does not serve policy/v1.
     pub pdb: Option<PodDisruptionBudget>,
+    /// `None` without `spec.gateway` or `spec.autoscaling`.
+    pub gateway: Option<GatewayChildren>,
 }
 
 /// What `build` needs besides the pool.
@@ -40,6 +44,8 @@ pub struct Inputs<'a> {
     pub valid: &'a Valid,
     pub authorized_keys: &'a AuthorizedKeys,
     pub with_pdb: bool,
+    /// Builders to run: `spec.replicas`, or the autoscaler's decision.
+    pub builder_replicas: i32,
 }
 
 pub fn build(pool: &NixBuilderPool, inputs: &Inputs<'_>) -> Children {
@@ -47,10 +53,14 @@ pub fn build(pool: &NixBuilderPool, inputs: &Inputs<'_>) -> Children {
     let config_hash = hash(&config_map.data);
     Children {
         authorized_keys: authorized_keys::authorized_keys(pool, inputs.authorized_keys),
-        deployment: deployment::deployment(pool, inputs.valid, &config_hash),
+        deployment: deployment::deployment(pool, inputs.valid, &config_hash, inputs.builder_replicas),
         config_map,
         service: service::service(pool),
         pdb: inputs.with_pdb.then(|| service::pdb(pool)),
+        gateway: pool
+            .spec
+            .effective_gateway()
+            .map(|g| gateway::gateway(pool, inputs.valid, &g)),
     }
 }
 

@@ -8,7 +8,7 @@ use kube::ResourceExt;
 use nixpool_api::v1alpha1::ServiceType;
 use nixpool_api::{NixBuilderPool, names, ports};
 
-use super::{meta, selector_labels};
+use super::{gateway_selector_labels, meta, selector_labels};
 
 pub fn service(pool: &NixBuilderPool) -> Service {
     let s = &pool.spec.service;
@@ -20,7 +20,12 @@ pub fn service(pool: &NixBuilderPool) -> Service {
         metadata,
         spec: Some(ServiceSpec {
             type_: Some(s.type_.as_str().into()),
-            selector: Some(selector_labels(pool)),
+            // With a gateway, clients reach it, and it reaches the builders.
+            selector: Some(if pool.spec.effective_gateway().is_some() {
+                gateway_selector_labels(pool)
+            } else {
+                selector_labels(pool)
+            }),
             ports: Some(vec![ServicePort {
                 name: Some(ports::SSH_NAME.into()),
                 port: s.port,

@@ -30,6 +30,7 @@ fn children(p: &NixBuilderPool) -> Children {
             valid: &valid,
             authorized_keys: &keys,
             with_pdb: true,
+            builder_replicas: p.spec.replicas,
         },
     )
 }
@@ -48,6 +49,7 @@ fn builder(c: &Children) -> &Container {
 
 const MINIMAL: &str = include_str!("../../../../../examples/minimal.yaml");
 const CACHES: &str = include_str!("../../../../../examples/caches.yaml");
+const AUTOSCALING: &str = include_str!("../../../../../examples/autoscaling.yaml");
 
 #[test]
 fn every_child_has_a_deterministic_name_labels_and_the_controller_owner() {
@@ -60,7 +62,9 @@ fn every_child_has_a_deterministic_name_labels_and_the_controller_owner() {
         deployment,
         service,
         pdb,
+        gateway,
     } = &c;
+    assert!(gateway.is_none(), "no gateway unless the pool asks for one");
     let metas = [
         (
             &crate::reconcile::build::host_key_secret(&p, &key).metadata,
@@ -300,6 +304,7 @@ fn the_host_key_secret_holds_the_key_and_no_pdb_without_policy_v1() {
             valid: &valid,
             authorized_keys: &AuthorizedKeys::default(),
             with_pdb: false,
+            builder_replicas: p.spec.replicas,
         },
     );
     assert!(c.pdb.is_none());
@@ -329,4 +334,79 @@ fn stamping_is_stable_and_tracks_content() {
         stamp(children(&p2).deployment).annotations()[labels::APPLIED_HASH],
         a.annotations()[labels::APPLIED_HASH]
     );
+}
+
+#[test]
+fn a_gateway_gets_least_rights_runs_unprivileged_and_takes_the_service() {
+    let p = pool(AUTOSCALING);
+    let valid = validate(&p, &Images::from("img:default")).unwrap();
+    let c = build(
+        &p,
+        &Inputs {
+            valid: &valid,
+            authorized_keys: &AuthorizedKeys::default(),
+            with_pdb: true,
+            builder_replicas: 3,
+        },
+    );
+    assert_eq!(
+        c.deployment.spec.as_ref().unwrap().replicas,
+        Some(3),
+        "the builder count is the autoscaler's, not spec.replicas"
+    );
+    let g = c.gateway.as_ref().expect("autoscaling implies a gateway");
+    let name = "builders-on-demand-gateway";
+    for meta in [
+        &g.service_account.metadata,
+        &g.role.metadata,
+        &g.role_binding.metadata,
+        &g.deployment.metadata,
+    ] {
+        assert_eq!(meta.name.as_deref(), Some(name));
+        assert_eq!(meta.owner_references.as_ref().unwrap()[0].controller, Some(true));
+    }
+    assert_eq!(
+        g.demand.metadata.name.as_deref(),
+        Some("builders-on-demand-gateway-demand")
+    );
+
+    // Rights: read pods, write one ConfigMap, nothing else.
+    let rules = g.role.rules.as_ref().unwrap();
+    assert_eq!(rules.len(), 2);
+    assert_eq!(rules[0].resources.as_deref(), Some(&["pods".to_string()][..]));
+    assert_eq!(rules[0].verbs, ["get", "list", "watch"]);
+    assert_eq!(rules[1].resources.as_deref(), Some(&["configmaps".to_string()][..]));
+    assert_eq!(
+        rules[1].resource_names.as_deref(),
+        Some(&["builders-on-demand-gateway-demand".to_string()][..])
+    );
+    assert_eq!(rules[1].verbs, ["get", "patch"]);
+    assert_eq!(g.role_binding.subjects.as_ref().unwrap()[0].name, name);
+
+    let d = g.deployment.spec.as_ref().unwrap();
+    assert_eq!(d.replicas, Some(2));
+    let pod = d.template.spec.as_ref().unwrap();
+    assert_eq!(pod.service_account_name.as_deref(), Some(name));
+    assert_eq!(pod.security_context.as_ref().unwrap().run_as_non_root, Some(true));
+    let ctr = &pod.containers[0];
+    let sc = ctr.security_context.as_ref().unwrap();
+    assert_eq!(sc.privileged, None);
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(ctr.command.as_deref(), Some(&[paths::GATEWAY_BINARY.to_string()][..]));
+    let args = ctr.args.as_ref().unwrap();
+    for want in [
+        "--slots=2",
+        "--hold-seconds=300",
+        "--demand-config-map=builders-on-demand-gateway-demand",
+        "--builders-selector=app.kubernetes.io/instance=builders-on-demand,app.kubernetes.io/name=nixpool-builder",
+    ] {
+        assert!(args.iter().any(|a| a == want), "{want} not in {args:?}");
+    }
+    // The gateway's pods do not match the builders' selector, and the Service picks them.
+    let gw_labels = d.template.metadata.as_ref().unwrap().labels.as_ref().unwrap();
+    assert_eq!(gw_labels[labels::NAME], labels::GATEWAY_NAME_VALUE);
+    let svc_selector = c.service.spec.as_ref().unwrap().selector.as_ref().unwrap();
+    assert_eq!(svc_selector[labels::NAME], labels::GATEWAY_NAME_VALUE);
+    assert_eq!(svc_selector[labels::INSTANCE], "builders-on-demand");
 }

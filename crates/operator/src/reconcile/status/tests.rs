@@ -51,6 +51,8 @@ fn compute_with(
         p,
         &Observed {
             deployment: d,
+            gateway: None,
+            desired_builders: p.spec.replicas,
             service: svc,
             host_public_key: Some(KEY),
             bad_keys: bad,
@@ -190,6 +192,8 @@ fn bad_keys_and_missing_secrets_degrade_and_name_the_source() {
         &p,
         &Observed {
             deployment: &deployment(1, 0, 1),
+            gateway: None,
+            desired_builders: p.spec.replicas,
             service: &Service::default(),
             host_public_key: None,
             bad_keys: &[],
@@ -211,6 +215,8 @@ fn a_secret_not_opted_in_is_named_with_the_label_command() {
         &p,
         &Observed {
             deployment: &deployment(1, 1, 1),
+            gateway: None,
+            desired_builders: p.spec.replicas,
             service: &Service::default(),
             host_public_key: Some("ssh-ed25519 AAAA"),
             bad_keys: &[],
