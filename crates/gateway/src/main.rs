@@ -3,6 +3,9 @@
 use clap::Parser;
 
 mod cli;
+mod demand;
+mod discover;
+mod health;
 mod keys;
 mod route;
 mod server;

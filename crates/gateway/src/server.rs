@@ -2,82 +2,296 @@
 //! waits for a free slot (holding the client, with keepalives, for up to `--hold-seconds`), is
 //! opened on that builder with the gateway's own key, and spliced through both ways. One log line
 //! per session says who, where, how long and how many bytes.
+//!
+//! # Limits and memory
+//!
+//! The gateway's memory is bounded by `--max-connections` (connections beyond it are closed at
+//! once, before any SSH byte) times what one connection may hold:
+//! - the connection: russh's session state and packet buffers (a packet is at most 256 KiB;
+//!   in practice about 100 KiB with its key-exchange state);
+//! - at most [`MAX_SESSIONS_PER_CONNECTION`] sessions (OpenSSH's `MaxSessions` default), each
+//!   with two queues of at most [`CHANNEL_BUFFER`] messages of at most [`MAX_PACKET`] bytes (one
+//!   from the client, one from its builder: 2 × 16 × 32 KiB = 1 MiB), plus up to [`EARLY_BYTES`]
+//!   the client sent while it was held.
+//!
+//! So at most about 1000 × (0.1 + 10 × 1.25) MiB; a pool's clients open one session per
+//! connection in practice (about 1.4 MiB each, 1.4 GiB at the default limit). A connection that
+//! has not logged in within [`AUTH_TIMEOUT`] is closed, so silent or slow connections cannot hold
+//! the limit for long; a logged-in connection that stops answering keepalives is closed within
+//! a minute.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use futures::task::AtomicWaker;
+use nixpool_api::demand::GatewayReport;
 use nixpool_api::rules::remote_command;
 use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey};
 use russh::server::{Auth, Handle, Msg, Session};
 use russh::{Channel, ChannelId, ChannelMsg, CryptoVec, client, server};
-use tokio::sync::Notify;
-use tracing::{info, warn};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, watch};
+use tracing::{debug, info, warn};
 
-use crate::keys;
+use crate::health::{BuilderLabel, Metrics, Readiness, StateLabel};
 use crate::route::Slots;
+use crate::{demand, keys};
 
-/// Everything the sessions share.
-pub struct Gateway {
-    pub slots: Mutex<Slots>,
-    /// Signalled when a slot is given back.
-    pub freed: Notify,
+/// A connection that has not logged in by then is closed.
+pub const AUTH_TIMEOUT: Duration = Duration::from_secs(20);
+/// Sessions (channels) one connection may have open at once.
+pub const MAX_SESSIONS_PER_CONNECTION: usize = 10;
+/// Messages queued per channel and direction before the sender waits.
+pub const CHANNEL_BUFFER: usize = 16;
+/// The largest SSH packet the gateway accepts or sends on a channel.
+pub const MAX_PACKET: u32 = 32 * 1024;
+/// Bytes a held client may send before it gets a slot (Nix sends a few to start its protocol);
+/// past that, the gateway stops reading until the session starts.
+pub const EARLY_BYTES: usize = 256 * 1024;
+
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// The settings the sessions need.
+pub struct Settings {
     pub authorized_keys: PathBuf,
     pub builder_key: Arc<PrivateKey>,
     /// Builders present the pool's host key too; the gateway accepts only that one.
     pub host_public: PublicKey,
     pub builder_user: String,
     pub hold: Duration,
+    /// Slots of each discovered builder.
+    pub slots_per_builder: u32,
+    pub max_connections: usize,
+}
+
+/// What changes under the lock.
+struct State {
+    slots: Slots,
+    /// Sessions held for a slot.
+    waiting: u32,
+    /// Builders with a `builder_slots_used` series.
+    exported: Vec<String>,
+}
+
+/// Everything the sessions share.
+pub struct Gateway {
+    pub settings: Settings,
+    state: Mutex<State>,
+    /// Signalled when a slot is given back or the builders change: held sessions look again.
+    freed: Notify,
+    /// Signalled on every change of the demand report.
+    pub changed: Notify,
+    pub metrics: Metrics,
+    pub ready: Arc<Readiness>,
+    /// Open connections, against `--max-connections`.
+    connections: AtomicUsize,
+    /// Open sessions (channels); the process exits after SIGTERM when it is 0.
+    pub sessions: watch::Sender<usize>,
+}
+
+impl Gateway {
+    pub fn new(settings: Settings, slots: Slots, metrics: Metrics, ready: Arc<Readiness>) -> Self {
+        let gw = Self {
+            settings,
+            state: Mutex::new(State {
+                slots,
+                waiting: 0,
+                exported: Vec::new(),
+            }),
+            freed: Notify::new(),
+            changed: Notify::new(),
+            metrics,
+            ready,
+            connections: AtomicUsize::new(0),
+            sessions: watch::Sender::new(0),
+        };
+        gw.publish(&mut gw.lock());
+        gw
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Brings the metrics up to date and wakes the demand writer. Called after every change.
+    fn publish(&self, st: &mut State) {
+        let m = &self.metrics;
+        m.sessions_open
+            .get_or_create(&StateLabel { state: "waiting" })
+            .set(st.waiting.into());
+        m.sessions_open
+            .get_or_create(&StateLabel { state: "active" })
+            .set(st.slots.used().into());
+        m.builders.set(st.slots.ready().count() as i64);
+        let names: Vec<String> = st.slots.builders().map(|(n, _)| n.to_string()).collect();
+        for (name, b) in st.slots.builders() {
+            m.builder_slots_used
+                .get_or_create(&BuilderLabel {
+                    builder: name.to_string(),
+                })
+                .set(b.used.into());
+        }
+        for dropped in st.exported.iter().filter(|n| !names.contains(n)) {
+            m.builder_slots_used.remove(&BuilderLabel {
+                builder: dropped.clone(),
+            });
+        }
+        st.exported = names;
+        self.changed.notify_one();
+    }
+
+    /// Makes `ready` (`(pod name, address)`) the builders new sessions go to, and wakes held
+    /// sessions.
+    pub fn set_builders(&self, ready: impl IntoIterator<Item = (String, String)>) {
+        let (change, names) = {
+            let mut st = self.lock();
+            let change = st.slots.replace(ready, self.settings.slots_per_builder, now_unix());
+            self.publish(&mut st);
+            let names: Vec<String> = st.slots.ready().map(|(n, _)| n.to_string()).collect();
+            (change, names)
+        };
+        if !change.is_empty() {
+            info!(added = ?change.added, gone = ?change.gone, builders = ?names, "the builders changed");
+            self.freed.notify_waiters();
+        }
+    }
+
+    /// The demand report as of now.
+    pub fn report(&self, at: i64) -> GatewayReport {
+        let st = self.lock();
+        demand::report(&st.slots, st.waiting, at)
+    }
 }
 
 /// One slot on one builder, given back when dropped.
 struct SlotGuard {
     gw: Arc<Gateway>,
-    index: usize,
+    name: String,
 }
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
-        self.gw
-            .slots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .release(self.index);
+        let mut st = self.gw.lock();
+        st.slots.release(&self.name, now_unix());
+        self.gw.publish(&mut st);
+        drop(st);
         self.gw.freed.notify_waiters();
     }
 }
 
-impl Gateway {
-    /// Takes a slot, waiting up to the hold time for one to free up.
-    async fn take_slot(self: &Arc<Self>) -> Option<(SlotGuard, String)> {
-        let deadline = Instant::now() + self.hold;
-        loop {
-            let freed = self.freed.notified();
-            {
-                let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(index) = slots.take() {
-                    let address = slots.builders[index].address.clone();
-                    return Some((
-                        SlotGuard {
-                            gw: Arc::clone(self),
-                            index,
-                        },
-                        address,
-                    ));
-                }
-            }
-            let left = deadline.checked_duration_since(Instant::now())?;
-            // A bounded wait: a release between the check and here is seen within a second.
-            let _ = tokio::time::timeout(left.min(Duration::from_secs(1)), freed).await;
+/// Counts a session as waiting until it takes a slot or is dropped.
+struct Waiting {
+    gw: Arc<Gateway>,
+    counted: bool,
+}
+
+impl Waiting {
+    fn new(gw: &Arc<Gateway>) -> Self {
+        let mut st = gw.lock();
+        st.waiting += 1;
+        gw.publish(&mut st);
+        Self {
+            gw: Arc::clone(gw),
+            counted: true,
+        }
+    }
+
+    /// No longer waiting: counted under the same lock as the slot it took, so no report shows
+    /// the session twice.
+    fn done(&mut self, st: &mut State) {
+        if std::mem::take(&mut self.counted) {
+            st.waiting = st.waiting.saturating_sub(1);
         }
     }
 }
 
-/// Runs the server until it fails.
-pub async fn serve(gw: Arc<Gateway>, host_key: PrivateKey, listen: SocketAddr) -> anyhow::Result<()> {
-    let config = Arc::new(server::Config {
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if self.counted {
+            let mut st = self.gw.lock();
+            st.waiting = st.waiting.saturating_sub(1);
+            self.gw.publish(&mut st);
+        }
+    }
+}
+
+/// How a hold ended.
+enum Held {
+    Slot(SlotGuard, String),
+    TimedOut,
+    ClientLeft,
+}
+
+/// What the client sent while it was held, forwarded to the builder first.
+#[derive(Default)]
+struct Early {
+    data: Vec<Vec<u8>>,
+    bytes: usize,
+    eof: bool,
+}
+
+impl Gateway {
+    /// Takes a slot, waiting up to the hold time for one to free up (or a builder to appear).
+    /// Meanwhile it keeps what the client sends, and notices when the client leaves.
+    async fn take_slot(self: &Arc<Self>, channel: &mut Channel<Msg>, early: &mut Early) -> Held {
+        let deadline = Instant::now() + self.settings.hold;
+        let mut waiting: Option<Waiting> = None;
+        loop {
+            let freed = self.freed.notified();
+            {
+                let mut st = self.lock();
+                if let Some((name, address)) = st.slots.take() {
+                    if let Some(w) = waiting.as_mut() {
+                        w.done(&mut st);
+                    }
+                    self.publish(&mut st);
+                    drop(st);
+                    let guard = SlotGuard {
+                        gw: Arc::clone(self),
+                        name,
+                    };
+                    return Held::Slot(guard, address);
+                }
+            }
+            if waiting.is_none() {
+                waiting = Some(Waiting::new(self));
+            }
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                return Held::TimedOut;
+            };
+            tokio::select! {
+                // Release and builder changes notify; the bounded wait is a safety net.
+                _ = freed => {}
+                () = tokio::time::sleep(left.min(Duration::from_secs(1))) => {}
+                // Read on after EOF too: a client that leaves must not stay counted as waiting.
+                m = channel.wait(), if early.bytes < EARLY_BYTES => match m {
+                    None | Some(ChannelMsg::Close) => return Held::ClientLeft,
+                    Some(ChannelMsg::Data { data }) if !early.eof => {
+                        early.bytes += data.len();
+                        early.data.push(data.to_vec());
+                    }
+                    Some(ChannelMsg::Eof) => early.eof = true,
+                    Some(_) => {}
+                },
+            }
+        }
+    }
+}
+
+/// The SSH server's settings.
+pub fn ssh_config(host_key: PrivateKey) -> Arc<server::Config> {
+    Arc::new(server::Config {
         keys: vec![host_key],
         methods: russh::MethodSet::from(&[russh::MethodKind::PublicKey][..]),
         auth_rejection_time: Duration::from_secs(1),
@@ -87,35 +301,190 @@ pub async fn serve(gw: Arc<Gateway>, host_key: PrivateKey, listen: SocketAddr) -
         keepalive_interval: Some(Duration::from_secs(15)),
         keepalive_max: 4,
         nodelay: true,
+        channel_buffer_size: CHANNEL_BUFFER,
+        maximum_packet_size: MAX_PACKET,
         ..Default::default()
-    });
-    let mut server = Server(gw);
-    info!(%listen, "listening");
-    russh::server::Server::run_on_address(&mut server, config, listen)
-        .await
-        .context("the SSH server stopped")
+    })
 }
 
-#[derive(Clone)]
-struct Server(Arc<Gateway>);
-
-impl server::Server for Server {
-    type Handler = Connection;
-
-    fn new_client(&mut self, peer: Option<SocketAddr>) -> Connection {
-        Connection {
-            gw: Arc::clone(&self.0),
-            peer,
-            client: None,
+/// Accepts connections until the future returns: each is served on a task of its own (so the
+/// sessions outlive the listener); beyond `--max-connections` a new one is closed at once.
+pub async fn accept(
+    gw: Arc<Gateway>,
+    config: Arc<server::Config>,
+    listener: TcpListener,
+    stop: impl Future<Output = ()>,
+) {
+    let mut stop = std::pin::pin!(stop);
+    // Refusals are logged at most every 10 s, with how many there were.
+    let mut refused = 0u64;
+    let mut refusal_logged: Option<Instant> = None;
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = &mut stop => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors, most likely: wait rather than spin.
+                    warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let open = gw.connections.load(Ordering::SeqCst);
+        if open >= gw.settings.max_connections {
+            gw.metrics.connections_refused.inc();
+            refused += 1;
+            if refusal_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                info!(%peer, open, refused, "connection closed at once: --max-connections are open");
+                refusal_logged = Some(Instant::now());
+                refused = 0;
+            }
+            drop(tcp);
+            continue;
         }
+        let open = Open::new(&gw);
+        tokio::spawn(connection(Arc::clone(&gw), Arc::clone(&config), tcp, peer, open));
+    }
+}
+
+/// Counts a connection as open while it lives.
+struct Open(Arc<Gateway>);
+
+impl Open {
+    fn new(gw: &Arc<Gateway>) -> Self {
+        let n = gw.connections.fetch_add(1, Ordering::SeqCst) + 1;
+        gw.metrics.connections.set(n as i64);
+        Self(Arc::clone(gw))
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        let n = self.0.connections.fetch_sub(1, Ordering::SeqCst) - 1;
+        self.0.metrics.connections.set(n as i64);
+    }
+}
+
+/// Serves one connection; closes it if it has not logged in within [`AUTH_TIMEOUT`].
+async fn connection(gw: Arc<Gateway>, config: Arc<server::Config>, tcp: TcpStream, peer: SocketAddr, _open: Open) {
+    let _ = tcp.set_nodelay(true);
+    let cut = Arc::new(Cut::default());
+    let logged_in = Arc::new(AtomicBool::new(false));
+    let handler = Connection {
+        gw,
+        peer,
+        client: None,
+        logged_in: Arc::clone(&logged_in),
+        sessions: Arc::new(AtomicUsize::new(0)),
+    };
+    let stream = Cuttable {
+        inner: tcp,
+        cut: Arc::clone(&cut),
+    };
+    let run = async move { server::run_stream(config, stream, handler).await?.await };
+    let mut run = std::pin::pin!(run);
+    let result = tokio::select! {
+        r = &mut run => r,
+        () = tokio::time::sleep(AUTH_TIMEOUT) => {
+            if !logged_in.load(Ordering::SeqCst) {
+                info!(%peer, "connection closed: no login within {} s", AUTH_TIMEOUT.as_secs());
+                cut.cut();
+            }
+            run.await
+        }
+    };
+    if let Err(e) = result {
+        debug!(%peer, error = %format!("{e:#}"), "connection ended");
+    }
+}
+
+/// Lets the gateway cut a connection whatever russh is waiting for (a read, a write, the
+/// client's banner).
+#[derive(Default)]
+struct Cut {
+    cut: AtomicBool,
+    read: AtomicWaker,
+    write: AtomicWaker,
+}
+
+impl Cut {
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        self.read.wake();
+        self.write.wake();
+    }
+
+    fn check(&self, waker: &AtomicWaker, cx: &Context<'_>) -> std::io::Result<()> {
+        waker.register(cx.waker());
+        if self.cut.load(Ordering::SeqCst) {
+            Err(std::io::ErrorKind::ConnectionAborted.into())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// A TCP stream that fails every read and write once cut.
+struct Cuttable {
+    inner: TcpStream,
+    cut: Arc<Cut>,
+}
+
+impl AsyncRead for Cuttable {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        if let Err(e) = self.cut.check(&self.cut.read, cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Cuttable {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        if let Err(e) = self.cut.check(&self.cut.write, cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if let Err(e) = self.cut.check(&self.cut.write, cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.cut.cut.load(Ordering::SeqCst) {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
 struct Connection {
     gw: Arc<Gateway>,
-    peer: Option<SocketAddr>,
+    peer: SocketAddr,
     /// The authenticated key's fingerprint.
     client: Option<String>,
+    logged_in: Arc<AtomicBool>,
+    /// Sessions open on this connection.
+    sessions: Arc<AtomicUsize>,
+}
+
+/// Counts a session (channel) as open, on its connection and in the gateway, while it lives.
+struct Serving {
+    gw: Arc<Gateway>,
+    on_connection: Arc<AtomicUsize>,
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.on_connection.fetch_sub(1, Ordering::SeqCst);
+        self.gw.sessions.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 impl server::Handler for Connection {
@@ -123,21 +492,30 @@ impl server::Handler for Connection {
 
     async fn auth_publickey(&mut self, user: &str, key: &PublicKey) -> Result<Auth, Self::Error> {
         let label = keys::label(key);
-        let listed = std::fs::read_to_string(&self.gw.authorized_keys)
+        let reject = Auth::Reject {
+            proceed_with_methods: None,
+            partial_success: false,
+        };
+        if key.key_data() == self.gw.settings.builder_key.public_key().key_data() {
+            self.gw.metrics.logins_refused.inc();
+            info!(peer = %self.peer, key = %label, user, "login refused: that is the gateway's own key (it logs in to builders with it); a client needs a key of its own");
+            return Ok(reject);
+        }
+        let file = &self.gw.settings.authorized_keys;
+        let listed = std::fs::read_to_string(file)
             .map(|text| keys::authorized(&text, key))
             .unwrap_or_else(|e| {
-                warn!(file = %self.gw.authorized_keys.display(), error = %e, "cannot read the authorized keys; refusing every key");
+                warn!(file = %file.display(), error = %e, "cannot read the authorized keys; refusing every key");
                 false
             });
-        if listed && user == self.gw.builder_user {
+        if listed && user == self.gw.settings.builder_user {
             self.client = Some(label);
+            self.logged_in.store(true, Ordering::SeqCst);
             Ok(Auth::Accept)
         } else {
-            info!(peer = ?self.peer, key = %label, user, "login refused: not an authorized key of this pool, or not the builder user");
-            Ok(Auth::Reject {
-                proceed_with_methods: None,
-                partial_success: false,
-            })
+            self.gw.metrics.logins_refused.inc();
+            info!(peer = %self.peer, key = %label, user, "login refused: not an authorized key of this pool, or not the builder user");
+            Ok(reject)
         }
     }
 
@@ -146,15 +524,27 @@ impl server::Handler for Connection {
         channel: Channel<Msg>,
         session: &mut Session,
     ) -> Result<bool, Self::Error> {
+        let client = self.client.clone().unwrap_or_default();
+        if self.sessions.load(Ordering::SeqCst) >= MAX_SESSIONS_PER_CONNECTION {
+            info!(client, peer = %self.peer, max = MAX_SESSIONS_PER_CONNECTION, "session refused: too many sessions on one connection");
+            return Ok(false);
+        }
+        self.sessions.fetch_add(1, Ordering::SeqCst);
+        self.gw.sessions.send_modify(|n| *n += 1);
+        let serving = Serving {
+            gw: Arc::clone(&self.gw),
+            on_connection: Arc::clone(&self.sessions),
+        };
         let gw = Arc::clone(&self.gw);
         let handle = session.handle();
-        let client = self.client.clone().unwrap_or_default();
         tokio::spawn(async move {
             let id = channel.id();
-            if let Err(e) = serve_channel(gw, channel, handle.clone(), &client).await {
+            if let Err(e) = serve_channel(&gw, channel, handle.clone(), &client).await {
+                gw.metrics.ended("builder_failed");
                 warn!(client, error = %format!("{e:#}"), "session failed");
                 let _ = handle.close(id).await;
             }
+            drop(serving);
         });
         Ok(true)
     }
@@ -177,8 +567,9 @@ async fn refuse(handle: &Handle, id: ChannelId, message: &str) {
     let _ = handle.close(id).await;
 }
 
+/// Serves one session. An error is the builder's (connecting to it, or forwarding to it).
 async fn serve_channel(
-    gw: Arc<Gateway>,
+    gw: &Arc<Gateway>,
     mut channel: Channel<Msg>,
     handle: Handle,
     client: &str,
@@ -188,6 +579,7 @@ async fn serve_channel(
         match channel.wait().await {
             Some(ChannelMsg::Exec { command, .. }) => break String::from_utf8_lossy(&command).into_owned(),
             Some(ChannelMsg::RequestShell { .. }) | Some(ChannelMsg::RequestSubsystem { .. }) => {
+                gw.metrics.ended("refused_command");
                 info!(client, "session refused: a shell or subsystem was asked for");
                 refuse(
                     &handle,
@@ -204,6 +596,7 @@ async fn serve_channel(
     let allowed = match remote_command(Some(&command)) {
         Ok(c) => c,
         Err(reason) => {
+            gw.metrics.ended("refused_command");
             info!(client, command, "session refused: not a Nix remote-build command");
             refuse(
                 &handle,
@@ -215,32 +608,48 @@ async fn serve_channel(
         }
     };
     let waited = Instant::now();
-    let Some((slot, address)) = gw.take_slot().await else {
-        info!(
-            client,
-            held_ms = waited.elapsed().as_millis() as u64,
-            "session refused: no builder slot freed up in time"
-        );
-        refuse(
-            &handle,
-            id,
-            &format!("no builder was free within {} s; try again", gw.hold.as_secs()),
-        )
-        .await;
-        return Ok(());
+    let mut early = Early::default();
+    let (slot, address) = match gw.take_slot(&mut channel, &mut early).await {
+        Held::Slot(slot, address) => (slot, address),
+        Held::TimedOut => {
+            gw.metrics.ended("hold_timeout");
+            info!(
+                client,
+                held_ms = waited.elapsed().as_millis() as u64,
+                "session refused: no builder slot freed up in time"
+            );
+            refuse(
+                &handle,
+                id,
+                &format!("no builder was free within {} s; try again", gw.settings.hold.as_secs()),
+            )
+            .await;
+            return Ok(());
+        }
+        Held::ClientLeft => {
+            gw.metrics.ended("abandoned");
+            info!(
+                client,
+                held_ms = waited.elapsed().as_millis() as u64,
+                "session abandoned: the client left while it was held"
+            );
+            return Ok(());
+        }
     };
     let held = waited.elapsed();
-    let (_builder_session, builder) = match open_on_builder(&gw, &address, allowed.command_line()).await {
+    gw.metrics.queue_wait_seconds.observe(held.as_secs_f64());
+    let name = slot.name.clone();
+    let (_builder_session, builder) = match open_on_builder(gw, &address, allowed.command_line()).await {
         Ok(b) => b,
         Err(e) => {
             drop(slot);
             refuse(
                 &handle,
                 id,
-                &format!("the builder at {address} did not take the session: {e:#}"),
+                &format!("the builder {name} did not take the session: {e:#}"),
             )
             .await;
-            return Err(e);
+            return Err(e.context(format!("builder {name} at {address}")));
         }
     };
     let _ = handle.channel_success(id).await;
@@ -248,7 +657,14 @@ async fn serve_channel(
     // The client's side is written through `handle`; the builder's through its write half.
     let (mut from_client, _client_write) = channel.split();
     let (mut from_builder, to_builder) = builder.split();
-    let (mut up, mut down) = (0u64, 0u64);
+    let mut up = early.bytes as u64;
+    let mut down = 0u64;
+    for data in early.data {
+        to_builder.data(&data[..]).await.context("forwarding to the builder")?;
+    }
+    if early.eof {
+        to_builder.eof().await.context("forwarding EOF to the builder")?;
+    }
     let mut client_open = true;
     loop {
         tokio::select! {
@@ -288,9 +704,12 @@ async fn serve_channel(
             },
         }
     }
+    drop(slot);
+    gw.metrics.ended("done");
     info!(
         client,
-        builder = %address,
+        builder = %name,
+        address = %address,
         command = allowed.command_line(),
         held_ms = held.as_millis() as u64,
         duration_ms = started.elapsed().as_millis() as u64,
@@ -318,22 +737,25 @@ async fn open_on_builder(
     address: &str,
     command: &str,
 ) -> anyhow::Result<(client::Handle<BuilderHostKey>, Channel<client::Msg>)> {
+    let s = &gw.settings;
     let config = Arc::new(client::Config {
         nodelay: true,
         keepalive_interval: Some(Duration::from_secs(15)),
+        channel_buffer_size: CHANNEL_BUFFER,
+        maximum_packet_size: MAX_PACKET,
         ..Default::default()
     });
     let mut session = tokio::time::timeout(
         Duration::from_secs(10),
-        client::connect(config, address, BuilderHostKey(gw.host_public.clone())),
+        client::connect(config, address, BuilderHostKey(s.host_public.clone())),
     )
     .await
     .context("connecting timed out")?
     .context("connecting (is its host key the pool's?)")?;
     let auth = session
         .authenticate_publickey(
-            gw.builder_user.clone(),
-            PrivateKeyWithHashAlg::new(Arc::clone(&gw.builder_key), None),
+            s.builder_user.clone(),
+            PrivateKeyWithHashAlg::new(Arc::clone(&s.builder_key), None),
         )
         .await?;
     if !auth.success() {

@@ -39,4 +39,23 @@ fn help_explains_and_bad_flags_name_the_fix() {
         err.contains("--host-key") && err.contains("OpenSSH private key"),
         "{err}"
     );
+
+    // Builders come from exactly one place.
+    let keys = ["--host-key=/k", "--authorized-keys=/a", "--builder-key=/g"];
+    let run = |extra: &[&str]| {
+        let out = Command::new(GATEWAY).args(keys).args(extra).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, err) = run(&[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--builder <HOST:PORT=SLOTS>|--builders-selector <SELECTOR>"),
+        "neither: {err}"
+    );
+    let (code, err) = run(&["--builder=10.0.0.1:22=1", "--builders-selector=app=b"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--builder") && err.contains("cannot be used with") && err.contains("--builders-selector"),
+        "both: {err}"
+    );
 }

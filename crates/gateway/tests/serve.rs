@@ -1,0 +1,428 @@
+//! The gateway as a process: its probes and metrics, its limits, its refusal of its own key,
+//! SIGTERM; and, against a real API server on loopback, builders discovered from pods, a held
+//! session woken by the first Ready builder, and the demand report in the ConfigMap.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::Api;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use nixpool_api::demand::GatewayReport;
+use nixpool_testenv::{ControlPlane, free_port};
+
+const GATEWAY: &str = env!("CARGO_BIN_EXE_nixpool-gateway");
+
+fn keygen(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&path)
+        .output()
+        .expect("ssh-keygen");
+    assert!(out.status.success(), "{out:?}");
+    path
+}
+
+/// Keys and files of one gateway.
+struct Keys {
+    dir: tempfile::TempDir,
+    host: PathBuf,
+    client: PathBuf,
+    gateway: PathBuf,
+    authorized: PathBuf,
+}
+
+impl Keys {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let host = keygen(dir.path(), "host");
+        let client = keygen(dir.path(), "client");
+        let gateway = keygen(dir.path(), "gateway");
+        let authorized = dir.path().join("authorized_keys");
+        let public = |k: &Path| std::fs::read_to_string(k.with_extension("pub")).unwrap();
+        std::fs::write(&authorized, public(&client) + &public(&gateway)).unwrap();
+        Self {
+            dir,
+            host,
+            client,
+            gateway,
+            authorized,
+        }
+    }
+}
+
+/// A running gateway, killed when dropped; its log goes to a file.
+struct Gateway {
+    child: Child,
+    log: PathBuf,
+    ssh: u16,
+    http: u16,
+}
+
+impl Gateway {
+    fn start(keys: &Keys, args: &[&str], env: &[(&str, &Path)]) -> Self {
+        let (ssh, http) = (free_port(), free_port());
+        let log = keys.dir.path().join(format!("gateway-{ssh}.log"));
+        let mut cmd = Command::new(GATEWAY);
+        cmd.arg(format!("--listen=127.0.0.1:{ssh}"))
+            .arg(format!("--http-addr=127.0.0.1:{http}"))
+            .arg("--host-key")
+            .arg(&keys.host)
+            .arg("--authorized-keys")
+            .arg(&keys.authorized)
+            .arg("--builder-key")
+            .arg(&keys.gateway)
+            .args(args)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap();
+        Self { child, log, ssh, http }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.http, path)
+    }
+
+    fn wait_ready(&self) {
+        wait_for(Duration::from_secs(20), "/readyz 200", || {
+            (self.get("/readyz").0 == 200).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", self.log()));
+    }
+
+    fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    /// `ssh` as `key`, running `command` through the gateway.
+    fn ssh(&self, key: &Path, command: &str) -> Command {
+        let mut ssh = Command::new("ssh");
+        ssh.arg("-i")
+            .arg(key)
+            .args(["-p", &self.ssh.to_string(), "-F", "/dev/null"])
+            .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
+            .args([
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "IdentitiesOnly=yes",
+                "-o",
+                "LogLevel=ERROR",
+            ])
+            .arg("builder@127.0.0.1")
+            .arg(command)
+            .stdin(Stdio::null());
+        ssh
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plain HTTP/1.1 GET on loopback: status and body ("" and 0 when nothing answers).
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, String::new());
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, text)
+}
+
+fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T, String> {
+    let start = Instant::now();
+    loop {
+        if let Some(t) = f() {
+            return Ok(t);
+        }
+        if start.elapsed() > limit {
+            return Err(format!("no {what} within {limit:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What the server sends first on a new connection: its banner, or nothing when it is closed.
+fn first_bytes(port: u16) -> Vec<u8> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).unwrap_or(0);
+    buf[..n].to_vec()
+}
+
+#[test]
+fn probes_limits_its_own_key_and_sigterm() {
+    let keys = Keys::new();
+    let gw = Gateway::start(&keys, &["--builder=127.0.0.1:1=2", "--max-connections=1"], &[]);
+    gw.wait_ready();
+    assert_eq!(gw.get("/healthz").0, 200);
+    let (status, metrics) = gw.get("/metrics");
+    assert_eq!(status, 200);
+    assert!(metrics.contains("application/openmetrics-text"), "{metrics}");
+    for line in [
+        "nixpool_gateway_builders 1",
+        "nixpool_gateway_builder_slots_used{builder=\"127.0.0.1:1\"} 0",
+        "nixpool_gateway_sessions_open{state=\"waiting\"} 0",
+    ] {
+        assert!(metrics.contains(line), "{line} missing:\n{metrics}");
+    }
+
+    // The gateway's own key is one of the pool's authorized keys, but not a client's.
+    let out = gw.ssh(&keys.gateway, "nix-store --serve").output().unwrap();
+    assert_eq!(out.status.code(), Some(255), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{out:?}"
+    );
+    assert!(gw.log().contains("the gateway's own key"), "{}", gw.log());
+    assert!(gw.get("/metrics").1.contains("nixpool_gateway_logins_refused_total 1"));
+
+    // One connection open: the next one is closed before the banner.
+    let mut first = TcpStream::connect(("127.0.0.1", gw.ssh)).unwrap();
+    let mut banner = [0u8; 8];
+    first.read_exact(&mut banner).unwrap();
+    assert_eq!(&banner, b"SSH-2.0-");
+    assert_eq!(first_bytes(gw.ssh), b"", "over --max-connections: closed at once");
+    wait_for(Duration::from_secs(2), "a log line", || {
+        gw.log().contains("--max-connections").then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", gw.log()));
+    drop(first);
+    wait_for(Duration::from_secs(5), "the first connection's end", || {
+        first_bytes(gw.ssh).starts_with(b"SSH-2.0-").then_some(())
+    })
+    .unwrap();
+
+    // SIGTERM: not ready at once, still accepting for a few seconds, then gone (no session open).
+    let mut gw = gw;
+    let signalled = Instant::now();
+    gw.signal("TERM");
+    wait_for(Duration::from_millis(500), "/readyz 503", || {
+        (gw.get("/readyz").0 == 503).then_some(())
+    })
+    .unwrap();
+    assert!(
+        first_bytes(gw.ssh).starts_with(b"SSH-2.0-"),
+        "still accepting right after SIGTERM"
+    );
+    let status = wait_for(Duration::from_secs(10), "exit", || gw.child.try_wait().unwrap()).unwrap();
+    assert!(status.success(), "{status:?}\n{}", gw.log());
+    assert!(
+        signalled.elapsed() >= Duration::from_secs(5),
+        "left before the endpoints could update"
+    );
+    let log = gw.log();
+    assert!(
+        log.contains("draining") && log.contains("no session open; exiting"),
+        "{log}"
+    );
+}
+
+fn output_text(out: &Output) -> String {
+    format!(
+        "{:?}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+async fn report(cms: &Api<ConfigMap>, key: &str) -> Option<GatewayReport> {
+    let cm = cms.get("pool-gateway-demand").await.ok()?;
+    serde_json::from_str(cm.data?.get(key)?).ok()
+}
+
+async fn eventually<T, F: Future<Output = Option<T>>>(what: &str, mut f: impl FnMut() -> F) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(t) = f().await {
+            return t;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "no {what} within 20 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_held_session_starts_when_the_first_builder_is_ready_and_demand_is_reported() {
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("gateway").await.unwrap();
+    let client = cp.client().await.unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(client, &ns);
+    let empty: ConfigMap =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "pool-gateway-demand"}})).unwrap();
+    cms.create(&PostParams::default(), &empty).await.unwrap();
+
+    let keys = Keys::new();
+    // Nothing listens on the builders' port: a session that reaches one is refused at once.
+    let builder_port = free_port().to_string();
+    let kubeconfig = cp.kubeconfig();
+    let gw = Gateway::start(
+        &keys,
+        &[
+            "--namespace",
+            &ns,
+            "--pod-name=gw-0",
+            "--builders-selector=app=builder,pool=p",
+            "--builder-port",
+            &builder_port,
+            "--slots=2",
+            "--demand-config-map=pool-gateway-demand",
+            "--hold-seconds=60",
+        ],
+        &[("KUBECONFIG", &kubeconfig)],
+    );
+    gw.wait_ready();
+    let idle = eventually("an idle report", || report(&cms, "gw-0")).await;
+    assert_eq!((idle.waiting, idle.active, idle.builders.len()), (0, 0, 0), "{idle:?}");
+
+    // No builder: the session is held, and the report says so at once.
+    let held = gw
+        .ssh(&keys.client, "nix-store --serve --write")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let waiting = eventually("a report of the held session", || async {
+        report(&cms, "gw-0").await.filter(|r| r.waiting == 1)
+    })
+    .await;
+    assert!(waiting.builders.is_empty());
+
+    // The first builder turns Ready: the held session goes to it at once.
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "builder-0", "labels": {"app": "builder", "pool": "p"}},
+        "spec": {"containers": [{"name": "builder", "image": "builder"}]}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let ready = serde_json::json!({"status": {
+        "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
+        "conditions": [{"type": "Ready", "status": "True"}]
+    }});
+    let readied = Instant::now();
+    pods.patch_status("builder-0", &PatchParams::default(), &Patch::Merge(&ready))
+        .await
+        .unwrap();
+    let out = tokio::task::spawn_blocking(move || held.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let woke = readied.elapsed();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the builder builder-0 did not take the session"),
+        "{}\n{}",
+        output_text(&out),
+        gw.log()
+    );
+    assert!(
+        woke < Duration::from_secs(2),
+        "the held session waited {woke:?} after Ready"
+    );
+
+    let listed = eventually("builder-0 idle in the report", || async {
+        report(&cms, "gw-0")
+            .await
+            .filter(|r| r.waiting == 0 && r.active == 0 && r.builders.contains_key("builder-0"))
+    })
+    .await;
+    assert_eq!(listed.builders["builder-0"].used, 0);
+    assert!(listed.builders["builder-0"].idle_since.is_some(), "{listed:?}");
+    let metrics = gw.get("/metrics").1;
+    for line in [
+        "nixpool_gateway_builders 1",
+        "nixpool_gateway_builder_slots_used{builder=\"builder-0\"} 0",
+        "nixpool_gateway_sessions_total{outcome=\"builder_failed\"} 1",
+        "nixpool_gateway_queue_wait_seconds_count 1",
+    ] {
+        assert!(metrics.contains(line), "{line} missing:\n{metrics}");
+    }
+    assert!(gw.log().contains("the builders changed"), "{}", gw.log());
+
+    // It leaves: out of the report and the metrics.
+    pods.delete("builder-0", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    eventually("builder-0 gone from the report", || async {
+        report(&cms, "gw-0").await.filter(|r| r.builders.is_empty())
+    })
+    .await;
+    let metrics = gw.get("/metrics").1;
+    assert!(
+        metrics.contains("nixpool_gateway_builders 0") && !metrics.contains("builder=\"builder-0\""),
+        "{metrics}"
+    );
+
+    // SIGTERM with a session open (held: no builder): the process stays until it ends.
+    let mut held = gw.ssh(&keys.client, "nix-daemon --stdio").spawn().unwrap();
+    eventually("a report of the held session", || async {
+        report(&cms, "gw-0").await.filter(|r| r.waiting == 1)
+    })
+    .await;
+    let mut gw = gw;
+    gw.signal("TERM");
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert!(gw.child.try_wait().unwrap().is_none(), "it left with a session open");
+    assert!(gw.log().contains("no longer accepting connections"), "{}", gw.log());
+    held.kill().unwrap();
+    let _ = held.wait();
+    let start = Instant::now();
+    while gw.child.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "still running after the last session\n{}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = gw.log();
+    assert!(
+        log.contains("session abandoned") && log.contains("no session open; exiting"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_connection_that_does_not_log_in_is_closed_after_20_s() {
+    let keys = Keys::new();
+    let gw = Gateway::start(&keys, &["--builder=127.0.0.1:1=1"], &[]);
+    gw.wait_ready();
+    let mut silent = TcpStream::connect(("127.0.0.1", gw.ssh)).unwrap();
+    let opened = Instant::now();
+    silent.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
+    let mut buf = [0u8; 256];
+    // The banner, then nothing until the gateway closes the connection.
+    while matches!(silent.read(&mut buf), Ok(n) if n > 0) {}
+    let closed = opened.elapsed();
+    assert!(
+        (Duration::from_secs(19)..Duration::from_secs(25)).contains(&closed),
+        "closed after {closed:?}"
+    );
+    assert!(gw.log().contains("no login within 20 s"), "{}", gw.log());
+}
