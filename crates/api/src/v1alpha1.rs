@@ -700,9 +700,46 @@ impl NixBuilderPoolSpec {
         }
     }
 
+    /// The jobs a pool's machines line offers, with `ready_builders` builders Ready. With a
+    /// gateway it is the capacity the gateway serves (`maxReplicas`, or `replicas`, × maxJobs),
+    /// so clients' machines files do not change as the pool scales; without one, the builders
+    /// ready now × maxJobs.
+    pub fn advertised_jobs(&self, ready_builders: i32) -> u32 {
+        let builders = match (&self.autoscaling, self.effective_gateway()) {
+            (Some(a), _) => a.max_replicas,
+            (None, Some(_)) => self.replicas,
+            (None, None) => ready_builders,
+        };
+        builders.max(0) as u32 * self.max_jobs.max(0) as u32
+    }
+
     /// The spec as the API server fills it in: every default applied. Deserializing `{}`
     /// gives the same.
     pub fn defaults() -> Self {
         serde_json::from_value(serde_json::json!({})).expect("every spec field has a default")
+    }
+}
+
+#[cfg(test)]
+mod advertised_jobs_tests {
+    use super::*;
+
+    #[test]
+    fn with_a_gateway_the_machines_line_offers_capacity_not_the_pods_of_the_moment() {
+        let mut spec = NixBuilderPoolSpec::defaults();
+        spec.max_jobs = 2;
+        spec.replicas = 3;
+        assert_eq!(spec.advertised_jobs(1), 2, "no gateway: ready builders × maxJobs");
+        spec.gateway = Some(GatewaySpec::default());
+        assert_eq!(spec.advertised_jobs(1), 6, "a gateway: replicas × maxJobs");
+        spec.autoscaling = Some(AutoscalingSpec {
+            min_replicas: 0,
+            max_replicas: 4,
+            idle_seconds: 60,
+        });
+        assert_eq!(spec.advertised_jobs(0), 8, "autoscaling: maxReplicas × maxJobs");
+        spec.gateway = None;
+        assert!(spec.effective_gateway().is_some(), "autoscaling implies a gateway");
+        assert_eq!(spec.advertised_jobs(0), 8);
     }
 }

@@ -129,16 +129,15 @@ fn is_ready(pool: &NixBuilderPool) -> Result<(), String> {
     }
 }
 
-/// Builds that may run at once on the pool: ready builders × jobs per builder. An unready pool
-/// rendered with `--allow-unready` counts its desired builders (at least one), so Nix does not
-/// see a machine with zero slots.
+/// Builds that may run at once on the pool, as the operator advertises them (ready builders ×
+/// jobs per builder, or the gateway's capacity). An unready pool rendered with
+/// `--allow-unready` counts its desired builders (at least one), so Nix does not see a machine
+/// with zero slots.
 pub fn max_jobs(pool: &NixBuilderPool) -> u32 {
-    let per = pool.spec.max_jobs.max(1) as u32;
-    let ready = pool.status.as_ref().map(|s| s.ready_replicas).unwrap_or(0).max(0) as u32;
-    if ready > 0 {
-        ready * per
-    } else {
-        pool.spec.replicas.max(1) as u32 * per
+    let ready = pool.status.as_ref().map(|s| s.ready_replicas).unwrap_or(0);
+    match pool.spec.advertised_jobs(ready) {
+        0 => pool.spec.replicas.max(1) as u32 * pool.spec.max_jobs.max(1) as u32,
+        n => n,
     }
 }
 

@@ -617,8 +617,8 @@ async fn nix_2_26_builds_on_a_pool_over_ssh_ng_and_ssh() {
 
     for scheme in ["ssh-ng", "ssh"] {
         let mut e = entry.clone();
-        // The builder pod's own address: pods of the test node have no default route (nothing
-        // may leave the machine), so the Service's addresses are out of their reach.
+        // The builder pod's own address, straight (pods of the test node reach pod and Service
+        // addresses only: nothing may leave the machine).
         e.uri = format!("{scheme}://builder@{builder_ip}");
         e.ssh_key = Some("/root/key".into());
         let nonce = std::time::SystemTime::now()
@@ -648,6 +648,59 @@ async fn nix_2_26_builds_on_a_pool_over_ssh_ng_and_ssh() {
             "{path} is not in the builder's store: it was not built there"
         );
     }
+
+    // Nix 2.26 held at a gateway: a pool of one builder slot at most (autoscaling 0..1), reached
+    // at its Service's ClusterIP. First from zero builders, then for 40 s behind a build from the
+    // host that takes the only slot.
+    w.apply_pool_with("on-demand", 0, |p| {
+        p.spec.max_jobs = 1;
+        p.spec.autoscaling = Some(nixpool_api::v1alpha1::AutoscalingSpec {
+            min_replicas: 0,
+            max_replicas: 1,
+            idle_seconds: 120,
+        });
+    })
+    .await;
+    let on_demand = w.ready("on-demand", 0).await.status.unwrap();
+    let services: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(w.client.clone(), &w.ns);
+    let cluster_ip = services.get("on-demand").await.unwrap().spec.unwrap().cluster_ip.unwrap();
+    let mut e = MachinesEntry::parse(on_demand.machines_entry.as_deref().unwrap()).unwrap();
+    e.uri = format!("ssh-ng://builder@{cluster_ip}");
+    e.ssh_key = Some("/root/key".into());
+    let held_build = |name: &str, script: &str| {
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let expr = format!(
+            r#"let bb = builtins.path {{ path = /root/bb; name = "bb"; }}; in derivation {{ name = "{name}"; system = "x86_64-linux"; builder = "${{bb}}/bin/sh"; args = [ "-c" "{script}" ]; PATH = "${{bb}}/bin"; nonce = "{nonce}"; }}"#
+        );
+        let started = Instant::now();
+        let out = exec(
+            &format!("nix-build -E '{expr}' --no-out-link --max-jobs 0 --option build-users-group '' --option substituters '' --option builders '{e}'"),
+            None,
+        );
+        assert!(
+            out.status.success(),
+            "Nix 2.26 through the gateway failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        started.elapsed()
+    };
+    let from_zero = held_build("nix-226-from-zero", "echo from zero > $out");
+    eprintln!("Nix 2.26: first build from zero builders through the gateway: {from_zero:?}");
+
+    let host_machines = w.machines_file("on-demand", &w.key.path);
+    let slot_taker = w
+        .build_under_way(&host_machines, "busybox sleep 40; echo took the slot > $out")
+        .await;
+    let held = held_build("nix-226-held", "echo held > $out");
+    eprintln!("Nix 2.26: build held behind a 40 s build on the only slot: {held:?}");
+    assert!(
+        held >= Duration::from_secs(30),
+        "the 2.26 session was not held behind the running build: {held:?}"
+    );
+    assert_built(&slot_taker.wait_with_output().unwrap());
     w.stop();
 }
 
@@ -675,7 +728,7 @@ async fn the_gateway_sends_concurrent_builds_to_different_builders() {
         .unwrap();
     assert!(keys.data.unwrap()[nixpool_api::paths::AUTHORIZED_KEYS_FILE].contains("nixpool-gateway"));
     let machines = w.machines_file("builders", &w.key.path);
-    let entry = MachinesEntry::parse(std::fs::read_to_string(&machines).unwrap().trim()).unwrap();
+    let entry = pool_line(&std::fs::read_to_string(&machines).unwrap());
     assert_eq!(entry.max_jobs, 3, "3 builders × maxJobs 1");
     let pods: Vec<Pod> = w
         .pods()
@@ -785,6 +838,15 @@ async fn the_gateway_sends_concurrent_builds_to_different_builders() {
     w.stop();
 }
 
+/// The pool's line in a machines file builderctl wrote (between its BEGIN/END comments).
+fn pool_line(file: &str) -> MachinesEntry {
+    let line = file
+        .lines()
+        .find(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .unwrap_or_else(|| panic!("no machines line in:\n{file}"));
+    MachinesEntry::parse(line).unwrap()
+}
+
 /// Milliseconds held, from the gateways' `session done` lines.
 fn held_ms(log: &str) -> Vec<u64> {
     log.lines()
@@ -825,7 +887,7 @@ async fn a_pool_at_zero_builders_takes_a_build_holds_it_while_one_starts_and_goe
     );
     let machines = w.machines_file("builders", &w.key.path);
     let before = std::fs::read_to_string(&machines).unwrap();
-    let entry = MachinesEntry::parse(before.trim()).unwrap();
+    let entry = pool_line(&before);
     assert_eq!(
         entry.max_jobs, 2,
         "the capacity (maxReplicas × maxJobs), not the pods now"

@@ -18,7 +18,7 @@ use tracing::info;
 use crate::health::{self, Http, Metrics, Readiness};
 use crate::route::Slots;
 use crate::server::{self, Gateway, Settings, now_unix};
-use crate::{demand, discover};
+use crate::{demand, discover, peers};
 
 const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), ports::GATEWAY_SSH);
 const DEFAULT_HTTP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), ports::GATEWAY_HTTP);
@@ -98,6 +98,20 @@ pub struct Cli {
         value_name = "NAME"
     )]
     demand_config_map: Option<String>,
+    /// The pool's gateway pods in --namespace (e.g.
+    /// `app.kubernetes.io/instance=POOL,app.kubernetes.io/name=nixpool-gateway`), this one
+    /// included. The gateway counts the other gateways' sessions on each builder, from their
+    /// reports in --demand-config-map, against the builders' slots; with this selector only the
+    /// reports of live gateway pods count, the keys of gateway pods that are gone are removed,
+    /// and simultaneous sessions at two gateways are spread by the gateways' order by name.
+    /// Needs --demand-config-map.
+    #[arg(
+        long,
+        env = "NIXPOOL_GATEWAY_GATEWAYS_SELECTOR",
+        requires = "demand_config_map",
+        value_name = "SELECTOR"
+    )]
+    gateways_selector: Option<String>,
     /// How long a session waits for a free builder slot before it is refused.
     #[arg(long, env = "NIXPOOL_GATEWAY_HOLD_SECONDS", default_value_t = 300)]
     hold_seconds: u64,
@@ -223,8 +237,23 @@ impl Cli {
             }
             if let (Some(config_map), Some(pod)) = (self.demand_config_map, self.pod_name) {
                 info!(namespace, config_map, key = pod, "writing demand reports");
-                let api: Api<ConfigMap> = Api::namespaced(client, &namespace);
-                tokio::spawn(demand::run(Arc::clone(&gw), api, config_map, pod));
+                let api: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
+                tokio::spawn(demand::run(
+                    Arc::clone(&gw),
+                    api.clone(),
+                    config_map.clone(),
+                    pod.clone(),
+                ));
+                info!(
+                    namespace,
+                    config_map,
+                    gateways = ?self.gateways_selector,
+                    "counting the other gateways' sessions"
+                );
+                let gateways = self
+                    .gateways_selector
+                    .map(|selector| (Api::<Pod>::namespaced(client, &namespace), selector));
+                tokio::spawn(peers::run(Arc::clone(&gw), api, config_map, gateways, pod));
             }
         }
 
@@ -314,8 +343,13 @@ mod tests {
             "--builder-port=22",
             "--slots=4",
             "--demand-config-map=pool-gateway-demand",
+            "--gateways-selector=app.kubernetes.io/instance=pool,app.kubernetes.io/name=nixpool-gateway",
         ])
         .unwrap();
+        assert_eq!(
+            cli.gateways_selector.as_deref(),
+            Some("app.kubernetes.io/instance=pool,app.kubernetes.io/name=nixpool-gateway")
+        );
         assert_eq!(
             cli.builders_selector.as_deref(),
             Some("app.kubernetes.io/name=nixpool-builder,app.kubernetes.io/instance=pool"),
@@ -338,5 +372,10 @@ mod tests {
         assert!(both.is_err(), "--builder and --builders-selector together");
         let no_pod = Cli::try_parse_from(base.iter().chain(&["--builders-selector=a=b", "--demand-config-map=d"]));
         assert!(no_pod.unwrap_err().to_string().contains("--pod-name"));
+        let no_map = Cli::try_parse_from(
+            base.iter()
+                .chain(&["--builders-selector=a=b", "--gateways-selector=g=w"]),
+        );
+        assert!(no_map.unwrap_err().to_string().contains("--demand-config-map"));
     }
 }

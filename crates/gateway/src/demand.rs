@@ -6,6 +6,9 @@
 //! zero); and every [`REFRESH_SECONDS`] while there are sessions, so the operator can tell a live
 //! report from a dead gateway's. Nothing is written while nothing changes and there are no
 //! sessions. A failed write is logged and tried again [`RETRY`] later.
+//!
+//! Readers: the operator, which scales the pool by the reports, and the other gateway pods,
+//! which count this one's sessions per builder against the builders' slots (`peers`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,8 +25,10 @@ use tracing::{debug, warn};
 use crate::route::Slots;
 use crate::server::{Gateway, now_unix};
 
-/// Changes closer together than this are written together.
-pub const COALESCE: Duration = Duration::from_millis(200);
+/// Changes closer together than this are written together. Short: the other gateways route by
+/// this report (see the route module), so its latency is how long two gateways may both count a
+/// slot as free.
+pub const COALESCE: Duration = Duration::from_millis(25);
 /// A failed write is tried again this much later.
 pub const RETRY: Duration = Duration::from_secs(1);
 
@@ -225,32 +230,38 @@ mod tests {
         p.wrote(with(1, 0), ms(10));
         assert_eq!(
             p.next(&with(0, 1), ms(20)),
-            Next::At(ms(210)),
-            "a change 10 ms later waits"
+            Next::At(ms(35)),
+            "a change 10 ms later waits for the rest of the 25 ms"
         );
-        assert_eq!(p.next(&with(0, 1), ms(210)), Next::Write);
-        p.wrote(with(0, 1), ms(210));
+        assert_eq!(p.next(&with(0, 1), ms(35)), Next::Write);
+        p.wrote(with(0, 1), ms(35));
         assert_eq!(
-            p.next(&with(0, 1), ms(300)),
-            Next::At(ms(10_210)),
+            p.next(&with(0, 1), ms(100)),
+            Next::At(ms(10_035)),
             "unchanged with sessions: refreshed"
         );
-        assert_eq!(p.next(&with(0, 1), ms(10_210)), Next::Write);
+        assert_eq!(p.next(&with(0, 1), ms(10_035)), Next::Write);
 
+        assert_eq!(p.next(&with(0, 0), ms(50)), Next::At(ms(60)), "back to 0 is coalesced");
         assert_eq!(
-            p.next(&with(0, 0), ms(300)),
-            Next::At(ms(410)),
-            "back to 0 is coalesced"
+            p.next(&with(0, 0), ms(70)),
+            Next::Write,
+            "25 ms after the last write: now"
         );
-        p.wrote(with(0, 0), ms(410));
-        assert_eq!(p.next(&with(0, 2), ms(420)), Next::Write, "0 → 2 again: at once");
-        p.failed(ms(420));
+        p.wrote(with(0, 0), ms(70));
         assert_eq!(
-            p.next(&with(0, 2), ms(500)),
-            Next::At(ms(1_420)),
+            p.next(&with(0, 0), ms(80_000)),
+            Next::Wait,
+            "idle and unchanged: nothing"
+        );
+        assert_eq!(p.next(&with(0, 2), ms(80)), Next::Write, "0 → 2 again: at once");
+        p.failed(ms(80));
+        assert_eq!(
+            p.next(&with(0, 2), ms(100)),
+            Next::At(ms(1_080)),
             "a failed write is retried"
         );
-        assert_eq!(p.next(&with(0, 2), ms(1_420)), Next::Write);
+        assert_eq!(p.next(&with(0, 2), ms(1_080)), Next::Write);
     }
 
     #[test]

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub logins_refused: Counter,
     pub queue_wait_seconds: Histogram,
     pub builder_slots_used: Family<BuilderLabel, Gauge>,
+    /// The other gateways' sessions on each builder, as their demand reports say.
+    pub builder_slots_used_elsewhere: Family<BuilderLabel, Gauge>,
     pub builders: Gauge,
     pub connections: Gauge,
     pub connections_refused: Counter,
@@ -58,6 +60,7 @@ impl Default for Metrics {
             logins_refused: Counter::default(),
             queue_wait_seconds: Histogram::new(QUEUE_WAIT_BUCKETS),
             builder_slots_used: Family::default(),
+            builder_slots_used_elsewhere: Family::default(),
             builders: Gauge::default(),
             connections: Gauge::default(),
             connections_refused: Counter::default(),
@@ -77,7 +80,7 @@ impl Metrics {
         );
         r.register(
             "sessions",
-            "Sessions ended, by outcome: done, refused_command, hold_timeout, builder_failed, abandoned (the client left while held)",
+            "Sessions ended, by outcome: done, refused_command, hold_timeout, builder_failed, abandoned (the client left while held), key_revoked (its key was removed while it was held)",
             self.sessions.clone(),
         );
         r.register(
@@ -94,6 +97,11 @@ impl Metrics {
             "builder_slots_used",
             "Slots this gateway uses on each builder",
             self.builder_slots_used.clone(),
+        );
+        r.register(
+            "builder_slots_used_elsewhere",
+            "Slots the other gateways of the pool use on each builder, as their demand reports say",
+            self.builder_slots_used_elsewhere.clone(),
         );
         r.register("builders", "Ready builders this gateway knows", self.builders.clone());
         r.register("connections", "SSH connections open now", self.connections.clone());
@@ -220,6 +228,11 @@ mod tests {
                 builder: "pool-0".into(),
             })
             .set(1);
+        m.builder_slots_used_elsewhere
+            .get_or_create(&BuilderLabel {
+                builder: "pool-0".into(),
+            })
+            .set(2);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
         for sample in [
@@ -229,6 +242,7 @@ mod tests {
             "nixpool_gateway_queue_wait_seconds_bucket{le=\"0.005\"} 0",
             "nixpool_gateway_queue_wait_seconds_bucket{le=\"600.0\"} 1",
             "nixpool_gateway_builder_slots_used{builder=\"pool-0\"} 1",
+            "nixpool_gateway_builder_slots_used_elsewhere{builder=\"pool-0\"} 2",
             "nixpool_gateway_builders 0",
         ] {
             assert!(out.contains(sample), "{sample} missing from\n{out}");

@@ -7,6 +7,7 @@ mod demand;
 mod discover;
 mod health;
 mod keys;
+mod peers;
 mod route;
 mod server;
 

@@ -5,6 +5,25 @@
 //! Builders come and go (pods turn Ready, are deleted): they are keyed by name (the pod's name,
 //! or the address for a static `--builder`). A builder that left is marked gone: it never gets a
 //! new session, but the sessions it runs keep their slot until they end, and then it is dropped.
+//!
+//! # Several gateways
+//!
+//! A pool runs several gateway pods behind one Service. Each counts its own sessions exactly
+//! (`used`), and learns the others' from their demand reports ([`Slots::set_elsewhere`], fed by
+//! the `peers` module): a builder's free slots are `slots - used - elsewhere`. What is
+//! guaranteed:
+//!
+//! - within one gateway, exactly: it never sends a builder more sessions than its free slots;
+//! - across gateways, up to the report latency (another gateway's write, coalesced for at most
+//!   `demand::COALESCE`, plus the watch event that brings it here: typically tens of
+//!   milliseconds): two sessions that arrive at different gateways within that window may
+//!   still share a builder while another has a free slot;
+//! - for sessions arriving at 2 gateways at the same instant, the tie-break spreads them: among
+//!   builders with equally many free slots, a gateway of even rank (its index among the live
+//!   gateway pods, sorted by name) takes the first by name, one of odd rank the last.
+//!
+//! A session that ended at another gateway frees its slot here once that gateway's report
+//! arrives: [`Slots::set_elsewhere`] says so, and held sessions look again.
 
 use std::collections::BTreeMap;
 
@@ -41,6 +60,11 @@ impl Change {
 #[derive(Clone, Debug, Default)]
 pub struct Slots {
     builders: BTreeMap<String, Builder>,
+    /// Sessions the other gateways run, by builder name (builders this gateway does not know
+    /// included: their pod may turn Ready here a moment later).
+    elsewhere: BTreeMap<String, u32>,
+    /// This gateway's index among the live gateway pods: it breaks ties (see the module docs).
+    rank: usize,
 }
 
 impl Slots {
@@ -60,6 +84,8 @@ impl Slots {
                     (name, b)
                 })
                 .collect(),
+            elsewhere: BTreeMap::new(),
+            rank: 0,
         }
     }
 
@@ -71,6 +97,29 @@ impl Slots {
     /// Builders that take new sessions.
     pub fn ready(&self) -> impl Iterator<Item = (&str, &Builder)> {
         self.builders().filter(|(_, b)| !b.gone)
+    }
+
+    /// Sessions the other gateways run on the builder `name`, as their reports last said.
+    pub fn elsewhere(&self, name: &str) -> u32 {
+        self.elsewhere.get(name).copied().unwrap_or(0)
+    }
+
+    /// Slots of `b` (named `name`) that no gateway uses.
+    fn free(&self, name: &str, b: &Builder) -> u32 {
+        b.slots.saturating_sub(b.used).saturating_sub(self.elsewhere(name))
+    }
+
+    /// Sets the sessions the other gateways run, by builder name, and this gateway's rank among
+    /// the live gateways. Returns whether some builder has more free slots than before (another
+    /// gateway's session ended): held sessions should look again.
+    pub fn set_elsewhere(&mut self, elsewhere: BTreeMap<String, u32>, rank: usize) -> bool {
+        let freed = self
+            .elsewhere
+            .iter()
+            .any(|(name, n)| elsewhere.get(name).copied().unwrap_or(0) < *n);
+        self.elsewhere = elsewhere;
+        self.rank = rank;
+        freed
     }
 
     /// Sessions open on builders.
@@ -117,17 +166,27 @@ impl Slots {
         change
     }
 
-    /// Takes a slot on the builder with the most free ones (the first by name of equals), and
-    /// returns its name and address, or `None` when every slot is taken.
+    /// Takes a slot on the builder with the most free ones (counting the other gateways'
+    /// sessions), and returns its name and address, or `None` when every slot is taken. Among
+    /// equals, a gateway of even rank takes the first by name, one of odd rank the last.
     pub fn take(&mut self) -> Option<(String, String)> {
-        let (name, b) = self
+        let candidates = self
             .builders
-            .iter_mut()
-            .filter(|(_, b)| !b.gone && b.used < b.slots)
-            .rev()
-            .max_by_key(|(_, b)| b.slots - b.used)?;
+            .iter()
+            .filter(|(_, b)| !b.gone)
+            .map(|(name, b)| (name, self.free(name, b)))
+            .filter(|(_, free)| *free > 0);
+        // `max_by_key` keeps the last of equals: reversed, that is the first by name.
+        let name = if self.rank.is_multiple_of(2) {
+            candidates.rev().max_by_key(|(_, free)| *free)
+        } else {
+            candidates.max_by_key(|(_, free)| *free)
+        }?
+        .0
+        .clone();
+        let b = self.builders.get_mut(&name)?;
         b.used += 1;
-        Some((name.clone(), b.address.clone()))
+        Some((name, b.address.clone()))
     }
 
     /// Gives back a slot taken with [`Slots::take`]. A gone builder whose last session ends
@@ -212,29 +271,79 @@ mod tests {
         assert!(s.replace([], 2, 160).gone == ["p-b"] && s.builders().next().is_none());
     }
 
+    #[test]
+    fn other_gateways_sessions_count_against_a_builders_slots() {
+        // The real case: 3 builders of 1 slot; another gateway runs a session on a.
+        let mut s = fixed(&[("a", 1), ("b", 1), ("c", 1)]);
+        assert!(!s.set_elsewhere(BTreeMap::from([("a".into(), 1)]), 0));
+        assert_eq!(name(s.take()).as_deref(), Some("b"));
+        assert_eq!(name(s.take()).as_deref(), Some("c"));
+        assert_eq!(s.take(), None, "a is busy at the other gateway: the session waits");
+        assert_eq!(s.elsewhere("a"), 1);
+
+        // Its session ends: a frees up here, and held sessions are told.
+        assert!(s.set_elsewhere(BTreeMap::new(), 0), "a decrease wakes held sessions");
+        assert_eq!(name(s.take()).as_deref(), Some("a"));
+        assert!(
+            !s.set_elsewhere(BTreeMap::from([("b".into(), 1)]), 0),
+            "an increase does not"
+        );
+        assert!(s.builders().all(|(_, b)| b.used <= b.slots));
+
+        let mut s = fixed(&[("a", 4), ("b", 3)]);
+        s.set_elsewhere(BTreeMap::from([("a".into(), 2), ("x".into(), 9)]), 0);
+        assert_eq!(name(s.take()).as_deref(), Some("b"), "3 free on b, 2 on a");
+        assert_eq!(name(s.take()).as_deref(), Some("a"), "2 free on each: the first");
+    }
+
+    #[test]
+    fn gateways_of_even_and_odd_rank_spread_simultaneous_sessions() {
+        let builders = [("a", 1), ("b", 1), ("c", 1)];
+        let (mut even, mut odd) = (fixed(&builders), fixed(&builders));
+        even.set_elsewhere(BTreeMap::new(), 0);
+        odd.set_elsewhere(BTreeMap::new(), 1);
+        // Neither has seen the other's session yet.
+        assert_eq!(name(even.take()).as_deref(), Some("a"));
+        assert_eq!(name(odd.take()).as_deref(), Some("c"));
+        // A third arrives at the odd one after the even one's report did.
+        odd.set_elsewhere(BTreeMap::from([("a".into(), 1)]), 1);
+        assert_eq!(name(odd.take()).as_deref(), Some("b"));
+        let mut rank2 = fixed(&builders);
+        rank2.set_elsewhere(BTreeMap::new(), 2);
+        assert_eq!(name(rank2.take()).as_deref(), Some("a"));
+    }
+
     proptest! {
-        /// Whatever the takes, releases and changes of the builder set: no builder is over its
-        /// slots, a gone builder never gets a session, and a builder gets a session only when
-        /// no ready one has more free slots.
+        /// Whatever the takes, releases, other gateways' sessions and changes of the builder
+        /// set: no builder is over its slots, a gone builder never gets a session, a builder
+        /// gets a session only when it had a slot no gateway used and no ready one had more
+        /// free slots, and among equals the rank picks the first or the last by name.
         #[test]
         fn never_over_slots_never_gone_and_always_the_most_free(
             slots in 1u32..4,
-            ops in proptest::collection::vec((0u8..3, any::<u8>(), 0u8..16), 0..80),
+            ops in proptest::collection::vec((0u8..4, any::<u8>(), 0u8..16, proptest::collection::vec(0u32..4, 5)), 0..80),
         ) {
             let mut s = Slots::default();
             let mut open: Vec<String> = Vec::new();
-            for (now, (op, pick, set)) in ops.into_iter().enumerate() {
+            for (now, (op, pick, set, others)) in ops.into_iter().enumerate() {
                 let now = now as i64;
                 match op {
                     0 => {
-                        let free: BTreeMap<String, u32> =
-                            s.ready().map(|(n, b)| (n.to_string(), b.slots.saturating_sub(b.used))).collect();
+                        let free: BTreeMap<String, u32> = s
+                            .ready()
+                            .map(|(n, b)| (n.to_string(), b.slots.saturating_sub(b.used + s.elsewhere(n))))
+                            .collect();
                         let gone: Vec<String> =
                             s.builders().filter(|(_, b)| b.gone).map(|(n, _)| n.to_string()).collect();
                         match s.take() {
                             Some((n, _)) => {
                                 prop_assert!(!gone.contains(&n), "{n} is gone");
-                                prop_assert_eq!(free[&n], *free.values().max().unwrap());
+                                prop_assert!(free[&n] > 0, "{n} had no free slot");
+                                let most = *free.values().max().unwrap();
+                                prop_assert_eq!(free[&n], most);
+                                let equals: Vec<&String> = free.iter().filter(|(_, f)| **f == most).map(|(n, _)| n).collect();
+                                let expected = if s.rank.is_multiple_of(2) { equals[0] } else { equals[equals.len() - 1] };
+                                prop_assert_eq!(&n, expected);
                                 open.push(n);
                             }
                             None => prop_assert!(free.values().all(|f| *f == 0)),
@@ -243,6 +352,15 @@ mod tests {
                     1 if !open.is_empty() => {
                         let n = open.remove(pick as usize % open.len());
                         s.release(&n, now);
+                    }
+                    2 => {
+                        // The other gateways' sessions on p0..p4 (p4 never Ready here), and a rank.
+                        let elsewhere: BTreeMap<String, u32> =
+                            others.iter().enumerate().map(|(i, n)| (format!("p{i}"), *n)).collect();
+                        let before: BTreeMap<String, u32> = s.ready().map(|(n, b)| (n.to_string(), s.free(n, b))).collect();
+                        let freed = s.set_elsewhere(elsewhere, pick as usize);
+                        let more = s.ready().any(|(n, b)| s.free(n, b) > before[n]);
+                        prop_assert!(!more || freed, "a slot freed up elsewhere and no one was told");
                     }
                     _ => {
                         // A subset of 4 pods is Ready.

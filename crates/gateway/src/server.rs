@@ -20,6 +20,7 @@
 //! the limit for long; a logged-in connection that stops answering keepalives is closed within
 //! a minute.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -80,7 +81,7 @@ struct State {
     slots: Slots,
     /// Sessions held for a slot.
     waiting: u32,
-    /// Builders with a `builder_slots_used` series.
+    /// Builders with `builder_slots_used` and `builder_slots_used_elsewhere` series.
     exported: Vec<String>,
 }
 
@@ -136,16 +137,20 @@ impl Gateway {
         m.builders.set(st.slots.ready().count() as i64);
         let names: Vec<String> = st.slots.builders().map(|(n, _)| n.to_string()).collect();
         for (name, b) in st.slots.builders() {
-            m.builder_slots_used
-                .get_or_create(&BuilderLabel {
-                    builder: name.to_string(),
-                })
-                .set(b.used.into());
+            let label = BuilderLabel {
+                builder: name.to_string(),
+            };
+            m.builder_slots_used.get_or_create(&label).set(b.used.into());
+            m.builder_slots_used_elsewhere
+                .get_or_create(&label)
+                .set(st.slots.elsewhere(name).into());
         }
         for dropped in st.exported.iter().filter(|n| !names.contains(n)) {
-            m.builder_slots_used.remove(&BuilderLabel {
+            let label = BuilderLabel {
                 builder: dropped.clone(),
-            });
+            };
+            m.builder_slots_used.remove(&label);
+            m.builder_slots_used_elsewhere.remove(&label);
         }
         st.exported = names;
         self.changed.notify_one();
@@ -163,6 +168,20 @@ impl Gateway {
         };
         if !change.is_empty() {
             info!(added = ?change.added, gone = ?change.gone, builders = ?names, "the builders changed");
+            self.freed.notify_waiters();
+        }
+    }
+
+    /// Sets the sessions the other gateways run on each builder (by builder name) and this
+    /// gateway's rank among them; wakes held sessions when one of theirs ended.
+    pub fn set_elsewhere(&self, elsewhere: BTreeMap<String, u32>, rank: usize) {
+        let freed = {
+            let mut st = self.lock();
+            let freed = st.slots.set_elsewhere(elsewhere, rank);
+            self.publish(&mut st);
+            freed
+        };
+        if freed {
             self.freed.notify_waiters();
         }
     }
@@ -242,6 +261,18 @@ struct Early {
 }
 
 impl Gateway {
+    /// Whether `key` is in the pool's authorized-keys file now (read at each call, so a removal
+    /// counts at once). An unreadable file authorizes no one.
+    fn still_authorized(&self, key: &PublicKey) -> bool {
+        let file = &self.settings.authorized_keys;
+        std::fs::read_to_string(file)
+            .map(|text| keys::authorized(&text, key))
+            .unwrap_or_else(|e| {
+                warn!(file = %file.display(), error = %e, "cannot read the authorized keys; refusing every key");
+                false
+            })
+    }
+
     /// Takes a slot, waiting up to the hold time for one to free up (or a builder to appear).
     /// Meanwhile it keeps what the client sends, and notices when the client leaves.
     async fn take_slot(self: &Arc<Self>, channel: &mut Channel<Msg>, early: &mut Early) -> Held {
@@ -376,6 +407,7 @@ async fn connection(gw: Arc<Gateway>, config: Arc<server::Config>, tcp: TcpStrea
         gw,
         peer,
         client: None,
+        client_key: None,
         logged_in: Arc::clone(&logged_in),
         sessions: Arc::new(AtomicUsize::new(0)),
     };
@@ -469,6 +501,8 @@ struct Connection {
     peer: SocketAddr,
     /// The authenticated key's fingerprint.
     client: Option<String>,
+    /// The authenticated key, checked again when a held session gets its slot.
+    client_key: Option<PublicKey>,
     logged_in: Arc<AtomicBool>,
     /// Sessions open on this connection.
     sessions: Arc<AtomicUsize>,
@@ -501,15 +535,9 @@ impl server::Handler for Connection {
             info!(peer = %self.peer, key = %label, user, "login refused: that is the gateway's own key (it logs in to builders with it); a client needs a key of its own");
             return Ok(reject);
         }
-        let file = &self.gw.settings.authorized_keys;
-        let listed = std::fs::read_to_string(file)
-            .map(|text| keys::authorized(&text, key))
-            .unwrap_or_else(|e| {
-                warn!(file = %file.display(), error = %e, "cannot read the authorized keys; refusing every key");
-                false
-            });
-        if listed && user == self.gw.settings.builder_user {
+        if self.gw.still_authorized(key) && user == self.gw.settings.builder_user {
             self.client = Some(label);
+            self.client_key = Some(key.clone());
             self.logged_in.store(true, Ordering::SeqCst);
             Ok(Auth::Accept)
         } else {
@@ -525,6 +553,7 @@ impl server::Handler for Connection {
         session: &mut Session,
     ) -> Result<bool, Self::Error> {
         let client = self.client.clone().unwrap_or_default();
+        let client_key = self.client_key.clone();
         if self.sessions.load(Ordering::SeqCst) >= MAX_SESSIONS_PER_CONNECTION {
             info!(client, peer = %self.peer, max = MAX_SESSIONS_PER_CONNECTION, "session refused: too many sessions on one connection");
             return Ok(false);
@@ -539,7 +568,7 @@ impl server::Handler for Connection {
         let handle = session.handle();
         tokio::spawn(async move {
             let id = channel.id();
-            if let Err(e) = serve_channel(&gw, channel, handle.clone(), &client).await {
+            if let Err(e) = serve_channel(&gw, channel, handle.clone(), &client, client_key.as_ref()).await {
                 gw.metrics.ended("builder_failed");
                 warn!(client, error = %format!("{e:#}"), "session failed");
                 let _ = handle.close(id).await;
@@ -573,6 +602,7 @@ async fn serve_channel(
     mut channel: Channel<Msg>,
     handle: Handle,
     client: &str,
+    client_key: Option<&PublicKey>,
 ) -> anyhow::Result<()> {
     let id = channel.id();
     let command = loop {
@@ -638,6 +668,18 @@ async fn serve_channel(
     };
     let held = waited.elapsed();
     gw.metrics.queue_wait_seconds.observe(held.as_secs_f64());
+    // A key removed from the pool while its session was held does not get to build.
+    if !client_key.is_some_and(|k| gw.still_authorized(k)) {
+        drop(slot);
+        gw.metrics.ended("key_revoked");
+        info!(
+            client,
+            held_ms = held.as_millis() as u64,
+            "session refused: the key was removed from the pool while the session was held"
+        );
+        refuse(&handle, id, "your key was removed from this pool's authorized keys").await;
+        return Ok(());
+    }
     let name = slot.name.clone();
     let (_builder_session, builder) = match open_on_builder(gw, &address, allowed.command_line()).await {
         Ok(b) => b,

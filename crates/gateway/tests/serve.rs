@@ -1,6 +1,7 @@
 //! The gateway as a process: its probes and metrics, its limits, its refusal of its own key,
 //! SIGTERM; and, against a real API server on loopback, builders discovered from pods, a held
-//! session woken by the first Ready builder, and the demand report in the ConfigMap.
+//! session woken by the first Ready builder, the demand report in the ConfigMap, and another
+//! gateway's sessions (its report) counted against the builders' slots.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
-use nixpool_api::demand::GatewayReport;
+use nixpool_api::demand::{BuilderUse, GatewayReport};
 use nixpool_testenv::{ControlPlane, free_port};
 
 const GATEWAY: &str = env!("CARGO_BIN_EXE_nixpool-gateway");
@@ -405,6 +406,166 @@ async fn a_held_session_starts_when_the_first_builder_is_ready_and_demand_is_rep
     assert!(
         log.contains("session abandoned") && log.contains("no session open; exiting"),
         "{log}"
+    );
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// A report of another gateway, written `age` seconds ago, using `used` slots per builder.
+fn other_report(age: i64, used: &[(&str, u32)]) -> String {
+    let r = GatewayReport {
+        at: unix_now() - age,
+        waiting: 0,
+        active: used.iter().map(|(_, n)| n).sum(),
+        builders: used
+            .iter()
+            .map(|(b, n)| {
+                let u = BuilderUse {
+                    used: *n,
+                    idle_since: (*n == 0).then_some(0),
+                };
+                (b.to_string(), u)
+            })
+            .collect(),
+    };
+    serde_json::to_string(&r).unwrap()
+}
+
+/// Creates pod `name` with `labels`, and marks it Ready at 127.0.0.1 when `ready`.
+async fn create_pod(pods: &Api<Pod>, name: &str, labels: serde_json::Value, ready: bool) {
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"containers": [{"name": "c", "image": "c"}]}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    if ready {
+        let status = serde_json::json!({"status": {
+            "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
+            "conditions": [{"type": "Ready", "status": "True"}]
+        }});
+        pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn another_gateways_sessions_count_against_the_builders_slots() {
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("gateway-peers").await.unwrap();
+    let client = cp.client().await.unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(client, &ns);
+    let builder = serde_json::json!({"app": "builder", "pool": "p"});
+    create_pod(&pods, "builder-a", builder.clone(), true).await;
+    create_pod(&pods, "builder-b", builder, true).await;
+    let gateway = serde_json::json!({"app": "gateway", "pool": "p"});
+    create_pod(&pods, "gw-0", gateway.clone(), false).await;
+    create_pod(&pods, "gw-1", gateway, false).await;
+    // gw-1 runs a session on builder-a; gw-old's pod is gone and its report old.
+    let cm: ConfigMap = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "pool-gateway-demand"},
+        "data": {
+            "gw-1": other_report(0, &[("builder-a", 1), ("builder-b", 0)]),
+            "gw-old": other_report(100, &[("builder-a", 0)]),
+        }
+    }))
+    .unwrap();
+    cms.create(&PostParams::default(), &cm).await.unwrap();
+
+    let keys = Keys::new();
+    // Nothing listens on the builders' port: the error names the builder a session went to.
+    let builder_port = free_port().to_string();
+    let kubeconfig = cp.kubeconfig();
+    let gw = Gateway::start(
+        &keys,
+        &[
+            "--namespace",
+            &ns,
+            "--pod-name=gw-0",
+            "--builders-selector=app=builder,pool=p",
+            "--gateways-selector=app=gateway,pool=p",
+            "--builder-port",
+            &builder_port,
+            "--slots=1",
+            "--demand-config-map=pool-gateway-demand",
+            "--hold-seconds=60",
+        ],
+        &[("KUBECONFIG", &kubeconfig)],
+    );
+    gw.wait_ready();
+    let elsewhere = |b: &str, n: u32| format!("nixpool_gateway_builder_slots_used_elsewhere{{builder=\"{b}\"}} {n}");
+    wait_for(Duration::from_secs(20), "gw-1's session in the metrics", || {
+        let m = gw.get("/metrics").1;
+        (m.contains(&elsewhere("builder-a", 1)) && m.contains(&elsewhere("builder-b", 0))).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", gw.log()));
+
+    // builder-a has the most free slots by this gateway's count alone (and is the first by
+    // name), but gw-1 uses its only one: the session goes to builder-b.
+    let out = gw.ssh(&keys.client, "nix-store --serve --write").output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the builder builder-b did not take the session"),
+        "{}\n{}",
+        output_text(&out),
+        gw.log()
+    );
+
+    // The dead gateway's key is removed; the live ones stay.
+    let data = eventually("gw-old's key removed", || async {
+        let data = cms.get("pool-gateway-demand").await.ok()?.data?;
+        (!data.contains_key("gw-old")).then_some(data)
+    })
+    .await;
+    assert!(data.contains_key("gw-1") && data.contains_key("gw-0"), "{data:?}");
+    assert!(gw.log().contains("removed the demand reports"), "{}", gw.log());
+
+    // gw-1 takes builder-b too: a new session is held, until gw-1's session on b ends.
+    let set_gw1 = |used: &[(&str, u32)]| {
+        let patch = serde_json::json!({"data": {"gw-1": other_report(0, used)}});
+        let cms = cms.clone();
+        async move {
+            cms.patch("pool-gateway-demand", &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .unwrap();
+        }
+    };
+    set_gw1(&[("builder-a", 1), ("builder-b", 1)]).await;
+    wait_for(Duration::from_secs(10), "gw-1's second session in the metrics", || {
+        gw.get("/metrics").1.contains(&elsewhere("builder-b", 1)).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", gw.log()));
+    let held = gw
+        .ssh(&keys.client, "nix-store --serve --write")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually("a report of the held session", || async {
+        report(&cms, "gw-0").await.filter(|r| r.waiting == 1)
+    })
+    .await;
+    let freed = Instant::now();
+    set_gw1(&[("builder-a", 1), ("builder-b", 0)]).await;
+    let out = tokio::task::spawn_blocking(move || held.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let woke = freed.elapsed();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the builder builder-b did not take the session"),
+        "{}\n{}",
+        output_text(&out),
+        gw.log()
+    );
+    assert!(
+        woke < Duration::from_secs(2),
+        "the held session waited {woke:?} after the slot freed up"
     );
 }
 

@@ -10,7 +10,7 @@ use nixpool_api::conditions::*;
 use nixpool_api::v1alpha1::{Endpoint, ServiceType};
 use nixpool_api::{FIELD_MANAGER, MachinesEntry, NixBuilderPool, NixBuilderPoolStatus, names};
 
-use super::build::{gateway_selector_labels, selector_string};
+use super::build::{gateway_selector_labels, labels_string, selector_string};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::keys::BadKey;
@@ -58,7 +58,7 @@ pub fn compute(pool: &NixBuilderPool, seen: &Observed<'_>, now: Timestamp) -> Ni
             REASON_NO_READY_GATEWAY,
             format!(
                 "no gateway pod is ready; see `kubectl describe pod -l {}`",
-                gateway_selector_string(pool)
+                labels_string(&gateway_selector_labels(pool))
             ),
         )
     } else if let (Some(n), Some(e), true) = (gateway_ready, &endpoint, spec.autoscaling.is_some()) {
@@ -149,7 +149,7 @@ pub fn compute(pool: &NixBuilderPool, seen: &Observed<'_>, now: Timestamp) -> Ni
                 uri: MachinesEntry::ssh_ng_uri(&spec.ssh.user, &e.host, e.port as u16),
                 systems: spec.systems.clone(),
                 ssh_key: None,
-                max_jobs: advertised_builders(pool, ready) * spec.max_jobs.max(0) as u32,
+                max_jobs: spec.advertised_jobs(ready),
                 speed_factor: spec.speed_factor.max(1) as u32,
                 supported_features: spec.supported_features.clone(),
                 mandatory_features: spec.mandatory_features.clone(),
@@ -174,27 +174,7 @@ pub fn compute(pool: &NixBuilderPool, seen: &Observed<'_>, now: Timestamp) -> Ni
     }
 }
 
-/// Builders the machines line counts. With a gateway it is the capacity the gateway serves
-/// (`maxReplicas`, or `spec.replicas`), so clients' machines files do not change as the pool
-/// scales; without one, the builders ready now.
-fn advertised_builders(pool: &NixBuilderPool, ready: i32) -> u32 {
-    let spec = &pool.spec;
-    let n = match (&spec.autoscaling, spec.effective_gateway()) {
-        (Some(a), _) => a.max_replicas,
-        (None, Some(_)) => spec.replicas,
-        (None, None) => ready,
-    };
-    n.max(0) as u32
-}
 
-/// The gateway pods' selector in its string form, for messages.
-fn gateway_selector_string(pool: &NixBuilderPool) -> String {
-    gateway_selector_labels(pool)
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
-}
 
 /// The status of a pool whose spec is refused: Ready=False/InvalidSpec, the rest kept.
 pub fn invalid(pool: &NixBuilderPool, message: &str, now: Timestamp) -> NixBuilderPoolStatus {

@@ -18,7 +18,7 @@ use kube::ResourceExt;
 use nixpool_api::v1alpha1::GatewaySpec;
 use nixpool_api::{NixBuilderPool, labels, names, paths, ports};
 
-use super::{meta, selector_string};
+use super::{labels_string, meta, selector_string};
 use crate::reconcile::validate::Valid;
 
 /// The gateway runs as this unprivileged user (`nobody`).
@@ -59,12 +59,13 @@ pub fn gateway(pool: &NixBuilderPool, valid: &Valid, g: &GatewaySpec) -> Gateway
                 verbs: vec!["get".into(), "list".into(), "watch".into()],
                 ..PolicyRule::default()
             },
-            // Its demand report, in one ConfigMap and no other.
+            // Its demand report, and the other gateways' (which slots they use), in one
+            // ConfigMap and no other.
             PolicyRule {
                 api_groups: Some(vec![String::new()]),
                 resources: Some(vec!["configmaps".into()]),
                 resource_names: Some(vec![demand.clone()]),
-                verbs: vec!["get".into(), "patch".into()],
+                verbs: vec!["get".into(), "list".into(), "watch".into(), "patch".into()],
                 ..PolicyRule::default()
             },
         ]),
@@ -134,6 +135,7 @@ fn deployment(pool: &NixBuilderPool, valid: &Valid, g: &GatewaySpec, name: &str,
         "--namespace=$(POD_NAMESPACE)".into(),
         "--pod-name=$(POD_NAME)".into(),
         format!("--builders-selector={}", selector_string(pool)),
+        format!("--gateways-selector={}", labels_string(&gateway_selector_labels(pool))),
         format!("--builder-port={}", ports::SSH),
         format!("--slots={}", spec.max_jobs),
         format!("--demand-config-map={demand}"),

@@ -74,7 +74,12 @@ pub fn selector_labels(pool: &NixBuilderPool) -> BTreeMap<String, String> {
 
 /// The selector in its string form, for `status.selector`.
 pub fn selector_string(pool: &NixBuilderPool) -> String {
-    selector_labels(pool)
+    labels_string(&selector_labels(pool))
+}
+
+/// Labels as a label selector string (`k=v,k2=v2`).
+pub fn labels_string(labels: &BTreeMap<String, String>) -> String {
+    labels
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()

@@ -380,7 +380,7 @@ fn a_gateway_gets_least_rights_runs_unprivileged_and_takes_the_service() {
         rules[1].resource_names.as_deref(),
         Some(&["builders-on-demand-gateway-demand".to_string()][..])
     );
-    assert_eq!(rules[1].verbs, ["get", "patch"]);
+    assert_eq!(rules[1].verbs, ["get", "list", "watch", "patch"]);
     assert_eq!(g.role_binding.subjects.as_ref().unwrap()[0].name, name);
 
     let d = g.deployment.spec.as_ref().unwrap();
