@@ -663,7 +663,14 @@ async fn nix_2_26_builds_on_a_pool_over_ssh_ng_and_ssh() {
     .await;
     let on_demand = w.ready("on-demand", 0).await.status.unwrap();
     let services: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(w.client.clone(), &w.ns);
-    let cluster_ip = services.get("on-demand").await.unwrap().spec.unwrap().cluster_ip.unwrap();
+    let cluster_ip = services
+        .get("on-demand")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .cluster_ip
+        .unwrap();
     let mut e = MachinesEntry::parse(on_demand.machines_entry.as_deref().unwrap()).unwrap();
     e.uri = format!("ssh-ng://builder@{cluster_ip}");
     e.ssh_key = Some("/root/key".into());
@@ -677,7 +684,9 @@ async fn nix_2_26_builds_on_a_pool_over_ssh_ng_and_ssh() {
         );
         let started = Instant::now();
         let out = exec(
-            &format!("nix-build -E '{expr}' --no-out-link --max-jobs 0 --option build-users-group '' --option substituters '' --option builders '{e}'"),
+            &format!(
+                "nix-build -E '{expr}' --no-out-link --max-jobs 0 --option build-users-group '' --option substituters '' --option builders '{e}'"
+            ),
             None,
         );
         assert!(

@@ -409,6 +409,75 @@ async fn a_held_session_starts_when_the_first_builder_is_ready_and_demand_is_rep
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_removed_while_its_session_is_held_is_refused_when_the_slot_comes() {
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("gateway").await.unwrap();
+    let client = cp.client().await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(client, &ns);
+    let keys = Keys::new();
+    let builder_port = free_port().to_string();
+    let kubeconfig = cp.kubeconfig();
+    let gw = Gateway::start(
+        &keys,
+        &[
+            "--namespace",
+            &ns,
+            "--builders-selector=app=builder,pool=revoked",
+            "--builder-port",
+            &builder_port,
+            "--slots=1",
+            "--hold-seconds=60",
+        ],
+        &[("KUBECONFIG", &kubeconfig)],
+    );
+    gw.wait_ready();
+    // No builder yet: the session is held.
+    let held = gw
+        .ssh(&keys.client, "nix-daemon --stdio")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually("the session held", || async {
+        gw.get("/metrics")
+            .1
+            .contains("nixpool_gateway_sessions_open{state=\"waiting\"} 1")
+            .then_some(())
+    })
+    .await;
+    // The pool drops the client's key (only the gateway's own stays), then a builder is Ready.
+    let gateway_public = std::fs::read_to_string(keys.gateway.with_extension("pub")).unwrap();
+    std::fs::write(&keys.authorized, gateway_public).unwrap();
+    create_pod(
+        &pods,
+        "builder-0",
+        serde_json::json!({"app": "builder", "pool": "revoked"}),
+        true,
+    )
+    .await;
+    let out = tokio::task::spawn_blocking(move || held.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("your key was removed"),
+        "{}\n{}",
+        output_text(&out),
+        gw.log()
+    );
+    let log = gw.log();
+    assert!(
+        log.contains("the key was removed from the pool while the session was held"),
+        "{log}"
+    );
+    assert!(
+        gw.get("/metrics").1.contains("outcome=\"key_revoked\"} 1"),
+        "{}",
+        gw.get("/metrics").1
+    );
+}
+
 fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

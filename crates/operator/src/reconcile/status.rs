@@ -174,8 +174,6 @@ pub fn compute(pool: &NixBuilderPool, seen: &Observed<'_>, now: Timestamp) -> Ni
     }
 }
 
-
-
 /// The status of a pool whose spec is refused: Ready=False/InvalidSpec, the rest kept.
 pub fn invalid(pool: &NixBuilderPool, message: &str, now: Timestamp) -> NixBuilderPoolStatus {
     let prev_status = pool.status.clone().unwrap_or_default();
