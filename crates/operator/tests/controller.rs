@@ -775,3 +775,118 @@ async fn a_pool_uses_only_opted_in_key_sources_and_allowed_images() {
         "no pod runs the image"
     );
 }
+
+#[tokio::test]
+async fn a_gateways_demand_scales_builders_up_at_once_and_down_when_idle_and_dropping_the_gateway_removes_it() {
+    use nixpool_api::demand::{BuilderUse, GatewayReport};
+    let cp = control_plane();
+    let ns = cp.namespace("autoscale").await.unwrap();
+    let client = cp.client().await.unwrap();
+    let _op = Operator::start(cp, &ns);
+    apply_example(cp, &ns, "autoscaling.yaml");
+    let name = "builders-on-demand";
+    let pools: Api<NixBuilderPool> = Api::namespaced(client.clone(), &ns);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let pool = observed(&pools, name).await;
+    let st = pool.status.clone().unwrap();
+    assert_eq!(st.desired_replicas, Some(0));
+    let builder_replicas = || async { deployments.get(name).await.ok().and_then(|d| d.spec?.replicas) };
+    assert_eq!(builder_replicas().await, Some(0));
+    let gateway = deployments.get(&format!("{name}-gateway")).await.unwrap();
+    assert!(owned_by(&gateway.metadata, &pool));
+    assert_eq!(gateway.spec.unwrap().replicas, Some(2));
+    let svc = services.get(name).await.unwrap();
+    assert_eq!(
+        svc.spec.unwrap().selector.unwrap()[labels::NAME],
+        labels::GATEWAY_NAME_VALUE
+    );
+    let keys = config_maps.get(&format!("{name}-authorized-keys")).await.unwrap();
+    assert!(keys.data.unwrap()[paths::AUTHORIZED_KEYS_FILE].contains("nixpool-gateway"));
+
+    // A gateway reports 5 sessions (3 waiting): 5 / maxJobs 2 = 3 builders, at once.
+    let demand = format!("{name}-gateway-demand");
+    let write = |report: GatewayReport| {
+        let config_maps = config_maps.clone();
+        let demand = demand.clone();
+        async move {
+            let body = serde_json::json!({
+                "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": demand},
+                "data": {"gw-0": serde_json::to_string(&report).unwrap()}
+            });
+            config_maps
+                .patch(&demand, &PatchParams::apply("test-gateway-gw-0"), &Patch::Apply(&body))
+                .await
+                .unwrap();
+        }
+    };
+    let now = jiff::Timestamp::now().as_second();
+    write(GatewayReport {
+        at: now,
+        waiting: 3,
+        active: 2,
+        builders: Default::default(),
+    })
+    .await;
+    eventually(MIN, "3 builders for 5 sessions", || async {
+        (builder_replicas().await == Some(3)).then_some(())
+    })
+    .await;
+    let scaled_up = eventually(MIN, "a ScaledUp Event", || async {
+        events_for(&client, &ns, name)
+            .await
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("ScaledUp"))
+    })
+    .await;
+    assert!(
+        scaled_up.note.as_deref().unwrap_or_default().contains("0 → 3"),
+        "{scaled_up:?}"
+    );
+    assert_eq!(observed(&pools, name).await.status.unwrap().desired_replicas, Some(3));
+
+    // Two of three builders idle for longer than idleSeconds (600), one still busy: down to 1.
+    let long_ago = now - 3600;
+    let idle = |used: u32| BuilderUse {
+        used,
+        idle_since: (used == 0).then_some(long_ago),
+    };
+    write(GatewayReport {
+        at: now,
+        waiting: 0,
+        active: 1,
+        builders: [("b-0", idle(1)), ("b-1", idle(0)), ("b-2", idle(0))]
+            .into_iter()
+            .map(|(n, u)| (n.to_string(), u))
+            .collect(),
+    })
+    .await;
+    eventually(MIN, "1 builder once 2 are idle", || async {
+        (builder_replicas().await == Some(1)).then_some(())
+    })
+    .await;
+    eventually(MIN, "a ScaledDown Event", || async {
+        events_for(&client, &ns, name)
+            .await
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("ScaledDown"))
+    })
+    .await;
+
+    // Without autoscaling and gateway: the gateway goes, the Service points at the builders.
+    let patch = serde_json::json!({"spec": {"autoscaling": null, "gateway": null, "replicas": 2}});
+    pools
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    eventually(MIN, "the gateway removed", || async {
+        let gone = deployments.get_opt(&format!("{name}-gateway")).await.ok()?.is_none()
+            && config_maps.get_opt(&demand).await.ok()?.is_none();
+        let selector = services.get(name).await.ok()?.spec?.selector?;
+        (gone && selector[labels::NAME] == labels::NAME_VALUE && builder_replicas().await == Some(2)).then_some(())
+    })
+    .await;
+    let st = observed(&pools, name).await.status.unwrap();
+    assert_eq!(st.desired_replicas, None);
+}

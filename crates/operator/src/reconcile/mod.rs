@@ -162,12 +162,13 @@ async fn reconcile_pool(pool: &NixBuilderPool, ctx: &Context) -> Result<Action> 
         });
     }
     // With autoscaling the operator owns the builder count; it starts from what it asked for
-    // last time.
-    let asked_before = pool
-        .status
-        .as_ref()
-        .and_then(|s| s.desired_replicas)
-        .unwrap_or(pool.spec.replicas);
+    // last time. A new pool starts at minReplicas; a pool that turns autoscaling on keeps its
+    // builders until they are idle.
+    let asked_before = match (&pool.status, &pool.spec.autoscaling) {
+        (Some(s), _) if s.desired_replicas.is_some() => s.desired_replicas.unwrap_or_default(),
+        (None, Some(a)) => a.min_replicas,
+        _ => pool.spec.replicas,
+    };
     let decision = match &pool.spec.autoscaling {
         Some(a) => {
             let reports = scale::demand(ctx, pool, &ns).await?;
@@ -196,7 +197,11 @@ async fn reconcile_pool(pool: &NixBuilderPool, ctx: &Context) -> Result<Action> 
         },
     );
     let mut applied = apply::apply(ctx, &ns, children).await?;
-    if applied.gateway.is_none() {
+    // A gateway the spec dropped is removed in the first reconcile of the new spec (an error
+    // here skips the status write, so the next reconcile tries again); an unchanged pool spends
+    // no read on it.
+    let spec_changed = pool.status.as_ref().and_then(|s| s.observed_generation) != pool.metadata.generation;
+    if applied.gateway.is_none() && spec_changed {
         applied.changed.extend(scale::remove_gateway(ctx, pool, &ns).await?);
     }
 
