@@ -983,3 +983,76 @@ async fn a_pool_at_zero_builders_takes_a_build_holds_it_while_one_starts_and_goe
     );
     w.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scaling_down_while_a_build_runs_and_rolling_out_while_a_session_is_held_lose_no_build() {
+    let w = World::new("nolosses").await;
+    w.apply_pool_with("builders", 0, |p| {
+        p.spec.max_jobs = 1;
+        p.spec.autoscaling = Some(nixpool_api::v1alpha1::AutoscalingSpec {
+            min_replicas: 0,
+            max_replicas: 2,
+            idle_seconds: 3,
+        });
+    })
+    .await;
+    w.ready("builders", 0).await;
+    let machines = w.machines_file("builders", &w.key.path);
+    let spawn = |name: &str, script: &str| {
+        let drv = derivation(&w.dir, name, script).unwrap();
+        nix_build_command(&machines, &drv)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+
+    // Scale-down while a build runs: a short and a long build start 2 builders; the short one's
+    // builder goes idle and the pool goes 2 → 1 while the long build still runs.
+    let long = spawn("long", "busybox sleep 25; echo long > $out");
+    let short = spawn("short", "busybox sleep 2; echo short > $out");
+    assert_built(&short.wait_with_output().unwrap());
+    eventually(MIN, "the pool down to 1 builder while the long build runs", || async {
+        let st = w.pools().get("builders").await.ok()?.status?;
+        (st.desired_replicas == Some(1)).then_some(())
+    })
+    .await;
+    let long = long.wait_with_output().unwrap();
+    assert_built(&long);
+
+    // A rollout of the builders and the gateways while a session is held: one build takes the
+    // only slot allowed (maxReplicas 1), a second is held; then a nix setting and the hold time
+    // change, which rolls both Deployments.
+    let patch = serde_json::json!({"spec": {"autoscaling": {"maxReplicas": 1}}});
+    w.pools()
+        .patch("builders", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let first = w
+        .build_under_way(&machines, "busybox sleep 15; echo first > $out")
+        .await;
+    let held = spawn("held-through-rollout", "echo held > $out");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let patch = serde_json::json!({"spec": {"nixConfig": {"keep-outputs": "true"}, "gateway": {"holdSeconds": 240}}});
+    w.pools()
+        .patch("builders", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    assert_built(&first.wait_with_output().unwrap());
+    assert_built(&held.wait_with_output().unwrap());
+    // The rollout happened: every gateway pod now runs the new hold time.
+    eventually(MIN, "the gateways rolled", || async {
+        let gws = w.gateway_pods().await;
+        let rolled = !gws.is_empty()
+            && gws.iter().all(|p| {
+                p.spec.as_ref().unwrap().containers[0]
+                    .args
+                    .iter()
+                    .flatten()
+                    .any(|a| a == "--hold-seconds=240")
+            });
+        rolled.then_some(())
+    })
+    .await;
+    w.stop();
+}

@@ -317,12 +317,13 @@ async fn a_held_session_starts_when_the_first_builder_is_ready_and_demand_is_rep
     assert!(waiting.builders.is_empty());
 
     // The first builder turns Ready: the held session goes to it at once.
-    let pod: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "builder-0", "labels": {"app": "builder", "pool": "p"}},
-        "spec": {"containers": [{"name": "builder", "image": "builder"}]}
-    }))
-    .unwrap();
-    pods.create(&PostParams::default(), &pod).await.unwrap();
+    create_pod(
+        &pods,
+        "builder-0",
+        serde_json::json!({"app": "builder", "pool": "p"}),
+        false,
+    )
+    .await;
     let ready = serde_json::json!({"status": {
         "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
         "conditions": [{"type": "Ready", "status": "True"}]
@@ -509,10 +510,16 @@ fn other_report(age: i64, used: &[(&str, u32)]) -> String {
 async fn create_pod(pods: &Api<Pod>, name: &str, labels: serde_json::Value, ready: bool) {
     let pod: Pod = serde_json::from_value(serde_json::json!({
         "metadata": {"name": name, "labels": labels},
-        "spec": {"containers": [{"name": "c", "image": "c"}]}
+        "spec": {"containers": [{"name": "c", "image": "c"}], "automountServiceAccountToken": false}
     }))
     .unwrap();
-    pods.create(&PostParams::default(), &pod).await.unwrap();
+    // A new namespace's ServiceAccount token may not exist yet: the API server says to retry.
+    let mut tries = 0;
+    while let Err(e) = pods.create(&PostParams::default(), &pod).await {
+        tries += 1;
+        assert!(tries < 60, "cannot create pod {name}: {e}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     if ready {
         let status = serde_json::json!({"status": {
             "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
