@@ -34,14 +34,8 @@ pub fn check(layout: &Layout, bins: &Binaries, opts: &Options) -> ExitCode {
         println!("  {n}");
     }
     println!("would create directories:");
-    for d in &plan.dirs {
-        println!(
-            "  {} ({:o}, owner {}:{})",
-            d.path.display(),
-            d.mode,
-            d.owner.0,
-            d.owner.1
-        );
+    for (d, mode) in &plan.dirs {
+        println!("  {} ({mode:o})", d.display());
     }
     println!("would write:");
     for f in &plan.files {
