@@ -67,10 +67,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get, create]
-# One PodDisruptionBudget per pool where policy/v1 is served.
+# PodDisruptionBudgets of builders and gateways where policy/v1 is served (a dropped gateway's is deleted).
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
-  verbs: [get, list, watch, create, patch]
+  verbs: [get, list, watch, create, patch, delete]
 # Events on pools (HostKeyGenerated, Applied, InvalidSpec, BadAuthorizedKeys, ScaledUp, ScaledDown).
 - apiGroups: [events.k8s.io]
   resources: [events]

@@ -787,23 +787,25 @@ async fn open_on_builder(
         maximum_packet_size: MAX_PACKET,
         ..Default::default()
     });
-    let mut session = tokio::time::timeout(
-        Duration::from_secs(10),
-        client::connect(config, address, BuilderHostKey(s.host_public.clone())),
-    )
+    // Connecting, logging in and starting the command, bounded as a whole: a builder that
+    // stops answering half-way must not hold the session (and its slot) forever.
+    tokio::time::timeout(Duration::from_secs(20), async {
+        let mut session = client::connect(config, address, BuilderHostKey(s.host_public.clone()))
+            .await
+            .context("connecting (is its host key the pool's?)")?;
+        let auth = session
+            .authenticate_publickey(
+                s.builder_user.clone(),
+                PrivateKeyWithHashAlg::new(Arc::clone(&s.builder_key), None),
+            )
+            .await?;
+        if !auth.success() {
+            bail!("it refused the gateway's key: add the gateway's public key to the pool's authorized keys");
+        }
+        let channel = session.channel_open_session().await?;
+        channel.exec(true, command).await?;
+        Ok((session, channel))
+    })
     .await
-    .context("connecting timed out")?
-    .context("connecting (is its host key the pool's?)")?;
-    let auth = session
-        .authenticate_publickey(
-            s.builder_user.clone(),
-            PrivateKeyWithHashAlg::new(Arc::clone(&s.builder_key), None),
-        )
-        .await?;
-    if !auth.success() {
-        bail!("it refused the gateway's key: add the gateway's public key to the pool's authorized keys");
-    }
-    let channel = session.channel_open_session().await?;
-    channel.exec(true, command).await?;
-    Ok((session, channel))
+    .context("connecting, logging in and starting the command took over 20 s")?
 }

@@ -103,6 +103,7 @@ fn render_pool(mut pool: NixBuilderPool, images: &Images, with_pdb: bool) -> any
         role_binding,
         demand,
         deployment,
+        pdb,
     }) = gateway
     {
         // The gateway's key Secret, like the host key, is generated in the cluster; its public
@@ -112,6 +113,9 @@ fn render_pool(mut pool: NixBuilderPool, images: &Images, with_pdb: bool) -> any
         docs.push(serde_yaml::to_string(&build::stamp(role_binding))?);
         docs.push(serde_yaml::to_string(&build::stamp(demand))?);
         docs.push(serde_yaml::to_string(&build::stamp(deployment))?);
+        if let Some(p) = pdb {
+            docs.push(serde_yaml::to_string(&build::stamp(p))?);
+        }
     }
     Ok(docs.iter().map(|d| format!("---\n{d}")).collect())
 }

@@ -50,13 +50,18 @@ pub async fn apply(ctx: &Context, ns: &str, children: Children) -> Result<Applie
             role_binding,
             demand,
             deployment,
+            pdb,
         }) => {
             // Its identity and rights before its pods, which need them to start.
             ensure(ctx, ns, service_account, &mut changed).await?;
             ensure(ctx, ns, role, &mut changed).await?;
             ensure(ctx, ns, role_binding, &mut changed).await?;
             ensure(ctx, ns, demand, &mut changed).await?;
-            Some(ensure(ctx, ns, deployment, &mut changed).await?)
+            let live = ensure(ctx, ns, deployment, &mut changed).await?;
+            if let Some(pdb) = pdb {
+                ensure(ctx, ns, pdb, &mut changed).await?;
+            }
+            Some(live)
         }
         None => None,
     };

@@ -4,6 +4,7 @@
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
@@ -123,6 +124,9 @@ pub async fn remove_gateway(ctx: &Context, pool: &NixBuilderPool, ns: &str) -> R
     }
     let mut removed = Vec::new();
     delete::<Deployment>(ctx, ns, &name, &mut removed).await?;
+    if ctx.with_pdb {
+        delete::<PodDisruptionBudget>(ctx, ns, &name, &mut removed).await?;
+    }
     delete::<RoleBinding>(ctx, ns, &name, &mut removed).await?;
     delete::<Role>(ctx, ns, &name, &mut removed).await?;
     delete::<ServiceAccount>(ctx, ns, &name, &mut removed).await?;

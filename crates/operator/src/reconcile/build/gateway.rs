@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::{
     PodTemplateSpec, Probe, SecretVolumeSource, SecurityContext, ServiceAccount, Volume, VolumeMount,
     WeightedPodAffinityTerm,
 };
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -32,6 +33,9 @@ pub struct GatewayChildren {
     pub role_binding: RoleBinding,
     pub demand: ConfigMap,
     pub deployment: Deployment,
+    /// A node drain takes one gateway pod at a time. `None` where the server does not serve
+    /// policy/v1.
+    pub pdb: Option<PodDisruptionBudget>,
 }
 
 /// Labels that select a pool's gateway pods (apart from its builders').
@@ -42,7 +46,7 @@ pub fn gateway_selector_labels(pool: &NixBuilderPool) -> BTreeMap<String, String
     ])
 }
 
-pub fn gateway(pool: &NixBuilderPool, valid: &Valid, g: &GatewaySpec) -> GatewayChildren {
+pub fn gateway(pool: &NixBuilderPool, valid: &Valid, g: &GatewaySpec, with_pdb: bool) -> GatewayChildren {
     let name = names::gateway(&pool.name_any());
     let demand = names::gateway_demand(&pool.name_any());
     let service_account = ServiceAccount {
@@ -94,6 +98,18 @@ pub fn gateway(pool: &NixBuilderPool, valid: &Valid, g: &GatewaySpec) -> Gateway
         role_binding,
         demand: demand_map,
         deployment: deployment(pool, valid, g, &name, &demand),
+        pdb: with_pdb.then(|| PodDisruptionBudget {
+            metadata: meta(pool, name.clone(), "gateway"),
+            spec: Some(PodDisruptionBudgetSpec {
+                max_unavailable: Some(IntOrString::Int(1)),
+                selector: Some(LabelSelector {
+                    match_labels: Some(gateway_selector_labels(pool)),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..PodDisruptionBudget::default()
+        }),
     }
 }
 

@@ -60,7 +60,7 @@ pub fn build(pool: &NixBuilderPool, inputs: &Inputs<'_>) -> Children {
         gateway: pool
             .spec
             .effective_gateway()
-            .map(|g| gateway::gateway(pool, inputs.valid, &g)),
+            .map(|g| gateway::gateway(pool, inputs.valid, &g, inputs.with_pdb)),
     }
 }
 

@@ -369,6 +369,13 @@ fn a_gateway_gets_least_rights_runs_unprivileged_and_takes_the_service() {
         g.demand.metadata.name.as_deref(),
         Some("builders-on-demand-gateway-demand")
     );
+    let pdb = g.pdb.as_ref().expect("a drain takes one gateway pod at a time");
+    assert_eq!(pdb.metadata.name.as_deref(), Some(name));
+    let selector = pdb.spec.as_ref().unwrap().selector.as_ref().unwrap();
+    assert_eq!(
+        selector.match_labels.as_ref().unwrap()[labels::NAME],
+        labels::GATEWAY_NAME_VALUE
+    );
 
     // Rights: read pods, write one ConfigMap, nothing else.
     let rules = g.role.rules.as_ref().unwrap();
