@@ -14,33 +14,12 @@ use std::time::{Duration, Instant};
 use kube::Api;
 use kube::api::{DeleteParams, PostParams};
 use nixpool_api::{MachinesEntry, NixBuilderPool};
-use nixpool_testenv::flow::{ClientKey, binary, derivation, make_traversable, nix_build};
+use nixpool_testenv::flow::{ClientKey, binary, make_traversable, median, ms, timed_build};
 use nixpool_testenv::harness::*;
 use nixpool_testenv::node::Node;
 
 const FRESH_POOLS: usize = 5;
 const BUILDS: usize = 10;
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
-}
-
-fn build_ok(machines: &Path, dir: &Path, name: &str) -> Duration {
-    let drv = derivation(dir, name, "echo ok > $out").unwrap();
-    let t = Instant::now();
-    let out = nix_build(machines, &drv).unwrap();
-    assert!(
-        out.status.success(),
-        "build failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    t.elapsed()
-}
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 4)]
 async fn main() {
@@ -101,7 +80,7 @@ async fn main() {
             .arg("--key")
             .arg(&key.path)
             .args(["--etc-static", "/nonexistent"]));
-        build_ok(&machines, &dir, &format!("first-{i}"));
+        timed_build(&machines, &dir, &format!("first-{i}"));
         to_build.push(t.elapsed());
         let _ = ready;
         if i + 1 < FRESH_POOLS {
@@ -112,7 +91,7 @@ async fn main() {
 
     // Latency of a trivial build through the last pool.
     let through_pool: Vec<Duration> = (0..BUILDS)
-        .map(|i| build_ok(&last_machines, &dir, &format!("pool-{i}")))
+        .map(|i| timed_build(&last_machines, &dir, &format!("pool-{i}")))
         .collect();
 
     // The same builds on a builder configured by hand, in the same run.
@@ -130,7 +109,7 @@ async fn main() {
     let hand_machines = dir.join("machines-hand");
     std::fs::write(&hand_machines, format!("{line}\n")).unwrap();
     let by_hand: Vec<Duration> = (0..BUILDS)
-        .map(|i| build_ok(&hand_machines, &dir, &format!("hand-{i}")))
+        .map(|i| timed_build(&hand_machines, &dir, &format!("hand-{i}")))
         .collect();
     drop(hand);
 

@@ -9,41 +9,20 @@
 //!   gateway pod, then the builder pod) against the same build straight to the builder pod's IP,
 //!   alternating, in the same run: 20 of each.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{ListParams, PostParams};
 use nixpool_api::{MachinesEntry, NixBuilderPool};
-use nixpool_testenv::flow::{ClientKey, binary, derivation, make_traversable, nix_build};
+use nixpool_testenv::flow::{ClientKey, binary, make_traversable, median, ms, timed_build};
 use nixpool_testenv::harness::*;
 use nixpool_testenv::node::Node;
 
 const FROM_ZERO: usize = 5;
 const WARM: usize = 20;
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
-}
-
-fn build_ok(machines: &Path, dir: &Path, name: &str) -> Duration {
-    let drv = derivation(dir, name, "echo ok > $out").unwrap();
-    let t = Instant::now();
-    let out = nix_build(machines, &drv).unwrap();
-    assert!(
-        out.status.success(),
-        "build failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    t.elapsed()
-}
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 4)]
 async fn main() {
@@ -129,7 +108,7 @@ async fn main() {
             builder_pods("zero").await.is_empty().then_some(())
         })
         .await;
-        from_zero.push(build_ok(&zero_machines, &dir, &format!("zero-{i}")));
+        from_zero.push(timed_build(&zero_machines, &dir, &format!("zero-{i}")));
     }
 
     // Warm path: through the gateway against straight to the builder pod, alternating.
@@ -153,13 +132,13 @@ async fn main() {
     };
     let direct = dir.join("machines-direct");
     std::fs::write(&direct, format!("{direct_line}\n")).unwrap();
-    build_ok(&via_gateway, &dir, "warm-up-gateway");
-    build_ok(&direct, &dir, "warm-up-direct");
+    timed_build(&via_gateway, &dir, "warm-up-gateway");
+    timed_build(&direct, &dir, "warm-up-direct");
     let mut through = Vec::new();
     let mut straight = Vec::new();
     for i in 0..WARM {
-        through.push(build_ok(&via_gateway, &dir, &format!("gw-{i}")));
-        straight.push(build_ok(&direct, &dir, &format!("direct-{i}")));
+        through.push(timed_build(&via_gateway, &dir, &format!("gw-{i}")));
+        straight.push(timed_build(&direct, &dir, &format!("direct-{i}")));
     }
 
     let worst = *from_zero.iter().max().unwrap();

@@ -68,6 +68,19 @@ impl World {
         self.apply_pool_with(name, replicas, |_| {}).await
     }
 
+    /// A pool of builders on demand: 0..`max` builders of maxJobs 1, idle after `idle_seconds`.
+    async fn apply_autoscaling_pool(&self, name: &str, max: i32, idle_seconds: i32) {
+        self.apply_pool_with(name, 0, |p| {
+            p.spec.max_jobs = 1;
+            p.spec.autoscaling = Some(nixpool_api::v1alpha1::AutoscalingSpec {
+                min_replicas: 0,
+                max_replicas: max,
+                idle_seconds,
+            });
+        })
+        .await
+    }
+
     /// [`World::apply_pool`], changed by `change` before it is created.
     async fn apply_pool_with(&self, name: &str, replicas: i32, change: impl FnOnce(&mut NixBuilderPool)) {
         let mut pool: NixBuilderPool =
@@ -652,15 +665,7 @@ async fn nix_2_26_builds_on_a_pool_over_ssh_ng_and_ssh() {
     // Nix 2.26 held at a gateway: a pool of one builder slot at most (autoscaling 0..1), reached
     // at its Service's ClusterIP. First from zero builders, then for 40 s behind a build from the
     // host that takes the only slot.
-    w.apply_pool_with("on-demand", 0, |p| {
-        p.spec.max_jobs = 1;
-        p.spec.autoscaling = Some(nixpool_api::v1alpha1::AutoscalingSpec {
-            min_replicas: 0,
-            max_replicas: 1,
-            idle_seconds: 120,
-        });
-    })
-    .await;
+    w.apply_autoscaling_pool("on-demand", 1, 120).await;
     let on_demand = w.ready("on-demand", 0).await.status.unwrap();
     let services: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(w.client.clone(), &w.ns);
     let cluster_ip = services
@@ -874,15 +879,7 @@ fn held_ms(log: &str) -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_pool_at_zero_builders_takes_a_build_holds_it_while_one_starts_and_goes_back_to_zero() {
     let w = World::new("autoscale").await;
-    w.apply_pool_with("builders", 0, |p| {
-        p.spec.max_jobs = 1;
-        p.spec.autoscaling = Some(nixpool_api::v1alpha1::AutoscalingSpec {
-            min_replicas: 0,
-            max_replicas: 2,
-            idle_seconds: 5,
-        });
-    })
-    .await;
+    w.apply_autoscaling_pool("builders", 2, 5).await;
     // Ready with no builder: the gateway takes builds.
     let pool = w.ready("builders", 0).await;
     let st = pool.status.unwrap();
@@ -987,15 +984,7 @@ async fn a_pool_at_zero_builders_takes_a_build_holds_it_while_one_starts_and_goe
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn scaling_down_while_a_build_runs_and_rolling_out_while_a_session_is_held_lose_no_build() {
     let w = World::new("nolosses").await;
-    w.apply_pool_with("builders", 0, |p| {
-        p.spec.max_jobs = 1;
-        p.spec.autoscaling = Some(nixpool_api::v1alpha1::AutoscalingSpec {
-            min_replicas: 0,
-            max_replicas: 2,
-            idle_seconds: 3,
-        });
-    })
-    .await;
+    w.apply_autoscaling_pool("builders", 2, 3).await;
     w.ready("builders", 0).await;
     let machines = w.machines_file("builders", &w.key.path);
     let spawn = |name: &str, script: &str| {

@@ -166,3 +166,27 @@ pub fn make_traversable(dir: &Path) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The median of measured durations (the upper one of an even count), for the benches.
+pub fn median(mut v: Vec<std::time::Duration>) -> std::time::Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// A duration as whole milliseconds, for the benches' tables.
+pub fn ms(d: std::time::Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// Times a trivial remote build (`echo ok`) through `machines`, panicking if it fails.
+pub fn timed_build(machines: &Path, dir: &Path, name: &str) -> std::time::Duration {
+    let drv = derivation(dir, name, "echo ok > $out").unwrap();
+    let t = std::time::Instant::now();
+    let out = nix_build(machines, &drv).unwrap();
+    assert!(
+        out.status.success(),
+        "build failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    t.elapsed()
+}

@@ -155,7 +155,16 @@ async fn reconcile_pool(pool: &NixBuilderPool, ctx: &Context) -> Result<Action> 
     // The gateway logs in to the builders with a key of its own, which only builders trust.
     let mut gateway_key_generated = false;
     if pool.spec.effective_gateway().is_some() {
-        let (key, generated) = scale::gateway_key(ctx, pool, &ns).await?;
+        let (key, generated) = generated_key(
+            ctx,
+            pool,
+            &ns,
+            &names::gateway_key_secret(&pool.name_any()),
+            paths::GATEWAY_KEY_FILE,
+            build::gateway_key_secret,
+            "the gateway",
+        )
+        .await?;
         gateway_key_generated = generated;
         authorized.add(&format!("{} nixpool-gateway", key.public), || {
             crate::keys::Origin("the gateway's key".into())
@@ -391,69 +400,98 @@ async fn host_key(
     missing: &mut Vec<String>,
     refused: &mut Vec<String>,
 ) -> Result<(Option<HostKey>, bool)> {
+    let (name, key) = build::host_key_ref(pool);
+    if pool.spec.ssh.host_key_secret.is_none() {
+        let (k, generated) = generated_key(
+            ctx,
+            pool,
+            ns,
+            &name,
+            &key,
+            build::host_key_secret,
+            "the pool's host key (clients must then re-pin)",
+        )
+        .await?;
+        return Ok((Some(k), generated));
+    }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    let (name, key, ours) = match &pool.spec.ssh.host_key_secret {
-        Some(r) => (r.name.clone(), r.key.clone(), false),
-        None => (
-            names::host_key_secret(&pool.name_any()),
-            paths::HOST_KEY_FILE.to_string(),
-            true,
-        ),
-    };
     let existing = api.get_opt(&name).await.map_err(|source| Error::Read {
         kind: "Secret".into(),
         name: name.clone(),
         source,
     })?;
     match existing {
-        // A Secret under the generated key's name that this pool did not make is not adopted.
-        Some(secret) if ours && !apply::controlled_by(&secret.metadata, pool.metadata.uid.as_deref()) => {
-            Err(Error::NotOwned {
-                kind: "Secret".into(),
-                name,
-            })
-        }
-        Some(secret) if !ours && !opted_in(&secret.metadata) => {
+        Some(secret) if !opted_in(&secret.metadata) => {
             refused.push(format!("secret/{name}"));
             Ok((None, false))
         }
         Some(secret) => {
             let data = secret.data.as_ref().and_then(|d| d.get(&key)).ok_or_else(|| {
                 Error::HostKey(format!(
-                    "Secret {name} has no key {key:?}; put the OpenSSH private host key there{}",
-                    if ours {
-                        " or delete the Secret to have a new key generated (clients must then re-pin)"
-                    } else {
-                        ""
-                    }
+                    "Secret {name} has no key {key:?}; put the OpenSSH private host key there"
                 ))
             })?;
             let parsed =
                 HostKey::parse(&data.0).map_err(|e| Error::HostKey(format!("Secret {name} key {key}: {e}")))?;
             Ok((Some(parsed), false))
         }
-        None if !ours => {
+        None => {
             missing.push(format!("secret/{name}"));
             Ok((None, false))
+        }
+    }
+}
+
+/// A key pair the operator generates for a pool and keeps in a Secret of its own (the host key,
+/// the gateway's key): read from that Secret, or generated and stored exactly once (create,
+/// never overwrite). A Secret under that name the pool did not make is not adopted. Returns
+/// whether the key was generated.
+async fn generated_key(
+    ctx: &Context,
+    pool: &NixBuilderPool,
+    ns: &str,
+    name: &str,
+    file: &str,
+    secret_of: fn(&NixBuilderPool, &HostKey) -> Secret,
+    what: &str,
+) -> Result<(HostKey, bool)> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let existing = api.get_opt(name).await.map_err(|source| Error::Read {
+        kind: "Secret".into(),
+        name: name.to_string(),
+        source,
+    })?;
+    match existing {
+        Some(secret) if !apply::controlled_by(&secret.metadata, pool.metadata.uid.as_deref()) => Err(Error::NotOwned {
+            kind: "Secret".into(),
+            name: name.to_string(),
+        }),
+        Some(secret) => {
+            let data = secret.data.as_ref().and_then(|d| d.get(file)).ok_or_else(|| {
+                Error::HostKey(format!(
+                    "Secret {name} has no key {file:?}; delete the Secret to have a new key generated for {what}"
+                ))
+            })?;
+            let key = HostKey::parse(&data.0).map_err(|e| Error::HostKey(format!("Secret {name} key {file}: {e}")))?;
+            Ok((key, false))
         }
         None => {
             // Create, not apply: if another writer got there first, 409 makes us re-read its key
             // instead of replacing it.
             let key = HostKey::generate();
-            let secret = build::host_key_secret(pool, &key);
             let pp = PostParams {
                 field_manager: Some(nixpool_api::FIELD_MANAGER.into()),
                 ..PostParams::default()
             };
-            api.create(&pp, &build::stamp(secret))
+            api.create(&pp, &build::stamp(secret_of(pool, &key)))
                 .await
                 .map_err(|source| Error::Apply {
                     kind: "Secret".into(),
-                    name: name.clone(),
+                    name: name.to_string(),
                     source,
                 })?;
-            info!(public = %key.public, "generated the pool's host key");
-            Ok((Some(key), true))
+            info!(public = %key.public, secret = name, "generated a key");
+            Ok((key, true))
         }
     }
 }

@@ -1,71 +1,21 @@
-//! The I/O around the gateway and the autoscaler: the gateway's own key (generated once, like
-//! the host key), the demand reports its pods write, the pod-deletion costs that make a
-//! scale-down take idle builders first, and the clean-up when a pool drops its gateway.
+//! The I/O around the gateway and the autoscaler: the demand reports its pods write, the
+//! pod-deletion costs that make a scale-down take idle builders first, and the clean-up when a
+//! pool drops its gateway. (The gateway's key is generated like the host key: `generated_key`.)
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::{Resource, ResourceExt};
 use nixpool_api::demand::GatewayReport;
-use nixpool_api::{NixBuilderPool, labels, names, paths};
-use tracing::{info, warn};
+use nixpool_api::{NixBuilderPool, labels, names};
+use tracing::warn;
 
 use super::apply::controlled_by;
 use super::autoscale::{Decision, parse_reports};
-use super::build;
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::hostkey::HostKey;
-
-/// The gateway's key pair: read from the Secret the operator made, or generated and stored
-/// once (create, never overwrite). Returns whether it was generated.
-pub async fn gateway_key(ctx: &Context, pool: &NixBuilderPool, ns: &str) -> Result<(HostKey, bool)> {
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    let name = names::gateway_key_secret(&pool.name_any());
-    let existing = api.get_opt(&name).await.map_err(|source| Error::Read {
-        kind: "Secret".into(),
-        name: name.clone(),
-        source,
-    })?;
-    match existing {
-        Some(secret) if !controlled_by(&secret.metadata, pool.metadata.uid.as_deref()) => Err(Error::NotOwned {
-            kind: "Secret".into(),
-            name,
-        }),
-        Some(secret) => {
-            let data = secret
-                .data
-                .as_ref()
-                .and_then(|d| d.get(paths::GATEWAY_KEY_FILE))
-                .ok_or_else(|| {
-                    Error::HostKey(format!(
-                        "Secret {name} has no key {:?}; delete the Secret to have a new gateway key generated",
-                        paths::GATEWAY_KEY_FILE
-                    ))
-                })?;
-            let key = HostKey::parse(&data.0).map_err(|e| Error::HostKey(format!("Secret {name}: {e}")))?;
-            Ok((key, false))
-        }
-        None => {
-            let key = HostKey::generate();
-            let pp = PostParams {
-                field_manager: Some(nixpool_api::FIELD_MANAGER.into()),
-                ..PostParams::default()
-            };
-            api.create(&pp, &build::stamp(build::gateway_key_secret(pool, &key)))
-                .await
-                .map_err(|source| Error::Apply {
-                    kind: "Secret".into(),
-                    name,
-                    source,
-                })?;
-            info!(public = %key.public, "generated the gateway's key");
-            Ok((key, true))
-        }
-    }
-}
 
 /// The reports the pool's gateway pods wrote. None yet (no ConfigMap, or an empty one) is no
 /// demand.

@@ -4,10 +4,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::core::v1::{
-    Affinity, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EphemeralVolumeSource,
-    HTTPGetAction, KeyToPath, PersistentVolumeClaimSpec, PersistentVolumeClaimTemplate, PodAffinityTerm,
-    PodAntiAffinity, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SecretProjection, SecretVolumeSource,
-    SecurityContext, Volume, VolumeMount, VolumeProjection, VolumeResourceRequirements, WeightedPodAffinityTerm,
+    ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EphemeralVolumeSource, HTTPGetAction,
+    KeyToPath, PersistentVolumeClaimSpec, PersistentVolumeClaimTemplate, PodSpec, PodTemplateSpec, Probe,
+    ProjectedVolumeSource, SecretProjection, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    VolumeProjection, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -15,7 +15,7 @@ use kube::ResourceExt;
 use nixpool_api::v1alpha1::SecretKeyRef;
 use nixpool_api::{NixBuilderPool, labels, names, paths, ports};
 
-use super::{meta, selector_labels};
+use super::{host_key_ref, meta, selector_labels, spread};
 use crate::reconcile::validate::Valid;
 
 const STORE_VOLUME: &str = "nix";
@@ -178,7 +178,8 @@ pub fn deployment(pool: &NixBuilderPool, valid: &Valid, config_hash: &str, repli
                     termination_grace_period_seconds: Some(spec.termination_grace_period_seconds),
                     node_selector: (!spec.node_selector.is_empty()).then(|| spec.node_selector.clone()),
                     tolerations: (!spec.tolerations.is_empty()).then(|| spec.tolerations.clone()),
-                    affinity: Some(spec.affinity.clone().unwrap_or_else(|| spread(pool))),
+                    // Prefer one builder per node, so a node loss takes out as few as possible.
+                    affinity: Some(spec.affinity.clone().unwrap_or_else(|| spread(selector_labels(pool)))),
                     image_pull_secrets: (!spec.image_pull_secrets.is_empty()).then(|| spec.image_pull_secrets.clone()),
                     init_containers: Some(vec![seed]),
                     containers: vec![builder],
@@ -189,27 +190,6 @@ pub fn deployment(pool: &NixBuilderPool, valid: &Valid, config_hash: &str, repli
             ..DeploymentSpec::default()
         }),
         ..Deployment::default()
-    }
-}
-
-/// Prefer one builder per node, so a node loss takes out as few as possible.
-fn spread(pool: &NixBuilderPool) -> Affinity {
-    Affinity {
-        pod_anti_affinity: Some(PodAntiAffinity {
-            preferred_during_scheduling_ignored_during_execution: Some(vec![WeightedPodAffinityTerm {
-                weight: 100,
-                pod_affinity_term: PodAffinityTerm {
-                    topology_key: "kubernetes.io/hostname".into(),
-                    label_selector: Some(LabelSelector {
-                        match_labels: Some(selector_labels(pool)),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                },
-            }]),
-            ..Default::default()
-        }),
-        ..Affinity::default()
     }
 }
 
@@ -250,13 +230,7 @@ fn store_volume(pool: &NixBuilderPool) -> Volume {
 }
 
 fn host_key_volume(pool: &NixBuilderPool) -> Volume {
-    let (secret, key) = match &pool.spec.ssh.host_key_secret {
-        Some(r) => (r.name.clone(), r.key.clone()),
-        None => (
-            names::host_key_secret(&pool.name_any()),
-            paths::HOST_KEY_FILE.to_string(),
-        ),
-    };
+    let (secret, key) = host_key_ref(pool);
     Volume {
         name: "host-key".into(),
         secret: Some(SecretVolumeSource {

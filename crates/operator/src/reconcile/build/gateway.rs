@@ -6,10 +6,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    HTTPGetAction, KeyToPath, ObjectFieldSelector, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, SecretVolumeSource, SecurityContext, ServiceAccount, Volume, VolumeMount,
-    WeightedPodAffinityTerm,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    KeyToPath, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SecretVolumeSource,
+    SecurityContext, ServiceAccount, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
@@ -19,7 +18,7 @@ use kube::ResourceExt;
 use nixpool_api::v1alpha1::GatewaySpec;
 use nixpool_api::{NixBuilderPool, labels, names, paths, ports};
 
-use super::{labels_string, meta, selector_string};
+use super::{host_key_ref, labels_string, meta, selector_string, spread};
 use crate::reconcile::validate::Valid;
 
 /// The gateway runs as this unprivileged user (`nobody`).
@@ -227,13 +226,7 @@ fn deployment(pool: &NixBuilderPool, valid: &Valid, g: &GatewaySpec, name: &str,
         }),
         ..Volume::default()
     };
-    let (host_secret, host_key) = match &spec.ssh.host_key_secret {
-        Some(r) => (r.name.clone(), r.key.clone()),
-        None => (
-            names::host_key_secret(&pool.name_any()),
-            paths::HOST_KEY_FILE.to_string(),
-        ),
-    };
+    let (host_secret, host_key) = host_key_ref(pool);
     let volumes = vec![
         secret_volume("host-key", host_secret, host_key, paths::HOST_KEY_FILE),
         Volume {
@@ -289,6 +282,7 @@ fn deployment(pool: &NixBuilderPool, valid: &Valid, g: &GatewaySpec, name: &str,
                     }),
                     node_selector: (!spec.node_selector.is_empty()).then(|| spec.node_selector.clone()),
                     tolerations: (!spec.tolerations.is_empty()).then(|| spec.tolerations.clone()),
+                    // One gateway per node where possible, so a node loss leaves the other one.
                     affinity: Some(spread(selector)),
                     image_pull_secrets: (!spec.image_pull_secrets.is_empty()).then(|| spec.image_pull_secrets.clone()),
                     containers: vec![container],
@@ -299,26 +293,5 @@ fn deployment(pool: &NixBuilderPool, valid: &Valid, g: &GatewaySpec, name: &str,
             ..DeploymentSpec::default()
         }),
         ..Deployment::default()
-    }
-}
-
-/// One gateway per node where possible, so a node loss leaves the other one.
-fn spread(selector: BTreeMap<String, String>) -> Affinity {
-    Affinity {
-        pod_anti_affinity: Some(PodAntiAffinity {
-            preferred_during_scheduling_ignored_during_execution: Some(vec![WeightedPodAffinityTerm {
-                weight: 100,
-                pod_affinity_term: PodAffinityTerm {
-                    topology_key: "kubernetes.io/hostname".into(),
-                    label_selector: Some(LabelSelector {
-                        match_labels: Some(selector),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                },
-            }]),
-            ..Default::default()
-        }),
-        ..Affinity::default()
     }
 }

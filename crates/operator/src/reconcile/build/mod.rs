@@ -11,11 +11,13 @@ mod service;
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Affinity, PodAffinityTerm, PodAntiAffinity, WeightedPodAffinityTerm};
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
-use nixpool_api::{NixBuilderPool, labels};
+use nixpool_api::{NixBuilderPool, labels, names, paths};
 use sha2::{Digest, Sha256};
 
 pub use gateway::{GatewayChildren, gateway_selector_labels};
@@ -84,6 +86,40 @@ pub fn labels_string(labels: &BTreeMap<String, String>) -> String {
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// The Secret and key holding the pool's host key: the user's `spec.ssh.hostKeySecret`, or the
+/// one the operator generates.
+pub fn host_key_ref(pool: &NixBuilderPool) -> (String, String) {
+    match &pool.spec.ssh.host_key_secret {
+        Some(r) => (r.name.clone(), r.key.clone()),
+        None => (
+            names::host_key_secret(&pool.name_any()),
+            paths::HOST_KEY_FILE.to_string(),
+        ),
+    }
+}
+
+/// Prefers one pod per node for the pods `selector` matches, so a node loss takes out as few
+/// as possible.
+fn spread(selector: BTreeMap<String, String>) -> Affinity {
+    Affinity {
+        pod_anti_affinity: Some(PodAntiAffinity {
+            preferred_during_scheduling_ignored_during_execution: Some(vec![WeightedPodAffinityTerm {
+                weight: 100,
+                pod_affinity_term: PodAffinityTerm {
+                    topology_key: "kubernetes.io/hostname".into(),
+                    label_selector: Some(LabelSelector {
+                        match_labels: Some(selector),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            }]),
+            ..Default::default()
+        }),
+        ..Affinity::default()
+    }
 }
 
 /// All `app.kubernetes.io/*` labels of a child.
