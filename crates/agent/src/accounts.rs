@@ -36,6 +36,9 @@ pub struct Accounts {
     pub shadow: String,
     /// Uids of the build users (to count running builds).
     pub build_uids: Vec<u32>,
+    /// The builder user's uid and primary gid (owner of what its sessions write).
+    pub builder_uid: u32,
+    pub builder_gid: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -208,6 +211,8 @@ pub fn merge(passwd: &str, group: &str, shadow: &str, want: &Wanted) -> Accounts
         group: gr.render(),
         shadow: sh.render(),
         build_uids,
+        builder_uid,
+        builder_gid,
     }
 }
 
@@ -245,6 +250,7 @@ mod tests {
         assert_eq!(field(&a.passwd, "nixbld2", 3), field(&a.group, "nixbld", 2));
         assert_eq!(field(&a.passwd, "sshd", 5), "/run/sshd");
         assert_eq!(a.build_uids, vec![30001, 30002, 30003]);
+        assert_eq!((a.builder_uid, a.builder_gid), (1000, 1000));
     }
 
     #[test]
@@ -272,5 +278,6 @@ mod tests {
         let a = merge(passwd, "", "", &want());
         assert_eq!(a.build_uids, vec![30002, 30003, 30004]);
         assert_eq!(field(&a.passwd, "builder", 2), "1001");
+        assert_eq!(a.builder_uid, 1001);
     }
 }

@@ -34,8 +34,14 @@ pub fn check(layout: &Layout, bins: &Binaries, opts: &Options) -> ExitCode {
         println!("  {n}");
     }
     println!("would create directories:");
-    for (d, mode) in &plan.dirs {
-        println!("  {} ({mode:o})", d.display());
+    for d in &plan.dirs {
+        println!(
+            "  {} ({:o}, owner {}:{})",
+            d.path.display(),
+            d.mode,
+            d.owner.0,
+            d.owner.1
+        );
     }
     println!("would write:");
     for f in &plan.files {

@@ -139,6 +139,9 @@ pub struct GateArgs {
     /// nix-store run for `nix-store --serve [--write]` (ssh://).
     #[arg(long, default_value = "nix-store")]
     pub nix_store: PathBuf,
+    /// Directory of the build-slot lock files, taken when the gateway sends NIXPOOL_GATE_SLOTS.
+    #[arg(long, default_value = crate::layout::GATE_SLOTS_DIR)]
+    pub slots_dir: PathBuf,
 }
 
 impl Common {
@@ -186,7 +189,7 @@ impl Cli {
     pub fn run(self) -> ExitCode {
         let layout = Layout::new(&self.root);
         match self.command {
-            Command::Gate(g) => crate::gate::run(&g.daemon_socket, &g.nix_store),
+            Command::Gate(g) => crate::gate::run(&g.daemon_socket, &g.nix_store, &g.slots_dir),
             Command::Enqueue(args) => {
                 let mut paths = std::env::var("OUT_PATHS").unwrap_or_default();
                 if paths.trim().is_empty()

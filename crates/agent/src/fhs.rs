@@ -213,22 +213,27 @@ pub fn ensure_link(l: &Link) -> Result<bool, FsError> {
     Ok(true)
 }
 
-/// Creates `dir` (and parents) and sets its mode and root ownership.
-pub fn ensure_dir(dir: &Path, mode: u32) -> Result<(), FsError> {
+/// Creates `dir` (and parents) and sets its mode and its owner (`uid`, `gid`; parents it
+/// creates stay root's).
+pub fn ensure_dir(dir: &Path, mode: u32, (uid, gid): (u32, u32)) -> Result<(), FsError> {
     fs::create_dir_all(dir).map_err(fs_err("create directory", dir))?;
     fs::set_permissions(dir, fs::Permissions::from_mode(mode)).map_err(fs_err("chmod", dir))?;
-    chown_root(dir)
+    chown(dir, uid, gid)
 }
 
 fn chown_root(path: &Path) -> Result<(), FsError> {
+    chown(path, 0, 0)
+}
+
+fn chown(path: &Path, uid: u32, gid: u32) -> Result<(), FsError> {
     if nix::unistd::geteuid().is_root() {
         nix::unistd::chown(
             path,
-            Some(nix::unistd::Uid::from_raw(0)),
-            Some(nix::unistd::Gid::from_raw(0)),
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
         )
         .map_err(|e| FsError {
-            action: "chown root",
+            action: "chown",
             path: path.into(),
             source: e.into(),
         })?;

@@ -4,6 +4,11 @@ use std::path::{Path, PathBuf};
 
 use nixpool_api::paths;
 
+/// The gate's build-slot lock files (`0` .. `maxJobs-1`), used when the pool's gateway asks the
+/// builder to count its sessions (`NIXPOOL_GATE_SLOTS`). Owned by the builder user, mode 0700.
+/// Only the agent and its gate use it, so it lives here rather than in `nixpool_api::paths`.
+pub const GATE_SLOTS_DIR: &str = "/run/nixpool/gate-slots";
+
 /// Paths under the root. Paths written into config files are these same root-prefixed paths,
 /// so a scratch root works without bind mounts and `--root /` gives the plain paths.
 #[derive(Clone, Debug)]
@@ -64,6 +69,9 @@ impl Layout {
     }
     pub fn agent_run_dir(&self) -> PathBuf {
         self.path("/run/nixpool-agent")
+    }
+    pub fn gate_slots_dir(&self) -> PathBuf {
+        self.path(GATE_SLOTS_DIR)
     }
     pub fn post_build_hook(&self) -> PathBuf {
         self.agent_run_dir().join("post-build-hook")

@@ -21,6 +21,15 @@ pub struct Options {
     pub sandbox: String,
 }
 
+/// A directory the agent creates.
+#[derive(Clone, Debug)]
+pub struct Dir {
+    pub path: PathBuf,
+    pub mode: u32,
+    /// Owner uid and gid (root's unless a session must write in it).
+    pub owner: (u32, u32),
+}
+
 /// A file the agent writes.
 #[derive(Clone, Debug)]
 pub struct File {
@@ -35,7 +44,7 @@ pub struct File {
 pub struct Plan {
     pub config: AgentConfig,
     pub links: Vec<Link>,
-    pub dirs: Vec<(PathBuf, u32)>,
+    pub dirs: Vec<Dir>,
     pub files: Vec<File>,
     /// What the agent found (logged by `run`, printed by `check`).
     pub notes: Vec<String>,
@@ -156,7 +165,12 @@ pub fn build(layout: &Layout, bins: &Binaries, opts: &Options) -> Result<Plan, V
     }
 
     // Authorized keys.
-    let forced_command = ssh::forced_command(&bins.agent, &layout.daemon_socket(), &bins.nix_store);
+    let forced_command = ssh::forced_command(
+        &bins.agent,
+        &layout.daemon_socket(),
+        &bins.nix_store,
+        &layout.gate_slots_dir(),
+    );
     let ak_path = layout.authorized_keys_secret();
     let (authorized_keys, bad_keys, key_count) = match fs::read_to_string(&ak_path) {
         Err(e) => {
@@ -216,18 +230,6 @@ pub fn build(layout: &Layout, bins: &Binaries, opts: &Options) -> Result<Plan, V
         return Err(problems);
     }
 
-    let dirs = vec![
-        (layout.path("/tmp"), 0o1777),
-        (layout.path("/var/empty"), 0o755),
-        (layout.path("/run/sshd"), 0o755),
-        (layout.path("/root"), 0o700),
-        (layout.ssh_dir(), 0o755),
-        (layout.authorized_keys_dir(), 0o755),
-        (layout.nix_conf_dir(), 0o755),
-        (layout.agent_run_dir(), 0o755),
-        (layout.push_queue(), 0o700),
-    ];
-
     let read = |p: &str| fs::read_to_string(layout.path(p)).unwrap_or_default();
     let shell = layout.path("/bin/sh").display().to_string();
     let accounts = accounts::merge(
@@ -243,6 +245,29 @@ pub fn build(layout: &Layout, bins: &Binaries, opts: &Options) -> Result<Plan, V
             nologin: "/bin/false".into(),
         },
     );
+
+    let root_dir = |path: PathBuf, mode: u32| Dir {
+        path,
+        mode,
+        owner: (0, 0),
+    };
+    let dirs = vec![
+        root_dir(layout.path("/tmp"), 0o1777),
+        root_dir(layout.path("/var/empty"), 0o755),
+        root_dir(layout.path("/run/sshd"), 0o755),
+        root_dir(layout.path("/root"), 0o700),
+        root_dir(layout.ssh_dir(), 0o755),
+        root_dir(layout.authorized_keys_dir(), 0o755),
+        root_dir(layout.nix_conf_dir(), 0o755),
+        root_dir(layout.agent_run_dir(), 0o755),
+        root_dir(layout.push_queue(), 0o700),
+        // The gate runs as the builder user and creates its slot files here.
+        Dir {
+            path: layout.gate_slots_dir(),
+            mode: 0o700,
+            owner: (accounts.builder_uid, accounts.builder_gid),
+        },
+    ];
 
     let post_build_hook = (!config.push.is_empty()).then(|| layout.post_build_hook());
     let host = Host {
@@ -329,8 +354,8 @@ pub fn build(layout: &Layout, bins: &Binaries, opts: &Options) -> Result<Plan, V
 /// Applies the plan; idempotent. Returns the paths it changed.
 pub fn apply(plan: &Plan) -> Result<Vec<PathBuf>, FsError> {
     let mut changed = Vec::new();
-    for (dir, mode) in &plan.dirs {
-        fhs::ensure_dir(dir, *mode)?;
+    for d in &plan.dirs {
+        fhs::ensure_dir(&d.path, d.mode, d.owner)?;
     }
     for l in &plan.links {
         if fhs::ensure_link(l)? {

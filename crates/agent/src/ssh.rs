@@ -53,6 +53,7 @@ GatewayPorts no
 PermitTTY no
 PermitUserEnvironment no
 PermitUserRC no
+AcceptEnv {slots_env}
 ClientAliveInterval 15
 ClientAliveCountMax 4
 MaxStartups {start}:{rate}:{full}
@@ -69,16 +70,18 @@ LogLevel VERBOSE
         ak = s.authorized_keys_dir,
         user = s.builder_user,
         sessions = s.max_jobs.max(10),
+        slots_env = crate::gate::slots::SLOTS_ENV,
     )
 }
 
 /// The forced command every key gets.
-pub fn forced_command(agent: &Path, daemon_socket: &Path, nix_store: &Path) -> String {
+pub fn forced_command(agent: &Path, daemon_socket: &Path, nix_store: &Path, slots_dir: &Path) -> String {
     format!(
-        "{} gate --daemon-socket {} --nix-store {}",
+        "{} gate --daemon-socket {} --nix-store {} --slots-dir {}",
         agent.display(),
         daemon_socket.display(),
-        nix_store.display()
+        nix_store.display(),
+        slots_dir.display()
     )
 }
 
@@ -204,9 +207,13 @@ mod tests {
             "MaxStartups 64:30:128",
             "LogLevel VERBOSE",
             "AuthorizedKeysFile /etc/ssh/authorized_keys.d/%u",
+            "PermitUserEnvironment no",
         ] {
             assert!(c.lines().any(|l| l == line), "missing {line:?}");
         }
+        // The only variable a client may send is the gateway's slot count.
+        let accept: Vec<&str> = c.lines().filter(|l| l.starts_with("AcceptEnv")).collect();
+        assert_eq!(accept, ["AcceptEnv NIXPOOL_GATE_SLOTS"]);
         let (start, _, _) = max_startups(100);
         assert!(start > 100);
     }

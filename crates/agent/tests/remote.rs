@@ -333,3 +333,140 @@ fn restrictive_key_options_are_kept() {
         assert_eq!(gate_answers(&b), allowed, "{line}: login allowed should be {allowed}");
     }
 }
+
+/// An SSH session to the gate, held open: the first 8 bytes of its protocol are sent and the
+/// server's 16-byte answer read, so the gate has taken its slot (if any) and serves.
+struct Session {
+    ssh: std::process::Child,
+}
+
+impl Session {
+    fn open(b: &Builder, slots: Option<&str>, command: &str, magic: u64) -> Result<Self, std::process::Output> {
+        use std::io::{Read, Write};
+        use std::process::Stdio;
+        let mut c = session_command(b, slots, command);
+        let mut ssh = c
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        ssh.stdin.as_mut().unwrap().write_all(&magic.to_le_bytes()).unwrap();
+        let mut stdout = ssh.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut hello = [0u8; 16];
+            let _ = tx.send(stdout.read_exact(&mut hello).map(|()| stdout));
+        });
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(Ok(stdout)) => {
+                ssh.stdout = Some(stdout);
+                Ok(Self { ssh })
+            }
+            Ok(Err(_)) => Err(wait_timeout_output(ssh)),
+            Err(_) => {
+                let _ = ssh.kill();
+                panic!("{command}: no answer within 20 s:\n{}", b.log());
+            }
+        }
+    }
+
+    /// Ends the session as a client does: closes its input.
+    fn close(mut self) {
+        drop(self.ssh.stdin.take());
+        if wait_timeout(&mut self.ssh, Duration::from_secs(10)).is_none() {
+            let _ = self.ssh.kill();
+            let _ = self.ssh.wait();
+        }
+    }
+}
+
+fn wait_timeout_output(mut ssh: std::process::Child) -> std::process::Output {
+    if wait_timeout(&mut ssh, Duration::from_secs(20)).is_none() {
+        let _ = ssh.kill();
+    }
+    ssh.wait_with_output().unwrap()
+}
+
+/// `ssh builder@127.0.0.1 <command>`, sending `NIXPOOL_GATE_SLOTS=<slots>` as the gateway does.
+fn session_command(b: &Builder, slots: Option<&str>, command: &str) -> std::process::Command {
+    let known = b.root.dir.path().join("known_hosts");
+    std::fs::write(&known, format!("127.0.0.1 {}\n", b.root.host_public)).unwrap();
+    let mut c = b.client("/usr/bin/ssh");
+    if let Some(n) = slots {
+        c.args(["-o", &format!("SetEnv=NIXPOOL_GATE_SLOTS={n}")]);
+    }
+    nixpool_testenv::flow::ssh_args(&mut c, &b.root.client_key, &known, "builder@127.0.0.1", command);
+    c
+}
+
+/// The gateway's slot count: with `NIXPOOL_GATE_SLOTS=1`, a session held open makes a second
+/// one exit 75 with the message before it reads anything, over ssh-ng (the gate holds the slot)
+/// and ssh (nix-store, exec'd by the gate, holds it). Sessions without the variable are not
+/// counted, and a closed session frees its slot.
+#[test]
+fn gate_slots_refuse_a_session_beyond_the_gateways_count() {
+    use std::os::unix::fs::MetadataExt;
+    let mut b = Builder::new(&config("slots"));
+    b.start_agent(&[]);
+    b.wait_ready(Duration::from_secs(30));
+    let dir = std::fs::metadata(b.root.path("/run/nixpool/gate-slots")).expect("the agent made the slots directory");
+    let passwd = std::fs::read_to_string(b.root.path("/etc/passwd")).unwrap();
+    let builder_uid: u32 = passwd
+        .lines()
+        .find_map(|l| l.strip_prefix("builder:x:"))
+        .and_then(|rest| rest.split(':').next()?.parse().ok())
+        .unwrap();
+    assert_eq!((dir.uid(), dir.mode() & 0o7777), (builder_uid, 0o700));
+
+    const WORKER_MAGIC_1: u64 = 0x6e69_7863;
+    const SERVE_MAGIC_1: u64 = 0x390c_9deb;
+    for (command, magic) in [
+        ("nix-daemon --stdio", WORKER_MAGIC_1),
+        ("nix-store --serve --write", SERVE_MAGIC_1),
+    ] {
+        let first = Session::open(&b, Some("1"), command, magic)
+            .unwrap_or_else(|o| panic!("{command}: {}\n{}", String::from_utf8_lossy(&o.stderr), b.log()));
+        let refused = run(session_command(&b, Some("1"), command).stdin(std::process::Stdio::null()));
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert_eq!(refused.status.code(), Some(75), "{command}: {stderr}");
+        assert!(
+            stderr.contains("nixpool: all 1 build slots of this builder are in use"),
+            "{command}: {stderr}"
+        );
+        assert!(refused.stdout.is_empty(), "{command}: the refused session was served");
+
+        // A direct client (no variable) is not counted, nor is one with a bad value.
+        let direct = Session::open(&b, None, command, magic).unwrap_or_else(|o| {
+            panic!(
+                "{command}: a direct client was refused: {}",
+                String::from_utf8_lossy(&o.stderr)
+            )
+        });
+        let bad = Session::open(&b, Some("0"), command, magic).unwrap_or_else(|o| {
+            panic!(
+                "{command}: a bad count was not ignored: {}",
+                String::from_utf8_lossy(&o.stderr)
+            )
+        });
+        direct.close();
+        bad.close();
+
+        // Closing the first session frees its slot (sshd reaps the session a moment later).
+        first.close();
+        let mut again = None;
+        for _ in 0..50 {
+            match Session::open(&b, Some("1"), command, magic) {
+                Ok(s) => {
+                    again = Some(s);
+                    break;
+                }
+                Err(o) => assert_eq!(o.status.code(), Some(75), "{}", String::from_utf8_lossy(&o.stderr)),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        again
+            .unwrap_or_else(|| panic!("{command}: the slot was not freed when the session closed"))
+            .close();
+    }
+}

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub builder_slots_used: Family<BuilderLabel, Gauge>,
     /// The other gateways' sessions on each builder, as their demand reports say.
     pub builder_slots_used_elsewhere: Family<BuilderLabel, Gauge>,
+    /// Sessions each builder refused because all its slots were in use (tried on another).
+    pub builder_busy: Family<BuilderLabel, Counter>,
     pub builders: Gauge,
     pub connections: Gauge,
     pub connections_refused: Counter,
@@ -61,6 +63,7 @@ impl Default for Metrics {
             queue_wait_seconds: Histogram::new(QUEUE_WAIT_BUCKETS),
             builder_slots_used: Family::default(),
             builder_slots_used_elsewhere: Family::default(),
+            builder_busy: Family::default(),
             builders: Gauge::default(),
             connections: Gauge::default(),
             connections_refused: Counter::default(),
@@ -102,6 +105,11 @@ impl Metrics {
             "builder_slots_used_elsewhere",
             "Slots the other gateways of the pool use on each builder, as their demand reports say",
             self.builder_slots_used_elsewhere.clone(),
+        );
+        r.register(
+            "builder_busy",
+            "Sessions each builder refused because all its slots were in use (the gateways' counts lagged); each went on to another builder or was held",
+            self.builder_busy.clone(),
         );
         r.register("builders", "Ready builders this gateway knows", self.builders.clone());
         r.register("connections", "SSH connections open now", self.connections.clone());
@@ -233,6 +241,11 @@ mod tests {
                 builder: "pool-0".into(),
             })
             .set(2);
+        m.builder_busy
+            .get_or_create(&BuilderLabel {
+                builder: "pool-0".into(),
+            })
+            .inc();
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
         for sample in [
@@ -243,6 +256,7 @@ mod tests {
             "nixpool_gateway_queue_wait_seconds_bucket{le=\"600.0\"} 1",
             "nixpool_gateway_builder_slots_used{builder=\"pool-0\"} 1",
             "nixpool_gateway_builder_slots_used_elsewhere{builder=\"pool-0\"} 2",
+            "nixpool_gateway_builder_busy_total{builder=\"pool-0\"} 1",
             "nixpool_gateway_builders 0",
         ] {
             assert!(out.contains(sample), "{sample} missing from\n{out}");

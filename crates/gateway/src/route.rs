@@ -24,8 +24,27 @@
 //!
 //! A session that ended at another gateway frees its slot here once that gateway's report
 //! arrives: [`Slots::set_elsewhere`] says so, and held sessions look again.
+//!
+//! # A builder that says it is full
+//!
+//! The builder's gate counts its slots too, and refuses a session beyond them (exit status 75).
+//! When it does, this gateway's count was behind (another gateway's session that no report has
+//! brought yet): [`Slots::refused`] gives the slot back and treats the builder as full until
+//! the count can be right again, whichever comes first:
+//! - this gateway releases a slot on it (one of its own sessions there ended);
+//! - the other gateways' count on it changes (the report that was missing arrived, or one of
+//!   their sessions there ended);
+//! - [`FULL_FOR`] passes ([`Slots::expire`]): a session the gateways do not see at all (someone
+//!   logged in to the builder directly) is then tried again, a refusal costs a few ms.
+//!
+//! No exact bookkeeping of the builder's own count: it is the builder that decides, and a wrong
+//! guess here costs one more refusal, not an overloaded builder.
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// How long a builder that refused a session as full is passed over at most.
+pub const FULL_FOR: Duration = Duration::from_secs(2);
 
 /// One builder the gateway may send sessions to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,6 +60,9 @@ pub struct Builder {
     /// Unix seconds since it has had no session from this gateway (or since it was first
     /// seen). Meaningful only while `used` is 0.
     pub idle_since: i64,
+    /// It refused a session as full: no new session goes to it until then (or until the
+    /// count changes; see the module docs).
+    pub full_until: Option<Instant>,
 }
 
 /// What [`Slots::replace`] changed.
@@ -80,6 +102,7 @@ impl Slots {
                         used: 0,
                         gone: false,
                         idle_since: now,
+                        full_until: None,
                     };
                     (name, b)
                 })
@@ -104,22 +127,52 @@ impl Slots {
         self.elsewhere.get(name).copied().unwrap_or(0)
     }
 
-    /// Slots of `b` (named `name`) that no gateway uses.
+    /// The builder `name`, gone or not.
+    pub fn get(&self, name: &str) -> Option<&Builder> {
+        self.builders.get(name)
+    }
+
+    /// Slots of `b` (named `name`) that no gateway uses; none while it says it is full.
     fn free(&self, name: &str, b: &Builder) -> u32 {
+        if b.full_until.is_some() {
+            return 0;
+        }
         b.slots.saturating_sub(b.used).saturating_sub(self.elsewhere(name))
     }
 
     /// Sets the sessions the other gateways run, by builder name, and this gateway's rank among
     /// the live gateways. Returns whether some builder has more free slots than before (another
     /// gateway's session ended): held sessions should look again.
+    ///
+    /// A builder that said it was full is counted again when the others' count on it changes.
     pub fn set_elsewhere(&mut self, elsewhere: BTreeMap<String, u32>, rank: usize) -> bool {
-        let freed = self
+        let mut freed = self
             .elsewhere
             .iter()
             .any(|(name, n)| elsewhere.get(name).copied().unwrap_or(0) < *n);
+        for (name, b) in &mut self.builders {
+            let (before, after) = (self.elsewhere.get(name), elsewhere.get(name));
+            if b.full_until.is_some() && before.copied().unwrap_or(0) != after.copied().unwrap_or(0) {
+                b.full_until = None;
+                freed = true;
+            }
+        }
         self.elsewhere = elsewhere;
         self.rank = rank;
         freed
+    }
+
+    /// Counts again the builders that said they were full [`FULL_FOR`] or more before `now`.
+    /// Returns whether there were any.
+    pub fn expire(&mut self, now: Instant) -> bool {
+        let mut expired = false;
+        for b in self.builders.values_mut() {
+            if b.full_until.is_some_and(|t| t <= now) {
+                b.full_until = None;
+                expired = true;
+            }
+        }
+        expired
     }
 
     /// Sessions open on builders.
@@ -156,6 +209,7 @@ impl Slots {
                         used: 0,
                         gone: false,
                         idle_since: now,
+                        full_until: None,
                     };
                     self.builders.insert(name.clone(), b);
                     change.added.push(name);
@@ -190,17 +244,28 @@ impl Slots {
     }
 
     /// Gives back a slot taken with [`Slots::take`]. A gone builder whose last session ends
-    /// is dropped.
+    /// is dropped. A builder that said it was full is counted again.
     pub fn release(&mut self, name: &str, now: i64) {
         let Some(b) = self.builders.get_mut(name) else {
             return;
         };
         b.used = b.used.saturating_sub(1);
+        b.full_until = None;
         if b.used == 0 {
             b.idle_since = now;
             if b.gone {
                 self.builders.remove(name);
             }
+        }
+    }
+
+    /// Gives back a slot taken with [`Slots::take`] that the builder refused because all its
+    /// slots were in use: it gets no new session until [`FULL_FOR`] after `at` at most (see the
+    /// module docs).
+    pub fn refused(&mut self, name: &str, now: i64, at: Instant) {
+        self.release(name, now);
+        if let Some(b) = self.builders.get_mut(name) {
+            b.full_until = Some(at + FULL_FOR);
         }
     }
 }
@@ -313,6 +378,59 @@ mod tests {
         assert_eq!(name(rank2.take()).as_deref(), Some("a"));
     }
 
+    #[test]
+    fn a_builder_that_said_it_is_full_is_passed_over_until_its_count_can_be_right() {
+        let t0 = Instant::now();
+        // Another gateway's session on a that no report has brought yet: a refuses.
+        let mut s = fixed(&[("a", 1), ("b", 1)]);
+        assert_eq!(name(s.take()).as_deref(), Some("a"));
+        s.refused("a", 1, t0);
+        assert_eq!(s.used(), 0, "the refused session's slot is given back");
+        assert_eq!(
+            name(s.take()).as_deref(),
+            Some("b"),
+            "the next builder with a free slot"
+        );
+        assert_eq!(s.take(), None, "a is full by its own word: the session waits");
+        assert!(!s.expire(t0 + FULL_FOR - Duration::from_millis(1)));
+        assert_eq!(s.take(), None);
+        assert!(s.expire(t0 + FULL_FOR), "tried again after FULL_FOR");
+        assert_eq!(name(s.take()).as_deref(), Some("a"));
+
+        // The missing report arrives: counted again at once, by the report's numbers.
+        let mut s = fixed(&[("a", 2), ("b", 1)]);
+        assert_eq!(name(s.take()).as_deref(), Some("a"));
+        s.refused("a", 1, t0);
+        assert!(
+            !s.set_elsewhere(BTreeMap::from([("b".into(), 0)]), 0),
+            "no change on a: still full"
+        );
+        assert_eq!(name(s.take()).as_deref(), Some("b"));
+        assert_eq!(s.take(), None);
+        assert!(
+            s.set_elsewhere(BTreeMap::from([("a".into(), 1)]), 0),
+            "a's count changed: held sessions look again"
+        );
+        assert_eq!(name(s.take()).as_deref(), Some("a"), "2 slots, 1 used elsewhere");
+        assert_eq!(s.take(), None);
+
+        // One of this gateway's own sessions on it ends: that slot is free for sure.
+        let mut s = fixed(&[("a", 2)]);
+        s.take();
+        s.take();
+        s.refused("a", 1, t0);
+        assert_eq!(s.take(), None);
+        s.release("a", 2);
+        assert_eq!(name(s.take()).as_deref(), Some("a"));
+
+        // A gone builder that refused its last session is dropped, as on release.
+        let mut s = fixed(&[("a", 1)]);
+        s.take();
+        s.replace([], 1, 1);
+        s.refused("a", 2, t0);
+        assert!(s.builders().next().is_none());
+    }
+
     proptest! {
         /// Whatever the takes, releases, other gateways' sessions and changes of the builder
         /// set: no builder is over its slots, a gone builder never gets a session, a builder
@@ -321,8 +439,9 @@ mod tests {
         #[test]
         fn never_over_slots_never_gone_and_always_the_most_free(
             slots in 1u32..4,
-            ops in proptest::collection::vec((0u8..4, any::<u8>(), 0u8..16, proptest::collection::vec(0u32..4, 5)), 0..80),
+            ops in proptest::collection::vec((0u8..5, any::<u8>(), 0u8..16, proptest::collection::vec(0u32..4, 5)), 0..80),
         ) {
+            let t0 = Instant::now();
             let mut s = Slots::default();
             let mut open: Vec<String> = Vec::new();
             for (now, (op, pick, set, others)) in ops.into_iter().enumerate() {
@@ -331,7 +450,10 @@ mod tests {
                     0 => {
                         let free: BTreeMap<String, u32> = s
                             .ready()
-                            .map(|(n, b)| (n.to_string(), b.slots.saturating_sub(b.used + s.elsewhere(n))))
+                            .map(|(n, b)| {
+                                let free = if b.full_until.is_some() { 0 } else { b.slots.saturating_sub(b.used + s.elsewhere(n)) };
+                                (n.to_string(), free)
+                            })
                             .collect();
                         let gone: Vec<String> =
                             s.builders().filter(|(_, b)| b.gone).map(|(n, _)| n.to_string()).collect();
@@ -361,6 +483,17 @@ mod tests {
                         let freed = s.set_elsewhere(elsewhere, pick as usize);
                         let more = s.ready().any(|(n, b)| s.free(n, b) > before[n]);
                         prop_assert!(!more || freed, "a slot freed up elsewhere and no one was told");
+                    }
+                    3 => {
+                        // A builder refuses a session as full (that slot is given back), and
+                        // refusals FULL_FOR old expire.
+                        s.expire(t0 + Duration::from_secs(now as u64));
+                        if !open.is_empty() {
+                            let n = open.remove(pick as usize % open.len());
+                            s.refused(&n, now, t0 + Duration::from_secs(now as u64));
+                            let b = s.get(&n);
+                            prop_assert!(b.is_none_or(|b| b.full_until.is_some()));
+                        }
                     }
                     _ => {
                         // A subset of 4 pods is Ready.

@@ -1,7 +1,35 @@
 //! The SSH server: each session's `exec` request is checked like the builder's gate checks it,
 //! waits for a free slot (holding the client, with keepalives, for up to `--hold-seconds`), is
 //! opened on that builder with the gateway's own key, and spliced through both ways. One log line
-//! per session says who, where, how long and how many bytes.
+//! per session says who, where, how long, on how many builders it was tried and how many bytes.
+//!
+//! # A session, step by step
+//!
+//! 1. The `exec` request is checked ([`remote_command`]); a shell, a subsystem or another
+//!    command is refused with a message on stderr and exit status 1.
+//! 2. It takes a slot on the builder with the most free slots ([`Slots::take`]), or is held
+//!    until one frees up. What the client sends meanwhile is kept (up to [`EARLY_BYTES`]; past
+//!    that the gateway stops reading from the client).
+//! 3. The key is checked against the pool's file once more, and the gateway logs in to the
+//!    builder. On the builder's channel it sends the `env` request
+//!    `NIXPOOL_GATE_SLOTS=<the builder's slots>` ([`GATE_SLOTS_ENV`]), then the client's command.
+//!    Once the first builder has taken the `exec` request, the client's request is answered
+//!    with success (never twice).
+//! 4. **Started or busy.** The kept client bytes go to the builder, and so does what the client
+//!    sends next (kept too, up to the same bound). What the builder says is kept back ([`Kept`])
+//!    until it is clear whether the session started there. Both Nix protocols have the client
+//!    speak first, so the builder's first stdout byte means it started. So does an exit status
+//!    other than [`BUSY_STATUS`] (a genuine failure: the client gets its stderr and status, as
+//!    from the builder itself), or more stderr than a refusal writes. An exit status of
+//!    [`BUSY_STATUS`] means the builder's gate counted all its slots in use (the gateways'
+//!    counts lagged behind each other, see `route`); a close, a signal or a lost connection
+//!    before any answer means it died. Either way its stderr is dropped, the slot is given back,
+//!    the builder is passed over for a while ([`Slots::refused`]), and the session goes back
+//!    to step 2: the next builder with a free slot gets the kept bytes, or the session is held
+//!    within what is left of the same `--hold-seconds`. The client sees none of this (no stderr
+//!    line, only the time the try took).
+//! 5. **Spliced.** The kept-back builder messages go to the client first, then data, stderr,
+//!    the exit status, EOF and close pass through both ways until the builder closes.
 //!
 //! # Limits and memory
 //!
@@ -12,7 +40,9 @@
 //! - at most [`MAX_SESSIONS_PER_CONNECTION`] sessions (OpenSSH's `MaxSessions` default), each
 //!   with two queues of at most [`CHANNEL_BUFFER`] messages of at most [`MAX_PACKET`] bytes (one
 //!   from the client, one from its builder: 2 × 16 × 32 KiB = 1 MiB), plus up to [`EARLY_BYTES`]
-//!   the client sent while it was held.
+//!   the client sent before a builder started the session (one packet more at most), and up to
+//!   [`EARLY_STDERR`] of the builder's stderr kept back meanwhile (64 KiB: within the rounding
+//!   below).
 //!
 //! So at most about 1000 × (0.1 + 10 × 1.25) MiB; a pool's clients open one session per
 //! connection in practice (about 1.4 MiB each, 1.4 GiB at the default limit). A connection that
@@ -35,7 +65,7 @@ use nixpool_api::demand::GatewayReport;
 use nixpool_api::rules::remote_command;
 use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey};
 use russh::server::{Auth, Handle, Msg, Session};
-use russh::{Channel, ChannelId, ChannelMsg, CryptoVec, client, server};
+use russh::{Channel, ChannelId, ChannelMsg, ChannelReadHalf, ChannelWriteHalf, CryptoVec, client, server};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
@@ -56,6 +86,15 @@ pub const MAX_PACKET: u32 = 32 * 1024;
 /// Bytes a held client may send before it gets a slot (Nix sends a few to start its protocol);
 /// past that, the gateway stops reading until the session starts.
 pub const EARLY_BYTES: usize = 256 * 1024;
+/// The `env` request that asks the builder's gate to count its slots: the value is the
+/// builder's slots (the pool's maxJobs, or SLOTS of a static `--builder`).
+pub const GATE_SLOTS_ENV: &str = "NIXPOOL_GATE_SLOTS";
+/// The exit status of a builder's gate that refuses a session because all its slots are in use
+/// (`EX_TEMPFAIL`). It writes no stdout byte before it.
+pub const BUSY_STATUS: u32 = 75;
+/// Stderr a builder may write before its first stdout byte that the gateway keeps back. A
+/// refusal is one line; past this, the session counts as started there.
+pub const EARLY_STDERR: usize = 64 * 1024;
 
 pub fn now_unix() -> i64 {
     std::time::SystemTime::now()
@@ -151,6 +190,7 @@ impl Gateway {
             };
             m.builder_slots_used.remove(&label);
             m.builder_slots_used_elsewhere.remove(&label);
+            m.builder_busy.remove(&label);
         }
         st.exported = names;
         self.changed.notify_one();
@@ -197,12 +237,25 @@ impl Gateway {
 struct SlotGuard {
     gw: Arc<Gateway>,
     name: String,
+    /// The builder refused the session: all its slots were in use.
+    full: bool,
+}
+
+impl SlotGuard {
+    /// Gives the slot back and passes the builder over for a while: it refused the session.
+    fn refused(mut self) {
+        self.full = true;
+    }
 }
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
         let mut st = self.gw.lock();
-        st.slots.release(&self.name, now_unix());
+        if self.full {
+            st.slots.refused(&self.name, now_unix(), Instant::now());
+        } else {
+            st.slots.release(&self.name, now_unix());
+        }
         self.gw.publish(&mut st);
         drop(st);
         self.gw.freed.notify_waiters();
@@ -247,12 +300,14 @@ impl Drop for Waiting {
 
 /// How a hold ended.
 enum Held {
-    Slot(SlotGuard, String),
+    /// A slot, the builder's address and its slots.
+    Slot(SlotGuard, String, u32),
     TimedOut,
     ClientLeft,
 }
 
-/// What the client sent while it was held, forwarded to the builder first.
+/// What the client sent before a builder started the session: forwarded to each builder
+/// tried first, and kept for the next one until one starts it.
 #[derive(Default)]
 struct Early {
     data: Vec<Vec<u8>>,
@@ -273,16 +328,19 @@ impl Gateway {
             })
     }
 
-    /// Takes a slot, waiting up to the hold time for one to free up (or a builder to appear).
+    /// Takes a slot, waiting until `deadline` for one to free up (or a builder to appear).
     /// Meanwhile it keeps what the client sends, and notices when the client leaves.
-    async fn take_slot(self: &Arc<Self>, channel: &mut Channel<Msg>, early: &mut Early) -> Held {
-        let deadline = Instant::now() + self.settings.hold;
+    async fn take_slot(self: &Arc<Self>, channel: &mut Channel<Msg>, early: &mut Early, deadline: Instant) -> Held {
         let mut waiting: Option<Waiting> = None;
         loop {
             let freed = self.freed.notified();
             {
                 let mut st = self.lock();
+                // A builder that refused a session is tried again after FULL_FOR: the bounded
+                // wait below notices within a second.
+                st.slots.expire(Instant::now());
                 if let Some((name, address)) = st.slots.take() {
+                    let slots = st.slots.get(&name).map_or(1, |b| b.slots);
                     if let Some(w) = waiting.as_mut() {
                         w.done(&mut st);
                     }
@@ -291,8 +349,9 @@ impl Gateway {
                     let guard = SlotGuard {
                         gw: Arc::clone(self),
                         name,
+                        full: false,
                     };
-                    return Held::Slot(guard, address);
+                    return Held::Slot(guard, address, slots);
                 }
             }
             if waiting.is_none() {
@@ -584,6 +643,12 @@ impl server::Handler for Connection {
 /// message from the client).
 async fn refuse(handle: &Handle, id: ChannelId, message: &str) {
     let _ = handle.channel_success(id).await;
+    end_with(handle, id, message).await;
+}
+
+/// Ends a session whose request was answered already: the message goes to the client's stderr,
+/// and the exit status is 1.
+async fn end_with(handle: &Handle, id: ChannelId, message: &str) {
     let _ = handle
         .extended_data(
             id,
@@ -638,77 +703,140 @@ async fn serve_channel(
         }
     };
     let waited = Instant::now();
+    let deadline = waited + gw.settings.hold;
     let mut early = Early::default();
-    let (slot, address) = match gw.take_slot(&mut channel, &mut early).await {
-        Held::Slot(slot, address) => (slot, address),
-        Held::TimedOut => {
-            gw.metrics.ended("hold_timeout");
-            info!(
-                client,
-                held_ms = waited.elapsed().as_millis() as u64,
-                "session refused: no builder slot freed up in time"
-            );
-            refuse(
-                &handle,
-                id,
-                &format!("no builder was free within {} s; try again", gw.settings.hold.as_secs()),
-            )
-            .await;
-            return Ok(());
-        }
-        Held::ClientLeft => {
-            gw.metrics.ended("abandoned");
-            info!(
-                client,
-                held_ms = waited.elapsed().as_millis() as u64,
-                "session abandoned: the client left while it was held"
-            );
-            return Ok(());
-        }
-    };
-    let held = waited.elapsed();
-    gw.metrics.queue_wait_seconds.observe(held.as_secs_f64());
-    // A key removed from the pool while its session was held does not get to build.
-    if !client_key.is_some_and(|k| gw.still_authorized(k)) {
-        drop(slot);
-        gw.metrics.ended("key_revoked");
-        info!(
-            client,
-            held_ms = held.as_millis() as u64,
-            "session refused: the key was removed from the pool while the session was held"
-        );
-        refuse(&handle, id, "your key was removed from this pool's authorized keys").await;
-        return Ok(());
-    }
-    let name = slot.name.clone();
-    let (_builder_session, builder) = match open_on_builder(gw, &address, allowed.command_line()).await {
-        Ok(b) => b,
-        Err(e) => {
+    // Builders the session was opened on; the client's request is answered after the first.
+    let mut tries = 0u32;
+    let (slot, address, held, _builder_session, mut from_builder, to_builder, kept) = loop {
+        let (slot, address, slots) = match gw.take_slot(&mut channel, &mut early, deadline).await {
+            Held::Slot(slot, address, slots) => (slot, address, slots),
+            Held::TimedOut => {
+                gw.metrics.ended("hold_timeout");
+                info!(
+                    client,
+                    held_ms = waited.elapsed().as_millis() as u64,
+                    tries,
+                    "session refused: no builder slot freed up in time"
+                );
+                let message = format!("no builder was free within {} s; try again", gw.settings.hold.as_secs());
+                if tries == 0 {
+                    refuse(&handle, id, &message).await;
+                } else {
+                    end_with(&handle, id, &message).await;
+                }
+                return Ok(());
+            }
+            Held::ClientLeft => {
+                gw.metrics.ended("abandoned");
+                info!(
+                    client,
+                    held_ms = waited.elapsed().as_millis() as u64,
+                    tries,
+                    "session abandoned: the client left while it was held"
+                );
+                return Ok(());
+            }
+        };
+        let held = waited.elapsed();
+        // A key removed from the pool while its session was held does not get to build.
+        if !client_key.is_some_and(|k| gw.still_authorized(k)) {
             drop(slot);
-            refuse(
-                &handle,
-                id,
-                &format!("the builder {name} did not take the session: {e:#}"),
-            )
-            .await;
-            return Err(e.context(format!("builder {name} at {address}")));
+            gw.metrics.queue_wait_seconds.observe(held.as_secs_f64());
+            gw.metrics.ended("key_revoked");
+            info!(
+                client,
+                held_ms = held.as_millis() as u64,
+                "session refused: the key was removed from the pool while the session was held"
+            );
+            let message = "your key was removed from this pool's authorized keys";
+            if tries == 0 {
+                refuse(&handle, id, message).await;
+            } else {
+                end_with(&handle, id, message).await;
+            }
+            return Ok(());
+        }
+        let name = slot.name.clone();
+        let opened = open_on_builder(gw, &address, slots, allowed.command_line()).await;
+        let (builder_session, builder) = match opened {
+            Ok(b) => b,
+            Err(e) => {
+                drop(slot);
+                gw.metrics.queue_wait_seconds.observe(held.as_secs_f64());
+                let message = format!("the builder {name} did not take the session: {e:#}");
+                if tries == 0 {
+                    refuse(&handle, id, &message).await;
+                } else {
+                    end_with(&handle, id, &message).await;
+                }
+                return Err(e.context(format!("builder {name} at {address}")));
+            }
+        };
+        if tries == 0 {
+            let _ = handle.channel_success(id).await;
+        }
+        tries += 1;
+        match try_builder(&mut channel, builder, &mut early).await {
+            Tried::Started(from_builder, to_builder, kept) => {
+                break (slot, address, held, builder_session, from_builder, to_builder, kept);
+            }
+            Tried::Refused(Start::Busy) => {
+                gw.metrics
+                    .builder_busy
+                    .get_or_create(&BuilderLabel { builder: name.clone() })
+                    .inc();
+                info!(
+                    client,
+                    builder = %name,
+                    address = %address,
+                    tries,
+                    "the builder refused the session: all its slots are in use; trying the next one"
+                );
+                slot.refused();
+            }
+            Tried::Refused(_) => {
+                warn!(
+                    client,
+                    builder = %name,
+                    address = %address,
+                    tries,
+                    "the builder's session ended before it answered; trying the next one"
+                );
+                slot.refused();
+            }
+            Tried::ClientLeft => {
+                drop(slot);
+                gw.metrics.queue_wait_seconds.observe(held.as_secs_f64());
+                gw.metrics.ended("abandoned");
+                info!(
+                    client,
+                    builder = %name,
+                    held_ms = held.as_millis() as u64,
+                    tries,
+                    "session abandoned: the client left before the builder answered"
+                );
+                return Ok(());
+            }
         }
     };
-    let _ = handle.channel_success(id).await;
+    gw.metrics.queue_wait_seconds.observe(held.as_secs_f64());
+    let name = slot.name.clone();
     let started = Instant::now();
     // The client's side is written through `handle`; the builder's through its write half.
     let (mut from_client, _client_write) = channel.split();
-    let (mut from_builder, to_builder) = builder.split();
     let mut up = early.bytes as u64;
+    drop(early);
     let mut down = 0u64;
-    for data in early.data {
-        to_builder.data(&data[..]).await.context("forwarding to the builder")?;
-    }
-    if early.eof {
-        to_builder.eof().await.context("forwarding EOF to the builder")?;
+    // What the builder said before it was known to have started goes first.
+    let mut builder_open = true;
+    for m in kept {
+        if !pass_down(&handle, id, Some(m), &mut down).await {
+            builder_open = false;
+            break;
+        }
     }
     let mut client_open = true;
-    loop {
+    while builder_open {
         tokio::select! {
             m = from_client.wait(), if client_open => match m {
                 Some(ChannelMsg::Data { data }) => {
@@ -722,28 +850,7 @@ async fn serve_channel(
                 }
                 _ => {}
             },
-            m = from_builder.wait() => match m {
-                Some(ChannelMsg::Data { data }) => {
-                    down += data.len() as u64;
-                    if handle.data(id, data).await.is_err() {
-                        break;
-                    }
-                }
-                Some(ChannelMsg::ExtendedData { data, ext }) => {
-                    let _ = handle.extended_data(id, ext, data).await;
-                }
-                Some(ChannelMsg::ExitStatus { exit_status }) => {
-                    let _ = handle.exit_status_request(id, exit_status).await;
-                }
-                Some(ChannelMsg::Eof) => {
-                    let _ = handle.eof(id).await;
-                }
-                None | Some(ChannelMsg::Close) => {
-                    let _ = handle.close(id).await;
-                    break;
-                }
-                _ => {}
-            },
+            m = from_builder.wait() => builder_open = pass_down(&handle, id, m, &mut down).await,
         }
     }
     drop(slot);
@@ -754,12 +861,143 @@ async fn serve_channel(
         address = %address,
         command = allowed.command_line(),
         held_ms = held.as_millis() as u64,
+        tries,
         duration_ms = started.elapsed().as_millis() as u64,
         bytes_up = up,
         bytes_down = down,
         "session done"
     );
     Ok(())
+}
+
+/// Passes one of the builder's messages on to the client; false once the session is over.
+async fn pass_down(handle: &Handle, id: ChannelId, m: Option<ChannelMsg>, down: &mut u64) -> bool {
+    match m {
+        Some(ChannelMsg::Data { data }) => {
+            *down += data.len() as u64;
+            handle.data(id, data).await.is_ok()
+        }
+        Some(ChannelMsg::ExtendedData { data, ext }) => {
+            let _ = handle.extended_data(id, ext, data).await;
+            true
+        }
+        Some(ChannelMsg::ExitStatus { exit_status }) => {
+            let _ = handle.exit_status_request(id, exit_status).await;
+            true
+        }
+        Some(ChannelMsg::Eof) => {
+            let _ = handle.eof(id).await;
+            true
+        }
+        None | Some(ChannelMsg::Close) => {
+            let _ = handle.close(id).await;
+            false
+        }
+        Some(_) => true,
+    }
+}
+
+/// What a builder's session has shown before its first stdout byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Start {
+    /// Nothing that decides it yet.
+    Waiting,
+    /// It started there: stdout, an exit status other than [`BUSY_STATUS`] (a genuine failure,
+    /// which the client gets as it is), or more stderr than a refusal writes.
+    Started,
+    /// Its gate refused the session: all its slots are in use.
+    Busy,
+    /// It ended without an answer: closed, killed by a signal, or the connection was lost.
+    Died,
+}
+
+/// The builder's messages, kept back until it is known whether the session started there.
+#[derive(Debug, Default)]
+struct Kept {
+    msgs: Vec<ChannelMsg>,
+    stderr: usize,
+}
+
+impl Kept {
+    /// Takes the builder's next message (`None`: its connection is gone) and says what is known.
+    /// Every message but the one that says busy or died is kept, to go to the client if the
+    /// session started.
+    fn push(&mut self, m: Option<ChannelMsg>) -> Start {
+        match m {
+            None | Some(ChannelMsg::Close) | Some(ChannelMsg::ExitSignal { .. }) => Start::Died,
+            Some(ChannelMsg::ExitStatus {
+                exit_status: BUSY_STATUS,
+            }) => Start::Busy,
+            Some(m @ (ChannelMsg::Data { .. } | ChannelMsg::ExitStatus { .. })) => {
+                self.msgs.push(m);
+                Start::Started
+            }
+            Some(ChannelMsg::ExtendedData { data, ext }) => {
+                self.stderr += data.len();
+                self.msgs.push(ChannelMsg::ExtendedData { data, ext });
+                if self.stderr > EARLY_STDERR {
+                    Start::Started
+                } else {
+                    Start::Waiting
+                }
+            }
+            // EOF, the reply to `exec`, window changes: passed on (or ignored) in order later.
+            Some(m) => {
+                self.msgs.push(m);
+                Start::Waiting
+            }
+        }
+    }
+}
+
+/// How a try on one builder ended.
+enum Tried {
+    /// The session started there: the builder channel's halves, and what it said so far.
+    Started(ChannelReadHalf, ChannelWriteHalf<client::Msg>, Vec<ChannelMsg>),
+    /// [`Start::Busy`] or [`Start::Died`]: what it said is dropped.
+    Refused(Start),
+    ClientLeft,
+}
+
+/// Runs the session on `builder` until it is known whether it started there. What the client
+/// sent so far goes first; what it sends meanwhile goes to the builder and is kept too (up to
+/// [`EARLY_BYTES`]; past that the client is not read from), for the next builder if this one
+/// is busy. What the builder says is kept back ([`Kept`]).
+async fn try_builder(client: &mut Channel<Msg>, builder: Channel<client::Msg>, early: &mut Early) -> Tried {
+    let (mut from_builder, to_builder) = builder.split();
+    // Writes to a builder that has gone fail; its next messages say so, hence no error here.
+    for data in &early.data {
+        let _ = to_builder.data(&data[..]).await;
+    }
+    if early.eof {
+        let _ = to_builder.eof().await;
+    }
+    let mut kept = Kept::default();
+    loop {
+        tokio::select! {
+            m = client.wait(), if early.bytes < EARLY_BYTES => match m {
+                None | Some(ChannelMsg::Close) => {
+                    let _ = to_builder.close().await;
+                    return Tried::ClientLeft;
+                }
+                Some(ChannelMsg::Data { data }) if !early.eof => {
+                    let _ = to_builder.data(&data[..]).await;
+                    early.bytes += data.len();
+                    early.data.push(data.to_vec());
+                }
+                Some(ChannelMsg::Eof) if !early.eof => {
+                    early.eof = true;
+                    let _ = to_builder.eof().await;
+                }
+                Some(_) => {}
+            },
+            m = from_builder.wait() => match kept.push(m) {
+                Start::Waiting => {}
+                Start::Started => return Tried::Started(from_builder, to_builder, kept.msgs),
+                refused => return Tried::Refused(refused),
+            },
+        }
+    }
 }
 
 /// Accepts only the pool's host key from a builder.
@@ -773,10 +1011,12 @@ impl client::Handler for BuilderHostKey {
     }
 }
 
-/// Opens `command` on the builder at `address` with the gateway's key.
+/// Opens `command` on the builder at `address` with the gateway's key, asking its gate to count
+/// its `slots` (no reply asked: a builder without the gate ignores it).
 async fn open_on_builder(
     gw: &Gateway,
     address: &str,
+    slots: u32,
     command: &str,
 ) -> anyhow::Result<(client::Handle<BuilderHostKey>, Channel<client::Msg>)> {
     let s = &gw.settings;
@@ -803,9 +1043,104 @@ async fn open_on_builder(
             bail!("it refused the gateway's key: add the gateway's public key to the pool's authorized keys");
         }
         let channel = session.channel_open_session().await?;
+        channel.set_env(false, GATE_SLOTS_ENV, slots.to_string()).await?;
         channel.exec(true, command).await?;
         Ok((session, channel))
     })
     .await
     .context("connecting, logging in and starting the command took over 20 s")?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(text: &str) -> ChannelMsg {
+        ChannelMsg::Data {
+            data: CryptoVec::from(text.as_bytes().to_vec()),
+        }
+    }
+
+    fn stderr(text: &str) -> ChannelMsg {
+        ChannelMsg::ExtendedData {
+            data: CryptoVec::from(text.as_bytes().to_vec()),
+            ext: 1,
+        }
+    }
+
+    fn status(exit_status: u32) -> ChannelMsg {
+        ChannelMsg::ExitStatus { exit_status }
+    }
+
+    /// What the messages add up to, and how many are kept for the client.
+    fn run(msgs: Vec<Option<ChannelMsg>>) -> (Vec<Start>, usize) {
+        let mut kept = Kept::default();
+        let starts = msgs.into_iter().map(|m| kept.push(m)).collect();
+        (starts, kept.msgs.len())
+    }
+
+    #[test]
+    fn a_builder_starts_at_its_first_stdout_byte_with_its_stderr_kept_before_it() {
+        use Start::*;
+        let (starts, kept) = run(vec![
+            Some(ChannelMsg::Success),
+            Some(stderr("warning: something\n")),
+            Some(data("\x01")),
+        ]);
+        assert_eq!(starts, [Waiting, Waiting, Started]);
+        assert_eq!(
+            kept, 3,
+            "the reply, the stderr line and the data go to the client in order"
+        );
+    }
+
+    #[test]
+    fn exit_75_before_stdout_is_busy_and_its_line_is_dropped() {
+        use Start::*;
+        let line = "nixpool: all 2 build slots of this builder are in use\n";
+        // OpenSSH sends EOF and the exit status in either order.
+        for msgs in [
+            vec![Some(stderr(line)), Some(ChannelMsg::Eof), Some(status(75))],
+            vec![Some(stderr(line)), Some(status(75))],
+        ] {
+            let n = msgs.len();
+            let (starts, _) = run(msgs);
+            assert_eq!(starts.last(), Some(&Busy));
+            assert!(starts[..n - 1].iter().all(|s| *s == Waiting), "{starts:?}");
+        }
+    }
+
+    #[test]
+    fn a_close_a_signal_or_a_lost_connection_before_stdout_is_a_builder_that_died() {
+        for end in [
+            None,
+            Some(ChannelMsg::Close),
+            Some(ChannelMsg::ExitSignal {
+                signal_name: russh::Sig::KILL,
+                core_dumped: false,
+                error_message: String::new(),
+                lang_tag: String::new(),
+            }),
+        ] {
+            let (starts, _) = run(vec![Some(ChannelMsg::Eof), end]);
+            assert_eq!(starts, [Start::Waiting, Start::Died]);
+        }
+    }
+
+    #[test]
+    fn another_exit_status_before_stdout_is_a_genuine_failure_passed_to_the_client() {
+        for code in [0, 1, 74, 76, 255] {
+            let (starts, kept) = run(vec![Some(stderr("error: no space left\n")), Some(status(code))]);
+            assert_eq!(starts, [Start::Waiting, Start::Started], "exit {code}");
+            assert_eq!(kept, 2, "the client gets the stderr and the status");
+        }
+    }
+
+    #[test]
+    fn more_stderr_than_a_refusal_counts_as_started() {
+        let chunk = "x".repeat(EARLY_STDERR / 2);
+        let (starts, kept) = run(vec![Some(stderr(&chunk)), Some(stderr(&chunk)), Some(stderr("y"))]);
+        assert_eq!(starts, [Start::Waiting, Start::Waiting, Start::Started]);
+        assert_eq!(kept, 3);
+    }
 }

@@ -1,12 +1,14 @@
 //! The gateway as a process: its probes and metrics, its limits, its refusal of its own key,
 //! SIGTERM; and, against a real API server on loopback, builders discovered from pods, a held
 //! session woken by the first Ready builder, the demand report in the ConfigMap, and another
-//! gateway's sessions (its report) counted against the builders' slots.
+//! gateway's sessions (its report) counted against the builders' slots; and, against fake
+//! builders, a session a builder refuses as full going to the next one unseen by the client.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
@@ -643,6 +645,265 @@ async fn another_gateways_sessions_count_against_the_builders_slots() {
         woke < Duration::from_secs(2),
         "the held session waited {woke:?} after the slot freed up"
     );
+}
+
+/// How a [`FakeBuilder`] answers every `exec`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// As the builder's gate with all its slots in use: one stderr line, exit status 75,
+    /// before reading stdin.
+    Busy,
+    /// Echoes stdin to stdout, exits 0 at EOF.
+    Echo,
+    /// A genuine failure: a stderr line and exit status 3, no stdout.
+    Fail,
+}
+
+/// A builder on loopback: a russh server that presents the pool's host key, lets any key in,
+/// records the `env` requests it gets, and answers as its [`Mode`] says.
+struct FakeBuilder {
+    name: String,
+    envs: Arc<Mutex<Vec<(String, String)>>>,
+}
+
+struct Fake {
+    mode: Mode,
+    envs: Arc<Mutex<Vec<(String, String)>>>,
+    channels: Vec<russh::Channel<russh::server::Msg>>,
+}
+
+impl russh::server::Handler for Fake {
+    type Error = russh::Error;
+
+    async fn auth_publickey(
+        &mut self,
+        _user: &str,
+        _key: &russh::keys::PublicKey,
+    ) -> Result<russh::server::Auth, Self::Error> {
+        Ok(russh::server::Auth::Accept)
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: russh::Channel<russh::server::Msg>,
+        _session: &mut russh::server::Session,
+    ) -> Result<bool, Self::Error> {
+        self.channels.push(channel);
+        Ok(true)
+    }
+
+    async fn env_request(
+        &mut self,
+        _channel: russh::ChannelId,
+        name: &str,
+        value: &str,
+        _session: &mut russh::server::Session,
+    ) -> Result<(), Self::Error> {
+        self.envs.lock().unwrap().push((name.into(), value.into()));
+        Ok(())
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: russh::ChannelId,
+        _command: &[u8],
+        session: &mut russh::server::Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)?;
+        let (line, status) = match self.mode {
+            Mode::Echo => return Ok(()),
+            Mode::Busy => ("nixpool: all 1 build slots of this builder are in use\n", 75),
+            Mode::Fail => ("error: the fake builder failed\n", 3),
+        };
+        session.extended_data(channel, 1, russh::CryptoVec::from_slice(line.as_bytes()))?;
+        session.exit_status_request(channel, status)?;
+        session.eof(channel)?;
+        session.close(channel)
+    }
+
+    async fn data(
+        &mut self,
+        channel: russh::ChannelId,
+        data: &[u8],
+        session: &mut russh::server::Session,
+    ) -> Result<(), Self::Error> {
+        if self.mode == Mode::Echo {
+            session.data(channel, russh::CryptoVec::from_slice(data))?;
+        }
+        Ok(())
+    }
+
+    async fn channel_eof(
+        &mut self,
+        channel: russh::ChannelId,
+        session: &mut russh::server::Session,
+    ) -> Result<(), Self::Error> {
+        if self.mode == Mode::Echo {
+            session.exit_status_request(channel, 0)?;
+            session.eof(channel)?;
+            session.close(channel)?;
+        }
+        Ok(())
+    }
+}
+
+impl FakeBuilder {
+    /// Serves on `listener` (its name is its `HOST:PORT`, as the gateway names a `--builder`).
+    fn start(keys: &Keys, listener: tokio::net::TcpListener, mode: Mode) -> Self {
+        let name = listener.local_addr().unwrap().to_string();
+        let key = russh::keys::load_secret_key(&keys.host, None).unwrap();
+        let config = Arc::new(russh::server::Config {
+            keys: vec![key],
+            ..Default::default()
+        });
+        let envs = Arc::new(Mutex::new(Vec::new()));
+        let recorded = Arc::clone(&envs);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let config = Arc::clone(&config);
+                let handler = Fake {
+                    mode,
+                    envs: Arc::clone(&recorded),
+                    channels: Vec::new(),
+                };
+                tokio::spawn(async move {
+                    if let Ok(session) = russh::server::run_stream(config, tcp, handler).await {
+                        let _ = session.await;
+                    }
+                });
+            }
+        });
+        Self { name, envs }
+    }
+
+    fn envs(&self) -> Vec<(String, String)> {
+        self.envs.lock().unwrap().clone()
+    }
+}
+
+/// Two loopback listeners, the first by name first.
+async fn two_listeners() -> (tokio::net::TcpListener, tokio::net::TcpListener) {
+    let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let b = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let name = |l: &tokio::net::TcpListener| l.local_addr().unwrap().to_string();
+    if name(&a) < name(&b) { (a, b) } else { (b, a) }
+}
+
+/// Runs `command` through the gateway as the client, with `input` on stdin.
+async fn run(gw: &Gateway, keys: &Keys, command: &str, input: &'static [u8]) -> Output {
+    let mut child = gw
+        .ssh(&keys.client, command)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    tokio::task::spawn_blocking(move || {
+        stdin.write_all(input).unwrap();
+        drop(stdin);
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_builder_that_says_all_its_slots_are_in_use_is_passed_over_unseen_by_the_client() {
+    let keys = Keys::new();
+    // By this gateway's count both have a free slot, and the busy one is the first by name:
+    // the session goes to it first, as when another gateway's report has not arrived yet.
+    let (first, second) = two_listeners().await;
+    let busy = FakeBuilder::start(&keys, first, Mode::Busy);
+    let echo = FakeBuilder::start(&keys, second, Mode::Echo);
+    let gw = Gateway::start(
+        &keys,
+        &[
+            &format!("--builder={}=1", busy.name),
+            &format!("--builder={}=1", echo.name),
+            "--hold-seconds=10",
+        ],
+        &[],
+    );
+    gw.wait_ready();
+    let out = run(&gw, &keys, "nix-store --serve --write", b"hello").await;
+    assert_eq!(
+        (out.status.code(), &out.stdout[..], &out.stderr[..]),
+        (Some(0), &b"hello"[..], &b""[..]),
+        "{}\n{}",
+        output_text(&out),
+        gw.log()
+    );
+    let log = gw.log();
+    let refusal = log
+        .lines()
+        .find(|l| l.contains("all its slots are in use"))
+        .unwrap_or_else(|| panic!("no refusal logged:\n{log}"));
+    assert!(refusal.contains(&busy.name), "{refusal}");
+    let done = log.lines().find(|l| l.contains("session done")).unwrap();
+    assert!(
+        done.contains("tries=2") && done.contains(&format!("builder={}", echo.name)),
+        "{done}"
+    );
+    let metrics = gw.get("/metrics").1;
+    let counted = format!("nixpool_gateway_builder_busy_total{{builder=\"{}\"}} 1", busy.name);
+    assert!(metrics.contains(&counted), "{counted} missing:\n{metrics}");
+    assert!(
+        metrics.contains("nixpool_gateway_sessions_open{state=\"active\"} 0"),
+        "the refused slot is given back:\n{metrics}"
+    );
+    let asked = vec![("NIXPOOL_GATE_SLOTS".to_string(), "1".to_string())];
+    assert_eq!((busy.envs(), echo.envs()), (asked.clone(), asked));
+
+    // With only a busy builder the session is held (the builder tried again after a while)
+    // until --hold-seconds, and the client sees the hold's refusal, not the builder's line.
+    let (only_busy, failing) = two_listeners().await;
+    let only_busy = FakeBuilder::start(&keys, only_busy, Mode::Busy);
+    let gw = Gateway::start(
+        &keys,
+        &[&format!("--builder={}=1", only_busy.name), "--hold-seconds=3"],
+        &[],
+    );
+    gw.wait_ready();
+    let asked_at = Instant::now();
+    let out = run(&gw, &keys, "nix-daemon --stdio", b"").await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(1) && stderr.contains("no builder was free within 3 s") && !stderr.contains("in use"),
+        "{}\n{}",
+        output_text(&out),
+        gw.log()
+    );
+    assert!(asked_at.elapsed() >= Duration::from_secs(3));
+    assert!(
+        only_busy.envs().len() >= 2,
+        "tried again within the hold: {:?}\n{}",
+        only_busy.envs(),
+        gw.log()
+    );
+
+    // A genuine failure (another exit status, no stdout) is the client's, with no retry.
+    let failing = FakeBuilder::start(&keys, failing, Mode::Fail);
+    let gw = Gateway::start(
+        &keys,
+        &[&format!("--builder={}=1", failing.name), "--hold-seconds=10"],
+        &[],
+    );
+    gw.wait_ready();
+    let out = run(&gw, &keys, "nix-store --serve", b"").await;
+    assert_eq!(
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).as_ref()),
+        (Some(3), "error: the fake builder failed\n"),
+        "{}\n{}",
+        output_text(&out),
+        gw.log()
+    );
+    let log = gw.log();
+    assert!(
+        log.contains("tries=1") && !log.contains("all its slots are in use"),
+        "{log}"
+    );
+    assert_eq!(failing.envs().len(), 1);
 }
 
 #[test]

@@ -7,7 +7,11 @@
 //! - `ssh://` (`nix-store --serve`): the gate replaces itself with `nix-store --serve`, in an
 //!   environment that gives it no settings of its own; the serve protocol carries only build
 //!   limits.
+//!
+//! When the pool's gateway asks (`NIXPOOL_GATE_SLOTS`), the gate first takes one of the
+//! builder's build slots for the whole session, or refuses with exit status 75 ([`slots`]).
 
+pub mod slots;
 mod wire;
 pub mod worker;
 
@@ -27,12 +31,38 @@ pub fn refusal(reason: &str) -> String {
     )
 }
 
-/// Serves the client's command, or prints why not and exits 1.
-pub fn run(daemon_socket: &Path, nix_store: &Path) -> ExitCode {
+/// Serves the client's command, or prints why not and exits 1 (75 when the gateway asked the
+/// builder to count its build slots and none is free). A slot taken in `slots_dir` is held until
+/// the session ends.
+pub fn run(daemon_socket: &Path, nix_store: &Path, slots_dir: &Path) -> ExitCode {
     let original = std::env::var("SSH_ORIGINAL_COMMAND").ok();
-    match remote_command(original.as_deref()) {
-        Ok(RemoteCommand::Daemon) => serve_daemon(daemon_socket),
-        Ok(RemoteCommand::Serve { write }) => {
+    let command = match remote_command(original.as_deref()) {
+        Ok(c) => c,
+        Err(reason) => {
+            eprintln!("{}", refusal(&reason));
+            return ExitCode::from(1);
+        }
+    };
+    // Before anything is read from the client, so that a refused session can go elsewhere.
+    let slot = match slots::claim(slots_dir, std::env::var_os(slots::SLOTS_ENV).as_deref()) {
+        Ok(slot) => slot,
+        Err(code) => return code,
+    };
+    match command {
+        RemoteCommand::Daemon => {
+            let _held = slot;
+            serve_daemon(daemon_socket)
+        }
+        RemoteCommand::Serve { write } => {
+            // nix-store holds the slot from here: the lock's descriptor survives the exec.
+            if let Some(s) = &slot
+                && let Err(e) = s.keep_across_exec()
+            {
+                eprintln!(
+                    "nixpool: cannot pass build slot {} to nix-store ({e}); the session is not counted",
+                    s.index
+                );
+            }
             let mut c = Command::new(nix_store);
             c.arg("--serve");
             if write {
@@ -48,10 +78,6 @@ pub fn run(daemon_socket: &Path, nix_store: &Path) -> ExitCode {
                 .env("NIX_USER_CONF_FILES", "/dev/null");
             let err = c.exec();
             eprintln!("nixpool: cannot start {}: {err}", nix_store.display());
-            ExitCode::from(1)
-        }
-        Err(reason) => {
-            eprintln!("{}", refusal(&reason));
             ExitCode::from(1)
         }
     }
