@@ -799,28 +799,52 @@ async fn the_gateway_sends_concurrent_builds_to_different_builders() {
     on.dedup();
     assert_eq!(on.len(), 3, "3 concurrent builds did not go to 3 builders: {on:?}");
 
-    // A 4th concurrent build finds every slot taken: a gateway holds it until one frees up, and
-    // it succeeds without a retry. (This machines line offers more jobs than the builders have
-    // slots, so the clients, which share per-machine slots through lock files, do not hold the
-    // 4th back themselves. Each gateway counts only its own sessions: with 2 gateways, the 4th
-    // may also land on a builder the other gateway uses, which then runs 2 builds.)
+    // 6 concurrent builds on 3 builders of one slot: 3 run, 3 are held by the gateways until a
+    // slot frees up, and all succeed without a retry. No builder ever runs 2 at once, although
+    // the 2 gateways learn of each other's sessions only through their reports: a builder the
+    // other gateway just filled refuses the session, which goes on to the next free builder.
+    // Each build records when it ran (the node's uptime, one clock for every pod) and the
+    // builder that holds its output says where. (This machines line offers more jobs than the
+    // builders have slots, so the clients, which share per-machine slots through lock files,
+    // do not hold builds back themselves.)
     let wider_file = w.dir.join("machines-wider");
     let mut wider = entry.clone();
     wider.max_jobs = 6;
     std::fs::write(&wider_file, format!("{wider}\n")).unwrap();
-    let running: Vec<_> = (0..4)
+    let running: Vec<_> = (0..6)
         .map(|i| {
             build(
                 &wider_file,
                 &format!("held-{i}"),
-                &format!("busybox sleep 3; echo held {i} > $out"),
+                &format!(
+                    "read s x < /proc/uptime; busybox sleep 3; read e x < /proc/uptime; echo {i} $s $e > $out"
+                ),
             )
         })
         .collect();
+    let mut ran: Vec<(String, f64, f64)> = Vec::new();
     for c in running {
-        assert_built(&c.wait_with_output().unwrap());
+        let out = assert_built(&c.wait_with_output().unwrap());
+        let text = std::fs::read_to_string(&out).unwrap();
+        let times: Vec<f64> = text.split_whitespace().skip(1).map(|t| t.parse().unwrap()).collect();
+        let holders: Vec<String> = pods
+            .iter()
+            .map(|p| p.metadata.name.clone().unwrap())
+            .filter(|name| {
+                w.kubectl(&["exec", name, "-c", "builder", "--", "test", "-e", &out])
+                    .status
+                    .success()
+            })
+            .collect();
+        assert_eq!(holders.len(), 1, "{out} is on {holders:?}");
+        ran.push((holders[0].clone(), times[0], times[1]));
     }
-
+    for (i, a) in ran.iter().enumerate() {
+        for b in &ran[i + 1..] {
+            let overlap = a.0 == b.0 && a.1 < b.2 && b.1 < a.2;
+            assert!(!overlap, "2 builds at once on {}: {ran:?}", a.0);
+        }
+    }
     // A key the pool does not list is refused, and so is a shell; the log says why.
     let stranger = ClientKey::new(&w.dir, "stranger_ed25519").unwrap();
     let known = w.dir.join("gateway-known-hosts");
@@ -847,7 +871,11 @@ async fn the_gateway_sends_concurrent_builds_to_different_builders() {
         text.contains("login refused") && text.contains("session refused"),
         "{text}"
     );
-    assert_eq!(text.matches("session done").count(), 8, "one line per session:\n{text}");
+    assert_eq!(text.matches("session done").count(), 10, "one line per session:\n{text}");
+    eprintln!(
+        "6 builds on 3 builders of 1 slot: {ran:?}; sessions a builder refused as full: {}",
+        text.matches("all its slots are in use").count()
+    );
     assert!(!text.contains("PRIVATE KEY"), "{text}");
     w.stop();
 }

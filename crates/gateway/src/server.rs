@@ -95,6 +95,10 @@ pub const BUSY_STATUS: u32 = 75;
 /// Stderr a builder may write before its first stdout byte that the gateway keeps back. A
 /// refusal is one line; past this, the session counts as started there.
 pub const EARLY_STDERR: usize = 64 * 1024;
+/// How long a builder may take to answer the client's first bytes. Both Nix protocols answer the
+/// client's hello at once; a builder silent for this long is stuck, and the session is tried on
+/// the next one instead of waiting on it for ever.
+pub const FIRST_ANSWER: Duration = Duration::from_secs(30);
 
 pub fn now_unix() -> i64 {
     std::time::SystemTime::now()
@@ -794,6 +798,17 @@ async fn serve_channel(
                 );
                 slot.refused();
             }
+            Tried::Refused(Start::Silent) => {
+                warn!(
+                    client,
+                    builder = %name,
+                    address = %address,
+                    tries,
+                    "the builder did not answer within {} s; trying the next one",
+                    FIRST_ANSWER.as_secs()
+                );
+                slot.refused();
+            }
             Tried::Refused(_) => {
                 warn!(
                     client,
@@ -909,6 +924,8 @@ enum Start {
     Busy,
     /// It ended without an answer: closed, killed by a signal, or the connection was lost.
     Died,
+    /// It did not answer the client's first bytes within [`FIRST_ANSWER`].
+    Silent,
 }
 
 /// The builder's messages, kept back until it is known whether the session started there.
@@ -973,8 +990,13 @@ async fn try_builder(client: &mut Channel<Msg>, builder: Channel<client::Msg>, e
         let _ = to_builder.eof().await;
     }
     let mut kept = Kept::default();
+    // From the client's first byte on, the builder must answer within FIRST_ANSWER. A client
+    // that sends nothing gets its builder as it is: there is nothing to replay elsewhere.
+    let answer_by = |early: &Early| (early.bytes > 0).then(|| tokio::time::Instant::now() + FIRST_ANSWER);
+    let mut deadline = answer_by(early);
     loop {
         tokio::select! {
+            () = sleep_until_some(deadline) => return Tried::Refused(Start::Silent),
             m = client.wait(), if early.bytes < EARLY_BYTES => match m {
                 None | Some(ChannelMsg::Close) => {
                     let _ = to_builder.close().await;
@@ -984,6 +1006,7 @@ async fn try_builder(client: &mut Channel<Msg>, builder: Channel<client::Msg>, e
                     let _ = to_builder.data(&data[..]).await;
                     early.bytes += data.len();
                     early.data.push(data.to_vec());
+                    deadline = deadline.or_else(|| answer_by(early));
                 }
                 Some(ChannelMsg::Eof) if !early.eof => {
                     early.eof = true;
@@ -997,6 +1020,14 @@ async fn try_builder(client: &mut Channel<Msg>, builder: Channel<client::Msg>, e
                 refused => return Tried::Refused(refused),
             },
         }
+    }
+}
+
+/// Sleeps until `deadline`; never returns without one.
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -657,6 +657,8 @@ enum Mode {
     Echo,
     /// A genuine failure: a stderr line and exit status 3, no stdout.
     Fail,
+    /// Stuck: takes the command and never answers or closes.
+    Silent,
 }
 
 /// A builder on loopback: a russh server that presents the pool's host key, lets any key in,
@@ -711,7 +713,7 @@ impl russh::server::Handler for Fake {
     ) -> Result<(), Self::Error> {
         session.channel_success(channel)?;
         let (line, status) = match self.mode {
-            Mode::Echo => return Ok(()),
+            Mode::Echo | Mode::Silent => return Ok(()),
             Mode::Busy => ("nixpool: all 1 build slots of this builder are in use\n", 75),
             Mode::Fail => ("error: the fake builder failed\n", 3),
         };
@@ -904,6 +906,49 @@ async fn a_builder_that_says_all_its_slots_are_in_use_is_passed_over_unseen_by_t
         "{log}"
     );
     assert_eq!(failing.envs().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_builder_that_never_answers_is_passed_over_after_30_s() {
+    let keys = Keys::new();
+    let (first, second) = two_listeners().await;
+    let silent = FakeBuilder::start(&keys, first, Mode::Silent);
+    let echo = FakeBuilder::start(&keys, second, Mode::Echo);
+    let gw = Gateway::start(
+        &keys,
+        &[
+            &format!("--builder={}=1", silent.name),
+            &format!("--builder={}=1", echo.name),
+            "--hold-seconds=60",
+        ],
+        &[],
+    );
+    gw.wait_ready();
+    let asked_at = Instant::now();
+    let out = run(&gw, &keys, "nix-daemon --stdio", b"hello").await;
+    let took = asked_at.elapsed();
+    assert_eq!(
+        (out.status.code(), &out.stdout[..]),
+        (Some(0), &b"hello"[..]),
+        "{}\n{}",
+        output_text(&out),
+        gw.log()
+    );
+    assert!(
+        took >= Duration::from_secs(30),
+        "answered after {took:?}, before the bound"
+    );
+    let log = gw.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("did not answer within 30 s") && l.contains(&silent.name)),
+        "{log}"
+    );
+    let done = log.lines().find(|l| l.contains("session done")).unwrap();
+    assert!(
+        done.contains("tries=2") && done.contains(&format!("builder={}", echo.name)),
+        "{done}"
+    );
 }
 
 #[test]
