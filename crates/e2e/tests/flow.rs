@@ -816,9 +816,7 @@ async fn the_gateway_sends_concurrent_builds_to_different_builders() {
             build(
                 &wider_file,
                 &format!("held-{i}"),
-                &format!(
-                    "read s x < /proc/uptime; busybox sleep 3; read e x < /proc/uptime; echo {i} $s $e > $out"
-                ),
+                &format!("read s x < /proc/uptime; busybox sleep 3; read e x < /proc/uptime; echo {i} $s $e > $out"),
             )
         })
         .collect();
@@ -871,7 +869,11 @@ async fn the_gateway_sends_concurrent_builds_to_different_builders() {
         text.contains("login refused") && text.contains("session refused"),
         "{text}"
     );
-    assert_eq!(text.matches("session done").count(), 10, "one line per session:\n{text}");
+    assert_eq!(
+        text.matches("session done").count(),
+        10,
+        "one line per session:\n{text}"
+    );
     eprintln!(
         "6 builds on 3 builders of 1 slot: {ran:?}; sessions a builder refused as full: {}",
         text.matches("all its slots are in use").count()
@@ -1071,5 +1073,65 @@ async fn scaling_down_while_a_build_runs_and_rolling_out_while_a_session_is_held
         rolled.then_some(())
     })
     .await;
+    w.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gateway_killed_outright_loses_only_the_builds_spliced_through_it() {
+    let w = World::new("gwkill").await;
+    w.apply_pool_with("builders", 1, |p| {
+        p.spec.gateway = Some(Default::default());
+    })
+    .await;
+    w.ready("builders", 1).await;
+    let machines = w.machines_file("builders", &w.key.path);
+    let long = w.build_under_way(&machines, "busybox sleep 20; echo long > $out").await;
+    // The gateway that carries the build: its metrics show the one active session.
+    let carrier = eventually(MIN, "the gateway that carries the build", || async {
+        for pod in w.gateway_pods().await {
+            let ip = pod.status.as_ref()?.pod_ip.clone()?;
+            let port = nixpool_api::ports::GATEWAY_HTTP;
+            let metrics = http_get_at(&format!("{ip}:{port}"), "/metrics").await.ok()?;
+            if metrics.contains("nixpool_gateway_sessions_open{state=\"active\"} 1") {
+                return pod.metadata.name;
+            }
+        }
+        None
+    })
+    .await;
+    // Killed outright (SIGKILL, no drain), as an OOM kill or a node failure does.
+    let killed = w.kubectl(&["delete", "pod", &carrier, "--grace-period=0", "--force"]);
+    assert!(killed.status.success(), "{killed:?}");
+    let lost = long.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&lost.stderr);
+    eprintln!(
+        "the build spliced through the killed gateway: {}\n{stderr}",
+        lost.status
+    );
+    // Nix 2.8 does not retry it: the build fails, and running it again is the user's to do.
+    assert!(
+        !lost.status.success() && stderr.contains("error: unexpected end-of-file"),
+        "the build spliced through the killed gateway: {stderr}"
+    );
+    // The builder's side of the session went with it: the build stops there too.
+    let builder = w.pods().await[0].metadata.name.clone().unwrap();
+    eventually(MIN, "the build stopped on the builder", || async {
+        let ps = w.kubectl(&[
+            "exec",
+            &builder,
+            "-c",
+            "builder",
+            "--",
+            "sh",
+            "-c",
+            "cat /proc/[0-9]*/cmdline",
+        ]);
+        let text = String::from_utf8_lossy(&ps.stdout).replace('\0', " ");
+        (ps.status.success() && !text.contains("sleep 20")).then_some(())
+    })
+    .await;
+    // New sessions go through the other gateway at once.
+    let drv = derivation(&w.dir, "after-sigkill", "echo still here > $out").unwrap();
+    assert_built(&nix_build_command(&machines, &drv).output().unwrap());
     w.stop();
 }

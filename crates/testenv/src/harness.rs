@@ -199,8 +199,13 @@ pub fn sum_counter(metrics: &str, name: &str, label: &str) -> f64 {
 }
 
 async fn http_get(port: u16, path: &str) -> std::io::Result<String> {
+    http_get_at(&format!("127.0.0.1:{port}"), path).await
+}
+
+/// The body of `GET path` from `addr` (`HOST:PORT`), HTTP/1.0.
+pub async fn http_get_at(addr: &str, path: &str) -> std::io::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
         .await?;
     let mut out = String::new();
