@@ -123,12 +123,34 @@ pub fn need_tool(name: &str, package: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A free TCP port on 127.0.0.1 (free when asked; good enough for loopback tests).
+/// A free TCP port on 127.0.0.1 for a server a test starts. It comes from below the kernel's
+/// ephemeral range (32768 and up on Linux) and below the NodePort range (30000 and up), above
+/// the node's fixed ports (kubelet's 10250 and its neighbours), so no socket bound to port 0
+/// meanwhile (a test's own listener, a client's connection) can take it before the server binds
+/// it; each call in a process gets a new one, and one in use by another process is skipped.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const FIRST: u16 = 12_000;
+    const LAST: u16 = 30_000;
+    // Processes started one after another begin at different places.
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        FIRST + (std::process::id() % 180) as u16 * 100,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in FIRST..LAST {
+        let port = NEXT
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |p| {
+                Some(if p + 1 >= LAST { FIRST } else { p + 1 })
+            })
+            .expect("the closure always returns a port");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on 127.0.0.1 between {FIRST} and {LAST}")
 }
 
 /// A running control plane.
