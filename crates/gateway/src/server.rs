@@ -38,17 +38,25 @@
 //! - the connection: russh's session state and packet buffers (a packet is at most 256 KiB;
 //!   in practice about 100 KiB with its key-exchange state);
 //! - at most [`MAX_SESSIONS_PER_CONNECTION`] sessions (OpenSSH's `MaxSessions` default), each
-//!   with two queues of at most [`CHANNEL_BUFFER`] messages of at most [`MAX_PACKET`] bytes (one
-//!   from the client, one from its builder: 2 × 16 × 32 KiB = 1 MiB), plus up to [`EARLY_BYTES`]
-//!   the client sent before a builder started the session (one packet more at most), and up to
+//!   with four queues of at most [`CHANNEL_BUFFER`] messages of at most [`MAX_PACKET`] bytes (per
+//!   direction, russh's own and the splice's: 4 × 16 × 32 KiB = 2 MiB), plus up to [`EARLY_BYTES`]
+//!   the client sent before a builder started the session (one packet more at most), up to
 //!   [`EARLY_STDERR`] of the builder's stderr kept back meanwhile (64 KiB: within the rounding
-//!   below).
+//!   below), and at most the client's SSH window of the builder's output on its way out
+//!   (OpenSSH's window is 2 MiB): output to the client waits for its window, so a slow client
+//!   holds the builder back rather than filling the gateway.
 //!
-//! So at most about 1000 × (0.1 + 10 × 1.25) MiB; a pool's clients open one session per
-//! connection in practice (about 1.4 MiB each, 1.4 GiB at the default limit). A connection that
-//! has not logged in within [`AUTH_TIMEOUT`] is closed, so silent or slow connections cannot hold
-//! the limit for long; a logged-in connection that stops answering keepalives is closed within
-//! a minute.
+//! So at most about 1000 × (0.1 + 10 × 4.25) MiB; a pool's clients open one session per
+//! connection in practice (at most about 4.4 MiB each, 4.4 GiB at the default limit). A
+//! connection that has not logged in within [`AUTH_TIMEOUT`] is closed, so silent or slow
+//! connections cannot hold the limit for long; a logged-in connection that stops answering
+//! keepalives is closed within a minute.
+//!
+//! russh replenishes a channel's window when a packet arrives, not when it is read, and stops
+//! reading the whole connection while one channel's queue is full. The splice therefore reads
+//! each side on its own, so one direction waiting for its window never stops the other from
+//! being read. A peer that saturates both directions of a session at once (an echo) can still
+//! stall it; Nix's protocols move bulk data one way at a time (paths up, then outputs down).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -838,34 +846,64 @@ async fn serve_channel(
     let name = slot.name.clone();
     let started = Instant::now();
     // The client's side is written through `handle`; the builder's through its write half.
-    let (mut from_client, _client_write) = channel.split();
+    // Both go through the channel's halves, which wait for the peer's SSH window: a slow client
+    // holds the builder's output back at the builder, not in the gateway's memory.
+    let (mut from_client, to_client) = channel.split();
     let mut up = early.bytes as u64;
     drop(early);
     let mut down = 0u64;
     // What the builder said before it was known to have started goes first.
     let mut builder_open = true;
     for m in kept {
-        if !pass_down(&handle, id, Some(m), &mut down).await {
+        if !pass_down(&to_client, Some(m), &mut down).await {
             builder_open = false;
             break;
         }
     }
-    let mut client_open = true;
-    while builder_open {
+    // Each direction is a reader and a writer with a bounded queue between them. A russh
+    // connection reads the peer's packets (window adjustments too) on one loop that waits while
+    // a channel's queue is full, so a writer waiting for one side's window must not stop the
+    // other side's queue from being read (the module's notes say what is left). The session
+    // ends when the builder's side does.
+    if builder_open {
+        let (up_tx, mut up_rx) = tokio::sync::mpsc::channel(CHANNEL_BUFFER);
+        let (down_tx, mut down_rx) = tokio::sync::mpsc::channel(CHANNEL_BUFFER);
+        let read_up = pump(&mut from_client, up_tx);
+        let read_down = pump(&mut from_builder, down_tx);
+        let write_up = async {
+            while let Some(m) = up_rx.recv().await {
+                match m {
+                    Some(ChannelMsg::Data { data }) => {
+                        up += data.len() as u64;
+                        if to_builder.data(&data[..]).await.is_err() {
+                            break;
+                        }
+                    }
+                    Some(ChannelMsg::Eof) => {
+                        let _ = to_builder.eof().await;
+                    }
+                    None | Some(ChannelMsg::Close) => {
+                        let _ = to_builder.close().await;
+                        break;
+                    }
+                    Some(_) => {}
+                }
+            }
+            // Nothing more goes up; the builder's side ends the session.
+            std::future::pending::<()>().await
+        };
+        let write_down = async {
+            while let Some(m) = down_rx.recv().await {
+                if !pass_down(&to_client, m, &mut down).await {
+                    break;
+                }
+            }
+        };
         tokio::select! {
-            m = from_client.wait(), if client_open => match m {
-                Some(ChannelMsg::Data { data }) => {
-                    up += data.len() as u64;
-                    to_builder.data(&data[..]).await.context("forwarding to the builder")?;
-                }
-                Some(ChannelMsg::Eof) => to_builder.eof().await.context("forwarding EOF to the builder")?,
-                None | Some(ChannelMsg::Close) => {
-                    client_open = false;
-                    let _ = to_builder.close().await;
-                }
-                _ => {}
-            },
-            m = from_builder.wait() => builder_open = pass_down(&handle, id, m, &mut down).await,
+            () = read_up => {}
+            () = read_down => {}
+            () = write_up => {}
+            () = write_down => {}
         }
     }
     drop(slot);
@@ -885,27 +923,41 @@ async fn serve_channel(
     Ok(())
 }
 
+/// Moves one side's messages into `queue` until that side closes; then waits for ever (the
+/// session's end is the builder's side, written down by the other half).
+async fn pump(from: &mut ChannelReadHalf, queue: tokio::sync::mpsc::Sender<Option<ChannelMsg>>) {
+    loop {
+        let m = from.wait().await;
+        let end = matches!(m, None | Some(ChannelMsg::Close));
+        if queue.send(m).await.is_err() || end {
+            break;
+        }
+    }
+    std::future::pending::<()>().await
+}
+
 /// Passes one of the builder's messages on to the client; false once the session is over.
-async fn pass_down(handle: &Handle, id: ChannelId, m: Option<ChannelMsg>, down: &mut u64) -> bool {
+/// Data waits for the client's window.
+async fn pass_down(to_client: &ChannelWriteHalf<Msg>, m: Option<ChannelMsg>, down: &mut u64) -> bool {
     match m {
         Some(ChannelMsg::Data { data }) => {
             *down += data.len() as u64;
-            handle.data(id, data).await.is_ok()
+            to_client.data(&data[..]).await.is_ok()
         }
         Some(ChannelMsg::ExtendedData { data, ext }) => {
-            let _ = handle.extended_data(id, ext, data).await;
+            let _ = to_client.extended_data(ext, &data[..]).await;
             true
         }
         Some(ChannelMsg::ExitStatus { exit_status }) => {
-            let _ = handle.exit_status_request(id, exit_status).await;
+            let _ = to_client.exit_status(exit_status).await;
             true
         }
         Some(ChannelMsg::Eof) => {
-            let _ = handle.eof(id).await;
+            let _ = to_client.eof().await;
             true
         }
         None | Some(ChannelMsg::Close) => {
-            let _ = handle.close(id).await;
+            let _ = to_client.close().await;
             false
         }
         Some(_) => true,

@@ -655,11 +655,18 @@ enum Mode {
     Busy,
     /// Echoes stdin to stdout, exits 0 at EOF.
     Echo,
+    /// As Nix's protocols move bulk data: one way at a time. Answers the first byte at once
+    /// (as a daemon answers the client's hello), takes the rest of stdin, and at EOF sends that
+    /// back [`REPLY_TIMES`] times (build outputs outweigh inputs), then exits 0.
+    Reply,
     /// A genuine failure: a stderr line and exit status 3, no stdout.
     Fail,
     /// Stuck: takes the command and never answers or closes.
     Silent,
 }
+
+/// How many times a [`Mode::Reply`] builder sends back what it took.
+const REPLY_TIMES: usize = 4;
 
 /// A builder on loopback: a russh server that presents the pool's host key, lets any key in,
 /// records the `env` requests it gets, and answers as its [`Mode`] says.
@@ -670,8 +677,10 @@ struct FakeBuilder {
 
 struct Fake {
     mode: Mode,
+    /// What a [`Mode::Reply`] builder has taken so far, after the first packet it answered.
+    taken: Vec<u8>,
+    answered: bool,
     envs: Arc<Mutex<Vec<(String, String)>>>,
-    channels: Vec<russh::Channel<russh::server::Msg>>,
 }
 
 impl russh::server::Handler for Fake {
@@ -687,10 +696,12 @@ impl russh::server::Handler for Fake {
 
     async fn channel_open_session(
         &mut self,
-        channel: russh::Channel<russh::server::Msg>,
+        mut channel: russh::Channel<russh::server::Msg>,
         _session: &mut russh::server::Session,
     ) -> Result<bool, Self::Error> {
-        self.channels.push(channel);
+        // The handler's callbacks answer; the channel's own queue must still be read, or russh
+        // stops reading the connection once it is full.
+        tokio::spawn(async move { while channel.wait().await.is_some() {} });
         Ok(true)
     }
 
@@ -713,7 +724,7 @@ impl russh::server::Handler for Fake {
     ) -> Result<(), Self::Error> {
         session.channel_success(channel)?;
         let (line, status) = match self.mode {
-            Mode::Echo | Mode::Silent => return Ok(()),
+            Mode::Echo | Mode::Reply | Mode::Silent => return Ok(()),
             Mode::Busy => ("nixpool: all 1 build slots of this builder are in use\n", 75),
             Mode::Fail => ("error: the fake builder failed\n", 3),
         };
@@ -729,8 +740,15 @@ impl russh::server::Handler for Fake {
         data: &[u8],
         session: &mut russh::server::Session,
     ) -> Result<(), Self::Error> {
-        if self.mode == Mode::Echo {
-            session.data(channel, russh::CryptoVec::from_slice(data))?;
+        match self.mode {
+            Mode::Echo => session.data(channel, russh::CryptoVec::from_slice(data))?,
+            Mode::Reply if !self.answered => {
+                self.answered = true;
+                session.data(channel, russh::CryptoVec::from_slice(&data[..1]))?;
+                self.taken.extend_from_slice(&data[1..]);
+            }
+            Mode::Reply => self.taken.extend_from_slice(data),
+            _ => {}
         }
         Ok(())
     }
@@ -740,7 +758,13 @@ impl russh::server::Handler for Fake {
         channel: russh::ChannelId,
         session: &mut russh::server::Session,
     ) -> Result<(), Self::Error> {
-        if self.mode == Mode::Echo {
+        if self.mode == Mode::Reply {
+            let taken = std::mem::take(&mut self.taken);
+            for _ in 0..REPLY_TIMES {
+                session.data(channel, russh::CryptoVec::from_slice(&taken))?;
+            }
+        }
+        if matches!(self.mode, Mode::Echo | Mode::Reply) {
             session.exit_status_request(channel, 0)?;
             session.eof(channel)?;
             session.close(channel)?;
@@ -765,8 +789,9 @@ impl FakeBuilder {
                 let config = Arc::clone(&config);
                 let handler = Fake {
                     mode,
+                    taken: Vec::new(),
+                    answered: false,
                     envs: Arc::clone(&recorded),
-                    channels: Vec::new(),
                 };
                 tokio::spawn(async move {
                     if let Ok(session) = russh::server::run_stream(config, tcp, handler).await {
@@ -801,13 +826,13 @@ async fn run(gw: &Gateway, keys: &Keys, command: &str, input: &'static [u8]) -> 
         .spawn()
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
-    tokio::task::spawn_blocking(move || {
-        stdin.write_all(input).unwrap();
-        drop(stdin);
-        child.wait_with_output().unwrap()
-    })
-    .await
-    .unwrap()
+    // Written while the output is read: a session may answer before it has read everything.
+    std::thread::spawn(move || {
+        let _ = stdin.write_all(input);
+    });
+    tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -987,12 +1012,90 @@ fn a_hundred_silent_connections_are_closed_after_20_s_and_memory_stays_bounded()
     );
 }
 
+#[test]
+fn ten_sessions_sending_4_mib_up_and_16_mib_down_to_slow_readers_stay_within_the_memory_bound() {
+    const SESSIONS: usize = 10;
+    const BYTES: usize = 4 << 20;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let _entered = runtime.enter();
+    let keys = Keys::new();
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let builder = FakeBuilder::start(&keys, listener, Mode::Reply);
+    let slots = format!("--builder={}={SESSIONS}", builder.name);
+    let gw = Gateway::start(&keys, &[&slots, "--hold-seconds=60"], &[]);
+    gw.wait_ready();
+    let idle = rss_kib(gw.child.id());
+    let input: Arc<Vec<u8>> = Arc::new((0..BYTES).map(|i| (i % 251) as u8).collect());
+    // Each client uploads 4 MiB; the builder sends them back 4 times at EOF, and the client
+    // starts reading only 10 s later (the uploads take a few seconds here): meanwhile the
+    // builder's output must wait at the builder, not in the gateway.
+    let clients: Vec<_> = (0..SESSIONS)
+        .map(|_| {
+            let mut child = gw
+                .ssh(&keys.client, "nix-daemon --stdio")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut stdin = child.stdin.take().unwrap();
+            let mut stdout = child.stdout.take().unwrap();
+            let sent = Arc::clone(&input);
+            std::thread::spawn(move || {
+                stdin.write_all(&sent).unwrap();
+                drop(stdin);
+                std::thread::sleep(Duration::from_secs(10));
+                let mut back = Vec::new();
+                stdout.read_to_end(&mut back).unwrap();
+                (back, child.wait_with_output().unwrap())
+            })
+        })
+        .collect();
+    let mut expected = input[..1].to_vec();
+    for _ in 0..REPLY_TIMES {
+        expected.extend_from_slice(&input[1..]);
+    }
+    for client in clients {
+        let (back, out) = client.join().unwrap();
+        assert!(
+            out.status.success() && back == expected,
+            "{} bytes back\n{}\n{}",
+            back.len(),
+            output_text(&out),
+            gw.log()
+        );
+    }
+    let peak = peak_rss_kib(gw.child.id());
+    // The bound (server.rs), per session: four queues of 16 x 32 KiB, 256 KiB of early bytes,
+    // and the client's window of output in flight (OpenSSH's is 2 MiB).
+    let bound = SESSIONS as u64 * (2048 + 256 + 2048);
+    eprintln!(
+        "gateway RSS: {idle} KiB idle, {peak} KiB at peak with {SESSIONS} sessions of 4 MiB up and 16 MiB down (bound +{bound} KiB)"
+    );
+    assert!(
+        peak < idle + bound,
+        "{SESSIONS} sessions took {} KiB, above the {bound} KiB bound\n{}",
+        peak - idle,
+        gw.log()
+    );
+    assert_eq!(gw.log().matches("session done").count(), SESSIONS, "{}", gw.log());
+}
+
 /// Resident memory of a process, in KiB.
 fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// The most resident memory a process has had, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmHWM:")
+}
+
+fn status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap()
 }
