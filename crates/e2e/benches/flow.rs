@@ -214,7 +214,7 @@ impl HandMadeBuilder {
         }
         let r = root.display();
         let script = format!(
-            "set -e; mount --bind {r}/etc /etc; mount --bind {r}/nix /nix; mount --bind {r}/run /run; mkdir -p /run/sshd; \
+            "set -e; mkdir -p /nix; mount --bind {r}/etc /etc; mount --bind {r}/nix /nix; mount --bind {r}/run /run; mkdir -p /run/sshd; \
              /usr/bin/nix-daemon & sleep 0.5; exec /usr/sbin/sshd -D -e -f /etc/ssh/hand_sshd_config"
         );
         let log = std::fs::File::create(dir.join("hand.log")).unwrap();

@@ -216,8 +216,9 @@ impl Builder {
         preflight();
         let root = Root::new(config);
         let r = root.root.display().to_string();
+        // A fresh host has no /nix to mount on until its own Nix first runs.
         let script = format!(
-            "set -e; mount --bind {r}/etc /etc; mount --bind {r}/nix /nix; mount --bind {r}/run /run; ip link set lo up; hostname nixpool-test-builder; echo ready; exec sleep 100000"
+            "set -e; mkdir -p /nix; mount --bind {r}/etc /etc; mount --bind {r}/nix /nix; mount --bind {r}/run /run; ip link set lo up; hostname nixpool-test-builder; echo ready; exec sleep 100000"
         );
         let mut holder = Command::new("unshare")
             .args([
