@@ -80,11 +80,19 @@ async fn main() {
     op.settle(Duration::from_secs(2)).await;
     let m = op.metrics().await;
     let verb = |m: &str, v: &str| sum_counter(m, "nixpool_operator_api_requests_total", &format!("verb=\"{v}\""));
-    let create_total: f64 = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+    // Events are writes too; they are counted apart.
+    let events = |m: &str| sum_counter(m, "nixpool_operator_api_requests_total", "resource=\"events\"");
+    let create_total: f64 = ["GET", "LIST", "WATCH", "POST", "PUT", "PATCH", "DELETE"]
         .iter()
         .map(|v| verb(&m, v))
         .sum();
-    let create_writes: f64 = ["POST", "PUT", "PATCH", "DELETE"].iter().map(|v| verb(&m, v)).sum();
+    let create_writes: f64 = ["POST", "PUT", "PATCH", "DELETE"]
+        .iter()
+        .map(|v| verb(&m, v))
+        .sum::<f64>()
+        - events(&m);
+    let create_reads = verb(&m, "GET");
+    let create_events = events(&m);
 
     // A no-op resync: every pool is reconciled again by the resync timer, nothing changed.
     let r0 = op.reconciles().await;
@@ -99,6 +107,7 @@ async fn main() {
     let resynced = op.reconciles().await - r0;
     let delta = |v: &str| verb(&after, v) - verb(&before, v);
     let resync_reads = delta("GET");
+    let resync_lists = delta("LIST") + delta("WATCH");
     let resync_writes: f64 = ["POST", "PUT", "PATCH", "DELETE"].iter().map(|v| delta(v)).sum();
     let rss = op.peak_rss();
 
@@ -112,13 +121,22 @@ async fn main() {
         "| API requests per pool while creating (all verbs) | {:.1} |",
         create_total / n as f64
     );
-    println!("| of which writes per pool | {:.1} |", create_writes / n as f64);
+    println!(
+        "| of which single-object reads (GET) per pool | {:.1} |",
+        create_reads / n as f64
+    );
+    println!(
+        "| of which writes per pool, Events apart (goal: at most the children + 1 status write) | {:.1} |",
+        create_writes / n as f64
+    );
+    println!("| Events written per pool | {:.1} |", create_events / n as f64);
     println!("| Reconciles in the measured no-op resync | {resynced} |");
     println!(
         "| API reads per pool per no-op reconcile | {:.1} |",
         resync_reads / resynced.max(1.0)
     );
     println!("| API writes in the no-op resync (must be 0) | {resync_writes} |");
+    println!("| Lists and watches (re)started during the no-op resync, for all pools | {resync_lists} |");
     println!("| Operator peak RSS | {:.1} MiB |", rss as f64 / (1024.0 * 1024.0));
     assert_eq!(resync_writes, 0.0, "a no-op resync wrote to the API");
 }

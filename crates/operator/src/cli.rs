@@ -191,9 +191,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .with_layer(&tower::util::MapRequestLayer::new(
             move |req: ::http::Request<kube::client::Body>| {
                 counted
-                    .get_or_create(&VerbLabels {
-                        verb: req.method().as_str().to_string(),
-                    })
+                    .get_or_create(&VerbLabels::of(req.method().as_str(), req.uri()))
                     .inc();
                 req
             },
@@ -240,6 +238,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         with_pdb,
         resync: Duration::from_secs(args.resync_seconds),
         failures: Default::default(),
+        stores: Default::default(),
+        keys: Default::default(),
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let controller = tokio::spawn(reconcile::run(ctx, args.namespace, async move {

@@ -1,12 +1,13 @@
 //! What every reconcile shares.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use jiff::Timestamp;
 use kube::runtime::events::Recorder;
 
+use crate::cache::{Keys, Stores};
 use crate::metrics::Metrics;
 
 pub struct Context {
@@ -21,9 +22,17 @@ pub struct Context {
     pub resync: Duration,
     /// Consecutive transient failures per pool, for the retry backoff.
     pub failures: Mutex<HashMap<String, u32>>,
+    /// The watched objects, once the controller's watches exist.
+    pub stores: OnceLock<Stores>,
+    /// The public halves of the keys the operator generated.
+    pub keys: Keys,
 }
 
 impl Context {
+    pub fn stores(&self) -> Option<&Stores> {
+        self.stores.get()
+    }
+
     /// The clock. Pure code takes `now` as an argument instead of reading it.
     pub fn now(&self) -> Timestamp {
         Timestamp::now()

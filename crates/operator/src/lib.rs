@@ -4,6 +4,7 @@
 //! call the pure stages directly, e.g. `reconcile::validate::validate` against the same corpus of
 //! specs the API server must refuse.
 
+mod cache;
 pub mod cli;
 mod context;
 mod error;

@@ -20,7 +20,45 @@ pub struct DirectionLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VerbLabels {
+    /// The HTTP method, except that a GET is `GET` (one object), `LIST` or `WATCH`.
     pub verb: String,
+    /// The resource's plural name (`deployments`, `secrets`, `events`, …), with `/status` for
+    /// the status subresource.
+    pub resource: String,
+}
+
+impl VerbLabels {
+    /// What a request to the API server is, from its method and path.
+    pub fn of(method: &str, uri: &::http::Uri) -> Self {
+        // /api/v1/namespaces/NS/RESOURCE/NAME/SUB, /apis/GROUP/VERSION/RESOURCE, …
+        let mut segments: Vec<&str> = uri.path().split('/').filter(|s| !s.is_empty()).collect();
+        let skip = match segments.first() {
+            Some(&"api") => 2,
+            Some(&"apis") => 3,
+            _ => segments.len(),
+        };
+        segments.drain(..skip.min(segments.len()));
+        if segments.first() == Some(&"namespaces") && segments.len() > 2 {
+            segments.drain(..2);
+        }
+        let resource = match segments.as_slice() {
+            [] => "other".to_string(),
+            [resource, _, sub, ..] => format!("{resource}/{sub}"),
+            [resource, ..] => resource.to_string(),
+        };
+        let watch = uri
+            .query()
+            .is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"));
+        let verb = match method {
+            "GET" if watch => "WATCH",
+            "GET" if segments.len() == 1 => "LIST",
+            m => m,
+        };
+        Self {
+            verb: verb.to_string(),
+            resource,
+        }
+    }
 }
 
 /// Every metric the operator exports.
@@ -29,7 +67,8 @@ pub struct Metrics {
     pub reconciles: Counter,
     pub failures: Family<CategoryLabels, Counter>,
     pub duration: Histogram,
-    /// API requests sent, by HTTP method: `writes == 0` on a no-op resync is a tested promise.
+    /// API requests sent, by verb and resource: `writes == 0` on a no-op resync is a tested
+    /// promise, and so is no `GET` at all.
     pub api_requests: Family<VerbLabels, Counter>,
     pub leader: Gauge,
     /// Autoscaler decisions that changed a pool's builder count.
@@ -88,5 +127,45 @@ impl Metrics {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("encoding to a String cannot fail");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::VerbLabels;
+
+    fn of(method: &str, uri: &str) -> (String, String) {
+        let l = VerbLabels::of(method, &uri.parse().unwrap());
+        (l.verb, l.resource)
+    }
+
+    #[test]
+    fn requests_are_named_by_verb_and_resource() {
+        let pair = |v: &str, r: &str| (v.to_string(), r.to_string());
+        assert_eq!(
+            of("GET", "/apis/apps/v1/namespaces/a/deployments/p"),
+            pair("GET", "deployments")
+        );
+        assert_eq!(
+            of("GET", "/api/v1/namespaces/a/secrets/p-host-key"),
+            pair("GET", "secrets")
+        );
+        assert_eq!(
+            of("GET", "/api/v1/configmaps?labelSelector=x"),
+            pair("LIST", "configmaps")
+        );
+        assert_eq!(
+            of("GET", "/apis/apps/v1/deployments?watch=true&resourceVersion=5"),
+            pair("WATCH", "deployments")
+        );
+        assert_eq!(
+            of(
+                "PATCH",
+                "/apis/nixpool.dev/v1alpha1/namespaces/a/nixbuilderpools/p/status"
+            ),
+            pair("PATCH", "nixbuilderpools/status")
+        );
+        assert_eq!(of("POST", "/api/v1/namespaces/a/events"), pair("POST", "events"));
+        assert_eq!(of("GET", "/version"), pair("GET", "other"));
     }
 }

@@ -476,7 +476,7 @@ async fn a_pool_scales_with_kubectl_and_deleting_it_garbage_collects_its_childre
 }
 
 #[tokio::test]
-async fn the_host_key_survives_reconciles_and_an_operator_restart_and_no_op_reconciles_write_nothing() {
+async fn the_host_key_survives_reconciles_and_an_operator_restart_and_no_op_reconciles_send_no_request() {
     let cp = control_plane();
     let ns = cp.namespace("hostkey").await.unwrap();
     let client = cp.client().await.unwrap();
@@ -491,8 +491,10 @@ async fn the_host_key_survives_reconciles_and_an_operator_restart_and_no_op_reco
     // No-op reconciles: nudge the pool (an annotation does not change its spec) and count.
     op.settle(Duration::from_secs(2)).await;
     let writes = op.writes().await;
+    let gets = op.gets().await;
     let reconciles = op.reconciles().await;
     assert!(writes > 0.0, "the operator's request counter must see its own writes");
+    assert!(gets > 0.0, "the operator's request counter must see its own reads");
     for i in 0..3 {
         let patch = serde_json::json!({"metadata": {"annotations": {"test/nudge": i.to_string()}}});
         pools
@@ -509,6 +511,12 @@ async fn the_host_key_survives_reconciles_and_an_operator_restart_and_no_op_reco
         op.writes().await,
         writes,
         "a reconcile of an unchanged pool must not write:\n{}",
+        op.metrics().await
+    );
+    assert_eq!(
+        op.gets().await,
+        gets,
+        "a reconcile of an unchanged pool must read nothing from the API server (its children come from the watches' stores, its host key from memory):\n{}",
         op.metrics().await
     );
 

@@ -140,6 +140,13 @@ impl Operator {
             .sum()
     }
 
+    /// Single-object reads (`GET` of one object; lists and watches are counted apart) the
+    /// controller has sent.
+    pub async fn gets(&self) -> f64 {
+        self.counter("nixpool_operator_api_requests_total", "verb=\"GET\"")
+            .await
+    }
+
     pub async fn reconciles(&self) -> f64 {
         self.counter("nixpool_operator_reconciles_total", "").await
     }

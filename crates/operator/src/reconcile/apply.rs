@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::build::{Children, GatewayChildren, stamp};
+use crate::cache::Cached;
 use crate::context::Context;
 use crate::error::{Error, Result};
 
@@ -77,16 +78,31 @@ pub async fn apply(ctx: &Context, ns: &str, children: Children) -> Result<Applie
     })
 }
 
-/// Reads the live object and applies `desired` only if the live one lacks any of it (which
-/// includes the applied-hash annotation, so a field dropped from the desired object counts as
-/// a change too).
+/// Applies `desired` only if the live object lacks any of it (which includes the applied-hash
+/// annotation, so a field dropped from the desired object counts as a change too). The live
+/// object comes from the watch's store when it has it and it already holds `desired` (no
+/// request at all); otherwise it is read from the API server.
 async fn ensure<K>(ctx: &Context, ns: &str, desired: K, changed: &mut Vec<String>) -> Result<K>
 where
-    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + Debug + Serialize + DeserializeOwned,
+    K: Cached + Resource<Scope = NamespaceResourceScope> + Debug + Serialize + DeserializeOwned,
 {
     let desired = stamp(desired);
     let name = desired.name_any();
     let kind = K::kind(&()).to_string();
+    let pool_uid = desired
+        .meta()
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true))
+        .map(|o| o.uid.clone());
+    let cached = ctx.stores().and_then(|s| s.get::<K>(ns, &name));
+    if let Some(cached) = cached
+        && controlled_by(cached.meta(), pool_uid.as_deref())
+        && is_subset(&to_value(&desired), &to_value(cached.as_ref()))
+    {
+        return Ok(cached.as_ref().clone());
+    }
     let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
     let live = api.get_opt(&name).await.map_err(|source| Error::Read {
         kind: kind.clone(),
@@ -95,19 +111,10 @@ where
     })?;
     if let Some(live) = live {
         // Never take over an object by name: only one this pool controls is updated.
-        let pool_uid = desired
-            .meta()
-            .owner_references
-            .iter()
-            .flatten()
-            .find(|o| o.controller == Some(true))
-            .map(|o| o.uid.clone());
         if !controlled_by(live.meta(), pool_uid.as_deref()) {
             return Err(Error::NotOwned { kind, name });
         }
-        let d = serde_json::to_value(&desired).expect("children serialize");
-        let l = serde_json::to_value(&live).expect("live objects serialize");
-        if is_subset(&d, &l) {
+        if is_subset(&to_value(&desired), &to_value(&live)) {
             return Ok(live);
         }
     }
@@ -125,6 +132,10 @@ where
         })?;
     changed.push(format!("{kind}/{name}"));
     Ok(applied)
+}
+
+fn to_value<K: Serialize>(object: &K) -> Value {
+    serde_json::to_value(object).expect("Kubernetes objects serialize")
 }
 
 /// Whether `meta`'s controller is the pool with `pool_uid`.

@@ -11,7 +11,7 @@ pub mod validate;
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -20,14 +20,15 @@ use kube::core::DeserializeGuard;
 use kube::core::error_boundary::InvalidObject;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use nixpool_api::conditions::{DEGRADED, READY, REASON_BAD_AUTHORIZED_KEYS, REASON_INVALID_SPEC};
 use nixpool_api::v1alpha1::SecretKeyRef;
 use nixpool_api::{NixBuilderPool, labels, names, paths};
 use tracing::{info, instrument, warn};
 
+use crate::cache::Stores;
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::hostkey::HostKey;
@@ -52,23 +53,33 @@ pub async fn run(
         }
     }
     let owned = watcher::Config::default().labels(labels::MANAGED_SELECTOR);
-    let controller = Controller::new(api::<Guarded>(&client, &namespace), watcher::Config::default());
-    let pools = controller.store();
-    let mut controller = controller
-        .owns(api::<Deployment>(&client, &namespace), owned.clone())
-        .owns(api::<Service>(&client, &namespace), owned.clone())
-        .owns(api::<ConfigMap>(&client, &namespace), owned.clone());
-    if ctx.with_pdb {
-        controller = controller.owns(api::<PodDisruptionBudget>(&client, &namespace), owned.clone());
-    }
+    let (pools, pool_events) = cached_watch(api::<Guarded>(&client, &namespace), watcher::Config::default());
+    let (deployments, deployment_events) = cached_watch(api::<Deployment>(&client, &namespace), owned.clone());
+    let (services, service_events) = cached_watch(api::<Service>(&client, &namespace), owned.clone());
+    let (config_maps, config_map_events) = cached_watch(api::<ConfigMap>(&client, &namespace), owned.clone());
     // Team-key ConfigMaps are watched by the opt-in label, so the operator caches only those;
     // it has no list or watch right on Secrets at all (a pool's Secrets are read by name).
+    let opted_in = watcher::Config::default().labels(&format!("{}=true", labels::USE));
+    let (team_config_maps, team_events) = cached_watch(api::<ConfigMap>(&client, &namespace), opted_in);
+    let mut controller = Controller::for_stream(pool_events, pools.clone())
+        .owns_stream(deployment_events)
+        .owns_stream(service_events)
+        .owns_stream(config_map_events);
+    let mut pdbs = None;
+    if ctx.with_pdb {
+        let (store, events) = cached_watch(api::<PodDisruptionBudget>(&client, &namespace), owned);
+        controller = controller.owns_stream(events);
+        pdbs = Some(store);
+    }
+    let _ = ctx.stores.set(Stores {
+        deployments,
+        services,
+        config_maps,
+        team_config_maps,
+        pdbs,
+    });
     controller
-        .watches(
-            api::<ConfigMap>(&client, &namespace),
-            watcher::Config::default().labels(&format!("{}=true", labels::USE)),
-            move |cm| pools_naming_config_map(&pools, &cm),
-        )
+        .watches_stream(team_events, move |cm| pools_naming_config_map(&pools, &cm))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -81,6 +92,24 @@ pub async fn run(
             }
         })
         .await;
+}
+
+/// A watch that keeps its objects in a store (without their managedFields) before it passes
+/// each one on, so a reconcile it wakes reads a store that has the change already.
+fn cached_watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+) -> (Store<K>, impl Stream<Item = Result<K, watcher::Error>> + Send)
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let (store, writer) = reflector::store();
+    let events = watcher(api, config)
+        .default_backoff()
+        .modify(|o| o.managed_fields_mut().clear())
+        .reflect(writer)
+        .touched_objects();
+    (store, events)
 }
 
 /// The pools that name a team-key ConfigMap.
@@ -166,7 +195,7 @@ async fn reconcile_pool(pool: &NixBuilderPool, ctx: &Context) -> Result<Action> 
         )
         .await?;
         gateway_key_generated = generated;
-        authorized.add(&format!("{} nixpool-gateway", key.public), || {
+        authorized.add(&format!("{key} nixpool-gateway"), || {
             crate::keys::Origin("the gateway's key".into())
         });
     }
@@ -219,7 +248,7 @@ async fn reconcile_pool(pool: &NixBuilderPool, ctx: &Context) -> Result<Action> 
         gateway: applied.gateway.as_ref(),
         desired_builders: builder_replicas,
         service: &applied.service,
-        host_public_key: host_key.as_ref().map(|k| k.public.as_str()),
+        host_public_key: host_key.as_deref(),
         bad_keys: &authorized.bad,
         missing_secrets: &missing,
         refused_secrets: &refused,
@@ -244,7 +273,7 @@ async fn reconcile_pool(pool: &NixBuilderPool, ctx: &Context) -> Result<Action> 
             "Create",
             format!(
                 "generated the pool's ed25519 host key: {}",
-                host_key.as_ref().map(|k| k.public.as_str()).unwrap_or("?")
+                host_key.as_deref().unwrap_or("?")
             ),
         )
         .await;
@@ -391,15 +420,16 @@ fn condition_message_of<'a>(status: &'a nixpool_api::NixBuilderPoolStatus, type_
         .map(|c| c.message.as_str())
 }
 
-/// The pool's host key: from the user's Secret, from the Secret the operator made, or freshly
-/// generated and stored exactly once (create, never overwrite). Returns whether it was generated.
+/// The public half of the pool's host key: from the user's Secret, from the Secret the operator
+/// made, or freshly generated and stored exactly once (create, never overwrite). Returns whether
+/// it was generated.
 async fn host_key(
     ctx: &Context,
     pool: &NixBuilderPool,
     ns: &str,
     missing: &mut Vec<String>,
     refused: &mut Vec<String>,
-) -> Result<(Option<HostKey>, bool)> {
+) -> Result<(Option<String>, bool)> {
     let (name, key) = build::host_key_ref(pool);
     if pool.spec.ssh.host_key_secret.is_none() {
         let (k, generated) = generated_key(
@@ -433,7 +463,7 @@ async fn host_key(
             })?;
             let parsed =
                 HostKey::parse(&data.0).map_err(|e| Error::HostKey(format!("Secret {name} key {key}: {e}")))?;
-            Ok((Some(parsed), false))
+            Ok((Some(parsed.public), false))
         }
         None => {
             missing.push(format!("secret/{name}"));
@@ -444,8 +474,9 @@ async fn host_key(
 
 /// A key pair the operator generates for a pool and keeps in a Secret of its own (the host key,
 /// the gateway's key): read from that Secret, or generated and stored exactly once (create,
-/// never overwrite). A Secret under that name the pool did not make is not adopted. Returns
-/// whether the key was generated.
+/// never overwrite). A Secret under that name the pool did not make is not adopted. Returns the
+/// public half, and whether the key was generated. An unchanged pool's key comes from memory
+/// ([`crate::cache::Keys`]).
 async fn generated_key(
     ctx: &Context,
     pool: &NixBuilderPool,
@@ -454,7 +485,12 @@ async fn generated_key(
     file: &str,
     secret_of: fn(&NixBuilderPool, &HostKey) -> Secret,
     what: &str,
-) -> Result<(HostKey, bool)> {
+) -> Result<(String, bool)> {
+    let uid = pool.metadata.uid.as_deref().unwrap_or_default();
+    let generation = pool.metadata.generation;
+    if let Some(public) = ctx.keys.get(ns, name, uid, generation) {
+        return Ok((public, false));
+    }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let existing = api.get_opt(name).await.map_err(|source| Error::Read {
         kind: "Secret".into(),
@@ -473,7 +509,8 @@ async fn generated_key(
                 ))
             })?;
             let key = HostKey::parse(&data.0).map_err(|e| Error::HostKey(format!("Secret {name} key {file}: {e}")))?;
-            Ok((key, false))
+            ctx.keys.remember(ns, name, uid, generation, &key.public);
+            Ok((key.public, false))
         }
         None => {
             // Create, not apply: if another writer got there first, 409 makes us re-read its key
@@ -491,7 +528,8 @@ async fn generated_key(
                     source,
                 })?;
             info!(public = %key.public, secret = name, "generated a key");
-            Ok((key, true))
+            ctx.keys.remember(ns, name, uid, generation, &key.public);
+            Ok((key.public, true))
         }
     }
 }
@@ -588,7 +626,12 @@ async fn authorized_keys(
         keys.add(line, || crate::keys::Origin(format!("spec.ssh.authorizedKeys[{i}]")));
     }
     for r in &pool.spec.ssh.authorized_keys_config_maps {
-        if let Named::Usable(cm) = named::<ConfigMap>(ctx, ns, &r.name, missing, refused).await? {
+        // An opted-in one is in the team-key store; any other is read, to say why it is not used.
+        let cm = match ctx.stores().and_then(|s| s.team_config_map(ns, &r.name)) {
+            Some(cm) => Named::Usable(cm.as_ref().clone()),
+            None => named::<ConfigMap>(ctx, ns, &r.name, missing, refused).await?,
+        };
+        if let Named::Usable(cm) = cm {
             let data = cm.data.unwrap_or_default().into_iter().map(|(k, v)| (k, Some(v)));
             add_team_keys(&mut keys, missing, "ConfigMap", r, data.collect());
         }

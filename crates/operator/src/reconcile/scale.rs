@@ -21,12 +21,18 @@ use crate::error::{Error, Result};
 /// demand.
 pub async fn demand(ctx: &Context, pool: &NixBuilderPool, ns: &str) -> Result<Vec<GatewayReport>> {
     let name = names::gateway_demand(&pool.name_any());
-    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
-    let found = api.get_opt(&name).await.map_err(|source| Error::Read {
-        kind: "ConfigMap".into(),
-        name: name.clone(),
-        source,
-    })?;
+    // The operator owns the ConfigMap, so its watch has it (and wakes the pool when it changes).
+    let found = match ctx.stores().and_then(|s| s.get::<ConfigMap>(ns, &name)) {
+        Some(cm) => Some(cm.as_ref().clone()),
+        None => {
+            let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
+            api.get_opt(&name).await.map_err(|source| Error::Read {
+                kind: "ConfigMap".into(),
+                name: name.clone(),
+                source,
+            })?
+        }
+    };
     let data = found.and_then(|cm| cm.data).unwrap_or_default();
     let (reports, bad) = parse_reports(&data);
     if !bad.is_empty() {
