@@ -98,6 +98,11 @@ struct RunArgs {
     /// Seconds between looks at an unchanged pool (changes are seen at once through watches).
     #[arg(long, env = "NIXPOOL_RESYNC_SECONDS", default_value_t = 300)]
     resync_seconds: u64,
+    /// Pools reconciled at once. Each one in flight holds an API connection and its buffers, so
+    /// this bounds the operator's memory when many pools change at once.
+    #[arg(long, env = "NIXPOOL_MAX_CONCURRENT_RECONCILES", default_value_t = 16,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    max_concurrent_reconciles: u16,
 }
 
 #[derive(Args, Debug)]
@@ -237,6 +242,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         images: Images::new(&args.default_image, args.allowed_image_prefixes),
         with_pdb,
         resync: Duration::from_secs(args.resync_seconds),
+        concurrency: args.max_concurrent_reconciles,
         failures: Default::default(),
         stores: Default::default(),
         keys: Default::default(),
