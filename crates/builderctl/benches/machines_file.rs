@@ -1,4 +1,5 @@
-//! `builderctl machines-file` for 100 pools from a real kube-apiserver (crates/testenv):
+//! `builderctl machines-file` for N pools (1000 unless `NIXPOOL_BENCH_POOLS` says otherwise)
+//! from a real kube-apiserver (crates/testenv):
 //! wall time of the whole process (start, kubeconfig, TLS, one list call, render, merge, atomic
 //! write), against `kubectl get nbp -o json` of the same pools as the API-bound baseline, and the
 //! list/get requests the API server counted. Prints a table.
@@ -12,7 +13,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_builderctl");
-const POOLS: usize = 100;
 const RUNS: usize = 15;
 
 fn stats(mut v: Vec<Duration>) -> (f64, f64, f64) {
@@ -33,20 +33,24 @@ fn time(mut f: impl FnMut()) -> Vec<Duration> {
 }
 
 fn main() {
+    let n: usize = std::env::var("NIXPOOL_BENCH_POOLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let cp = cluster::control_plane();
     let ns = rt.block_on(async {
         let client = cp.client().await.unwrap();
         let ns = cp.namespace("bench").await.unwrap();
-        for i in 0..POOLS {
+        for i in 0..n {
             cluster::pool(
                 &client,
                 &ns,
-                &format!("pool-{i:03}"),
+                &format!("pool-{i:05}"),
                 serde_json::json!({"team": "bench"}),
                 3,
                 3,
-                (&format!("pool-{i:03}.example.com"), 22),
+                (&format!("pool-{i:05}.example.com"), 22),
                 cluster::HOST_KEY,
             )
             .await;
@@ -75,7 +79,7 @@ fn main() {
         out
     };
 
-    // First write (100 new blocks), then unchanged runs (nothing written), then a rewrite of
+    // First write (a new block per pool), then unchanged runs (nothing written), then a rewrite of
     // every block after the file was emptied.
     let lists0 = cluster::pool_requests(cp, "LIST");
     let gets0 = cluster::pool_requests(cp, "GET");
@@ -90,7 +94,7 @@ fn main() {
         .unwrap()
         .matches("# BEGIN nixpool")
         .count();
-    assert_eq!(blocks, POOLS);
+    assert_eq!(blocks, n);
     let unchanged = time(|| {
         builderctl(&[]);
     });
@@ -110,7 +114,7 @@ fn main() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     });
     let size = std::fs::metadata(&machines).unwrap().len();
-    // The pure part alone, in process: render 100 lines and merge them into the file.
+    // The pure part alone, in process: render a line per pool and merge them into the file.
     let pools = rt.block_on(async {
         let client = cp.client().await.unwrap();
         let api: kube::Api<nixpool_api::NixBuilderPool> = kube::Api::namespaced(client, &ns);
@@ -135,15 +139,18 @@ fn main() {
         assert!(m.changed.is_empty());
     });
 
-    println!("\nmachines-file, {POOLS} pools, real kube-apiserver 1.20 on loopback, {RUNS} runs each (ms)\n");
+    println!("\nmachines-file, {n} pools, real kube-apiserver 1.20 on loopback, {RUNS} runs each (ms)\n");
     println!("| run                                             |    min | median |    max |");
     println!("|-------------------------------------------------|-------:|-------:|-------:|");
     let row = |name: &str, (a, b, c): (f64, f64, f64)| println!("| {name:<47} | {a:>6.1} | {b:>6.1} | {c:>6.1} |");
     let f = first.as_secs_f64() * 1000.0;
-    row("first write (100 new blocks)", (f, f, f));
+    row(&format!("first write ({n} new blocks)"), (f, f, f));
     row("unchanged (nothing written)", stats(unchanged));
     row("--check", stats(check));
-    row("rewrite of 100 blocks (atomic write + backup)", stats(rewrite));
+    row(
+        &format!("rewrite of {n} blocks (atomic write + backup)"),
+        stats(rewrite),
+    );
     row("in process: render + merge only (no I/O)", stats(pure));
     row("baseline: kubectl get nbp -o json (same list)", stats(kubectl));
     println!(

@@ -87,7 +87,9 @@ pub async fn from_cluster(opts: &ClusterOptions, sel: &Selection) -> Result<Vec<
         } else {
             Api::namespaced(client, &ns)
         };
-        let mut lp = ListParams::default();
+        // resourceVersion=0: served from the API server's watch cache (kept current by its own
+        // watch) instead of a quorum read of every pool from etcd.
+        let mut lp = ListParams::default().match_any();
         if let Some(s) = &sel.selector {
             lp = lp.labels(s);
         }
