@@ -115,6 +115,17 @@ impl Gateway {
         assert!(ok.success());
     }
 
+    /// A running `ssh` client as `key`, running `command`, with its stdin, stdout and stderr
+    /// piped.
+    fn client(&self, key: &Path, command: &str) -> Child {
+        self.ssh(key, command)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
     /// `ssh` as `key`, running `command` through the gateway.
     fn ssh(&self, key: &Path, command: &str) -> Command {
         let mut ssh = Command::new("ssh");
@@ -818,13 +829,7 @@ async fn two_listeners() -> (tokio::net::TcpListener, tokio::net::TcpListener) {
 
 /// Runs `command` through the gateway as the client, with `input` on stdin.
 async fn run(gw: &Gateway, keys: &Keys, command: &str, input: &'static [u8]) -> Output {
-    let mut child = gw
-        .ssh(&keys.client, command)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = gw.client(&keys.client, command);
     let mut stdin = child.stdin.take().unwrap();
     // Written while the output is read: a session may answer before it has read everything.
     std::thread::spawn(move || {
@@ -1031,13 +1036,7 @@ fn ten_sessions_sending_4_mib_up_and_16_mib_down_to_slow_readers_stay_within_the
     // builder's output must wait at the builder, not in the gateway.
     let clients: Vec<_> = (0..SESSIONS)
         .map(|_| {
-            let mut child = gw
-                .ssh(&keys.client, "nix-daemon --stdio")
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
+            let mut child = gw.client(&keys.client, "nix-daemon --stdio");
             let mut stdin = child.stdin.take().unwrap();
             let mut stdout = child.stdout.take().unwrap();
             let sent = Arc::clone(&input);
