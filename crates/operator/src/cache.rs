@@ -7,8 +7,7 @@
 //! - the public halves of the keys it generated (host key, gateway key), remembered per pool
 //!   generation, because Secrets are never listed or watched (see docs/security.md).
 //!
-//! Every object is cached without its `managedFields`, which the operator never reads and
-//! which are about half of a Deployment's size.
+//! Every object is cached without its `managedFields`, which the operator never reads.
 //!
 //! A cache is a shortcut, never the truth: a miss, or a cached child that differs from what the
 //! pool wants, is read from the API server before anything is written.
@@ -18,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::Resource;
@@ -66,7 +65,6 @@ cached! {
     ServiceAccount => |_s| None,
     Role => |_s| None,
     RoleBinding => |_s| None,
-    Secret => |_s| None,
 }
 
 impl Stores {

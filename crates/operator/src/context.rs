@@ -20,8 +20,6 @@ pub struct Context {
     pub with_pdb: bool,
     /// How often an unchanged pool is looked at again.
     pub resync: Duration,
-    /// Pools reconciled at once.
-    pub concurrency: u16,
     /// Consecutive transient failures per pool, for the retry backoff.
     pub failures: Mutex<HashMap<String, u32>>,
     /// The watched objects, once the controller's watches exist.

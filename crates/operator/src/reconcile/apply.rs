@@ -96,10 +96,11 @@ where
         .flatten()
         .find(|o| o.controller == Some(true))
         .map(|o| o.uid.clone());
+    let wanted = to_value(&desired);
     let cached = ctx.stores().and_then(|s| s.get::<K>(ns, &name));
     if let Some(cached) = cached
         && controlled_by(cached.meta(), pool_uid.as_deref())
-        && is_subset(&to_value(&desired), &to_value(cached.as_ref()))
+        && is_subset(&wanted, &to_value(cached.as_ref()))
     {
         return Ok(cached.as_ref().clone());
     }
@@ -114,7 +115,7 @@ where
         if !controlled_by(live.meta(), pool_uid.as_deref()) {
             return Err(Error::NotOwned { kind, name });
         }
-        if is_subset(&to_value(&desired), &to_value(&live)) {
+        if is_subset(&wanted, &to_value(&live)) {
             return Ok(live);
         }
     }

@@ -36,10 +36,12 @@ use crate::keys::AuthorizedKeys;
 
 type Guarded = DeserializeGuard<NixBuilderPool>;
 
-/// Runs the controller until `shutdown` resolves.
+/// Runs the controller, reconciling at most `concurrency` pools at once, until `shutdown`
+/// resolves.
 pub async fn run(
     ctx: Arc<Context>,
     namespace: Option<String>,
+    concurrency: u16,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = ctx.client.clone();
@@ -80,7 +82,7 @@ pub async fn run(
     });
     controller
         .watches_stream(team_events, move |cm| pools_naming_config_map(&pools, &cm))
-        .with_config(controller::Config::default().concurrency(ctx.concurrency))
+        .with_config(controller::Config::default().concurrency(concurrency))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
