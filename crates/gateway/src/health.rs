@@ -49,6 +49,8 @@ pub struct Metrics {
     pub builder_slots_used_elsewhere: Family<BuilderLabel, Gauge>,
     /// Sessions each builder refused because all its slots were in use (tried on another).
     pub builder_busy: Family<BuilderLabel, Counter>,
+    /// Sessions that could not be opened on each builder (tried on another).
+    pub builder_unreachable: Family<BuilderLabel, Counter>,
     pub builders: Gauge,
     pub connections: Gauge,
     pub connections_refused: Counter,
@@ -64,6 +66,7 @@ impl Default for Metrics {
             builder_slots_used: Family::default(),
             builder_slots_used_elsewhere: Family::default(),
             builder_busy: Family::default(),
+            builder_unreachable: Family::default(),
             builders: Gauge::default(),
             connections: Gauge::default(),
             connections_refused: Counter::default(),
@@ -83,7 +86,7 @@ impl Metrics {
         );
         r.register(
             "sessions",
-            "Sessions ended, by outcome: done, refused_command, hold_timeout, builder_failed, abandoned (the client left while held), key_revoked (its key was removed while it was held)",
+            "Sessions ended, by outcome: done, refused_command, hold_timeout, abandoned (the client left while held), key_revoked (its key was removed while it was held)",
             self.sessions.clone(),
         );
         r.register(
@@ -110,6 +113,11 @@ impl Metrics {
             "builder_busy",
             "Sessions each builder refused because all its slots were in use (the gateways' counts lagged); each went on to another builder or was held",
             self.builder_busy.clone(),
+        );
+        r.register(
+            "builder_unreachable",
+            "Sessions that could not be opened on each builder (connection refused or lost, handshake, login or exec failed): each went on to another builder or was held",
+            self.builder_unreachable.clone(),
         );
         r.register("builders", "Ready builders this gateway knows", self.builders.clone());
         r.register("connections", "SSH connections open now", self.connections.clone());
@@ -246,6 +254,11 @@ mod tests {
                 builder: "pool-0".into(),
             })
             .inc();
+        m.builder_unreachable
+            .get_or_create(&BuilderLabel {
+                builder: "pool-0".into(),
+            })
+            .inc();
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
         for sample in [
@@ -257,6 +270,7 @@ mod tests {
             "nixpool_gateway_builder_slots_used{builder=\"pool-0\"} 1",
             "nixpool_gateway_builder_slots_used_elsewhere{builder=\"pool-0\"} 2",
             "nixpool_gateway_builder_busy_total{builder=\"pool-0\"} 1",
+            "nixpool_gateway_builder_unreachable_total{builder=\"pool-0\"} 1",
             "nixpool_gateway_builders 0",
         ] {
             assert!(out.contains(sample), "{sample} missing from\n{out}");

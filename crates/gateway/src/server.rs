@@ -14,7 +14,9 @@
 //!    builder. On the builder's channel it sends the `env` request
 //!    `NIXPOOL_GATE_SLOTS=<the builder's slots>` ([`GATE_SLOTS_ENV`]), then the client's command.
 //!    Once the first builder has taken the `exec` request, the client's request is answered
-//!    with success (never twice).
+//!    with success (never twice). A builder that cannot be reached or does not take the command
+//!    (connection refused, as from a builder that has just started draining; handshake, login
+//!    or `exec` failed) has seen none of the client's bytes: it is passed over as in step 4.
 //! 4. **Started or busy.** The kept client bytes go to the builder, and so does what the client
 //!    sends next (kept too, up to the same bound). What the builder says is kept back ([`Kept`])
 //!    until it is clear whether the session started there. Both Nix protocols have the client
@@ -638,12 +640,7 @@ impl server::Handler for Connection {
         let gw = Arc::clone(&self.gw);
         let handle = session.handle();
         tokio::spawn(async move {
-            let id = channel.id();
-            if let Err(e) = serve_channel(&gw, channel, handle.clone(), &client, client_key.as_ref()).await {
-                gw.metrics.ended("builder_failed");
-                warn!(client, error = %format!("{e:#}"), "session failed");
-                let _ = handle.close(id).await;
-            }
+            serve_channel(&gw, channel, handle, &client, client_key.as_ref()).await;
             drop(serving);
         });
         Ok(true)
@@ -680,7 +677,7 @@ async fn serve_channel(
     handle: Handle,
     client: &str,
     client_key: Option<&PublicKey>,
-) -> anyhow::Result<()> {
+) {
     let id = channel.id();
     let command = loop {
         match channel.wait().await {
@@ -694,10 +691,10 @@ async fn serve_channel(
                     "this pool only serves Nix remote builds (ssh-ng:// or ssh://); no shell",
                 )
                 .await;
-                return Ok(());
+                return;
             }
             Some(_) => continue,
-            None => return Ok(()),
+            None => return,
         }
     };
     let allowed = match remote_command(Some(&command)) {
@@ -711,14 +708,19 @@ async fn serve_channel(
                 &format!("this pool only serves Nix remote builds; {reason}"),
             )
             .await;
-            return Ok(());
+            return;
         }
     };
     let waited = Instant::now();
     let deadline = waited + gw.settings.hold;
     let mut early = Early::default();
-    // Builders the session was opened on; the client's request is answered after the first.
+    // Builders the session was tried on; the client's request is answered once the first
+    // builder has taken the command (`answered`), never twice.
     let mut tries = 0u32;
+    let mut answered = false;
+    // Why the last builder that could not be reached did not take the session, for the
+    // client's message if no builder does in time.
+    let mut unreachable: Option<String> = None;
     let (slot, address, held, _builder_session, mut from_builder, to_builder, kept) = loop {
         let (slot, address, slots) = match gw.take_slot(&mut channel, &mut early, deadline).await {
             Held::Slot(slot, address, slots) => (slot, address, slots),
@@ -730,13 +732,16 @@ async fn serve_channel(
                     tries,
                     "session refused: no builder slot freed up in time"
                 );
-                let message = format!("no builder was free within {} s; try again", gw.settings.hold.as_secs());
-                if tries == 0 {
+                let mut message = format!("no builder was free within {} s; try again", gw.settings.hold.as_secs());
+                if let Some(why) = &unreachable {
+                    message.push_str(&format!(" (the last builder tried could not be reached: {why})"));
+                }
+                if !answered {
                     refuse(&handle, id, &message).await;
                 } else {
                     end_with(&handle, id, &message).await;
                 }
-                return Ok(());
+                return;
             }
             Held::ClientLeft => {
                 gw.metrics.ended("abandoned");
@@ -746,7 +751,7 @@ async fn serve_channel(
                     tries,
                     "session abandoned: the client left while it was held"
                 );
-                return Ok(());
+                return;
             }
         };
         let held = waited.elapsed();
@@ -761,33 +766,42 @@ async fn serve_channel(
                 "session refused: the key was removed from the pool while the session was held"
             );
             let message = "your key was removed from this pool's authorized keys";
-            if tries == 0 {
+            if !answered {
                 refuse(&handle, id, message).await;
             } else {
                 end_with(&handle, id, message).await;
             }
-            return Ok(());
+            return;
         }
         let name = slot.name.clone();
+        tries += 1;
         let opened = open_on_builder(gw, &address, slots, allowed.command_line()).await;
         let (builder_session, builder) = match opened {
             Ok(b) => b,
             Err(e) => {
-                drop(slot);
-                gw.metrics.queue_wait_seconds.observe(held.as_secs_f64());
-                let message = format!("the builder {name} did not take the session: {e:#}");
-                if tries == 0 {
-                    refuse(&handle, id, &message).await;
-                } else {
-                    end_with(&handle, id, &message).await;
-                }
-                return Err(e.context(format!("builder {name} at {address}")));
+                // Nothing of the client's reached it (a builder that has just started draining
+                // refuses connections before its pod is seen terminating): the next one gets
+                // the session, within the same hold.
+                gw.metrics
+                    .builder_unreachable
+                    .get_or_create(&BuilderLabel { builder: name.clone() })
+                    .inc();
+                warn!(
+                    client,
+                    builder = %name,
+                    address = %address,
+                    tries,
+                    "the builder did not take the session: {e:#}; trying the next one"
+                );
+                unreachable = Some(format!("{name}: {e:#}"));
+                slot.refused();
+                continue;
             }
         };
-        if tries == 0 {
+        if !answered {
+            answered = true;
             let _ = handle.channel_success(id).await;
         }
-        tries += 1;
         match try_builder(&mut channel, builder, &mut early).await {
             Tried::Started(from_builder, to_builder, kept) => {
                 break (slot, address, held, builder_session, from_builder, to_builder, kept);
@@ -838,7 +852,7 @@ async fn serve_channel(
                     tries,
                     "session abandoned: the client left before the builder answered"
                 );
-                return Ok(());
+                return;
             }
         }
     };
@@ -920,7 +934,6 @@ async fn serve_channel(
         bytes_down = down,
         "session done"
     );
-    Ok(())
 }
 
 /// Moves one side's messages into `queue` until that side closes; then waits for ever (the
@@ -1113,9 +1126,11 @@ async fn open_on_builder(
     // Connecting, logging in and starting the command, bounded as a whole: a builder that
     // stops answering half-way must not hold the session (and its slot) forever.
     tokio::time::timeout(Duration::from_secs(20), async {
-        let mut session = client::connect(config, address, BuilderHostKey(s.host_public.clone()))
+        let tcp = TcpStream::connect(address).await.context("connecting to its sshd")?;
+        let _ = tcp.set_nodelay(true);
+        let mut session = client::connect_stream(config, tcp, BuilderHostKey(s.host_public.clone()))
             .await
-            .context("connecting (is its host key the pool's?)")?;
+            .context("the SSH handshake failed (is its host key the pool's?)")?;
         let auth = session
             .authenticate_publickey(
                 s.builder_user.clone(),

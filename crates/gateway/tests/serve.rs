@@ -295,8 +295,11 @@ async fn a_held_session_starts_when_the_first_builder_is_ready_and_demand_is_rep
     cms.create(&PostParams::default(), &empty).await.unwrap();
 
     let keys = Keys::new();
-    // Nothing listens on the builders' port: a session that reaches one is refused at once.
-    let builder_port = free_port().to_string();
+    // Every builder pod is at 127.0.0.1: one echoing builder serves them all, and the log says
+    // which one a session went to.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let builder_port = listener.local_addr().unwrap().port().to_string();
+    FakeBuilder::start(&keys, listener, Mode::Echo);
     let kubeconfig = cp.kubeconfig();
     let gw = Gateway::start(
         &keys,
@@ -350,12 +353,8 @@ async fn a_held_session_starts_when_the_first_builder_is_ready_and_demand_is_rep
         .unwrap()
         .unwrap();
     let woke = readied.elapsed();
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("the builder builder-0 did not take the session"),
-        "{}\n{}",
-        output_text(&out),
-        gw.log()
-    );
+    assert!(out.status.success(), "{}\n{}", output_text(&out), gw.log());
+    assert_session_went_to(&gw, 1, "builder-0");
     assert!(
         woke < Duration::from_secs(2),
         "the held session waited {woke:?} after Ready"
@@ -373,7 +372,7 @@ async fn a_held_session_starts_when_the_first_builder_is_ready_and_demand_is_rep
     for line in [
         "nixpool_gateway_builders 1",
         "nixpool_gateway_builder_slots_used{builder=\"builder-0\"} 0",
-        "nixpool_gateway_sessions_total{outcome=\"builder_failed\"} 1",
+        "nixpool_gateway_sessions_total{outcome=\"done\"} 1",
         "nixpool_gateway_queue_wait_seconds_count 1",
     ] {
         assert!(metrics.contains(line), "{line} missing:\n{metrics}");
@@ -519,6 +518,20 @@ fn other_report(age: i64, used: &[(&str, u32)]) -> String {
     serde_json::to_string(&r).unwrap()
 }
 
+/// The gateway's `nth` session (from 1) ended done on `builder`, on the first try.
+fn assert_session_went_to(gw: &Gateway, nth: usize, builder: &str) {
+    let log = gw.log();
+    let done = log
+        .lines()
+        .filter(|l| l.contains("session done"))
+        .nth(nth - 1)
+        .unwrap_or_else(|| panic!("no session {nth} done:\n{log}"));
+    assert!(
+        done.contains(&format!("builder={builder} ")) && done.contains("tries=1"),
+        "session {nth} did not go to {builder} at once: {done}"
+    );
+}
+
 /// Creates pod `name` with `labels`, and marks it Ready at 127.0.0.1 when `ready`.
 async fn create_pod(pods: &Api<Pod>, name: &str, labels: serde_json::Value, ready: bool) {
     let pod: Pod = serde_json::from_value(serde_json::json!({
@@ -569,8 +582,10 @@ async fn another_gateways_sessions_count_against_the_builders_slots() {
     cms.create(&PostParams::default(), &cm).await.unwrap();
 
     let keys = Keys::new();
-    // Nothing listens on the builders' port: the error names the builder a session went to.
-    let builder_port = free_port().to_string();
+    // One echoing builder serves both pods (both at 127.0.0.1); the log names the one chosen.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let builder_port = listener.local_addr().unwrap().port().to_string();
+    FakeBuilder::start(&keys, listener, Mode::Echo);
     let kubeconfig = cp.kubeconfig();
     let gw = Gateway::start(
         &keys,
@@ -599,12 +614,8 @@ async fn another_gateways_sessions_count_against_the_builders_slots() {
     // builder-a has the most free slots by this gateway's count alone (and is the first by
     // name), but gw-1 uses its only one: the session goes to builder-b.
     let out = gw.ssh(&keys.client, "nix-store --serve --write").output().unwrap();
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("the builder builder-b did not take the session"),
-        "{}\n{}",
-        output_text(&out),
-        gw.log()
-    );
+    assert!(out.status.success(), "{}\n{}", output_text(&out), gw.log());
+    assert_session_went_to(&gw, 1, "builder-b");
 
     // The dead gateway's key is removed; the live ones stay.
     let data = eventually("gw-old's key removed", || async {
@@ -646,12 +657,8 @@ async fn another_gateways_sessions_count_against_the_builders_slots() {
         .unwrap()
         .unwrap();
     let woke = freed.elapsed();
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("the builder builder-b did not take the session"),
-        "{}\n{}",
-        output_text(&out),
-        gw.log()
-    );
+    assert!(out.status.success(), "{}\n{}", output_text(&out), gw.log());
+    assert_session_went_to(&gw, 2, "builder-b");
     assert!(
         woke < Duration::from_secs(2),
         "the held session waited {woke:?} after the slot freed up"
@@ -979,6 +986,71 @@ async fn a_builder_that_never_answers_is_passed_over_after_30_s() {
         done.contains("tries=2") && done.contains(&format!("builder={}", echo.name)),
         "{done}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_builder_that_refuses_the_connection_is_passed_over_unseen_by_the_client() {
+    let keys = Keys::new();
+    // The first by name gets the session first; nothing listens on it any more, as on a builder
+    // whose sshd stopped accepting at SIGTERM before its pod was seen terminating.
+    let (first, second) = two_listeners().await;
+    let gone = first.local_addr().unwrap().to_string();
+    drop(first);
+    let echo = FakeBuilder::start(&keys, second, Mode::Echo);
+    let gw = Gateway::start(
+        &keys,
+        &[
+            &format!("--builder={gone}=1"),
+            &format!("--builder={}=1", echo.name),
+            "--hold-seconds=10",
+        ],
+        &[],
+    );
+    gw.wait_ready();
+    let out = run(&gw, &keys, "nix-daemon --stdio", b"hello").await;
+    assert_eq!(
+        (out.status.code(), &out.stdout[..], &out.stderr[..]),
+        (Some(0), &b"hello"[..], &b""[..]),
+        "{}\n{}",
+        output_text(&out),
+        gw.log()
+    );
+    let log = gw.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("did not take the session") && l.contains(&gone) && l.contains("Connection refused")),
+        "{log}"
+    );
+    let done = log.lines().find(|l| l.contains("session done")).unwrap();
+    assert!(
+        done.contains("tries=2") && done.contains(&format!("builder={}", echo.name)),
+        "{done}"
+    );
+    let metrics = gw.get("/metrics").1;
+    let counted = format!("nixpool_gateway_builder_unreachable_total{{builder=\"{gone}\"}} 1");
+    assert!(metrics.contains(&counted), "{counted} missing:\n{metrics}");
+
+    // With no other builder, the session is held and tried again until --hold-seconds; the
+    // client is told why the builder could not be reached.
+    let gw = Gateway::start(&keys, &[&format!("--builder={gone}=1"), "--hold-seconds=3"], &[]);
+    gw.wait_ready();
+    let out = run(&gw, &keys, "nix-daemon --stdio", b"hello").await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(1)
+            && stderr.contains("no builder was free within 3 s")
+            && stderr.contains("could not be reached")
+            && stderr.contains("Connection refused"),
+        "{}\n{}",
+        output_text(&out),
+        gw.log()
+    );
+    let tries = gw
+        .log()
+        .lines()
+        .filter(|l| l.contains("did not take the session"))
+        .count();
+    assert!(tries >= 2, "tried {tries} times within the hold:\n{}", gw.log());
 }
 
 #[test]
