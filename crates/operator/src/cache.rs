@@ -73,6 +73,15 @@ impl Stores {
         K::store(self)?.get(&ObjectRef::new(name).within(ns))
     }
 
+    /// Whether `ns/name` surely does not exist: its store has finished its first list and does
+    /// not hold it. False without a store, or before that list is done.
+    pub fn lacks<K: Cached>(&self, ns: &str, name: &str) -> bool {
+        K::store(self).is_some_and(|store| {
+            futures::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|r| r.is_ok())
+                && store.get(&ObjectRef::new(name).within(ns)).is_none()
+        })
+    }
+
     /// The opted-in team-key ConfigMap `ns/name`, if the store has it.
     pub fn team_config_map(&self, ns: &str, name: &str) -> Option<Arc<ConfigMap>> {
         self.team_config_maps.get(&ObjectRef::new(name).within(ns))

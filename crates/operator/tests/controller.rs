@@ -476,6 +476,91 @@ async fn a_pool_scales_with_kubectl_and_deleting_it_garbage_collects_its_childre
 }
 
 #[tokio::test]
+async fn a_new_pool_costs_one_write_per_child_and_one_status_write() {
+    let cp = control_plane();
+    let ns = cp.namespace("writes").await.unwrap();
+    let client = cp.client().await.unwrap();
+    let op = Operator::start(cp, &ns);
+    // At 0 replicas no pod comes and goes, so every status change is the operator's doing.
+    let yaml = std::fs::read_to_string(format!("{REPO}/examples/minimal.yaml"))
+        .unwrap()
+        .replace("replicas: 2", "replicas: 0");
+    let file = std::env::temp_dir().join(format!("nixpool-writes-{}.yaml", std::process::id()));
+    std::fs::write(&file, yaml).unwrap();
+    run(cp.kubectl().args(["apply", "-n", &ns, "-f"]).arg(&file));
+    let _ = std::fs::remove_file(&file);
+    let pools: Api<NixBuilderPool> = Api::namespaced(client.clone(), &ns);
+    let pool = eventually(MIN, "the pool's status says its builders are up to date", || async {
+        let p = pools.get("builders").await.ok()?;
+        let st = p.status.as_ref()?;
+        let up_to_date = st
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Progressing" && c.status == "False");
+        (up_to_date && st.observed_generation == p.metadata.generation).then_some(p)
+    })
+    .await;
+    op.settle(Duration::from_secs(3)).await;
+
+    let mut children = 0;
+    let owned = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| owned_by(m, &pool) as usize;
+    let list = ListParams::default();
+    children += Api::<Secret>::namespaced(client.clone(), &ns)
+        .list(&list)
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|o| owned(&o.metadata))
+        .sum::<usize>();
+    children += Api::<ConfigMap>::namespaced(client.clone(), &ns)
+        .list(&list)
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|o| owned(&o.metadata))
+        .sum::<usize>();
+    children += Api::<Deployment>::namespaced(client.clone(), &ns)
+        .list(&list)
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|o| owned(&o.metadata))
+        .sum::<usize>();
+    children += Api::<Service>::namespaced(client.clone(), &ns)
+        .list(&list)
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|o| owned(&o.metadata))
+        .sum::<usize>();
+    // No PodDisruptionBudget: Kubernetes 1.20 serves no policy/v1, and the operator makes none there.
+    assert!(children >= 5, "{children} children");
+    let metrics = op.metrics().await;
+    let status_writes = op
+        .counter(
+            "nixpool_operator_api_requests_total",
+            "resource=\"nixbuilderpools/status\"",
+        )
+        .await;
+    let event_writes = op
+        .counter("nixpool_operator_api_requests_total", "resource=\"events\"")
+        .await;
+    assert_eq!(
+        status_writes, 1.0,
+        "the status is written once, after the Deployment controller caught up:\n{metrics}"
+    );
+    assert_eq!(
+        op.writes().await - event_writes,
+        children as f64 + 1.0,
+        "one write per child ({children}) and one status write:\n{metrics}"
+    );
+}
+
+#[tokio::test]
 async fn the_host_key_survives_reconciles_and_an_operator_restart_and_no_op_reconciles_send_no_request() {
     let cp = control_plane();
     let ns = cp.namespace("hostkey").await.unwrap();

@@ -9,7 +9,7 @@ pub mod status;
 pub mod validate;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -26,7 +26,7 @@ use kube::{Resource, ResourceExt};
 use nixpool_api::conditions::{DEGRADED, READY, REASON_BAD_AUTHORIZED_KEYS, REASON_INVALID_SPEC};
 use nixpool_api::v1alpha1::SecretKeyRef;
 use nixpool_api::{NixBuilderPool, labels, names, paths};
-use tracing::{info, instrument, warn};
+use tracing::{debug, info, instrument, warn};
 
 use crate::cache::Stores;
 use crate::context::Context;
@@ -265,7 +265,18 @@ async fn reconcile_pool(pool: &NixBuilderPool, ctx: &Context) -> Result<Action> 
     let degraded_message = condition_message_of(&new_status, DEGRADED)
         .unwrap_or_default()
         .to_string();
-    status::patch(ctx, pool, new_status).await?;
+    let scaled = decision.as_ref().is_some_and(|d| d.replicas != asked_before);
+    // A Deployment written just now still reports on the spec before it; its controller catches
+    // up within milliseconds, and that watch event brings the pool back here. The status is
+    // written then, once, rather than now and again then. What the status must remember (a
+    // scale decision, news of bad keys) is written at once; a Deployment controller that never
+    // catches up holds nothing back, as the next reconcile writes no Deployment.
+    let status_waits = !scaled && !bad_keys_news && awaits_its_controller(&applied);
+    if status_waits {
+        debug!("status waits for the Deployment controller to observe what was applied");
+    } else {
+        status::patch(ctx, pool, new_status).await?;
+    }
 
     if generated {
         publish(
@@ -369,11 +380,32 @@ async fn reconcile_pool(pool: &NixBuilderPool, ctx: &Context) -> Result<Action> 
     if let Some(due) = decision.and_then(|d| d.recheck) {
         next = next.min(due);
     }
+    if status_waits {
+        next = next.min(STATUS_WAIT);
+    }
     Ok(Action::requeue(next))
 }
 
+/// How long a pool's status waits at most for the Deployment controller to observe a Deployment
+/// the operator just wrote.
+const STATUS_WAIT: Duration = Duration::from_secs(5);
+
+/// Whether this reconcile wrote a Deployment that its controller has not observed yet.
+fn awaits_its_controller(applied: &apply::Applied) -> bool {
+    let unobserved = |d: &Deployment| d.status.as_ref().and_then(|s| s.observed_generation) < d.metadata.generation;
+    let written = |d: &Deployment| {
+        applied.changed.contains(&format!(
+            "Deployment/{}",
+            d.metadata.name.as_deref().unwrap_or_default()
+        ))
+    };
+    std::iter::once(&applied.deployment)
+        .chain(applied.gateway.as_ref())
+        .any(|d| written(d) && unobserved(d))
+}
+
 /// How often Secrets a pool names are read again while they matter (Secrets are never watched).
-pub const SECRET_POLL: std::time::Duration = std::time::Duration::from_secs(30);
+pub const SECRET_POLL: Duration = Duration::from_secs(30);
 
 /// The pool as built: a cache Secret that is not opted in is left out of the pod (its push then
 /// goes without that token or key); a missing one stays (the pods wait for it). Both are

@@ -66,6 +66,10 @@ pub async fn prefer_idle(ctx: &Context, ns: &str, decision: &Decision) {
 /// one object when there is nothing to remove.
 pub async fn remove_gateway(ctx: &Context, pool: &NixBuilderPool, ns: &str) -> Result<Vec<String>> {
     let name = names::gateway(&pool.name_any());
+    // Most pools never had a gateway: the watched Deployments say so without a request.
+    if ctx.stores().is_some_and(|s| s.lacks::<Deployment>(ns, &name)) {
+        return Ok(Vec::new());
+    }
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
     let Some(d) = deployments.get_opt(&name).await.map_err(|source| Error::Read {
         kind: "Deployment".into(),
