@@ -49,13 +49,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   resources: [services, configmaps]
   verbs: [get, list, watch, create, patch, delete]
 # A pool's gateway runs as its own ServiceAccount, with a Role that lets it watch the pool's pods
-# and write its demand ConfigMap.
+# and write its demand ConfigMap; watched as owned children like the others.
 - apiGroups: [""]
   resources: [serviceaccounts]
-  verbs: [get, create, patch, delete]
+  verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
-  verbs: [get, create, patch, delete]
+  verbs: [get, list, watch, create, patch, delete]
 # Kubernetes lets the operator grant only rights it holds, hence pods get/list/watch (the
 # gateway's Role); patch sets the pod-deletion cost before a scale-down, so idle builders go first.
 - apiGroups: [""]

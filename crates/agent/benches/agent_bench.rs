@@ -50,47 +50,82 @@ fn main() {
             through_agent.push(t0.elapsed()); // the first build also copies busybox: warm-up
         }
     }
+    // The key line the agent wrote, with its forced command (the gate): the hand-made sshd
+    // below runs it too, to tell the gate's cost from the rest of the agent's setup.
+    let gated_line = std::fs::read_to_string(b.root.path("/etc/ssh/authorized_keys.d/builder"))
+        .unwrap()
+        .lines()
+        .find(|l| l.contains(&b.root.client_public))
+        .expect("the agent's key line")
+        .to_string();
     b.stop_agent(Duration::from_secs(20));
 
-    let hand_keys = b.root.path("/etc/ssh/hand_keys");
-    std::fs::create_dir_all(&hand_keys).unwrap();
-    std::fs::write(hand_keys.join("builder"), format!("{}\n", b.root.client_public)).unwrap();
-    let hand_config = b.root.path("/etc/ssh/sshd_config_hand");
-    std::fs::write(
-        &hand_config,
-        format!(
-            "Port 22\nHostKey {}\nAuthorizedKeysFile {}/%u\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nPidFile {}\n",
-            b.root.path("/etc/ssh/ssh_host_ed25519_key").display(),
-            hand_keys.display(),
-            b.root.path("/run/sshd-hand.pid").display()
-        ),
-    )
-    .unwrap();
-    let script = format!(
-        "NIX_CONF_DIR={} {NIX_DAEMON} & exec {SSHD} -D -e -f {}",
-        b.root.path("/etc/nix").display(),
-        hand_config.display()
-    );
-    b.hand_made = Some(
-        b.inside("sh")
+    // The same plain sshd (no hardening) and nix-daemon, once with the bare key and once with
+    // the agent's gated key line.
+    let hand_made = |label: &str, key_line: &str| -> Vec<Duration> {
+        let keys = b.root.path(&format!("/etc/ssh/hand_keys_{label}"));
+        std::fs::create_dir_all(&keys).unwrap();
+        std::fs::write(keys.join("builder"), format!("{key_line}\n")).unwrap();
+        let config = b.root.path(&format!("/etc/ssh/sshd_config_{label}"));
+        std::fs::write(
+            &config,
+            format!(
+                "Port 22\nHostKey {}\nAuthorizedKeysFile {}/%u\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nPidFile {}\n",
+                b.root.path("/etc/ssh/ssh_host_ed25519_key").display(),
+                keys.display(),
+                b.root.path(&format!("/run/sshd-{label}.pid")).display()
+            ),
+        )
+        .unwrap();
+        let daemon_pid = b.root.path(&format!("/run/nix-daemon-{label}.pid"));
+        let script = format!(
+            "NIX_CONF_DIR={} {NIX_DAEMON} & echo $! > {}; exec {SSHD} -D -e -f {}",
+            b.root.path("/etc/nix").display(),
+            daemon_pid.display(),
+            config.display()
+        );
+        let mut server = b
+            .inside("sh")
             .args(["-c", &script])
             .stderr(std::process::Stdio::null())
             .spawn()
-            .unwrap(),
-    );
-    std::thread::sleep(Duration::from_millis(500));
-    let mut hand = Vec::new();
-    for i in 0..=runs {
-        let file = b.derivation(&format!("hand-{i}"), "echo hi > $out");
-        let t0 = Instant::now();
-        let out = b.build("ssh-ng", &key, &file);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        if i > 0 {
-            hand.push(t0.elapsed());
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        let mut times = Vec::new();
+        for i in 0..=runs {
+            let file = b.derivation(&format!("{label}-{i}"), "echo hi > $out");
+            let t0 = Instant::now();
+            let out = b.build("ssh-ng", &key, &file);
+            assert!(
+                out.status.success(),
+                "{label}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            if i > 0 {
+                times.push(t0.elapsed());
+            }
         }
-    }
+        // sh exec'd sshd; the nix-daemon it started is stopped by its pid (in the builder's PID
+        // namespace).
+        let _ = server.kill();
+        let _ = server.wait();
+        let stopped = b
+            .inside("sh")
+            .args(["-c", &format!("kill $(cat {})", daemon_pid.display())])
+            .status()
+            .unwrap();
+        assert!(stopped.success(), "the hand-made nix-daemon ({label}) was not stopped");
+        std::thread::sleep(Duration::from_millis(300));
+        times
+    };
+    let mut hand = hand_made("plain", &b.root.client_public.clone());
+    let mut hand_gated = hand_made("gated", &gated_line);
     rows.push(("trivial ssh-ng build through the agent", stats(&mut through_agent)));
     rows.push(("trivial ssh-ng build, hand-configured sshd", stats(&mut hand)));
+    rows.push((
+        "trivial ssh-ng build, hand-configured sshd + the gate as forced command",
+        stats(&mut hand_gated),
+    ));
 
     println!(
         "\n{runs} runs each, {} CPUs\n",

@@ -1,7 +1,7 @@
 //! What the operator keeps in memory of the objects it reads, so that an unchanged pool costs
 //! no API request:
-//! - reflector stores of the children it watches anyway (Deployments, Services, ConfigMaps and
-//!   PodDisruptionBudgets with its managed-by label) and of the team-key ConfigMaps pools may
+//! - reflector stores of the children it watches anyway (Deployments, Services, ConfigMaps,
+//!   ServiceAccounts, Roles, RoleBindings and PodDisruptionBudgets with its managed-by label) and of the team-key ConfigMaps pools may
 //!   use (opted in by label), fed by the same watches that wake the controller, so a store is
 //!   up to date before the reconcile its change triggers;
 //! - the public halves of the keys it generated (host key, gateway key), remembered per pool
@@ -37,6 +37,10 @@ pub struct Stores {
     pub config_maps: Store<ConfigMap>,
     /// Team-key ConfigMaps opted in with `nixpool.dev/use=true`.
     pub team_config_maps: Store<ConfigMap>,
+    /// A gateway's ServiceAccount, Role and RoleBinding.
+    pub service_accounts: Store<ServiceAccount>,
+    pub roles: Store<Role>,
+    pub role_bindings: Store<RoleBinding>,
     /// Only where the server serves policy/v1.
     pub pdbs: Option<Store<PodDisruptionBudget>>,
 }
@@ -61,10 +65,9 @@ cached! {
     Service => |s| Some(&s.services),
     ConfigMap => |s| Some(&s.config_maps),
     PodDisruptionBudget => |s| s.pdbs.as_ref(),
-    // Not watched (the operator has no list or watch right on them): always read.
-    ServiceAccount => |_s| None,
-    Role => |_s| None,
-    RoleBinding => |_s| None,
+    ServiceAccount => |s| Some(&s.service_accounts),
+    Role => |s| Some(&s.roles),
+    RoleBinding => |s| Some(&s.role_bindings),
 }
 
 impl Stores {
@@ -123,9 +126,136 @@ impl Keys {
     }
 }
 
+/// How long a pool's status waits at most for the Deployment controller to observe a Deployment
+/// the operator wrote.
+pub const STATUS_WAIT: Duration = Duration::from_secs(5);
+
+/// When the operator last wrote each Deployment, by `(uid, generation)`, so that the pool's
+/// status can wait until the Deployment controller has observed that generation (see
+/// `reconcile`). Forgotten after [`STATUS_WAIT`]; after a restart nothing waits.
+#[derive(Default)]
+pub struct Rollouts(Mutex<HashMap<(String, i64), Instant>>);
+
+impl Rollouts {
+    /// Remembers that `d` was just written.
+    pub fn written(&self, d: &Deployment) {
+        let (Some(uid), Some(generation)) = (d.metadata.uid.clone(), d.metadata.generation) else {
+            return;
+        };
+        let mut written = self.0.lock().expect("the rollout memo is never poisoned");
+        written.retain(|_, at| at.elapsed() < STATUS_WAIT);
+        written.insert((uid, generation), Instant::now());
+    }
+
+    /// How much longer the status waits for `d`: while the operator wrote its current generation
+    /// less than [`STATUS_WAIT`] ago and its controller has not observed it.
+    pub fn wait_for(&self, d: &Deployment) -> Option<Duration> {
+        let observed = d.status.as_ref().and_then(|s| s.observed_generation);
+        if observed >= d.metadata.generation {
+            return None;
+        }
+        let key = (d.metadata.uid.clone()?, d.metadata.generation?);
+        let written = self.0.lock().expect("the rollout memo is never poisoned");
+        STATUS_WAIT
+            .checked_sub(written.get(&key)?.elapsed())
+            .filter(|left| !left.is_zero())
+    }
+}
+
+/// The status the operator last wrote to each pool (by uid), as a hash, with the resourceVersion
+/// of the pool it was computed from. The pools' store may still hold that older copy when the
+/// next reconcile runs (the write's own watch event comes later); that copy is then known to be
+/// stale, and a status equal to the one written is not written again. Entries go once the store
+/// has a newer copy of the pool, or after a minute.
+#[derive(Default)]
+pub struct Statuses(Mutex<HashMap<String, WrittenStatus>>);
+
+struct WrittenStatus {
+    from_version: String,
+    hash: String,
+    at: Instant,
+}
+
+impl Statuses {
+    /// Whether `status_hash` is what was last written to the pool `uid`, whose copy at hand
+    /// (`version`) is the one that status was computed from.
+    pub fn already_written(&self, uid: &str, version: &str, status_hash: &str) -> bool {
+        let mut written = self.0.lock().expect("the status memo is never poisoned");
+        match written.get(uid) {
+            Some(w) if w.from_version == version => w.hash == status_hash,
+            Some(_) => {
+                // The store has caught up: its copy is the truth again.
+                written.remove(uid);
+                false
+            }
+            None => false,
+        }
+    }
+
+    pub fn remember(&self, uid: &str, version: &str, status_hash: &str) {
+        let mut written = self.0.lock().expect("the status memo is never poisoned");
+        written.retain(|_, w| w.at.elapsed() < Duration::from_secs(60));
+        written.insert(
+            uid.into(),
+            WrittenStatus {
+                from_version: version.into(),
+                hash: status_hash.into(),
+                at: Instant::now(),
+            },
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn deployment(generation: i64, observed: Option<i64>) -> Deployment {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "d", "uid": "u", "generation": generation},
+            "status": {"observedGeneration": observed},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_status_is_not_written_twice_from_the_same_stale_copy_of_its_pool() {
+        let statuses = Statuses::default();
+        assert!(!statuses.already_written("u", "10", "h1"));
+        statuses.remember("u", "10", "h1");
+        assert!(statuses.already_written("u", "10", "h1"), "same copy, same status");
+        assert!(!statuses.already_written("u", "10", "h2"), "same copy, another status");
+        assert!(!statuses.already_written("u", "11", "h1"), "a newer copy is the truth");
+        assert!(
+            !statuses.already_written("u", "10", "h1"),
+            "forgotten once a newer copy came"
+        );
+    }
+
+    #[test]
+    fn a_status_waits_only_for_a_generation_written_here_and_not_yet_observed() {
+        let rollouts = Rollouts::default();
+        assert_eq!(
+            rollouts.wait_for(&deployment(2, Some(1))),
+            None,
+            "not written by this operator"
+        );
+        rollouts.written(&deployment(2, Some(1)));
+        let left = rollouts
+            .wait_for(&deployment(2, Some(1)))
+            .expect("written, not observed");
+        assert!(
+            left <= STATUS_WAIT && left > STATUS_WAIT - Duration::from_secs(1),
+            "{left:?}"
+        );
+        assert_eq!(rollouts.wait_for(&deployment(2, Some(2))), None, "observed");
+        assert_eq!(
+            rollouts.wait_for(&deployment(3, Some(2))),
+            None,
+            "a generation written elsewhere"
+        );
+        assert!(rollouts.wait_for(&deployment(2, None)).is_some(), "never observed yet");
+    }
 
     #[test]
     fn a_remembered_key_holds_for_its_pool_and_generation_only() {

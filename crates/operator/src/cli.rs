@@ -245,6 +245,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         failures: Default::default(),
         stores: Default::default(),
         keys: Default::default(),
+        rollouts: Default::default(),
+        statuses: Default::default(),
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let controller = tokio::spawn(reconcile::run(

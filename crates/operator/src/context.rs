@@ -7,7 +7,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 use kube::runtime::events::Recorder;
 
-use crate::cache::{Keys, Stores};
+use crate::cache::{Keys, Rollouts, Statuses, Stores};
 use crate::metrics::Metrics;
 
 pub struct Context {
@@ -26,6 +26,10 @@ pub struct Context {
     pub stores: OnceLock<Stores>,
     /// The public halves of the keys the operator generated.
     pub keys: Keys,
+    /// The Deployments it wrote whose controller has yet to observe them.
+    pub rollouts: Rollouts,
+    /// The statuses it wrote, until the pools' store has them.
+    pub statuses: Statuses,
 }
 
 impl Context {

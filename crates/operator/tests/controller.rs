@@ -550,8 +550,10 @@ async fn a_new_pool_costs_one_write_per_child_and_one_status_write() {
         .counter("nixpool_operator_api_requests_total", "resource=\"events\"")
         .await;
     assert_eq!(
-        status_writes, 1.0,
-        "the status is written once, after the Deployment controller caught up:\n{metrics}"
+        status_writes,
+        1.0,
+        "the status is written once, after the Deployment controller caught up:\n{metrics}\n{}",
+        op.log_text()
     );
     assert_eq!(
         op.writes().await - event_writes,
@@ -567,8 +569,11 @@ async fn the_host_key_survives_reconciles_and_an_operator_restart_and_no_op_reco
     let client = cp.client().await.unwrap();
     let mut op = Operator::start(cp, &ns);
     apply_example(cp, &ns, "minimal.yaml");
+    // A pool with a gateway too: its ServiceAccount, Role and RoleBinding come from stores.
+    apply_example(cp, &ns, "autoscaling.yaml");
     let pools: Api<NixBuilderPool> = Api::namespaced(client.clone(), &ns);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    observed(&pools, "builders-on-demand").await;
     let first = observed(&pools, "builders").await;
     let key = first.status.as_ref().unwrap().host_public_key.clone().unwrap();
     let secret = secrets.get("builders-host-key").await.unwrap();
@@ -582,13 +587,17 @@ async fn the_host_key_survives_reconciles_and_an_operator_restart_and_no_op_reco
     assert!(gets > 0.0, "the operator's request counter must see its own reads");
     for i in 0..3 {
         let patch = serde_json::json!({"metadata": {"annotations": {"test/nudge": i.to_string()}}});
-        pools
-            .patch("builders", &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .unwrap();
-        eventually(Duration::from_secs(20), "a reconcile after the nudge", || async {
-            (op.reconciles().await > reconciles + i as f64).then_some(())
-        })
+        for name in ["builders", "builders-on-demand"] {
+            pools
+                .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .unwrap();
+        }
+        eventually(
+            Duration::from_secs(20),
+            "a reconcile of each pool after the nudge",
+            || async { (op.reconciles().await >= reconciles + 2.0 * (i + 1) as f64).then_some(()) },
+        )
         .await;
     }
     op.settle(Duration::from_secs(1)).await;

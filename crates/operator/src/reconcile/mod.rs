@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, PostParams};
 use kube::core::DeserializeGuard;
 use kube::core::error_boundary::InvalidObject;
@@ -67,6 +68,16 @@ pub async fn run(
         .owns_stream(deployment_events)
         .owns_stream(service_events)
         .owns_stream(config_map_events);
+    // A gateway's identity and rights: watched too, so an unchanged pool with a gateway reads
+    // nothing, and one deleted by hand is put back at once.
+    let (service_accounts, service_account_events) =
+        cached_watch(api::<ServiceAccount>(&client, &namespace), owned.clone());
+    let (roles, role_events) = cached_watch(api::<Role>(&client, &namespace), owned.clone());
+    let (role_bindings, role_binding_events) = cached_watch(api::<RoleBinding>(&client, &namespace), owned.clone());
+    controller = controller
+        .owns_stream(service_account_events)
+        .owns_stream(role_events)
+        .owns_stream(role_binding_events);
     let mut pdbs = None;
     if ctx.with_pdb {
         let (store, events) = cached_watch(api::<PodDisruptionBudget>(&client, &namespace), owned);
@@ -78,6 +89,9 @@ pub async fn run(
         services,
         config_maps,
         team_config_maps,
+        service_accounts,
+        roles,
+        role_bindings,
         pdbs,
     });
     controller
@@ -268,11 +282,21 @@ async fn reconcile_pool(pool: &NixBuilderPool, ctx: &Context) -> Result<Action> 
     let scaled = decision.as_ref().is_some_and(|d| d.replicas != asked_before);
     // A Deployment written just now still reports on the spec before it; its controller catches
     // up within milliseconds, and that watch event brings the pool back here. The status is
-    // written then, once, rather than now and again then. What the status must remember (a
-    // scale decision, news of bad keys) is written at once; a Deployment controller that never
-    // catches up holds nothing back, as the next reconcile writes no Deployment.
-    let status_waits = !scaled && !bad_keys_news && awaits_its_controller(&applied);
-    if status_waits {
+    // written then, once, rather than now and again then (other children's events may bring
+    // the pool back before that: they wait too). What the status must remember (a scale
+    // decision, news of bad keys) is written at once; a Deployment controller that does not
+    // catch up holds the status back for STATUS_WAIT at most.
+    let deployments = std::iter::once(&applied.deployment).chain(applied.gateway.as_ref());
+    for d in deployments.clone() {
+        if applied.changed.contains(&format!("Deployment/{}", d.name_any())) {
+            ctx.rollouts.written(d);
+        }
+    }
+    let status_wait = deployments
+        .filter_map(|d| ctx.rollouts.wait_for(d))
+        .max()
+        .filter(|_| !scaled && !bad_keys_news);
+    if status_wait.is_some() {
         debug!("status waits for the Deployment controller to observe what was applied");
     } else {
         status::patch(ctx, pool, new_status).await?;
@@ -380,28 +404,10 @@ async fn reconcile_pool(pool: &NixBuilderPool, ctx: &Context) -> Result<Action> 
     if let Some(due) = decision.and_then(|d| d.recheck) {
         next = next.min(due);
     }
-    if status_waits {
-        next = next.min(STATUS_WAIT);
+    if let Some(wait) = status_wait {
+        next = next.min(wait);
     }
     Ok(Action::requeue(next))
-}
-
-/// How long a pool's status waits at most for the Deployment controller to observe a Deployment
-/// the operator just wrote.
-const STATUS_WAIT: Duration = Duration::from_secs(5);
-
-/// Whether this reconcile wrote a Deployment that its controller has not observed yet.
-fn awaits_its_controller(applied: &apply::Applied) -> bool {
-    let unobserved = |d: &Deployment| d.status.as_ref().and_then(|s| s.observed_generation) < d.metadata.generation;
-    let written = |d: &Deployment| {
-        applied.changed.contains(&format!(
-            "Deployment/{}",
-            d.metadata.name.as_deref().unwrap_or_default()
-        ))
-    };
-    std::iter::once(&applied.deployment)
-        .chain(applied.gateway.as_ref())
-        .any(|d| written(d) && unobserved(d))
 }
 
 /// How often Secrets a pool names are read again while they matter (Secrets are never watched).

@@ -321,9 +321,16 @@ fn bad_keys_message(bad: &[BadKey]) -> String {
     format!("{} authorized key line(s) skipped: {}", bad.len(), parts.join("; "))
 }
 
-/// Writes the status with server-side apply, unless it is what the pool already reports.
+/// Writes the status with server-side apply, unless it is what the pool already reports, or
+/// what this operator already wrote from the same copy of the pool.
 pub async fn patch(ctx: &Context, pool: &NixBuilderPool, status: NixBuilderPoolStatus) -> Result<bool> {
     if pool.status.as_ref() == Some(&status) {
+        return Ok(false);
+    }
+    let uid = pool.metadata.uid.clone().unwrap_or_default();
+    let version = pool.metadata.resource_version.clone().unwrap_or_default();
+    let status_hash = fingerprint(&status);
+    if ctx.statuses.already_written(&uid, &version, &status_hash) {
         return Ok(false);
     }
     let api: Api<NixBuilderPool> = Api::namespaced(ctx.client.clone(), &pool.namespace().unwrap_or_default());
@@ -342,7 +349,20 @@ pub async fn patch(ctx: &Context, pool: &NixBuilderPool, status: NixBuilderPoolS
         name: pool.name_any(),
         source,
     })?;
+    ctx.statuses.remember(&uid, &version, &status_hash);
     Ok(true)
+}
+
+/// A hash of what a status says, without its conditions' transition times: two reconciles of
+/// the same stale copy of a pool compute the same status at different instants.
+fn fingerprint(status: &NixBuilderPoolStatus) -> String {
+    let mut value = serde_json::to_value(status).expect("a status serializes");
+    if let Some(conditions) = value.get_mut("conditions").and_then(|c| c.as_array_mut()) {
+        for c in conditions.iter_mut().filter_map(|c| c.as_object_mut()) {
+            c.remove("lastTransitionTime");
+        }
+    }
+    crate::reconcile::build::hash(&value)
 }
 
 #[cfg(test)]
