@@ -2,7 +2,9 @@
 //!
 //! `cargo bench -p nixpool-operator --bench pools` prints a Markdown table: time until every
 //! pool has all its children and a status, API requests per pool while creating, API requests
-//! per pool in a no-op resync (writes must be 0), and the operator's peak RSS.
+//! per pool in a no-op resync (writes must be 0), the operator's peak RSS, how soon one more
+//! pool's children exist, and, in the same run, one sequential `kubectl apply --server-side` of
+//! the same children rendered by `nixpool-operator render`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -111,6 +113,61 @@ async fn main() {
     let resync_writes: f64 = ["POST", "PUT", "PATCH", "DELETE"].iter().map(|v| delta(v)).sum();
     let rss = op.peak_rss();
 
+    // One more pool, with N already there: how soon do its children exist?
+    let mut extra = template.clone();
+    extra.metadata.name = Some("pool-extra".into());
+    let asked = Instant::now();
+    pools.create(&PostParams::default(), &extra).await.unwrap();
+    let children_of_one = eventually(Duration::from_secs(60), "the extra pool's children", || async {
+        let have = deployments.get_opt("pool-extra").await.ok()?.is_some()
+            && services.get_opt("pool-extra").await.ok()?.is_some()
+            && cms.get_opt("pool-extra-config").await.ok()?.is_some()
+            && cms.get_opt("pool-extra-authorized-keys").await.ok()?.is_some()
+            && secrets.get_opt("pool-extra-host-key").await.ok()?.is_some();
+        have.then(|| asked.elapsed())
+    })
+    .await;
+
+    // The same children, rendered by `nixpool-operator render` and applied by one client in
+    // one sequential `kubectl apply --server-side`, into a namespace no operator watches.
+    let by_hand = cp.namespace("bench-kubectl").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pools_file = dir.path().join("pools.yaml");
+    let docs: Vec<String> = (0..n)
+        .map(|i| {
+            let mut p = template.clone();
+            p.metadata.name = Some(format!("pool-{i:04}"));
+            serde_yaml::to_string(&p).unwrap()
+        })
+        .collect();
+    std::fs::write(&pools_file, docs.join("---\n")).unwrap();
+    let rendered = std::process::Command::new(OPERATOR)
+        .args(["render", "--pdb=false", "-f"])
+        .arg(&pools_file)
+        .output()
+        .unwrap();
+    assert!(
+        rendered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rendered.stderr)
+    );
+    let children_file = dir.path().join("children.yaml");
+    let text = String::from_utf8(rendered.stdout)
+        .unwrap()
+        .replace("namespace: default", &format!("namespace: {by_hand}"));
+    let objects = text.lines().filter(|l| l.starts_with("kind: ")).count();
+    assert_eq!(objects, 5 * n, "render gives 5 children per pool");
+    std::fs::write(&children_file, text).unwrap();
+    let applying = Instant::now();
+    let applied = cp
+        .kubectl()
+        .args(["apply", "--server-side", "--field-manager=bench", "-f"])
+        .arg(&children_file)
+        .output()
+        .unwrap();
+    let kubectl_apply = applying.elapsed();
+    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+
     println!("| Measure ({n} pools, kube-apiserver 1.20 on loopback, 2 cores) | Value |");
     println!("| --- | --- |");
     println!(
@@ -138,5 +195,18 @@ async fn main() {
     println!("| API writes in the no-op resync (must be 0) | {resync_writes} |");
     println!("| Lists and watches (re)started during the no-op resync, for all pools | {resync_lists} |");
     println!("| Operator peak RSS | {:.1} MiB |", rss as f64 / (1024.0 * 1024.0));
+    println!(
+        "| One more pool with {n} there: its 5 children exist after | {} ms |",
+        children_of_one.as_millis()
+    );
+    println!(
+        "| One sequential `kubectl apply --server-side` of the same {} children (rendered) | {:.1} s |",
+        5 * n,
+        kubectl_apply.as_secs_f64()
+    );
+    println!(
+        "| Ratio operator (all children and a status) / kubectl (children only) (goal ≤ 0.5) | {:.2} |",
+        converge.as_secs_f64() / kubectl_apply.as_secs_f64()
+    );
     assert_eq!(resync_writes, 0.0, "a no-op resync wrote to the API");
 }

@@ -127,7 +127,8 @@ impl Keys {
 }
 
 /// How long a pool's status waits at most for the Deployment controller to observe a Deployment
-/// the operator wrote.
+/// the operator wrote. Short: a longer wait (60 s) made 1000 new pools converge in 147 s instead
+/// of 88 s in the pools bench and saved no write there.
 pub const STATUS_WAIT: Duration = Duration::from_secs(5);
 
 /// When the operator last wrote each Deployment, by `(uid, generation)`, so that the pool's
