@@ -354,7 +354,7 @@ async fn a_held_session_starts_when_the_first_builder_is_ready_and_demand_is_rep
         .unwrap();
     let woke = readied.elapsed();
     assert!(out.status.success(), "{}\n{}", output_text(&out), gw.log());
-    assert_session_went_to(&gw, 1, "builder-0");
+    assert_session_done(&gw, 1, "builder-0", 1);
     assert!(
         woke < Duration::from_secs(2),
         "the held session waited {woke:?} after Ready"
@@ -518,8 +518,8 @@ fn other_report(age: i64, used: &[(&str, u32)]) -> String {
     serde_json::to_string(&r).unwrap()
 }
 
-/// The gateway's `nth` session (from 1) ended done on `builder`, on the first try.
-fn assert_session_went_to(gw: &Gateway, nth: usize, builder: &str) {
+/// The gateway's `nth` session (from 1) ended done on `builder`, on try number `tries`.
+fn assert_session_done(gw: &Gateway, nth: usize, builder: &str, tries: u32) {
     let log = gw.log();
     let done = log
         .lines()
@@ -527,8 +527,19 @@ fn assert_session_went_to(gw: &Gateway, nth: usize, builder: &str) {
         .nth(nth - 1)
         .unwrap_or_else(|| panic!("no session {nth} done:\n{log}"));
     assert!(
-        done.contains(&format!("builder={builder} ")) && done.contains("tries=1"),
-        "session {nth} did not go to {builder} at once: {done}"
+        done.contains(&format!("builder={builder} ")) && done.contains(&format!("tries={tries} ")),
+        "session {nth} did not end on {builder} at try {tries}: {done}"
+    );
+}
+
+/// The client sent `hello` to an echoing builder and got it back, with nothing on stderr.
+fn assert_echoed_hello(out: &Output, gw: &Gateway) {
+    assert_eq!(
+        (out.status.code(), &out.stdout[..], &out.stderr[..]),
+        (Some(0), &b"hello"[..], &b""[..]),
+        "{}\n{}",
+        output_text(out),
+        gw.log()
     );
 }
 
@@ -615,7 +626,7 @@ async fn another_gateways_sessions_count_against_the_builders_slots() {
     // name), but gw-1 uses its only one: the session goes to builder-b.
     let out = gw.ssh(&keys.client, "nix-store --serve --write").output().unwrap();
     assert!(out.status.success(), "{}\n{}", output_text(&out), gw.log());
-    assert_session_went_to(&gw, 1, "builder-b");
+    assert_session_done(&gw, 1, "builder-b", 1);
 
     // The dead gateway's key is removed; the live ones stay.
     let data = eventually("gw-old's key removed", || async {
@@ -658,7 +669,7 @@ async fn another_gateways_sessions_count_against_the_builders_slots() {
         .unwrap();
     let woke = freed.elapsed();
     assert!(out.status.success(), "{}\n{}", output_text(&out), gw.log());
-    assert_session_went_to(&gw, 2, "builder-b");
+    assert_session_done(&gw, 2, "builder-b", 1);
     assert!(
         woke < Duration::from_secs(2),
         "the held session waited {woke:?} after the slot freed up"
@@ -866,24 +877,14 @@ async fn a_builder_that_says_all_its_slots_are_in_use_is_passed_over_unseen_by_t
     );
     gw.wait_ready();
     let out = run(&gw, &keys, "nix-store --serve --write", b"hello").await;
-    assert_eq!(
-        (out.status.code(), &out.stdout[..], &out.stderr[..]),
-        (Some(0), &b"hello"[..], &b""[..]),
-        "{}\n{}",
-        output_text(&out),
-        gw.log()
-    );
+    assert_echoed_hello(&out, &gw);
     let log = gw.log();
     let refusal = log
         .lines()
         .find(|l| l.contains("all its slots are in use"))
         .unwrap_or_else(|| panic!("no refusal logged:\n{log}"));
     assert!(refusal.contains(&busy.name), "{refusal}");
-    let done = log.lines().find(|l| l.contains("session done")).unwrap();
-    assert!(
-        done.contains("tries=2") && done.contains(&format!("builder={}", echo.name)),
-        "{done}"
-    );
+    assert_session_done(&gw, 1, &echo.name, 2);
     let metrics = gw.get("/metrics").1;
     let counted = format!("nixpool_gateway_builder_busy_total{{builder=\"{}\"}} 1", busy.name);
     assert!(metrics.contains(&counted), "{counted} missing:\n{metrics}");
@@ -981,11 +982,7 @@ async fn a_builder_that_never_answers_is_passed_over_after_30_s() {
             .any(|l| l.contains("did not answer within 30 s") && l.contains(&silent.name)),
         "{log}"
     );
-    let done = log.lines().find(|l| l.contains("session done")).unwrap();
-    assert!(
-        done.contains("tries=2") && done.contains(&format!("builder={}", echo.name)),
-        "{done}"
-    );
+    assert_session_done(&gw, 1, &echo.name, 2);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1008,24 +1005,14 @@ async fn a_builder_that_refuses_the_connection_is_passed_over_unseen_by_the_clie
     );
     gw.wait_ready();
     let out = run(&gw, &keys, "nix-daemon --stdio", b"hello").await;
-    assert_eq!(
-        (out.status.code(), &out.stdout[..], &out.stderr[..]),
-        (Some(0), &b"hello"[..], &b""[..]),
-        "{}\n{}",
-        output_text(&out),
-        gw.log()
-    );
+    assert_echoed_hello(&out, &gw);
     let log = gw.log();
     assert!(
         log.lines()
             .any(|l| l.contains("did not take the session") && l.contains(&gone) && l.contains("Connection refused")),
         "{log}"
     );
-    let done = log.lines().find(|l| l.contains("session done")).unwrap();
-    assert!(
-        done.contains("tries=2") && done.contains(&format!("builder={}", echo.name)),
-        "{done}"
-    );
+    assert_session_done(&gw, 1, &echo.name, 2);
     let metrics = gw.get("/metrics").1;
     let counted = format!("nixpool_gateway_builder_unreachable_total{{builder=\"{gone}\"}} 1");
     assert!(metrics.contains(&counted), "{counted} missing:\n{metrics}");

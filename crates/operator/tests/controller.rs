@@ -35,6 +35,19 @@ fn secret_text(s: &Secret, key: &str) -> String {
     String::from_utf8(s.data.as_ref().unwrap()[key].0.clone()).unwrap()
 }
 
+/// How many objects of kind `K` in `ns` the pool controls.
+async fn owned_children<K>(client: &kube::Client, ns: &str, pool: &NixBuilderPool) -> usize
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let list = api.list(&ListParams::default()).await.unwrap();
+    list.items.iter().filter(|o| owned_by(o.meta(), pool)).count()
+}
+
 async fn events_for(client: &kube::Client, ns: &str, pool: &str) -> Vec<Event> {
     let api: Api<Event> = Api::namespaced(client.clone(), ns);
     api.list(&ListParams::default())
@@ -502,41 +515,10 @@ async fn a_new_pool_costs_one_write_per_child_and_one_status_write() {
     .await;
     op.settle(Duration::from_secs(3)).await;
 
-    let mut children = 0;
-    let owned = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| owned_by(m, &pool) as usize;
-    let list = ListParams::default();
-    children += Api::<Secret>::namespaced(client.clone(), &ns)
-        .list(&list)
-        .await
-        .unwrap()
-        .items
-        .iter()
-        .map(|o| owned(&o.metadata))
-        .sum::<usize>();
-    children += Api::<ConfigMap>::namespaced(client.clone(), &ns)
-        .list(&list)
-        .await
-        .unwrap()
-        .items
-        .iter()
-        .map(|o| owned(&o.metadata))
-        .sum::<usize>();
-    children += Api::<Deployment>::namespaced(client.clone(), &ns)
-        .list(&list)
-        .await
-        .unwrap()
-        .items
-        .iter()
-        .map(|o| owned(&o.metadata))
-        .sum::<usize>();
-    children += Api::<Service>::namespaced(client.clone(), &ns)
-        .list(&list)
-        .await
-        .unwrap()
-        .items
-        .iter()
-        .map(|o| owned(&o.metadata))
-        .sum::<usize>();
+    let children = owned_children::<Secret>(&client, &ns, &pool).await
+        + owned_children::<ConfigMap>(&client, &ns, &pool).await
+        + owned_children::<Deployment>(&client, &ns, &pool).await
+        + owned_children::<Service>(&client, &ns, &pool).await;
     // No PodDisruptionBudget: Kubernetes 1.20 serves no policy/v1, and the operator makes none there.
     assert!(children >= 5, "{children} children");
     let metrics = op.metrics().await;

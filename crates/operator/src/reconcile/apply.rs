@@ -43,7 +43,7 @@ pub async fn apply(ctx: &Context, ns: &str, children: Children) -> Result<Applie
     // created before, once).
     ensure(ctx, ns, authorized_keys, &mut changed).await?;
     ensure(ctx, ns, config_map, &mut changed).await?;
-    let deployment = ensure(ctx, ns, deployment, &mut changed).await?;
+    let deployment = ensure_deployment(ctx, ns, deployment, &mut changed).await?;
     let gateway = match gateway {
         Some(GatewayChildren {
             service_account,
@@ -58,7 +58,7 @@ pub async fn apply(ctx: &Context, ns: &str, children: Children) -> Result<Applie
             ensure(ctx, ns, role, &mut changed).await?;
             ensure(ctx, ns, role_binding, &mut changed).await?;
             ensure(ctx, ns, demand, &mut changed).await?;
-            let live = ensure(ctx, ns, deployment, &mut changed).await?;
+            let live = ensure_deployment(ctx, ns, deployment, &mut changed).await?;
             if let Some(pdb) = pdb {
                 ensure(ctx, ns, pdb, &mut changed).await?;
             }
@@ -76,6 +76,22 @@ pub async fn apply(ctx: &Context, ns: &str, children: Children) -> Result<Applie
         gateway,
         changed,
     })
+}
+
+/// [`ensure`] for a Deployment; one it writes is remembered until its controller observes it
+/// (the pool's status waits for that, see `reconcile`).
+async fn ensure_deployment(
+    ctx: &Context,
+    ns: &str,
+    desired: Deployment,
+    changed: &mut Vec<String>,
+) -> Result<Deployment> {
+    let before = changed.len();
+    let live = ensure(ctx, ns, desired, changed).await?;
+    if changed.len() > before {
+        ctx.rollouts.written(&live);
+    }
+    Ok(live)
 }
 
 /// Applies `desired` only if the live object lacks any of it (which includes the applied-hash

@@ -69,7 +69,7 @@ pub async fn run(
         .owns_stream(service_events)
         .owns_stream(config_map_events);
     // A gateway's identity and rights: watched too, so an unchanged pool with a gateway reads
-    // nothing, and one deleted by hand is put back at once.
+    // nothing.
     let (service_accounts, service_account_events) =
         cached_watch(api::<ServiceAccount>(&client, &namespace), owned.clone());
     let (roles, role_events) = cached_watch(api::<Role>(&client, &namespace), owned.clone());
@@ -286,13 +286,8 @@ async fn reconcile_pool(pool: &NixBuilderPool, ctx: &Context) -> Result<Action> 
     // the pool back before that: they wait too). What the status must remember (a scale
     // decision, news of bad keys) is written at once; a Deployment controller that does not
     // catch up holds the status back for STATUS_WAIT at most.
-    let deployments = std::iter::once(&applied.deployment).chain(applied.gateway.as_ref());
-    for d in deployments.clone() {
-        if applied.changed.contains(&format!("Deployment/{}", d.name_any())) {
-            ctx.rollouts.written(d);
-        }
-    }
-    let status_wait = deployments
+    let status_wait = std::iter::once(&applied.deployment)
+        .chain(applied.gateway.as_ref())
         .filter_map(|d| ctx.rollouts.wait_for(d))
         .max()
         .filter(|_| !scaled && !bad_keys_news);
