@@ -518,14 +518,21 @@ fn other_report(age: i64, used: &[(&str, u32)]) -> String {
     serde_json::to_string(&r).unwrap()
 }
 
-/// The gateway's `nth` session (from 1) ended done on `builder`, on try number `tries`.
+/// The gateway's `nth` session (from 1) ended done on `builder`, on try number `tries`. The
+/// client may see its session end before the gateway has logged it: the line is waited for.
 fn assert_session_done(gw: &Gateway, nth: usize, builder: &str, tries: u32) {
-    let log = gw.log();
-    let done = log
-        .lines()
-        .filter(|l| l.contains("session done"))
-        .nth(nth - 1)
-        .unwrap_or_else(|| panic!("no session {nth} done:\n{log}"));
+    let done = wait_for(
+        Duration::from_secs(5),
+        &format!("log line of session {nth} done"),
+        || {
+            gw.log()
+                .lines()
+                .filter(|l| l.contains("session done"))
+                .nth(nth - 1)
+                .map(str::to_string)
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}:\n{}", gw.log()));
     assert!(
         done.contains(&format!("builder={builder} ")) && done.contains(&format!("tries={tries} ")),
         "session {nth} did not end on {builder} at try {tries}: {done}"
