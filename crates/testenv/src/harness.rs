@@ -99,7 +99,18 @@ impl Operator {
         let port = free_port();
         let log = std::path::PathBuf::from(format!("{}-{port}.log", log_prefix.display()));
         let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(binary)
+        // A profiler in front of the operator, e.g. `heaptrack -o /tmp/operator` (for profiling
+        // runs only: the peak RSS and CPU figures are then the wrapper's).
+        let mut command = match std::env::var("NIXPOOL_OPERATOR_WRAPPER") {
+            Ok(wrapper) if !wrapper.trim().is_empty() => {
+                let mut words = wrapper.split_whitespace();
+                let mut c = Command::new(words.next().expect("not empty"));
+                c.args(words).arg(binary);
+                c
+            }
+            _ => Command::new(binary),
+        };
+        let child = command
             .args([
                 "run",
                 "--default-image",
@@ -177,6 +188,11 @@ impl Operator {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
             .map(|kb| kb * 1024)
             .unwrap_or(0)
+    }
+
+    /// The operator's CPU time (user + system) so far, in seconds.
+    pub fn cpu_seconds(&self) -> f64 {
+        crate::process_cpu_seconds(self.child.id())
     }
 
     pub fn log_text(&self) -> String {

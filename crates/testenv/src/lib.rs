@@ -160,6 +160,8 @@ pub struct ControlPlane {
     etcd_port: u16,
     bin: PathBuf,
     spawner: mpsc::Sender<SpawnRequest>,
+    /// What [`ControlPlane::spawn`] started, by name, for [`ControlPlane::cpu_seconds`].
+    started: std::sync::Mutex<Vec<(String, u32)>>,
 }
 
 struct SpawnRequest {
@@ -228,6 +230,7 @@ impl ControlPlane {
             etcd_port,
             bin: bin.clone(),
             spawner,
+            started: Default::default(),
         };
 
         // Service-account signing key: the API server and the token controller share it.
@@ -330,7 +333,22 @@ impl ControlPlane {
         self.spawner
             .send(SpawnRequest { cmd: wrapped, reply })
             .map_err(|_| anyhow::anyhow!("spawner thread is gone"))?;
-        rx.recv()?.with_context(|| format!("start {name}"))
+        let pid = rx.recv()?.with_context(|| format!("start {name}"))?;
+        self.started
+            .lock()
+            .expect("never poisoned")
+            .push((name.to_string(), pid));
+        Ok(pid)
+    }
+
+    /// CPU time (user + system) each process started here has used so far, by name. Benchmarks
+    /// take two readings to say what the control plane spent on a phase.
+    pub fn cpu_seconds(&self) -> Vec<(String, f64)> {
+        let started = self.started.lock().expect("never poisoned").clone();
+        started
+            .into_iter()
+            .map(|(name, pid)| (name, process_cpu_seconds(pid)))
+            .collect()
     }
 
     fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
@@ -429,4 +447,23 @@ impl ControlPlane {
         let created = api.create(&Default::default(), &ns).await?;
         Ok(created.metadata.name.expect("the server names a generated namespace"))
     }
+}
+
+/// User + system CPU time of a process, in seconds (0 once it is gone).
+pub fn process_cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // The command name (field 2) may hold spaces; the fields after its closing parenthesis are
+    // fixed: utime and stime are the 12th and 13th of them.
+    let Some((_, after)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
+        .sum();
+    // SC_CLK_TCK is 100 on every Linux this runs on.
+    ticks / 100.0
 }
