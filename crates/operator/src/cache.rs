@@ -149,10 +149,19 @@ impl Rollouts {
     }
 
     /// How much longer the status waits for `d`: while the operator wrote its current generation
-    /// less than [`STATUS_WAIT`] ago and its controller has not observed it.
+    /// less than [`STATUS_WAIT`] ago and its controller has not observed it. A Deployment just
+    /// created (generation 1) also waits until its controller reports its pods created
+    /// (`updatedReplicas`), so that a new pool's status is written once, not once for the
+    /// Deployment and once more for its pods a few milliseconds later. A changed Deployment
+    /// does not wait for its rollout, which takes as long as its pods take to be ready.
     pub fn wait_for(&self, d: &Deployment) -> Option<Duration> {
-        let observed = d.status.as_ref().and_then(|s| s.observed_generation);
-        if observed >= d.metadata.generation {
+        let status = d.status.as_ref();
+        let observed = status.and_then(|s| s.observed_generation);
+        let pods_created = || {
+            let wanted = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+            status.and_then(|s| s.updated_replicas).unwrap_or(0) >= wanted
+        };
+        if observed >= d.metadata.generation && (d.metadata.generation != Some(1) || pods_created()) {
             return None;
         }
         let key = (d.metadata.uid.clone()?, d.metadata.generation?);
@@ -212,11 +221,39 @@ mod tests {
     use super::*;
 
     fn deployment(generation: i64, observed: Option<i64>) -> Deployment {
+        with_pods(generation, observed, 2, 2)
+    }
+
+    fn with_pods(generation: i64, observed: Option<i64>, replicas: i32, updated: i32) -> Deployment {
         serde_json::from_value(serde_json::json!({
             "metadata": {"name": "d", "uid": "u", "generation": generation},
-            "status": {"observedGeneration": observed},
+            "spec": {"replicas": replicas, "selector": {}, "template": {}},
+            "status": {"observedGeneration": observed, "updatedReplicas": updated},
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn a_new_deployment_is_waited_for_until_its_pods_are_created_a_changed_one_is_not() {
+        let rollouts = Rollouts::default();
+        rollouts.written(&with_pods(1, None, 2, 0));
+        assert!(rollouts.wait_for(&with_pods(1, None, 2, 0)).is_some(), "not observed");
+        assert!(
+            rollouts.wait_for(&with_pods(1, Some(1), 2, 0)).is_some(),
+            "observed, its pods not created yet"
+        );
+        assert!(
+            rollouts.wait_for(&with_pods(1, Some(1), 2, 1)).is_some(),
+            "one of two pods"
+        );
+        assert_eq!(rollouts.wait_for(&with_pods(1, Some(1), 2, 2)), None, "pods created");
+        assert_eq!(rollouts.wait_for(&with_pods(1, Some(1), 0, 0)), None, "no pods wanted");
+        rollouts.written(&with_pods(2, Some(1), 2, 2));
+        assert_eq!(
+            rollouts.wait_for(&with_pods(2, Some(2), 2, 0)),
+            None,
+            "a changed Deployment waits only until observed, not for its rollout"
+        );
     }
 
     #[test]

@@ -542,6 +542,33 @@ async fn a_new_pool_costs_one_write_per_child_and_one_status_write() {
         children as f64 + 1.0,
         "one write per child ({children}) and one status write:\n{metrics}"
     );
+    assert_eq!(
+        event_writes, 1.0,
+        "one Event (Created) says what a new pool got:\n{metrics}"
+    );
+    let created = events_for(&client, &ns, "builders").await;
+    assert!(
+        created.iter().any(|e| e.reason.as_deref() == Some("Created")
+            && e.note
+                .as_deref()
+                .is_some_and(|n| n.contains("host key ssh-ed25519 ") && n.contains("Deployment/builders"))),
+        "{created:?}"
+    );
+    // Discovery at start-up (resource="other") is not the pool's.
+    let reads = ["configmaps", "deployments", "services", "secrets"]
+        .iter()
+        .map(|r| {
+            sum_counter(
+                &metrics,
+                "nixpool_operator_api_requests_total",
+                &format!("verb=\"GET\",resource=\"{r}\""),
+            )
+        })
+        .sum::<f64>();
+    assert!(
+        reads <= children as f64 - 1.0,
+        "at most one read per child, none for the host-key Secret, which is created without one: {reads} reads:\n{metrics}"
+    );
 }
 
 #[tokio::test]

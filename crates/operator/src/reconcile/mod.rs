@@ -297,30 +297,37 @@ async fn reconcile_pool(pool: &NixBuilderPool, ctx: &Context) -> Result<Action> 
         status::patch(ctx, pool, new_status).await?;
     }
 
-    if generated {
-        publish(
-            ctx,
-            pool,
-            EventType::Normal,
-            "HostKeyGenerated",
-            "Create",
-            format!(
-                "generated the pool's ed25519 host key: {}",
-                host_key.as_deref().unwrap_or("?")
-            ),
+    // A new pool gets one Event that says everything its creation did; later, each key
+    // generated (a deleted key Secret) and each change is an Event of its own.
+    let host_key_news = generated.then(|| {
+        format!(
+            "generated the pool's ed25519 host key {} (Secret {})",
+            host_key.as_deref().unwrap_or("?"),
+            build::host_key_ref(pool).0
         )
-        .await;
+    });
+    let gateway_key_news = gateway_key_generated
+        .then(|| "generated the gateway's ed25519 key; builders trust it, clients cannot log in with it".to_string());
+    let applied_news = (!applied.changed.is_empty()).then(|| format!("applied {}", applied.changed.join(", ")));
+    if !applied.changed.is_empty() {
+        info!(changed = ?applied.changed, "applied");
     }
-    if gateway_key_generated {
-        publish(
-            ctx,
-            pool,
-            EventType::Normal,
-            "GatewayKeyGenerated",
-            "Create",
-            "generated the gateway's ed25519 key; builders trust it, clients cannot log in with it".into(),
-        )
-        .await;
+    if pool.status.is_none() && generated {
+        let news: Vec<String> = [host_key_news, gateway_key_news, applied_news]
+            .into_iter()
+            .flatten()
+            .collect();
+        publish(ctx, pool, EventType::Normal, "Created", "Create", news.join("; ")).await;
+    } else {
+        for (reason, action, news) in [
+            ("HostKeyGenerated", "Create", host_key_news),
+            ("GatewayKeyGenerated", "Create", gateway_key_news),
+            ("Applied", "Apply", applied_news),
+        ] {
+            if let Some(note) = news {
+                publish(ctx, pool, EventType::Normal, reason, action, note).await;
+            }
+        }
     }
     if let Some(d) = decision.as_ref().filter(|d| d.replicas != asked_before) {
         let (reason, direction) = if d.replicas > asked_before {
@@ -362,18 +369,6 @@ async fn reconcile_pool(pool: &NixBuilderPool, ctx: &Context) -> Result<Action> 
             reason,
             "Scale",
             format!("builders {asked_before} → {}: {why}", d.replicas),
-        )
-        .await;
-    }
-    if !applied.changed.is_empty() {
-        info!(changed = ?applied.changed, "applied");
-        publish(
-            ctx,
-            pool,
-            EventType::Normal,
-            "Applied",
-            "Apply",
-            format!("applied {}", applied.changed.join(", ")),
         )
         .await;
     }
@@ -528,45 +523,92 @@ async fn generated_key(
         return Ok((public, false));
     }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    // A pool that has never had a status has no key yet, unless a reconcile before a restart
+    // made it: try to create the Secret first (409 means it exists, and it is read), which saves
+    // a new pool's read.
+    if pool.status.is_none()
+        && let Some(public) = create_key_secret(&api, pool, name, secret_of).await?
+    {
+        ctx.keys.remember(ns, name, uid, generation, &public);
+        return Ok((public, true));
+    }
+    let read = || read_key_secret(&api, pool, name, file, what);
+    let (public, generated) = match read().await? {
+        Some(public) => (public, false),
+        None => match create_key_secret(&api, pool, name, secret_of).await? {
+            Some(public) => (public, true),
+            // Another writer created it between the read and the create: take its key.
+            None => (
+                read().await?.ok_or_else(|| {
+                    Error::HostKey(format!(
+                        "Secret {name} came and went while the operator read it; it is read again at the next reconcile"
+                    ))
+                })?,
+                false,
+            ),
+        },
+    };
+    ctx.keys.remember(ns, name, uid, generation, &public);
+    Ok((public, generated))
+}
+
+/// The public half of the key in the pool's own key Secret, or `None` if there is no such
+/// Secret. A Secret under that name the pool did not make is not adopted.
+async fn read_key_secret(
+    api: &Api<Secret>,
+    pool: &NixBuilderPool,
+    name: &str,
+    file: &str,
+    what: &str,
+) -> Result<Option<String>> {
     let existing = api.get_opt(name).await.map_err(|source| Error::Read {
         kind: "Secret".into(),
         name: name.to_string(),
         source,
     })?;
-    match existing {
-        Some(secret) if !apply::controlled_by(&secret.metadata, pool.metadata.uid.as_deref()) => Err(Error::NotOwned {
+    let Some(secret) = existing else {
+        return Ok(None);
+    };
+    if !apply::controlled_by(&secret.metadata, pool.metadata.uid.as_deref()) {
+        return Err(Error::NotOwned {
             kind: "Secret".into(),
             name: name.to_string(),
-        }),
-        Some(secret) => {
-            let data = secret.data.as_ref().and_then(|d| d.get(file)).ok_or_else(|| {
-                Error::HostKey(format!(
-                    "Secret {name} has no key {file:?}; delete the Secret to have a new key generated for {what}"
-                ))
-            })?;
-            let key = HostKey::parse(&data.0).map_err(|e| Error::HostKey(format!("Secret {name} key {file}: {e}")))?;
-            ctx.keys.remember(ns, name, uid, generation, &key.public);
-            Ok((key.public, false))
-        }
-        None => {
-            // Create, not apply: if another writer got there first, 409 makes us re-read its key
-            // instead of replacing it.
-            let key = HostKey::generate();
-            let pp = PostParams {
-                field_manager: Some(nixpool_api::FIELD_MANAGER.into()),
-                ..PostParams::default()
-            };
-            api.create(&pp, &build::stamp(secret_of(pool, &key)))
-                .await
-                .map_err(|source| Error::Apply {
-                    kind: "Secret".into(),
-                    name: name.to_string(),
-                    source,
-                })?;
+        });
+    }
+    let data = secret.data.as_ref().and_then(|d| d.get(file)).ok_or_else(|| {
+        Error::HostKey(format!(
+            "Secret {name} has no key {file:?}; delete the Secret to have a new key generated for {what}"
+        ))
+    })?;
+    let key = HostKey::parse(&data.0).map_err(|e| Error::HostKey(format!("Secret {name} key {file}: {e}")))?;
+    Ok(Some(key.public))
+}
+
+/// Generates a key and stores it in a new Secret: create, not apply, so that a Secret that
+/// already exists (another writer got there first) is never replaced. Returns the public half,
+/// or `None` if the Secret exists.
+async fn create_key_secret(
+    api: &Api<Secret>,
+    pool: &NixBuilderPool,
+    name: &str,
+    secret_of: fn(&NixBuilderPool, &HostKey) -> Secret,
+) -> Result<Option<String>> {
+    let key = HostKey::generate();
+    let pp = PostParams {
+        field_manager: Some(nixpool_api::FIELD_MANAGER.into()),
+        ..PostParams::default()
+    };
+    match api.create(&pp, &build::stamp(secret_of(pool, &key))).await {
+        Ok(_) => {
             info!(public = %key.public, secret = name, "generated a key");
-            ctx.keys.remember(ns, name, uid, generation, &key.public);
-            Ok((key.public, true))
+            Ok(Some(key.public))
         }
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
+        Err(source) => Err(Error::Apply {
+            kind: "Secret".into(),
+            name: name.to_string(),
+            source,
+        }),
     }
 }
 
