@@ -494,23 +494,17 @@ async fn a_new_pool_costs_one_write_per_child_and_one_status_write() {
     let ns = cp.namespace("writes").await.unwrap();
     let client = cp.client().await.unwrap();
     let op = Operator::start(cp, &ns);
-    // At 0 replicas no pod comes and goes, so every status change is the operator's doing.
-    let yaml = std::fs::read_to_string(format!("{REPO}/examples/minimal.yaml"))
-        .unwrap()
-        .replace("replicas: 2", "replicas: 0");
-    let file = std::env::temp_dir().join(format!("nixpool-writes-{}.yaml", std::process::id()));
-    std::fs::write(&file, yaml).unwrap();
-    run(cp.kubectl().args(["apply", "-n", &ns, "-f"]).arg(&file));
-    let _ = std::fs::remove_file(&file);
+    // The example's 2 builders: their pods are created (no node runs them here), which the
+    // Deployment controller reports; the status is written once, after that.
+    run(cp
+        .kubectl()
+        .args(["apply", "-n", &ns, "-f"])
+        .arg(format!("{REPO}/examples/minimal.yaml")));
     let pools: Api<NixBuilderPool> = Api::namespaced(client.clone(), &ns);
-    let pool = eventually(MIN, "the pool's status says its builders are up to date", || async {
+    let pool = eventually(MIN, "the pool's status counts its 2 pods", || async {
         let p = pools.get("builders").await.ok()?;
         let st = p.status.as_ref()?;
-        let up_to_date = st
-            .conditions
-            .iter()
-            .any(|c| c.type_ == "Progressing" && c.status == "False");
-        (up_to_date && st.observed_generation == p.metadata.generation).then_some(p)
+        (st.replicas == 2 && st.observed_generation == p.metadata.generation).then_some(p)
     })
     .await;
     op.settle(Duration::from_secs(3)).await;
@@ -531,16 +525,47 @@ async fn a_new_pool_costs_one_write_per_child_and_one_status_write() {
     let event_writes = op
         .counter("nixpool_operator_api_requests_total", "resource=\"events\"")
         .await;
+    // The status waits at most STATUS_WAIT (5 s) for the pods; a controller-manager slower
+    // than that (a loaded machine) makes a second, real progress write.
+    let deployment = Api::<Deployment>::namespaced(client.clone(), &ns)
+        .get("builders")
+        .await
+        .unwrap();
+    let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    let created = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+        m.creation_timestamp
+            .as_ref()
+            .map(|t| t.0.as_second())
+            .unwrap_or_default()
+    };
+    let pods_after = pods
+        .items
+        .iter()
+        .map(|p| created(&p.metadata))
+        .max()
+        .unwrap_or_default()
+        - created(&deployment.metadata);
+    assert_eq!(pods.items.len(), 2, "the Deployment controller created the 2 pods");
+    if pods_after <= 3 {
+        assert_eq!(
+            status_writes,
+            1.0,
+            "the status is written once, after the Deployment controller created the pods ({pods_after} s after the Deployment):\n{metrics}\n{}",
+            op.log_text()
+        );
+    } else {
+        eprintln!(
+            "NOTE: the pods came {pods_after} s after the Deployment (more than the status waits), so 2 status writes are allowed"
+        );
+        assert!(status_writes <= 2.0, "{status_writes} status writes:\n{metrics}");
+    }
     assert_eq!(
-        status_writes,
-        1.0,
-        "the status is written once, after the Deployment controller caught up:\n{metrics}\n{}",
-        op.log_text()
-    );
-    assert_eq!(
-        op.writes().await - event_writes,
-        children as f64 + 1.0,
-        "one write per child ({children}) and one status write:\n{metrics}"
+        op.writes().await - event_writes - status_writes,
+        children as f64,
+        "one write per child ({children}):\n{metrics}"
     );
     assert_eq!(
         event_writes, 1.0,
