@@ -116,9 +116,9 @@ where
     let cached = ctx.stores().and_then(|s| s.get::<K>(ns, &name));
     if let Some(cached) = cached
         && controlled_by(cached.meta(), pool_uid.as_deref())
-        && is_subset(&wanted, &to_value(cached.as_ref()))
+        && is_subset(&wanted, &to_value(&cached))
     {
-        return Ok(cached.as_ref().clone());
+        return Ok(cached);
     }
     let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
     let live = api.get_opt(&name).await.map_err(|source| Error::Read {

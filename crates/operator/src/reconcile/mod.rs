@@ -29,7 +29,7 @@ use nixpool_api::v1alpha1::SecretKeyRef;
 use nixpool_api::{NixBuilderPool, labels, names, paths};
 use tracing::{debug, info, instrument, warn};
 
-use crate::cache::Stores;
+use crate::cache::{Compact, Stores};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::hostkey::HostKey;
@@ -57,9 +57,9 @@ pub async fn run(
     }
     let owned = watcher::Config::default().labels(labels::MANAGED_SELECTOR);
     let (pools, pool_events) = cached_watch(api::<Guarded>(&client, &namespace), watcher::Config::default());
-    let (deployments, deployment_events) = cached_watch(api::<Deployment>(&client, &namespace), owned.clone());
-    let (services, service_events) = cached_watch(api::<Service>(&client, &namespace), owned.clone());
-    let (config_maps, config_map_events) = cached_watch(api::<ConfigMap>(&client, &namespace), owned.clone());
+    let (deployments, deployment_events) = cached_watch(api::<Compact<Deployment>>(&client, &namespace), owned.clone());
+    let (services, service_events) = cached_watch(api::<Compact<Service>>(&client, &namespace), owned.clone());
+    let (config_maps, config_map_events) = cached_watch(api::<Compact<ConfigMap>>(&client, &namespace), owned.clone());
     // Team-key ConfigMaps are watched by the opt-in label, so the operator caches only those;
     // it has no list or watch right on Secrets at all (a pool's Secrets are read by name).
     let opted_in = watcher::Config::default().labels(&format!("{}=true", labels::USE));

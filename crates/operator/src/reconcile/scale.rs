@@ -23,7 +23,7 @@ pub async fn demand(ctx: &Context, pool: &NixBuilderPool, ns: &str) -> Result<Ve
     let name = names::gateway_demand(&pool.name_any());
     // The operator owns the ConfigMap, so its watch has it (and wakes the pool when it changes).
     let found = match ctx.stores().and_then(|s| s.get::<ConfigMap>(ns, &name)) {
-        Some(cm) => Some(cm.as_ref().clone()),
+        Some(cm) => Some(cm),
         None => {
             let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
             api.get_opt(&name).await.map_err(|source| Error::Read {
