@@ -22,7 +22,7 @@ pkgs.dockerTools.buildLayeredImage {
     cacert
     attic-client
     cachix
-    dockerTools.binSh # /bin/sh, for the seed-store init container
+    dockerTools.binSh # /bin/sh
     dockerTools.usrBinEnv # /usr/bin/env
   ];
   # Without /lib64/ld-linux-x86-64.so.2 every non-Nix binary dies with "Bus error".

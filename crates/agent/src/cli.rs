@@ -112,6 +112,11 @@ pub struct RunArgs {
     /// Address of the health endpoint (its port is the config's healthPort).
     #[arg(long, env = "NIXPOOL_HEALTH_ADDRESS", default_value = "0.0.0.0")]
     pub health_address: String,
+    /// The pod's store volume. When set, `/nix` becomes the image's `/nix` under a writable
+    /// overlay layer kept on this volume (nothing copied); where the volume cannot hold an
+    /// overlay layer, the image's `/nix` is copied into it first. The operator sets it.
+    #[arg(long, env = "NIXPOOL_STORE_VOLUME")]
+    pub store_volume: Option<PathBuf>,
     /// How often the pusher looks at its queue.
     #[arg(long, env = "NIXPOOL_PUSH_POLL_MS", default_value_t = 1000)]
     pub push_poll_ms: u64,
@@ -218,6 +223,7 @@ impl Cli {
                     push_poll: Duration::from_millis(args.push_poll_ms),
                     push_backoff: Duration::from_millis(args.push_backoff_ms),
                     push_max_backoff: Duration::from_millis(args.push_max_backoff_ms),
+                    store_volume: args.store_volume,
                 };
                 let rt = tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(2)

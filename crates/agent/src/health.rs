@@ -222,6 +222,18 @@ pub fn router(health: Arc<Health>) -> Router {
         .with_state(health)
 }
 
+/// What the health port answers while the store is still being copied (the fallback of
+/// [`crate::store`]): alive, so that the liveness probe does not restart a long copy (which
+/// would start it again), and not ready.
+pub fn seeding_router() -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok: copying the image's store\n" }))
+        .route(
+            "/readyz",
+            get(|| async { (StatusCode::SERVICE_UNAVAILABLE, "copying the image's store\n") }),
+        )
+}
+
 async fn readyz(State(h): State<Arc<Health>>) -> impl IntoResponse {
     match h.ready().await {
         Ok(()) => {

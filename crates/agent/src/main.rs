@@ -16,6 +16,7 @@ mod procs;
 mod push;
 mod run;
 mod ssh;
+mod store;
 mod supervise;
 
 fn main() -> std::process::ExitCode {

@@ -2,6 +2,7 @@
 //! until a child will not stay up (termination log, exit 1).
 
 use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,6 +20,7 @@ use crate::plan::{self, Options, Plan};
 use crate::procs;
 use crate::push::Pusher;
 use crate::ssh;
+use crate::store;
 use crate::supervise::{self, Policy, Running, Spec};
 
 /// Settings of `run` beyond the plan.
@@ -31,6 +33,8 @@ pub struct RunSettings {
     pub push_poll: Duration,
     pub push_backoff: Duration,
     pub push_max_backoff: Duration,
+    /// The pod's store volume (see [`crate::store`]); `None`: `/nix` is used as it is.
+    pub store_volume: Option<PathBuf>,
 }
 
 /// Writes the reason to the termination log (Kubernetes shows it in the pod status) and logs it.
@@ -48,6 +52,12 @@ fn terminate(layout: &Layout, reason: &str) -> ExitCode {
 
 pub async fn run(layout: Layout, bins: Binaries, opts: Options, settings: RunSettings) -> ExitCode {
     let started = Instant::now();
+    // First of all: everything after this reads or writes /nix.
+    if let Some(volume) = &settings.store_volume
+        && let Err(reason) = prepare_store(&layout, volume, &settings.health_address).await
+    {
+        return terminate(&layout, &reason);
+    }
     let plan = match plan::build(&layout, &bins, &opts) {
         Ok(p) => p,
         Err(problems) => return terminate(&layout, &format!("cannot start: {}", problems.join("; "))),
@@ -304,6 +314,73 @@ pub async fn run(layout: Layout, bins: Binaries, opts: Options, settings: RunSet
     procs::reap_orphans();
     info!("drained; exiting");
     ExitCode::SUCCESS
+}
+
+/// Sets up `/nix` on the store volume: the overlay, else the copy (see [`crate::store`]).
+async fn prepare_store(layout: &Layout, volume: &Path, health_address: &str) -> Result<(), String> {
+    let started = Instant::now();
+    let why = match store::overlay(layout, volume) {
+        Ok(store::Outcome::Overlay { reused }) => {
+            info!(
+                volume = %volume.display(),
+                reused,
+                ms = started.elapsed().as_millis() as u64,
+                "store: /nix is the image's /nix under a writable overlay layer on the store volume; nothing copied"
+            );
+            return Ok(());
+        }
+        Ok(outcome) => {
+            info!(volume = %volume.display(), ?outcome, "store: /nix is already set up on the store volume");
+            return Ok(());
+        }
+        Err(e) => e,
+    };
+    warn!(
+        volume = %volume.display(),
+        reason = %why,
+        "store: no overlay on the store volume; falling back to copying the image's /nix into it \
+         (or reusing this pod's earlier copy). A copy makes start time grow with the image's store \
+         and holds it twice; use a volume whose file system can be an overlay upper layer \
+         (a local ext4 or xfs one) to avoid it"
+    );
+    // A long copy must not look dead to the liveness probe.
+    let seeding = match plan::load_config(layout) {
+        Ok(c) => {
+            let addr = format!("{health_address}:{}", c.health_port);
+            match tokio::net::TcpListener::bind(&addr).await {
+                Ok(l) => Some(tokio::spawn(axum::serve(l, health::seeding_router()).into_future())),
+                Err(e) => {
+                    warn!(%addr, error = %e, "cannot serve health while copying the store");
+                    None
+                }
+            }
+        }
+        Err(_) => None,
+    };
+    let (l, v) = (layout.clone(), volume.to_path_buf());
+    let copied = tokio::task::spawn_blocking(move || store::copy(&l, &v, &crate::layout::which(Path::new("cp")))).await;
+    if let Some(task) = seeding {
+        task.abort();
+        let _ = task.await;
+    }
+    match copied {
+        Ok(Ok(store::Outcome::Copied { copied: Some(c) })) => {
+            warn!(
+                bytes = c.bytes,
+                seconds = c.elapsed.as_secs_f64(),
+                "store: copied the image's /nix into the store volume; this start waited for the copy"
+            );
+            Ok(())
+        }
+        Ok(Ok(_)) => {
+            info!("store: reusing this pod's earlier copy of the image's /nix on the store volume");
+            Ok(())
+        }
+        Ok(Err(e)) => Err(format!(
+            "cannot set up /nix on the store volume: no overlay ({why}), and no copy either ({e})"
+        )),
+        Err(e) => Err(format!("the store copy panicked: {e}")),
+    }
 }
 
 fn log_plan(plan: &Plan) {

@@ -104,8 +104,11 @@ pub mod paths {
     pub const ATTIC_TOKEN_FILE: &str = "attic-token";
     pub const CACHIX_TOKEN_FILE: &str = "cachix-token";
     pub const STORE_SIGNING_KEY_FILE: &str = "store-signing-key";
-    /// Where the `/nix` volume is mounted.
+    /// Where builds see the store: the image's `/nix` under a writable layer on the store volume.
     pub const STORE_MOUNT: &str = "/nix";
+    /// Where the builder pod's store volume is mounted; the agent (`run --store-volume`) keeps
+    /// the writable layer of [`STORE_MOUNT`] there.
+    pub const STORE_VOLUME: &str = "/nix-volume";
     /// The agent's binary inside the builder image.
     pub const AGENT_BINARY: &str = "/bin/nixpool-agent";
     /// The gateway's binary, in the same image.

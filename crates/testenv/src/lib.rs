@@ -19,6 +19,7 @@ pub mod harness;
 pub mod leak_scan;
 pub mod load_balancer;
 pub mod node;
+pub mod store_filler;
 pub mod worker_client;
 
 use std::net::TcpListener;

@@ -74,6 +74,8 @@ impl Binaries {
 pub struct Node {
     dir: PathBuf,
     builder_image: String,
+    /// PID of the init of the node's PID and mount namespaces (where containerd runs).
+    init: String,
     cp: &'static ControlPlane,
     _lock: std::fs::File,
 }
@@ -237,6 +239,7 @@ impl Node {
         let node = Node {
             dir,
             builder_image: builder_tag,
+            init,
             cp,
             _lock: lock,
         };
@@ -250,6 +253,48 @@ impl Node {
     /// checkout's agent.
     pub fn builder_image(&self) -> &str {
         &self.builder_image
+    }
+
+    /// Imports a variant of the builder test image with one more layer on top (`layer`, a tar,
+    /// and its sha256), tagged `nixpool.test/<name>:<the builder image's tag>`. For benches
+    /// that need a bigger image, such as one with more in its `/nix/store`.
+    pub fn import_builder_variant(&self, name: &str, layer: &Path, layer_sha: &str) -> anyhow::Result<String> {
+        let ours = Binaries::of_workspace()?;
+        let tag = self
+            .builder_image
+            .replace("nixpool.test/builder:", &format!("nixpool.test/{name}:"));
+        let images = self.dir.join(format!("images-{name}"));
+        let _ = std::fs::remove_dir_all(&images);
+        std::fs::create_dir_all(&images)?;
+        let (rootfs, rootfs_sha) = builder_rootfs()?;
+        let agent_layer = agent_layer(&images, &ours)?;
+        let agent_sha = sha256_file(&agent_layer)?;
+        let archive = image_archive(
+            &images,
+            name,
+            &tag,
+            &[
+                (&rootfs, rootfs_sha),
+                (&agent_layer, agent_sha),
+                (layer, layer_sha.to_string()),
+            ],
+            builder_config(),
+        )?;
+        let out = Command::new("nsenter")
+            .args(["--target", &self.init, "--mount", "--pid", "--", "/usr/bin/ctr"])
+            .arg(format!("--address={}", self.dir.join("containerd.sock").display()))
+            .args(["--namespace", "k8s.io", "images", "import"])
+            .arg(&archive)
+            .output()?;
+        let _ = std::fs::remove_dir_all(&images);
+        if !out.status.success() {
+            bail!(
+                "ctr images import {}: {}",
+                archive.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(tag)
     }
 
     /// The node's working directory (configs; the control plane's directory has the logs).
@@ -583,24 +628,33 @@ fn pause_image(cp: &ControlPlane, dir: &Path) -> anyhow::Result<PathBuf> {
     )
 }
 
-fn builder_image(dir: &Path, ours: &Binaries, tag: &str) -> anyhow::Result<PathBuf> {
-    let (rootfs, rootfs_sha) = builder_rootfs()?;
+/// The second layer of the builder test image: this checkout's agent and gateway.
+fn agent_layer(dir: &Path, ours: &Binaries) -> anyhow::Result<PathBuf> {
     // In /usr/bin: trixie's /bin is a symlink to it, which a `bin/` directory in a layer would hide.
-    let agent_layer = layer(
+    layer(
         dir,
         "agent",
         &[
             ("usr/bin/nixpool-agent", &ours.agent, 0o755),
             ("usr/bin/nixpool-gateway", &ours.gateway, 0o755),
         ],
-    )?;
+    )
+}
+
+fn builder_config() -> serde_json::Value {
+    serde_json::json!({ "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"] })
+}
+
+fn builder_image(dir: &Path, ours: &Binaries, tag: &str) -> anyhow::Result<PathBuf> {
+    let (rootfs, rootfs_sha) = builder_rootfs()?;
+    let agent_layer = agent_layer(dir, ours)?;
     let agent_sha = sha256_file(&agent_layer)?;
     image_archive(
         dir,
         "builder",
         tag,
         &[(&rootfs, rootfs_sha), (&agent_layer, agent_sha)],
-        serde_json::json!({ "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"] }),
+        builder_config(),
     )
 }
 

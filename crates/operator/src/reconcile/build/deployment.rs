@@ -19,10 +19,6 @@ use super::{host_key_ref, meta, selector_labels, spread};
 use crate::reconcile::validate::Valid;
 
 const STORE_VOLUME: &str = "nix";
-const SEED_MOUNT: &str = "/nix-volume";
-/// An empty `/nix` volume would hide the image's own store (nix, sshd, the agent): copy it in
-/// first. `cp -a` keeps the store database so the copied paths stay valid.
-const SEED_SCRIPT: &str = "cp -a /nix/. /nix-volume/";
 
 pub fn deployment(pool: &NixBuilderPool, valid: &Valid, config_hash: &str, replicas: i32) -> Deployment {
     let spec = &pool.spec;
@@ -31,13 +27,15 @@ pub fn deployment(pool: &NixBuilderPool, valid: &Valid, config_hash: &str, repli
     template_labels.insert(labels::COMPONENT.into(), "builder".into());
     template_labels.insert(labels::PART_OF.into(), labels::PART_OF_VALUE.into());
 
-    let store_mount = |path: &str| VolumeMount {
-        name: STORE_VOLUME.into(),
-        mount_path: path.into(),
-        ..VolumeMount::default()
-    };
+    // The store volume is not mounted at /nix: it would hide the image's own store (nix, sshd,
+    // the agent). The agent mounts the image's /nix under a writable overlay layer kept on it,
+    // so nothing is copied and start time does not grow with the image.
     let mut mounts = vec![
-        store_mount(paths::STORE_MOUNT),
+        VolumeMount {
+            name: STORE_VOLUME.into(),
+            mount_path: paths::STORE_VOLUME.into(),
+            ..VolumeMount::default()
+        },
         VolumeMount {
             name: "config".into(),
             mount_path: paths::CONFIG_DIR.into(),
@@ -109,7 +107,12 @@ pub fn deployment(pool: &NixBuilderPool, valid: &Valid, config_hash: &str, repli
         name: "builder".into(),
         image: Some(valid.image.clone()),
         image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_string()),
-        command: Some(vec![paths::AGENT_BINARY.into(), "run".into()]),
+        command: Some(vec![
+            paths::AGENT_BINARY.into(),
+            "run".into(),
+            "--store-volume".into(),
+            paths::STORE_VOLUME.into(),
+        ]),
         ports: Some(vec![
             ContainerPort {
                 name: Some(ports::SSH_NAME.into()),
@@ -128,22 +131,14 @@ pub fn deployment(pool: &NixBuilderPool, valid: &Valid, config_hash: &str, repli
         // seconds of a drain starting: `/readyz` is a local read, cheap to ask every second.
         readiness_probe: Some(http_probe("/readyz", 1, 2)),
         // Only a builder whose agent stops answering for a minute is restarted. No startup
-        // probe: `/healthz` answers from the agent's first milliseconds (seeding the store is the
-        // init container's), and a startup probe holds readiness back by up to one more period.
+        // probe: `/healthz` answers from the agent's first milliseconds (the overlay takes
+        // milliseconds; a fallback copy of the store answers it too), and a startup probe holds
+        // readiness back by up to one more period.
         liveness_probe: Some(http_probe("/healthz", 10, 6)),
         resources: spec.resources.clone(),
         security_context: Some(security.clone()),
         volume_mounts: Some(mounts),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
-        ..Container::default()
-    };
-    let seed = Container {
-        name: "seed-store".into(),
-        image: Some(valid.image.clone()),
-        image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_string()),
-        command: Some(vec!["/bin/sh".into(), "-c".into(), SEED_SCRIPT.into()]),
-        resources: spec.resources.clone(),
-        volume_mounts: Some(vec![store_mount(SEED_MOUNT)]),
         ..Container::default()
     };
 
@@ -181,7 +176,6 @@ pub fn deployment(pool: &NixBuilderPool, valid: &Valid, config_hash: &str, repli
                     // Prefer one builder per node, so a node loss takes out as few as possible.
                     affinity: Some(spec.affinity.clone().unwrap_or_else(|| spread(selector_labels(pool)))),
                     image_pull_secrets: (!spec.image_pull_secrets.is_empty()).then(|| spec.image_pull_secrets.clone()),
-                    init_containers: Some(vec![seed]),
                     containers: vec![builder],
                     volumes: Some(volumes),
                     ..PodSpec::default()

@@ -104,7 +104,12 @@ fn the_deployment_runs_the_agent_safely() {
     assert_eq!(b.image.as_deref(), Some("img:default"));
     assert_eq!(
         b.command.as_ref().unwrap(),
-        &vec![paths::AGENT_BINARY.to_string(), "run".to_string()]
+        &vec![
+            paths::AGENT_BINARY.to_string(),
+            "run".to_string(),
+            "--store-volume".to_string(),
+            paths::STORE_VOLUME.to_string()
+        ]
     );
     let port_names: Vec<_> = b
         .ports
@@ -130,7 +135,7 @@ fn the_deployment_runs_the_agent_safely() {
     assert_eq!(
         mounts,
         vec![
-            paths::STORE_MOUNT,
+            paths::STORE_VOLUME,
             paths::CONFIG_DIR,
             paths::HOST_KEY_DIR,
             paths::AUTHORIZED_KEYS_DIR
@@ -147,9 +152,12 @@ fn the_deployment_runs_the_agent_safely() {
     assert_eq!(hk.secret_name.as_deref(), Some("builders-host-key"));
     assert_eq!(hk.default_mode, Some(0o400));
     assert_eq!(hk.items.as_ref().unwrap()[0].path, paths::HOST_KEY_FILE);
-    // An emptyDir store hides the image's /nix: the init container seeds it first.
-    let seed = &pod.init_containers.as_ref().unwrap()[0];
-    assert!(seed.command.as_ref().unwrap().join(" ").contains("cp -a /nix/."));
+    // The store volume is not mounted over the image's /nix (the agent puts the image's /nix
+    // under a writable layer kept on it), and nothing copies the store before the builder starts.
+    assert!(!mounts.contains(&paths::STORE_MOUNT));
+    assert_eq!(pod.init_containers, None);
+    let store = volumes.iter().find(|v| v.name == "nix").unwrap();
+    assert!(store.empty_dir.is_some());
 }
 
 #[test]
