@@ -1,7 +1,7 @@
 //! A pool's `/etc/nix/machines` line, rendered from its status and spec. Pure.
 
 use nixpool_api::conditions::READY;
-use nixpool_api::{MachinesEntry, NixBuilderPool};
+use nixpool_api::{MachinesEntry, NixBuilderPool, NixBuilderPoolStatus};
 
 /// Why a pool gives no machines line.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -154,7 +154,8 @@ pub fn entry(pool: &NixBuilderPool, opts: &RenderOptions) -> Result<MachinesEntr
             reason,
         });
     }
-    let status = pool.status.clone().unwrap_or_default();
+    let no_status = NixBuilderPoolStatus::default();
+    let status = pool.status.as_ref().unwrap_or(&no_status);
     if let (Some(observed), Some(generation)) = (status.observed_generation, pool.metadata.generation)
         && observed < generation
         && !opts.allow_stale

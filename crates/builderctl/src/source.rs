@@ -1,12 +1,15 @@
 //! Where pools come from: the cluster (one get or one list call) or a YAML/JSON file as
 //! `kubectl get -o yaml` prints it.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use kube::api::ListParams;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{GetParams, ListParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Api, Client};
-use nixpool_api::NixBuilderPool;
+use kube::core::Request;
+use kube::{Client, Resource};
+use nixpool_api::{NixBuilderPool, NixBuilderPoolSpec, NixBuilderPoolStatus};
 use serde::Deserialize;
 
 /// Why pools could not be loaded.
@@ -28,6 +31,14 @@ pub enum SourceError {
     Config(String),
     #[error("pool {ns}/{name} was not found; `kubectl get nbp -n {ns}` lists the pools there")]
     NotFound { ns: String, name: String },
+    #[error(
+        "{what} from the cluster does not decode as nixpool.dev/v1alpha1: {source}. Is this builderctl older than the operator's CRD? Use the builderctl of the operator's release"
+    )]
+    Decode {
+        what: String,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error(
         "the cluster refused to {what}: {source}. Check your credentials and RBAC (you need get/list on nixbuilderpools.nixpool.dev)"
     )]
@@ -61,7 +72,7 @@ pub async fn client(opts: &ClusterOptions) -> Result<(Client, String), SourceErr
         context: opts.context.clone(),
         ..Default::default()
     };
-    let config = match &opts.kubeconfig {
+    let mut config = match &opts.kubeconfig {
         Some(path) => {
             let kc =
                 Kubeconfig::read_from(path).map_err(|e| SourceError::Config(format!("{}: {e}", path.display())))?;
@@ -70,6 +81,13 @@ pub async fn client(opts: &ClusterOptions) -> Result<(Client, String), SourceErr
         None => kube::Config::from_kubeconfig(&kco).await,
     }
     .map_err(|e| SourceError::Config(e.to_string()))?;
+    // `insecure-skip-tls-verify` and no CA: kube would still load every certificate of the
+    // system's trust store for a verifier it then replaces with one that accepts anything (tens
+    // of milliseconds, once per run). An empty root store is what it checks against instead;
+    // the server's certificate is not checked either way.
+    if config.accept_invalid_certs && config.root_cert.is_none() {
+        config.root_cert = Some(Vec::new());
+    }
     let ns = opts
         .namespace
         .clone()
@@ -78,28 +96,86 @@ pub async fn client(opts: &ClusterOptions) -> Result<(Client, String), SourceErr
     Ok((client, ns))
 }
 
+/// A pool as the API server sends it, decoded without what builderctl never reads: of the
+/// metadata only the name, namespace, generation and labels are kept. `managedFields` is most of
+/// a pool's bytes (and of the time to decode 1000 of them), and an annotation such as
+/// `kubectl.kubernetes.io/last-applied-configuration` holds the whole spec again. `spec` and
+/// `status` are the typed ones, so a pool reads exactly as with [`NixBuilderPool`]'s own decoder.
+#[derive(Deserialize)]
+struct WirePool {
+    metadata: WireMeta,
+    spec: NixBuilderPoolSpec,
+    status: Option<NixBuilderPoolStatus>,
+}
+
+#[derive(Deserialize)]
+struct WireMeta {
+    name: Option<String>,
+    namespace: Option<String>,
+    generation: Option<i64>,
+    labels: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize)]
+struct WireList {
+    items: Vec<WirePool>,
+}
+
+impl From<WirePool> for NixBuilderPool {
+    fn from(p: WirePool) -> Self {
+        let WireMeta {
+            name,
+            namespace,
+            generation,
+            labels,
+        } = p.metadata;
+        NixBuilderPool {
+            metadata: ObjectMeta {
+                name,
+                namespace,
+                generation,
+                labels,
+                ..ObjectMeta::default()
+            },
+            spec: p.spec,
+            status: p.status,
+        }
+    }
+}
+
+/// The pools of a list as the API server sends it (`{"items": [...]}`), sorted by
+/// `namespace/name`, each decoded as [`WirePool`] says.
+pub fn decode_list(json: &str) -> Result<Vec<NixBuilderPool>, serde_json::Error> {
+    let list: WireList = serde_json::from_str(json)?;
+    let mut items: Vec<NixBuilderPool> = list.items.into_iter().map(NixBuilderPool::from).collect();
+    // One key per pool, not two per comparison.
+    items.sort_by_cached_key(crate::render::pool_id);
+    Ok(items)
+}
+
 /// Pools from the cluster: one get per named pool, or one list call for a selector or all.
 pub async fn from_cluster(opts: &ClusterOptions, sel: &Selection) -> Result<Vec<NixBuilderPool>, SourceError> {
     let (client, ns) = client(opts).await?;
     if sel.names.is_empty() {
-        let api: Api<NixBuilderPool> = if opts.all_namespaces {
-            Api::all(client)
-        } else {
-            Api::namespaced(client, &ns)
-        };
+        let url = NixBuilderPool::url_path(&(), (!opts.all_namespaces).then_some(ns.as_str()));
         // resourceVersion=0: served from the API server's watch cache (kept current by its own
         // watch) instead of a quorum read of every pool from etcd.
         let mut lp = ListParams::default().match_any();
         if let Some(s) = &sel.selector {
             lp = lp.labels(s);
         }
-        let list = api.list(&lp).await.map_err(|source| SourceError::Api {
+        let req = Request::new(url).list(&lp).map_err(|e| SourceError::Api {
+            what: "list pools".into(),
+            source: kube::Error::BuildRequest(e),
+        })?;
+        let text = client.request_text(req).await.map_err(|source| SourceError::Api {
             what: "list pools".into(),
             source,
         })?;
-        let mut items = list.items;
-        items.sort_by_key(crate::render::pool_id);
-        return Ok(items);
+        return decode_list(&text).map_err(|source| SourceError::Decode {
+            what: "the list of pools".into(),
+            source,
+        });
     }
     let mut out = Vec::new();
     for wanted in &sel.names {
@@ -107,17 +183,25 @@ pub async fn from_cluster(opts: &ClusterOptions, sel: &Selection) -> Result<Vec<
             Some((a, b)) => (a.to_string(), b.to_string()),
             None => (ns.clone(), wanted.clone()),
         };
-        let api: Api<NixBuilderPool> = Api::namespaced(client.clone(), &pns);
-        match api.get_opt(&name).await {
-            Ok(Some(p)) => out.push(p),
-            Ok(None) => return Err(SourceError::NotFound { ns: pns, name }),
-            Err(source) => {
-                return Err(SourceError::Api {
-                    what: format!("get pool {pns}/{name}"),
-                    source,
-                });
+        let what = || format!("get pool {pns}/{name}");
+        let req = Request::new(NixBuilderPool::url_path(&(), Some(&pns)))
+            .get(&name, &GetParams::default())
+            .map_err(|e| SourceError::Api {
+                what: what(),
+                source: kube::Error::BuildRequest(e),
+            })?;
+        let text = match client.request_text(req).await {
+            Ok(text) => text,
+            Err(kube::Error::Api(status)) if status.is_not_found() => {
+                return Err(SourceError::NotFound { ns: pns, name });
             }
-        }
+            Err(source) => return Err(SourceError::Api { what: what(), source }),
+        };
+        let pool: WirePool = serde_json::from_str(&text).map_err(|source| SourceError::Decode {
+            what: format!("pool {pns}/{name}"),
+            source,
+        })?;
+        out.push(pool.into());
     }
     Ok(out)
 }

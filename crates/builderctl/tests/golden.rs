@@ -285,3 +285,79 @@ fn bad_pool_files_name_the_file_and_document() {
     let only = source::from_file(&dir().join("fixtures/pools.yaml"), &sel).unwrap();
     assert_eq!(only.iter().map(render::name).collect::<Vec<_>>(), ["linux"]);
 }
+
+/// A list as the API server sends it: every pool with the metadata builderctl skips when it
+/// decodes (managedFields, annotations, uid...), in an order that is not the file's.
+fn api_list(pools: &[NixBuilderPool]) -> String {
+    let items: Vec<serde_json::Value> = pools
+        .iter()
+        .rev()
+        .map(|p| {
+            let mut v = serde_json::to_value(p).unwrap();
+            let meta = v["metadata"].as_object_mut().unwrap();
+            meta.insert("uid".into(), "0b0e4e7e-5c0a-4a7e-9d43-2f1c5b0a7d11".into());
+            meta.insert("resourceVersion".into(), "4711".into());
+            meta.insert("creationTimestamp".into(), "2026-01-01T00:00:00Z".into());
+            meta.insert(
+                "annotations".into(),
+                serde_json::json!({
+                    "kubectl.kubernetes.io/last-applied-configuration": serde_json::to_string(&p.spec).unwrap()
+                }),
+            );
+            meta.insert(
+                "managedFields".into(),
+                serde_json::json!([{
+                    "manager": "nixpool-operator", "operation": "Apply", "apiVersion": "nixpool.dev/v1alpha1",
+                    "time": "2026-01-01T00:00:00Z", "fieldsType": "FieldsV1", "subresource": "status",
+                    "fieldsV1": {"f:status": {"f:conditions": {"k:{\"type\":\"Ready\"}": {".": {}, "f:status": {}}}}}
+                }]),
+            );
+            v
+        })
+        .collect();
+    serde_json::to_string(&serde_json::json!({
+        "apiVersion": "nixpool.dev/v1alpha1", "kind": "NixBuilderPoolList",
+        "metadata": {"resourceVersion": "4711"}, "items": items
+    }))
+    .unwrap()
+}
+
+#[test]
+fn pools_listed_from_the_cluster_render_as_the_whole_objects_do() {
+    let mut whole = pools();
+    whole[0].metadata.generation = Some(3);
+    let listed = source::decode_list(&api_list(&whole)).unwrap();
+    let ids = |ps: &[NixBuilderPool]| ps.iter().map(render::pool_id).collect::<Vec<_>>();
+    assert_eq!(ids(&listed), ids(&whole), "sorted by namespace/name, as from a file");
+    for (l, w) in listed.iter().zip(&whole) {
+        assert_eq!(
+            (
+                &l.metadata.name,
+                &l.metadata.namespace,
+                l.metadata.generation,
+                &l.metadata.labels
+            ),
+            (
+                &w.metadata.name,
+                &w.metadata.namespace,
+                w.metadata.generation,
+                &w.metadata.labels
+            )
+        );
+        assert_eq!((&l.spec, &l.status), (&w.spec, &w.status), "{}", render::pool_id(w));
+        for o in [
+            opts(),
+            RenderOptions {
+                allow_unready: true,
+                via_ssh_config: true,
+                ..opts()
+            },
+        ] {
+            assert_eq!(render::entry(l, &o), render::entry(w, &o), "{}", render::pool_id(w));
+        }
+        assert!(l.metadata.managed_fields.is_none() && l.metadata.annotations.is_none());
+    }
+    assert_eq!(status::table(&listed), status::table(&whole));
+    let bad = api_list(&whole).replace("\"maxJobs\":4", "\"maxJobs\":\"many\"");
+    assert!(source::decode_list(&bad).is_err());
+}
