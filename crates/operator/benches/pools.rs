@@ -5,6 +5,10 @@
 //! per pool in a no-op resync (writes must be 0), the operator's peak RSS, how soon one more
 //! pool's children exist, and, in the same run, one sequential `kubectl apply --server-side` of
 //! the same children rendered by `nixpool-operator render`.
+//!
+//! `NIXPOOL_BENCH_REPLICAS` sets the pools' builders (default: the minimal example's 2; their
+//! pods are created, none runs), `NIXPOOL_BENCH_RESYNC_SECONDS` the operator's resync (default
+//! N/5 s, at least 20: creation must settle before the measured no-op resync).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -38,7 +42,14 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(100);
     // Long enough that creation settles before the first resync (1000 pools: 200 s).
-    let resync_seconds = (n as u64 / 5).max(20);
+    let resync_seconds = std::env::var("NIXPOOL_BENCH_RESYNC_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or((n as u64 / 5).max(20));
+    // The example's 2 builders unless told otherwise (their pods are created, none runs).
+    let replicas: Option<i32> = std::env::var("NIXPOOL_BENCH_REPLICAS")
+        .ok()
+        .and_then(|v| v.parse().ok());
     let cp = ControlPlane::start().expect("start the control plane");
     install_crd(&cp).expect("install the CRD");
     let ns = cp.namespace("bench").await.unwrap();
@@ -50,7 +61,10 @@ async fn main() {
     .await;
 
     let pools: Api<NixBuilderPool> = Api::namespaced(client.clone(), &ns);
-    let template: NixBuilderPool = serde_yaml::from_str(include_str!("../../../examples/minimal.yaml")).unwrap();
+    let mut template: NixBuilderPool = serde_yaml::from_str(include_str!("../../../examples/minimal.yaml")).unwrap();
+    if let Some(r) = replicas {
+        template.spec.replicas = r;
+    }
     let cpu_before = (op.cpu_seconds(), control_plane_cpu(&cp));
     let started = Instant::now();
     for chunk in (0..n).collect::<Vec<_>>().chunks(20) {
@@ -204,7 +218,10 @@ async fn main() {
     let kubectl_control_plane_cpu = control_plane_cpu(&cp) - kubectl_cpu_before;
     assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
 
-    println!("| Measure ({n} pools, kube-apiserver 1.20 on loopback, 2 cores) | Value |");
+    println!(
+        "| Measure ({n} pools of {} builders, kube-apiserver 1.20 on loopback, 2 cores) | Value |",
+        template.spec.replicas
+    );
     println!("| --- | --- |");
     println!(
         "| Time until every pool has all children and a status | {:.1} s |",
