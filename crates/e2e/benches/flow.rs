@@ -3,7 +3,8 @@
 //! `cargo bench -p nixpool-e2e --bench flow` prints a Markdown table: time from `kubectl apply`
 //! to the pool Ready and to the first successful remote build (fresh pools on a warm node: the
 //! builder image is already imported), and the latency of a trivial remote build through a pool
-//! (operator-made config, the agent in a real pod, the load-balancer address through kube-proxy)
+//! (operator-made config, the agent in a real pod, the load-balancer address through kube-proxy),
+//! in turns with the same build straight to the builder pod's IP (the load-balancer hop apart),
 //! against a builder configured by hand (plain sshd + nix-daemon in a network namespace),
 //! measured in the same run.
 
@@ -11,15 +12,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use kube::api::{DeleteParams, PostParams};
+use kube::api::{DeleteParams, ListParams, PostParams};
 use nixpool_api::{MachinesEntry, NixBuilderPool};
 use nixpool_testenv::flow::{ClientKey, binary, make_traversable, median, ms, timed_build};
 use nixpool_testenv::harness::*;
 use nixpool_testenv::node::Node;
 
 const FRESH_POOLS: usize = 5;
-const BUILDS: usize = 10;
+const BUILDS: usize = 20;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 4)]
 async fn main() {
@@ -89,10 +91,36 @@ async fn main() {
         last_machines = machines;
     }
 
-    // Latency of a trivial build through the last pool.
-    let through_pool: Vec<Duration> = (0..BUILDS)
-        .map(|i| timed_build(&last_machines, &dir, &format!("pool-{i}")))
-        .collect();
+    // Latency of a trivial build through the last pool (its Service address, through
+    // kube-proxy), and, in turns, straight to its builder pod's IP: the load-balancer hop apart.
+    let pool = pools.get(&format!("pool-{}", FRESH_POOLS - 1)).await.unwrap();
+    let status = pool.status.clone().unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pod_ip = pods
+        .list(&ListParams::default().labels(status.selector.as_deref().unwrap()))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find_map(|p| p.status?.pod_ip)
+        .expect("the pool's builder pod has an IP");
+    let direct = MachinesEntry {
+        uri: MachinesEntry::ssh_ng_uri(&pool.spec.ssh.user, &pod_ip, nixpool_api::ports::SSH),
+        systems: vec!["x86_64-linux".into()],
+        ssh_key: Some(key.path.display().to_string()),
+        max_jobs: 4,
+        speed_factor: 1,
+        supported_features: vec![],
+        mandatory_features: vec![],
+        host_public_key: status.host_public_key.clone(),
+    };
+    let direct_machines = dir.join("machines-direct");
+    std::fs::write(&direct_machines, format!("{direct}\n")).unwrap();
+    let (mut through_pool, mut straight_to_pod) = (Vec::new(), Vec::new());
+    for i in 0..BUILDS {
+        through_pool.push(timed_build(&last_machines, &dir, &format!("pool-{i}")));
+        straight_to_pod.push(timed_build(&direct_machines, &dir, &format!("direct-{i}")));
+    }
 
     // The same builds on a builder configured by hand, in the same run.
     let hand = HandMadeBuilder::start(&dir.join("hand"), &key.public);
@@ -113,7 +141,7 @@ async fn main() {
         .collect();
     drop(hand);
 
-    let (p, h) = (median(through_pool), median(by_hand));
+    let (p, d, h) = (median(through_pool), median(straight_to_pod), median(by_hand));
     println!(
         "| Measure (Kubernetes 1.20.2 control plane + real node: containerd, kubelet, kube-proxy; 2 cores) | Value |"
     );
@@ -131,12 +159,24 @@ async fn main() {
         ms(p)
     );
     println!(
+        "| Same build straight to the builder pod's IP (no Service, no kube-proxy), in turns with the above, median of {BUILDS} | {} |",
+        ms(d)
+    );
+    println!(
+        "| Load-balancer hop (difference of medians) | {:+.0} ms |",
+        (p.as_secs_f64() - d.as_secs_f64()) * 1000.0
+    );
+    println!(
         "| Same build on a hand-configured sshd + nix-daemon builder, median of {BUILDS} | {} |",
         ms(h)
     );
     println!(
-        "| Ratio pool / hand-configured | {:.2} |",
+        "| Ratio pool / hand-configured (goal ≤ 1.05) | {:.2} |",
         p.as_secs_f64() / h.as_secs_f64()
+    );
+    println!(
+        "| Ratio builder pod without the hop / hand-configured | {:.2} |",
+        d.as_secs_f64() / h.as_secs_f64()
     );
 }
 
