@@ -9,7 +9,8 @@
 //! `NIXPOOL_BENCH_REPLICAS` sets the pools' builders (default: the minimal example's 2; their
 //! pods are created, none runs), `NIXPOOL_BENCH_RESYNC_SECONDS` the operator's resync (default
 //! N/5 s, at least 20: creation must settle before the measured no-op resync), and
-//! `NIXPOOL_BENCH_SKIP_RESYNC` skips that resync.
+//! `NIXPOOL_BENCH_SKIP_RESYNC` skips that resync, `NIXPOOL_BENCH_SERVICE_TYPE` sets the pools'
+//! Service type (10,000 LoadBalancer pools do not fit the default node-port range).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -65,6 +66,12 @@ async fn main() {
     let mut template: NixBuilderPool = serde_yaml::from_str(include_str!("../../../examples/minimal.yaml")).unwrap();
     if let Some(r) = replicas {
         template.spec.replicas = r;
+    }
+    // The example's LoadBalancer Service takes a node port: past about 2700 pools the default
+    // range (30000-32767) is full, so 10,000 pools need ClusterIP.
+    if let Ok(t) = std::env::var("NIXPOOL_BENCH_SERVICE_TYPE") {
+        template.spec.service.type_ = serde_json::from_value(serde_json::Value::String(t))
+            .expect("NIXPOOL_BENCH_SERVICE_TYPE: ClusterIP, NodePort or LoadBalancer");
     }
     let cpu_before = (op.cpu_seconds(), control_plane_cpu(&cp));
     let started = Instant::now();
