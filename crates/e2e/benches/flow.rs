@@ -104,18 +104,12 @@ async fn main() {
         .into_iter()
         .find_map(|p| p.status?.pod_ip)
         .expect("the pool's builder pod has an IP");
-    let direct = MachinesEntry {
-        uri: MachinesEntry::ssh_ng_uri(&pool.spec.ssh.user, &pod_ip, nixpool_api::ports::SSH),
-        systems: vec!["x86_64-linux".into()],
-        ssh_key: Some(key.path.display().to_string()),
-        max_jobs: 4,
-        speed_factor: 1,
-        supported_features: vec![],
-        mandatory_features: vec![],
-        host_public_key: status.host_public_key.clone(),
-    };
-    let direct_machines = dir.join("machines-direct");
-    std::fs::write(&direct_machines, format!("{direct}\n")).unwrap();
+    let direct_machines = machines_file(
+        &dir.join("machines-direct"),
+        MachinesEntry::ssh_ng_uri(&pool.spec.ssh.user, &pod_ip, nixpool_api::ports::SSH),
+        &key.path,
+        status.host_public_key.clone(),
+    );
     let (mut through_pool, mut straight_to_pod) = (Vec::new(), Vec::new());
     for i in 0..BUILDS {
         through_pool.push(timed_build(&last_machines, &dir, &format!("pool-{i}")));
@@ -124,18 +118,12 @@ async fn main() {
 
     // The same builds on a builder configured by hand, in the same run.
     let hand = HandMadeBuilder::start(&dir.join("hand"), &key.public);
-    let line = MachinesEntry {
-        uri: "ssh-ng://builder@10.150.0.2".into(),
-        systems: vec!["x86_64-linux".into()],
-        ssh_key: Some(key.path.display().to_string()),
-        max_jobs: 4,
-        speed_factor: 1,
-        supported_features: vec![],
-        mandatory_features: vec![],
-        host_public_key: Some(hand.host_public.clone()),
-    };
-    let hand_machines = dir.join("machines-hand");
-    std::fs::write(&hand_machines, format!("{line}\n")).unwrap();
+    let hand_machines = machines_file(
+        &dir.join("machines-hand"),
+        "ssh-ng://builder@10.150.0.2".into(),
+        &key.path,
+        Some(hand.host_public.clone()),
+    );
     let by_hand: Vec<Duration> = (0..BUILDS)
         .map(|i| timed_build(&hand_machines, &dir, &format!("hand-{i}")))
         .collect();
@@ -178,6 +166,23 @@ async fn main() {
         "| Ratio builder pod without the hop / hand-configured | {:.2} |",
         d.as_secs_f64() / h.as_secs_f64()
     );
+}
+
+/// A machines file of one x86_64-linux builder at `uri` (4 jobs, no features), for the builds
+/// that bypass builderctl.
+fn machines_file(path: &Path, uri: String, key: &Path, host_public_key: Option<String>) -> PathBuf {
+    let line = MachinesEntry {
+        uri,
+        systems: vec!["x86_64-linux".into()],
+        ssh_key: Some(key.display().to_string()),
+        max_jobs: 4,
+        speed_factor: 1,
+        supported_features: vec![],
+        mandatory_features: vec![],
+        host_public_key,
+    };
+    std::fs::write(path, format!("{line}\n")).unwrap();
+    path.to_path_buf()
 }
 
 /// A builder the way people make one by hand: a `builder` user in trusted-users, a plain
