@@ -1,13 +1,25 @@
 # The x86_64-linux builder image: Nix, OpenSSH and the cache clients, with nixpool-agent as
-# PID 1, and nixpool-gateway (the pool's gateway pods run the same image). The FHS bits every binary and shell expects are made at image build time too, so even
-# `kubectl exec ... sh` works before the agent runs (the agent makes them again, idempotently).
-{ pkgs, agent, gateway, tag }:
+# PID 1, and nixpool-gateway (the pool's gateway pods run the same image). The FHS bits every
+# binary and shell expects are made at image build time too, so even `kubectl exec ... sh` works
+# before the agent runs (the agent makes them again, idempotently).
+#
+# The image carries a Nix store database (includeNixDB): every path of the closure of `contents`
+# is registered as valid in /nix/var/nix/db, and each of `contents` is a GC root
+# (/nix/var/nix/gcroots/docker). Without it every path in the image is invalid to the builder's
+# nix-daemon: the first automatic GC (min-free) deletes glibc, nix, openssh and the agent, and a
+# client uploading a path the image already has makes the daemon delete the live copy first.
+# The agent mounts the image's /nix (database included) as the read-only lower layer of the
+# overlay at /nix (docs/agent.md), so this database is the one the daemon opens; its writes land
+# in the overlay's upper layer on the store volume.
+# Only the closure of `contents` is registered: a store path used elsewhere (config, commands)
+# must be in that closure (glibc is: nix and openssh link it).
+{ pkgs, agent, gateway, name ? "nixpool-builder", tag }:
 let
   glibc = pkgs.glibc;
 in
 pkgs.dockerTools.buildLayeredImage {
-  name = "nixpool-builder";
-  inherit tag;
+  inherit name tag;
+  includeNixDB = true;
   contents = with pkgs; [
     agent
     gateway

@@ -1,8 +1,7 @@
 # The operator image: just the static-ish operator and CA certificates, run as a non-root user.
-{ pkgs, operator, tag }:
+{ pkgs, operator, name ? "nixpool-operator", tag }:
 pkgs.dockerTools.buildLayeredImage {
-  name = "nixpool-operator";
-  inherit tag;
+  inherit name tag;
   contents = [ operator pkgs.cacert ];
   config = {
     Entrypoint = [ "/bin/nixpool-operator" ];
