@@ -9,7 +9,7 @@
 { pkgs, rev, dirty, appVersion, builderImage, operatorImage }:
 pkgs.writeShellApplication {
   name = "nixpool-release";
-  runtimeInputs = [ pkgs.skopeo pkgs.gh pkgs.jq pkgs.gnugrep pkgs.coreutils ];
+  runtimeInputs = [ pkgs.skopeo pkgs.gh pkgs.jq pkgs.gnugrep pkgs.gzip pkgs.coreutils ];
   # From a dirty tree the app only refuses (and builds no image): a release is a commit.
   text = if dirty then ''
     echo "release: the tree has uncommitted changes (the flake was evaluated at ${rev}): commit first, then run nix run .#release again" >&2
@@ -50,13 +50,19 @@ pkgs.writeShellApplication {
       fi
     done
 
+    # The images are gzipped docker archives; skopeo is given them unpacked (some skopeo
+    # versions misread a compressed docker-archive: "loading tar component manifest.json").
+    work=$(mktemp -d)
+    trap 'rm -rf "$work"' EXIT
     for pair in "nixpool-builder=${builderImage}" "nixpool-operator=${operatorImage}"; do
-      name="''${pair%%=*}"; archive="''${pair#*=}"
+      name="''${pair%%=*}"
+      gzip -dcf "''${pair#*=}" > "$work/$name.tar"
       # The sha tag first: if a push fails, the tag installs pull by default is unchanged.
       for tag in "$sha_tag" "$version"; do
         echo "release: pushing $registry/$name:$tag" >&2
-        skopeo --policy "$policy" copy "docker-archive:$archive" "docker://$registry/$name:$tag"
+        skopeo --policy "$policy" copy "docker-archive:$work/$name.tar" "docker://$registry/$name:$tag"
       done
+      rm "$work/$name.tar"
     done
     echo "release: pushed $registry/nixpool-builder and $registry/nixpool-operator as $version and $sha_tag" >&2
   '';
