@@ -317,6 +317,86 @@ fn the_builder_image_carries_a_store_database_covering_what_it_runs() {
     );
 }
 
+/// What includeNixDB gives the builder's nix-daemon, tried with the host's Nix 2.8 (nixpkgs'
+/// build of the image cannot run here): an image `/nix` whose paths are registered as nixpkgs'
+/// mkDbExtraCommand registers them (`nix-store --load-db` of the closure's registration, each
+/// content linked in gcroots/docker), mounted as the agent mounts it (the read-only lower layer
+/// of an overlay whose upper layer is the store volume), then garbage-collected through the
+/// overlay. The same image without a database loses everything.
+#[test]
+fn through_the_agents_overlay_the_image_database_keeps_its_paths_from_gc() {
+    need_tool("nix-store", "apt-get install nix-bin").unwrap_or_else(|e| panic!("{e:#}"));
+    need_tool("unshare", "apt-get install util-linux").unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(
+        run(Command::new("id").arg("-u")).trim(),
+        "0",
+        "this test mounts an overlay: run it as root (hack/test.sh does)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path();
+    // Three store paths, made in a scratch store: the image's content (a), a registered path
+    // nothing roots (b), and a path in the image's store that is not registered (c).
+    let src = format!("local?root={}", t.join("src").display());
+    let add = |name: &str| -> String {
+        let d = t.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("file"), name).unwrap();
+        run(Command::new("nix-store").args(["--store", &src, "--add"]).arg(&d))
+            .trim()
+            .to_string()
+    };
+    let (a, b, c) = (add("content"), add("registered"), add("unregistered"));
+    let base = |p: &str| p.rsplit('/').next().unwrap().to_string();
+    for with_db in [true, false] {
+        let case = t.join(if with_db { "with-db" } else { "without-db" });
+        let image = case.join("image");
+        std::fs::create_dir_all(image.join("nix/store")).unwrap();
+        for p in [&a, &b, &c] {
+            run(Command::new("cp")
+                .arg("-a")
+                .arg(t.join("src").join(p.trim_start_matches('/')))
+                .arg(image.join("nix/store")));
+        }
+        if with_db {
+            let script = r#"nix-store --store "$SRC" --dump-db "$A" "$B" | nix-store --store "local?root=$IMAGE" --load-db
+                mkdir -p "$IMAGE/nix/var/nix/gcroots/docker" && ln -s "$A" "$IMAGE/nix/var/nix/gcroots/docker/""#;
+            run(Command::new("sh")
+                .args(["-ec", script])
+                .env("SRC", &src)
+                .env("IMAGE", &image)
+                .env("A", &a)
+                .env("B", &b));
+        }
+        // The agent's overlay (crates/agent/src/store.rs), in a mount namespace of its own.
+        let script = r#"mkdir -p "$CASE/volume/upper" "$CASE/volume/work" "$CASE/root/nix"
+            mount -t overlay overlay -o "lowerdir=$CASE/image/nix,upperdir=$CASE/volume/upper,workdir=$CASE/volume/work" "$CASE/root/nix"
+            nix-store --store "local?root=$CASE/root" --gc >&2
+            ls "$CASE/root/nix/store""#;
+        let left = run(Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-ec", script])
+            .env("CASE", &case));
+        let left: Vec<&str> = left.lines().filter(|l| !l.starts_with('.')).collect();
+        if with_db {
+            assert_eq!(left, [base(&a)], "the GC keeps the rooted content and removes the rest");
+        } else {
+            assert!(
+                left.is_empty(),
+                "without a database every image path is invalid and deleted: {left:?}"
+            );
+        }
+        // The image's layer is untouched: the deletions are whiteouts in the volume's layer.
+        let mut lower: Vec<String> = std::fs::read_dir(image.join("nix/store"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        lower.sort();
+        let mut all = vec![base(&a), base(&b), base(&c)];
+        all.sort();
+        assert_eq!(lower, all);
+    }
+}
+
 /// The release script as nix/release.nix makes it, for the host's bash: nixpkgs'
 /// writeShellApplication (not here) is stood in by one that returns its arguments, and the
 /// script gets writeShellApplication's `errexit nounset pipefail` header. Tools come from PATH.
