@@ -112,9 +112,14 @@ Examples:
   sudo builderctl doctor --from pool.yaml --skip trusted-user";
 
 const STATUS_EXAMPLES: &str = "\
+The JSON form (-o json) is `{\"pools\": [{namespace, name, ready, reason, readyBuilders, replicas,
+endpoint: {host, port}, maxJobs, systems, supportedFeatures, mandatoryFeatures, hostPublicKey}]}`;
+those names are stable.
+
 Examples:
   builderctl status
   builderctl status -A
+  builderctl status -A -o json | jq '.pools[] | select(.ready) | .name'
   builderctl status --from pools.yaml";
 
 /// Which pools, from where.
@@ -281,6 +286,16 @@ pub struct DoctorArgs {
 pub struct StatusArgs {
     #[command(flatten)]
     pub source: SourceArgs,
+    /// Output format: a table, or JSON with stable field names (see below).
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+/// `status` output formats.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    Table,
+    Json,
 }
 
 impl Cli {
@@ -292,6 +307,10 @@ impl Cli {
             Command::Doctor(a) => doctor_cmd(a),
             Command::Status(a) => {
                 let pools = a.source.load().await?;
+                if a.output == Output::Json {
+                    print!("{}", status::json(&pools));
+                    return Ok(ExitCode::SUCCESS);
+                }
                 print!("{}", status::table(&pools));
                 for r in status::reasons(&pools) {
                     println!("not ready: {r}");

@@ -142,6 +142,27 @@ async fn machines_file_and_status_from_the_cluster() {
     );
     let out = builderctl(&kc, &["status", "-A"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains(&ns));
+    // status -o json: the same pools, by their stable field names.
+    let out = builderctl(&kc, &["status", "-n", &ns, "-o", "json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let by_name = |n: &str| {
+        v["pools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == n)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(by_name("web")["ready"], true);
+    assert_eq!(by_name("web")["readyBuilders"], 2);
+    assert_eq!(by_name("web")["maxJobs"], 4);
+    assert_eq!(by_name("cold")["ready"], false);
+    assert_eq!(
+        by_name("infra")["endpoint"],
+        serde_json::json!({"host": "10.0.0.7", "port": 2222})
+    );
 
     // ssh-config from the cluster, written into a temp dir.
     let out = builderctl(

@@ -254,6 +254,46 @@ fn nix_darwin_is_detected_from_etc_static_or_a_link() {
 }
 
 #[test]
+fn status_json_has_its_stable_field_names() {
+    let text = status::json(&pools());
+    golden("status.json", &text);
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let pools = v["pools"].as_array().unwrap();
+    assert_eq!(pools.len(), 3);
+    let mut keys: Vec<&str> = pools[0].as_object().unwrap().keys().map(String::as_str).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "endpoint",
+            "hostPublicKey",
+            "mandatoryFeatures",
+            "maxJobs",
+            "name",
+            "namespace",
+            "ready",
+            "readyBuilders",
+            "reason",
+            "replicas",
+            "supportedFeatures",
+            "systems"
+        ],
+        "the documented field names (docs/builderctl.md): renaming one breaks users' scripts"
+    );
+    let pending = pools.iter().find(|p| p["name"] == "pending").unwrap();
+    assert_eq!(pending["ready"], false);
+    assert!(
+        pending["reason"].as_str().unwrap().contains("NoReadyBuilders"),
+        "{pending}"
+    );
+    assert_eq!(pending["maxJobs"], 0);
+    let kvm = pools.iter().find(|p| p["name"] == "kvm").unwrap();
+    assert_eq!(kvm["ready"], true);
+    assert_eq!(kvm["reason"], serde_json::Value::Null);
+    assert_eq!(kvm["endpoint"], serde_json::json!({"host": "192.0.2.10", "port": 2222}));
+}
+
+#[test]
 fn status_table() {
     golden("status.txt", &status::table(&pools()));
 }
