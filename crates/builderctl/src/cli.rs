@@ -12,7 +12,7 @@ use nixpool_api::NixBuilderPool;
 use crate::merge::{self, Change};
 use crate::render::{self, RenderOptions};
 use crate::source::{self, ClusterOptions, Selection};
-use crate::{darwin, defaults, diff, doctor, fsio, keygen, nixsetup, sshconfig, status};
+use crate::{asuser, darwin, defaults, diff, doctor, fsio, keygen, nixsetup, sshconfig, status};
 
 const ABOUT: &str = "Puts a nixpool builder pool into your Nix (/etc/nix/machines, an ssh drop-in, a key) and says what is wrong when builds do not reach it.";
 
@@ -67,6 +67,10 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Print the pools as a JSON List (what `sudo builderctl` runs as the invoking user to read
+    /// the cluster with that user's kubeconfig).
+    #[command(hide = true, after_help = "Examples:\n  builderctl read-pools -A")]
+    ReadPools(SourceArgs),
 }
 
 const MACHINES_EXAMPLES: &str = "\
@@ -76,6 +80,8 @@ every other line of the file is kept byte for byte. The write is atomic and keep
 printed instead (a module file). With nix-darwin's `nix.enable = false` (Determinate Nix) /etc/nix
 is not nix-darwin's, and the file is written. --configure-nix also puts `builders` and
 `builders-use-substitutes` where the daemon reads them: nix.custom.conf under Determinate Nix.
+Under sudo the cluster is read as the user who ran sudo (their kubeconfig and credential
+plugins), the file written as root.
 
 Examples:
   sudo builderctl machines-file linux                    # one pool, current namespace
@@ -153,6 +159,10 @@ pub struct SourceArgs {
     /// Label selector, e.g. `team=web,tier!=canary`.
     #[arg(short = 'l', long)]
     pub selector: Option<String>,
+    /// Under sudo, read the cluster as root (root's kubeconfig and credentials) instead of as the
+    /// user who ran sudo (SUDO_USER), which is the default.
+    #[arg(long)]
+    pub read_as_root: bool,
 }
 
 impl SourceArgs {
@@ -163,6 +173,11 @@ impl SourceArgs {
         };
         Ok(match &self.from {
             Some(path) => source::from_file(path, &sel)?,
+            None if !self.read_as_root
+                && let Some(who) = asuser::sudo_invoker()? =>
+            {
+                asuser::read_pools(&who, &self.child_args())?
+            }
             None => {
                 let opts = ClusterOptions {
                     kubeconfig: self.kubeconfig.clone(),
@@ -173,6 +188,31 @@ impl SourceArgs {
                 source::from_cluster(&opts, &sel).await?
             }
         })
+    }
+
+    /// The same selection as arguments of `builderctl read-pools`.
+    fn child_args(&self) -> Vec<std::ffi::OsString> {
+        let mut v: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(k) = &self.kubeconfig {
+            v.push("--kubeconfig".into());
+            v.push(k.into());
+        }
+        for (flag, value) in [
+            ("--context", &self.context),
+            ("--namespace", &self.namespace),
+            ("--selector", &self.selector),
+        ] {
+            if let Some(value) = value {
+                v.push(flag.into());
+                v.push(value.into());
+            }
+        }
+        if self.all_namespaces {
+            v.push("--all-namespaces".into());
+        }
+        v.push("--".into());
+        v.extend(self.pools.iter().map(Into::into));
+        v
     }
 }
 
@@ -341,6 +381,11 @@ impl Cli {
                 for r in status::reasons(&pools) {
                     println!("not ready: {r}");
                 }
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::ReadPools(a) => {
+                let pools = a.load().await?;
+                println!("{}", asuser::list_json(&pools)?);
                 Ok(ExitCode::SUCCESS)
             }
             Command::Completions { shell } => {

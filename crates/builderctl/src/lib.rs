@@ -5,6 +5,7 @@
 //! ssh_config drop-in, the nix-darwin snippet) are functions of their inputs and are tested
 //! with golden files; the I/O parts (the cluster, the atomic write, ssh and nix) are thin.
 
+pub mod asuser;
 pub mod cli;
 pub mod darwin;
 pub mod diff;
