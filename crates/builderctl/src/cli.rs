@@ -735,6 +735,7 @@ fn doctor_cmd(a: DoctorArgs) -> anyhow::Result<ExitCode> {
         skip: a.skip,
         ssh: a.ssh,
         ssh_keyscan: "ssh-keyscan".into(),
+        launchctl: "launchctl".into(),
         nix: a.nix,
         nix_build: a.nix_build,
         deadline: None,

@@ -76,6 +76,8 @@ pub struct Options {
     pub skip: Vec<String>,
     pub ssh: String,
     pub ssh_keyscan: String,
+    /// launchctl (macOS: which daemon job launchd has).
+    pub launchctl: String,
     pub nix: String,
     pub nix_build: String,
     /// Set by [`run`]: when `timeout` runs out.
@@ -1393,6 +1395,50 @@ pub fn parse_etime(s: &str) -> Option<u64> {
     Some(days * 86400 + secs)
 }
 
+/// macOS: whether launchd has the daemon job builderctl expects (`systems.determinate.nix-daemon`
+/// for Determinate Nix, `org.nixos.nix-daemon` otherwise). `None` when it has, or when launchctl
+/// cannot tell.
+fn check_launchd(opts: &Options) -> Option<Check> {
+    use crate::nixsetup::{DETERMINATE_LABEL, UPSTREAM_LABEL};
+    let loaded = |label: &str| {
+        let mut cmd = Command::new(&opts.launchctl);
+        cmd.args(["print", &format!("system/{label}")]).stdin(Stdio::null());
+        output_within(&mut cmd, opts).ok().map(|o| o.status.success())
+    };
+    let ours = opts.setup.launchd_label();
+    let other = if ours == DETERMINATE_LABEL {
+        UPSTREAM_LABEL
+    } else {
+        DETERMINATE_LABEL
+    };
+    match (loaded(ours)?, loaded(other)) {
+        (true, _) => None,
+        (false, Some(true)) => Some(check(
+            "daemon",
+            None,
+            Status::Warn,
+            format!(
+                "this looks like {} ({}), but launchd runs {other}, not {ours}: the daemon is not the one this Nix installs",
+                opts.setup.name(),
+                opts.setup.evidence
+            ),
+            Some(format!(
+                "restart the daemon that runs: sudo launchctl kickstart -k system/{other}; if you moved between Determinate Nix and the upstream installer, finish that (reinstall one of them) so that one daemon reads {}",
+                opts.setup.settings_file.display()
+            )),
+        )),
+        (false, _) => Some(check(
+            "daemon",
+            None,
+            Status::Warn,
+            format!("launchd has no {ours} job (nor {other}): no Nix daemon is loaded"),
+            Some(format!(
+                "load it: sudo launchctl bootstrap system /Library/LaunchDaemons/{ours}.plist"
+            )),
+        )),
+    }
+}
+
 /// Seconds the longest-running Nix daemon has been up: `nix-daemon`, or Determinate's
 /// `determinate-nixd` when no `nix-daemon` process shows.
 fn daemon_uptime(opts: &Options) -> Option<u64> {
@@ -1427,6 +1473,11 @@ fn check_daemon(opts: &Options, conf: &NixConf) -> Check {
         c
     };
     let restart = opts.setup.restart_command();
+    if opts.setup.os == Os::MacOs
+        && let Some(c) = check_launchd(opts)
+    {
+        return c;
+    }
     let Some(up) = daemon_uptime(opts) else {
         return check(
             "daemon",

@@ -1,6 +1,7 @@
 //! Macs: Determinate Nix (nix.custom.conf, its launchd label), nix-darwin with and without
-//! `nix.enable`, the nix-darwin module checked by the real `nix-instantiate`, and doctor's
-//! streaming output and overall timeout against a black-holed address in a network namespace.
+//! `nix.enable`, the nix-darwin module checked by the real `nix-instantiate`, doctor's streaming
+//! output and overall timeout against a black-holed address in a network namespace, and
+//! doctor's look at launchd's daemon job (with a script for launchctl, which cannot run here).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -393,5 +394,79 @@ fn doctor_prints_as_it_goes_and_times_out_a_hanging_check() {
     assert!(
         rest.iter().any(|l| l.contains("timed out")),
         "the summary counts it: {all}"
+    );
+}
+
+/// doctor on macOS asks launchd which daemon job it has. launchctl does not run here, so a
+/// script stands in for it (the one stand-in of this file): launchd has only
+/// `org.nixos.nix-daemon` while nix.conf is Determinate's.
+#[test]
+fn doctor_on_macos_names_the_daemon_job_launchd_really_has() {
+    use builderctl::doctor;
+    let t = tempfile::tempdir().unwrap();
+    let conf = t.path().join("nix.conf");
+    std::fs::write(&conf, DETERMINATE_NIX_CONF).unwrap();
+    let launchctl = t.path().join("launchctl");
+    std::fs::write(
+        &launchctl,
+        "#!/bin/sh\n[ \"$1 $2\" = \"print system/org.nixos.nix-daemon\" ] && exit 0\necho \"Could not find service\" >&2; exit 113\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&launchctl, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let opts = |launchctl: &Path| doctor::Options {
+        pool: None,
+        machines_file: t.path().join("machines"),
+        nix_conf: conf.clone(),
+        setup: nixsetup::detect(&conf, &t.path().join("LaunchDaemons"), Os::MacOs),
+        expected_host_key: None,
+        connect_timeout: Duration::from_secs(1),
+        timeout: Duration::from_secs(20),
+        skip: vec![],
+        ssh: "ssh".into(),
+        ssh_keyscan: "ssh-keyscan".into(),
+        launchctl: launchctl.display().to_string(),
+        nix: "nix".into(),
+        nix_build: "nix-build".into(),
+        deadline: None,
+    };
+    let daemon = |launchctl: &Path| {
+        doctor::run(&opts(launchctl), &mut |_| {})
+            .into_iter()
+            .find(|c| c.id == "daemon")
+            .unwrap()
+    };
+    let c = daemon(&launchctl);
+    assert_eq!(c.status, doctor::Status::Warn, "{c:?}");
+    assert!(
+        c.found
+            .contains("launchd runs org.nixos.nix-daemon, not systems.determinate.nix-daemon"),
+        "{c:?}"
+    );
+    assert!(
+        c.fix
+            .as_deref()
+            .unwrap()
+            .contains("kickstart -k system/org.nixos.nix-daemon"),
+        "{c:?}"
+    );
+    // The builders fix names Determinate's file and daemon.
+    let all = doctor::run(&opts(&launchctl), &mut |_| {});
+    let b = all.iter().find(|c| c.id == "builders").unwrap();
+    let fix = b.fix.as_deref().unwrap_or("");
+    assert!(
+        fix.contains("nix.custom.conf") && fix.contains("system/systems.determinate.nix-daemon"),
+        "{b:?}"
+    );
+    // launchd has neither job.
+    std::fs::write(&launchctl, "#!/bin/sh\nexit 113\n").unwrap();
+    let c = daemon(&launchctl);
+    assert!(c.found.contains("no Nix daemon is loaded"), "{c:?}");
+    assert!(
+        c.fix
+            .as_deref()
+            .unwrap()
+            .contains("systems.determinate.nix-daemon.plist"),
+        "{c:?}"
     );
 }
