@@ -81,7 +81,14 @@ pub fn read_pools(who: &Invoker, args: &[OsString]) -> anyhow::Result<Vec<NixBui
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .output()
-        .with_context(|| format!("running {} as {}", exe.display(), who.name))?;
+        .with_context(|| {
+            format!(
+                "running {} as {} (the user who ran sudo) to read the cluster with their kubeconfig. Make the binary executable by {}, or pass --read-as-root to read the cluster as root",
+                exe.display(),
+                who.name,
+                who.name
+            )
+        })?;
     if !out.status.success() {
         bail!(
             "reading the pools as {} (the user who ran sudo, with their kubeconfig) failed, as said above. Fix that kubeconfig (`builderctl status` without sudo shows the same error), point --kubeconfig at one {} can read, or pass --read-as-root to read the cluster as root",
