@@ -323,8 +323,9 @@ pub struct DoctorArgs {
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
-    /// Check ids not to run (builders, machines-file, key, host-key, tcp, ssh-auth, store-ping,
-    /// trusted-user, builders-use-substitutes, daemon).
+    /// Check ids to leave out of the report (builders, machines-file, key, host-key, tcp,
+    /// ssh-auth, store-ping, trusted-user, builders-use-substitutes, daemon). `tcp` is then not
+    /// tried at all, so the SSH checks run even where it would fail.
     #[arg(long, value_name = "CHECK")]
     pub skip: Vec<String>,
     /// Seconds to wait for a connection.
