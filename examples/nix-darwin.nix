@@ -1,6 +1,8 @@
 # A Mac on nix-darwin: nix-darwin owns /etc, so declare the pool here instead of writing
 # /etc/nix/machines (activation would abort with "Unexpected files in /etc").
-# `builderctl machines-file` prints this snippet, filled in, when it detects nix-darwin.
+# `builderctl machines-file` prints a module like this one, filled in, when nix-darwin manages
+# Nix; add the file to your configuration's `imports`. With `nix.enable = false` (Determinate
+# Nix) nix-darwin ignores nix.buildMachines, and builderctl writes /etc/nix/machines instead.
 { ... }:
 {
   nix.distributedBuilds = true;

@@ -12,7 +12,7 @@ use nixpool_api::NixBuilderPool;
 use crate::merge::{self, Change};
 use crate::render::{self, RenderOptions};
 use crate::source::{self, ClusterOptions, Selection};
-use crate::{darwin, defaults, diff, doctor, fsio, keygen, sshconfig, status};
+use crate::{asuser, darwin, defaults, diff, doctor, fsio, keygen, nixsetup, sshconfig, status};
 
 const ABOUT: &str = "Puts a nixpool builder pool into your Nix (/etc/nix/machines, an ssh drop-in, a key) and says what is wrong when builds do not reach it.";
 
@@ -67,13 +67,21 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Print the pools as a JSON List (what `sudo builderctl` runs as the invoking user to read
+    /// the cluster with that user's kubeconfig).
+    #[command(hide = true, after_help = "Examples:\n  builderctl read-pools -A")]
+    ReadPools(SourceArgs),
 }
 
 const MACHINES_EXAMPLES: &str = "\
 Each pool gets a block between `# BEGIN nixpool <ns>/<name>` and `# END nixpool <ns>/<name>`;
 every other line of the file is kept byte for byte. The write is atomic and keeps a backup
 (<file>.builderctl-backup). When /etc is managed by nix-darwin, a nix.buildMachines snippet is
-printed instead.
+printed instead (a module file). With nix-darwin's `nix.enable = false` (Determinate Nix) /etc/nix
+is not nix-darwin's, and the file is written. --configure-nix also puts `builders` and
+`builders-use-substitutes` where the daemon reads them: nix.custom.conf under Determinate Nix.
+Under sudo the cluster is read as the user who ran sudo (their kubeconfig and credential
+plugins), the file written as root.
 
 Examples:
   sudo builderctl machines-file linux                    # one pool, current namespace
@@ -83,7 +91,8 @@ Examples:
   builderctl machines-file linux --dry-run               # show the diff, write nothing
   builderctl machines-file -A --check                    # exit 1 when the file is out of date
   sudo builderctl machines-file --remove builds/linux
-  sudo builderctl machines-file linux --via-ssh-config   # after `builderctl ssh-config linux`";
+  sudo builderctl machines-file linux --via-ssh-config   # after `builderctl ssh-config linux`
+  sudo builderctl machines-file linux --configure-nix    # and nix.conf (nix.custom.conf on Determinate)";
 
 const SSH_EXAMPLES: &str = "\
 The drop-in defines `Host nixpool-<ns>-<name>` with HostName, Port, User, IdentityFile, the pinned
@@ -104,17 +113,26 @@ const DOCTOR_EXAMPLES: &str = "\
 Checks: builders (nix.conf reaches the machines file), machines-file (parses), key (exists, 0600,
 no passphrase, root's), host-key (pinned), tcp, ssh-auth (as the daemon: key + pinned host key),
 store-ping (ssh-ng), trusted-user (a probe build), builders-use-substitutes, daemon (restarted
-since nix.conf changed). Exit 1 when one fails.
+since nix.conf changed). Each check is printed as it finishes. Nix's settings are read from
+`nix config show` (or `nix show-config`), else from the files. Determinate Nix is recognized
+(nix.custom.conf, launchd label systems.determinate.nix-daemon). The whole run stops after
+--timeout: a check still running is killed and shown as TIME. Exit 1 when one fails or times out.
 
 Examples:
   sudo builderctl doctor                  # every nixpool pool in /etc/nix/machines
   sudo builderctl doctor linux --json
+  sudo builderctl doctor linux --timeout 20 --connect-timeout 3
   sudo builderctl doctor --from pool.yaml --skip trusted-user";
 
 const STATUS_EXAMPLES: &str = "\
+The JSON form (-o json) is `{\"pools\": [{namespace, name, ready, reason, readyBuilders, replicas,
+endpoint: {host, port}, maxJobs, systems, supportedFeatures, mandatoryFeatures, hostPublicKey}]}`;
+those names are stable.
+
 Examples:
   builderctl status
   builderctl status -A
+  builderctl status -A -o json | jq '.pools[] | select(.ready) | .name'
   builderctl status --from pools.yaml";
 
 /// Which pools, from where.
@@ -141,6 +159,10 @@ pub struct SourceArgs {
     /// Label selector, e.g. `team=web,tier!=canary`.
     #[arg(short = 'l', long)]
     pub selector: Option<String>,
+    /// Under sudo, read the cluster as root (root's kubeconfig and credentials) instead of as the
+    /// user who ran sudo (SUDO_USER), which is the default.
+    #[arg(long)]
+    pub read_as_root: bool,
 }
 
 impl SourceArgs {
@@ -151,6 +173,11 @@ impl SourceArgs {
         };
         Ok(match &self.from {
             Some(path) => source::from_file(path, &sel)?,
+            None if !self.read_as_root
+                && let Some(who) = asuser::sudo_invoker()? =>
+            {
+                asuser::read_pools(&who, &self.child_args())?
+            }
             None => {
                 let opts = ClusterOptions {
                     kubeconfig: self.kubeconfig.clone(),
@@ -161,6 +188,31 @@ impl SourceArgs {
                 source::from_cluster(&opts, &sel).await?
             }
         })
+    }
+
+    /// The same selection as arguments of `builderctl read-pools`.
+    fn child_args(&self) -> Vec<std::ffi::OsString> {
+        let mut v: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(k) = &self.kubeconfig {
+            v.push("--kubeconfig".into());
+            v.push(k.into());
+        }
+        for (flag, value) in [
+            ("--context", &self.context),
+            ("--namespace", &self.namespace),
+            ("--selector", &self.selector),
+        ] {
+            if let Some(value) = value {
+                v.push(flag.into());
+                v.push(value.into());
+            }
+        }
+        if self.all_namespaces {
+            v.push("--all-namespaces".into());
+        }
+        v.push("--".into());
+        v.extend(self.pools.iter().map(Into::into));
+        v
     }
 }
 
@@ -201,6 +253,18 @@ pub struct MachinesFileArgs {
     /// Write the file even when /etc looks managed by nix-darwin.
     #[arg(long)]
     pub ignore_nix_darwin: bool,
+    /// Also make the Nix daemon read the machines file: a managed block with `builders = @FILE`
+    /// (unless nix.conf already reads it) and `builders-use-substitutes = true`, in
+    /// nix.custom.conf under Determinate Nix (which rewrites nix.conf), in nix.conf otherwise.
+    /// Prints the daemon restart it needs.
+    #[arg(long)]
+    pub configure_nix: bool,
+    /// nix.conf (with --configure-nix).
+    #[arg(long, value_name = "FILE", default_value = defaults::NIX_CONF)]
+    pub nix_conf: PathBuf,
+    /// Where launchd's system daemons are (Determinate Nix is told by its plist there).
+    #[arg(long, value_name = "DIR", default_value = defaults::LAUNCH_DAEMONS, hide = true)]
+    pub launch_daemons_dir: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -259,13 +323,21 @@ pub struct DoctorArgs {
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
-    /// Check ids not to run (builders, machines-file, key, host-key, tcp, ssh-auth, store-ping,
-    /// trusted-user, builders-use-substitutes, daemon).
+    /// Check ids to leave out of the report (builders, machines-file, key, host-key, tcp,
+    /// ssh-auth, store-ping, trusted-user, builders-use-substitutes, daemon). `tcp` is then not
+    /// tried at all, so the SSH checks run even where it would fail.
     #[arg(long, value_name = "CHECK")]
     pub skip: Vec<String>,
     /// Seconds to wait for a connection.
     #[arg(long, default_value_t = 5)]
     pub connect_timeout: u64,
+    /// Seconds for all checks together; a check still running then is stopped and reported as
+    /// timed out (TIME), and so are the checks not started yet.
+    #[arg(long, value_name = "SECONDS", default_value_t = defaults::DOCTOR_TIMEOUT, value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: u64,
+    /// Where launchd's system daemons are (Determinate Nix is told by its plist there).
+    #[arg(long, value_name = "DIR", default_value = defaults::LAUNCH_DAEMONS, hide = true)]
+    pub launch_daemons_dir: PathBuf,
     /// The ssh client.
     #[arg(long, default_value = "ssh", hide = true)]
     pub ssh: String,
@@ -281,6 +353,16 @@ pub struct DoctorArgs {
 pub struct StatusArgs {
     #[command(flatten)]
     pub source: SourceArgs,
+    /// Output format: a table, or JSON with stable field names (see below).
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+/// `status` output formats.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    Table,
+    Json,
 }
 
 impl Cli {
@@ -292,10 +374,19 @@ impl Cli {
             Command::Doctor(a) => doctor_cmd(a),
             Command::Status(a) => {
                 let pools = a.source.load().await?;
+                if a.output == Output::Json {
+                    print!("{}", status::json(&pools));
+                    return Ok(ExitCode::SUCCESS);
+                }
                 print!("{}", status::table(&pools));
                 for r in status::reasons(&pools) {
                     println!("not ready: {r}");
                 }
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::ReadPools(a) => {
+                let pools = a.load().await?;
+                println!("{}", asuser::list_json(&pools)?);
                 Ok(ExitCode::SUCCESS)
             }
             Command::Completions { shell } => {
@@ -362,7 +453,7 @@ async fn machines_file(a: MachinesFileArgs) -> anyhow::Result<ExitCode> {
     if !a.ignore_nix_darwin
         && let Some(why) = darwin::managed_reason(&a.etc_static, path)
     {
-        eprintln!("{why}.\nPaste this into your nix-darwin configuration instead (builderctl wrote nothing):\n");
+        eprintln!("{why}.\nAdd this module to your nix-darwin configuration instead (builderctl wrote nothing):\n");
         if a.remove {
             println!(
                 "# Remove the nix.buildMachines entries of {} from your configuration.",
@@ -399,6 +490,13 @@ async fn machines_file(a: MachinesFileArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
 
+    if !a.ignore_nix_darwin && darwin::nix_darwin_without_nix(&a.etc_static) {
+        eprintln!(
+            "note: nix-darwin is installed ({}) but does not manage Nix (nix.enable = false, as with Determinate Nix): writing {} directly",
+            a.etc_static.display(),
+            path.display()
+        );
+    }
     let merged = merge::merge(&existing, &changes).with_context(|| format!("{}: nothing written", path.display()))?;
     for u in &merged.unparsable {
         eprintln!(
@@ -414,40 +512,107 @@ async fn machines_file(a: MachinesFileArgs) -> anyhow::Result<ExitCode> {
     }
     let shown = path.display().to_string();
     let d = diff::unified(&shown, &existing, &merged.text);
+    let settings = if a.configure_nix && !a.remove {
+        nix_settings(&a)?
+    } else {
+        None
+    };
+    let settings_diff = settings
+        .as_ref()
+        .map(|s| diff::unified(&s.setup.settings_file.display().to_string(), &s.existing, &s.text))
+        .unwrap_or_default();
     if a.check {
-        if d.is_empty() {
+        if d.is_empty() && settings_diff.is_empty() {
             println!("{shown} is up to date");
             return Ok(ExitCode::SUCCESS);
         }
-        print!("{d}");
-        eprintln!(
-            "{shown} is out of date for {}; run `sudo builderctl machines-file` with the same arguments",
+        print!("{d}{settings_diff}");
+        let what = if d.is_empty() {
+            "builderctl's nix.conf settings".to_string()
+        } else {
             merged.changed.join(", ")
-        );
+        };
+        eprintln!("{shown} is out of date for {what}; run `sudo builderctl machines-file` with the same arguments");
         return Ok(ExitCode::from(exit::FAILED));
     }
     if a.dry_run {
-        if d.is_empty() {
+        if d.is_empty() && settings_diff.is_empty() {
             println!("{shown} is up to date; nothing would change");
         } else {
-            print!("{d}");
+            print!("{d}{settings_diff}");
         }
         return Ok(ExitCode::SUCCESS);
     }
     if d.is_empty() {
         println!("{shown} is up to date; nothing written");
-        return Ok(ExitCode::SUCCESS);
+    } else {
+        let written = fsio::write_atomic(path, merged.text.as_bytes(), 0o644, !a.no_backup, &sudo_hint())?;
+        let verb = if a.remove { "removed" } else { "wrote" };
+        println!("{verb} {} in {shown}", merged.changed.join(", "));
+        if let Some(b) = written.backup {
+            println!("previous version: {}", b.display());
+        }
     }
-    let written = fsio::write_atomic(path, merged.text.as_bytes(), 0o644, !a.no_backup, &sudo_hint())?;
-    let verb = if a.remove { "removed" } else { "wrote" };
-    println!("{verb} {} in {shown}", merged.changed.join(", "));
-    if let Some(b) = written.backup {
-        println!("previous version: {}", b.display());
+    if let Some(s) = settings {
+        let f = s.setup.settings_file.display();
+        if settings_diff.is_empty() {
+            println!("{f} is up to date; nothing written");
+        } else {
+            fsio::write_atomic(
+                &s.setup.settings_file,
+                s.text.as_bytes(),
+                0o644,
+                !a.no_backup,
+                &sudo_hint(),
+            )?;
+            println!(
+                "wrote builderctl's settings in {f} ({}, {})",
+                s.setup.name(),
+                s.setup.evidence
+            );
+            println!("the daemon reads them after a restart: {}", s.setup.restart_command());
+        }
     }
-    if !a.remove {
+    if !a.remove && !d.is_empty() {
         println!("Nix reads it at the next build; `sudo builderctl doctor` checks the rest of the way.");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// builderctl's settings block, merged into the file the daemon reads them from.
+struct NixSettings {
+    setup: nixsetup::NixSetup,
+    existing: String,
+    text: String,
+}
+
+fn nix_settings(a: &MachinesFileArgs) -> anyhow::Result<Option<NixSettings>> {
+    let setup = nixsetup::detect(&a.nix_conf, &a.launch_daemons_dir, doctor::Os::current());
+    let conf = doctor::NixConf::from_files_but(&a.nix_conf, Some(nixsetup::SETTINGS_ID));
+    let reaches = conf
+        .get("builders")
+        .is_some_and(|v| doctor::builders_reach(&v, &a.machines_file));
+    let lines = nixsetup::settings_lines(&a.machines_file, reaches);
+    if !a.ignore_nix_darwin
+        && let Some(why) = darwin::managed_reason(&a.etc_static, &setup.settings_file)
+    {
+        eprintln!(
+            "{why}.\nbuilderctl wrote no nix settings; put these in your nix-darwin configuration (determinateNix.customSettings with the determinate module, else nix.settings):\n{lines}"
+        );
+        return Ok(None);
+    }
+    let existing = fsio::read_or_empty(&setup.settings_file)?;
+    let change = Change::Set {
+        id: nixsetup::SETTINGS_ID.into(),
+        line: lines,
+    };
+    let merged = merge::merge(&existing, &[change])
+        .with_context(|| format!("{}: nothing written", setup.settings_file.display()))?;
+    Ok(Some(NixSettings {
+        setup,
+        existing,
+        text: merged.text,
+    }))
 }
 
 fn ssh_config_of(
@@ -562,19 +727,29 @@ fn doctor_cmd(a: DoctorArgs) -> anyhow::Result<ExitCode> {
     };
     let opts = doctor::Options {
         pool: a.pool,
+        setup: nixsetup::detect(&a.nix_conf, &a.launch_daemons_dir, doctor::Os::current()),
         machines_file: a.machines_file,
         nix_conf: a.nix_conf,
         expected_host_key,
         connect_timeout: Duration::from_secs(a.connect_timeout),
-        os: doctor::Os::current(),
+        timeout: Duration::from_secs(a.timeout),
         skip: a.skip,
         ssh: a.ssh,
         ssh_keyscan: "ssh-keyscan".into(),
+        launchctl: "launchctl".into(),
         nix: a.nix,
         nix_build: a.nix_build,
+        deadline: None,
     };
-    let checks = doctor::run(&opts);
-    if a.json {
+    let json = a.json;
+    let checks = doctor::run(&opts, &mut |c| {
+        if !json {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(doctor::report_line(c).as_bytes());
+            let _ = out.flush();
+        }
+    });
+    if json {
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
@@ -583,7 +758,7 @@ fn doctor_cmd(a: DoctorArgs) -> anyhow::Result<ExitCode> {
             }))?
         );
     } else {
-        print!("{}", doctor::report(&checks));
+        print!("{}", doctor::summary(&checks));
     }
     Ok(if doctor::passed(&checks) {
         ExitCode::SUCCESS

@@ -7,13 +7,15 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine;
 use nixpool_api::MachinesEntry;
 use serde::Serialize;
 
 use crate::merge;
+pub use crate::nixsetup::Os;
+use crate::nixsetup::{Flavor, NixSetup};
 
 /// A check's verdict.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -23,6 +25,8 @@ pub enum Status {
     Warn,
     Fail,
     Skip,
+    /// The check did not finish before doctor's `--timeout` ran out (counts as a failure).
+    Timeout,
 }
 
 impl Status {
@@ -32,6 +36,7 @@ impl Status {
             Status::Warn => "WARN",
             Status::Fail => "FAIL",
             Status::Skip => "SKIP",
+            Status::Timeout => "TIME",
         }
     }
 }
@@ -53,29 +58,6 @@ pub struct Check {
     pub fix: Option<String>,
 }
 
-/// The operating system, for the right restart command.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Os {
-    Linux,
-    MacOs,
-}
-
-impl Os {
-    pub fn current() -> Self {
-        if cfg!(target_os = "macos") {
-            Os::MacOs
-        } else {
-            Os::Linux
-        }
-    }
-    pub fn restart_daemon(self) -> &'static str {
-        match self {
-            Os::MacOs => "sudo launchctl kickstart -k system/org.nixos.nix-daemon",
-            Os::Linux => "sudo systemctl restart nix-daemon",
-        }
-    }
-}
-
 /// What doctor looks at.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -83,74 +65,176 @@ pub struct Options {
     pub pool: Option<String>,
     pub machines_file: PathBuf,
     pub nix_conf: PathBuf,
+    /// Which Nix (upstream or Determinate), where its settings go, how to restart its daemon.
+    pub setup: NixSetup,
     /// The host key the pool publishes (from `--from` or the cluster), to compare with the pin.
     pub expected_host_key: Option<String>,
     pub connect_timeout: Duration,
-    pub os: Os,
+    /// For all checks together; a check still running then is killed and reported as timed out.
+    pub timeout: Duration,
     /// Check ids not to run.
     pub skip: Vec<String>,
     pub ssh: String,
     pub ssh_keyscan: String,
+    /// launchctl (macOS: which daemon job launchd has).
+    pub launchctl: String,
     pub nix: String,
     pub nix_build: String,
+    /// Set by [`run`]: when `timeout` runs out.
+    pub deadline: Option<Instant>,
 }
 
-/// Runs every check and returns the results in order.
-pub fn run(opts: &Options) -> Vec<Check> {
+impl Options {
+    /// Time left before the overall timeout.
+    fn remaining(&self) -> Duration {
+        self.deadline
+            .map(|d| d.saturating_duration_since(Instant::now()))
+            .unwrap_or(self.timeout)
+    }
+
+    fn timed_out(&self, id: &'static str, t: Option<&str>, what: &str) -> Check {
+        check(
+            id,
+            t,
+            Status::Timeout,
+            format!("{what}: doctor's --timeout of {}s ran out", self.timeout.as_secs()),
+            Some(format!(
+                "something on the way does not answer; run doctor with a longer --timeout, or --skip {id} to see the checks after it"
+            )),
+        )
+    }
+}
+
+/// Runs every check in order, handing each result to `seen` as soon as it is known (so a
+/// person sees progress), and returns them all. The whole run takes at most `opts.timeout`: a
+/// command still running then is killed and its check reported as [`Status::Timeout`]; checks
+/// not started by then are reported so too.
+pub fn run(opts: &Options, seen: &mut dyn FnMut(&Check)) -> Vec<Check> {
+    let opts = &Options {
+        deadline: Some(Instant::now() + opts.timeout),
+        ..opts.clone()
+    };
     let mut out = Vec::new();
-    let conf = NixConf::load(&opts.nix_conf);
-    let push = |out: &mut Vec<Check>, c: Check| {
+    let mut emit = |c: Check| {
         if !opts.skip.iter().any(|s| s == c.id) {
+            seen(&c);
             out.push(c);
         }
     };
-    push(&mut out, check_builders(opts, &conf));
+    let conf = NixConf::load(&opts.nix_conf, opts);
+    emit(check_builders(opts, &conf));
     let (file_check, entries) = check_machines_file(opts);
     let file_ok = file_check.status != Status::Fail;
-    push(&mut out, file_check);
+    emit(file_check);
     if file_ok {
         for (target, entry, line) in &entries {
-            for c in check_entry(opts, target, entry, line) {
-                push(&mut out, c);
-            }
+            check_entry(opts, target, entry, line, &mut emit);
         }
     }
-    push(&mut out, check_substitutes(&conf));
-    push(&mut out, check_daemon(opts));
+    emit(check_substitutes(opts, &conf));
+    emit(if opts.remaining().is_zero() {
+        opts.timed_out("daemon", None, "not run")
+    } else {
+        check_daemon(opts, &conf)
+    });
     out
 }
 
-/// Exit status: failure when any check failed.
+/// Exit status: failure when any check failed or timed out.
 pub fn passed(checks: &[Check]) -> bool {
-    checks.iter().all(|c| c.status != Status::Fail)
+    checks
+        .iter()
+        .all(|c| !matches!(c.status, Status::Fail | Status::Timeout))
 }
 
-/// The human report.
-pub fn report(checks: &[Check]) -> String {
+/// One check as the human report prints it.
+pub fn report_line(c: &Check) -> String {
     let mut s = String::new();
-    for c in checks {
-        let what = match &c.target {
-            Some(t) => format!("{} ({t})", c.id),
-            None => c.id.to_string(),
-        };
-        s.push_str(&format!("{}  {what}: {}\n", c.status.label(), c.found));
-        if let Some(fix) = &c.fix {
-            for (i, l) in fix.lines().enumerate() {
-                s.push_str(if i == 0 { "      fix: " } else { "           " });
-                s.push_str(l);
-                s.push('\n');
-            }
+    let what = match &c.target {
+        Some(t) => format!("{} ({t})", c.id),
+        None => c.id.to_string(),
+    };
+    s.push_str(&format!("{}  {what}: {}\n", c.status.label(), c.found));
+    if let Some(fix) = &c.fix {
+        for (i, l) in fix.lines().enumerate() {
+            s.push_str(if i == 0 { "      fix: " } else { "           " });
+            s.push_str(l);
+            s.push('\n');
         }
     }
+    s
+}
+
+/// The last line of the human report.
+pub fn summary(checks: &[Check]) -> String {
     let fails = checks.iter().filter(|c| c.status == Status::Fail).count();
+    let timeouts = checks.iter().filter(|c| c.status == Status::Timeout).count();
     let warns = checks.iter().filter(|c| c.status == Status::Warn).count();
-    s.push_str(&format!(
-        "\n{} checks: {} failed, {} warnings\n",
+    let timed = if timeouts > 0 {
+        format!(", {timeouts} timed out")
+    } else {
+        String::new()
+    };
+    format!(
+        "\n{} checks: {} failed{timed}, {} warnings\n",
         checks.len(),
         fails,
         warns
-    ));
+    )
+}
+
+/// The human report, all at once.
+pub fn report(checks: &[Check]) -> String {
+    let mut s: String = checks.iter().map(report_line).collect();
+    s.push_str(&summary(checks));
     s
+}
+
+/// Why a command gave no output.
+enum RunError {
+    Spawn(std::io::Error),
+    TimedOut,
+}
+
+/// Runs `cmd` (stdin from /dev/null unless set) and collects its output, killing it (and what
+/// it started: it runs in a process group of its own) when doctor's time runs out.
+fn output_within(cmd: &mut Command, opts: &Options) -> Result<std::process::Output, RunError> {
+    use std::os::unix::process::CommandExt;
+    let deadline = Instant::now() + opts.remaining();
+    let stdout = tempfile::tempfile().map_err(RunError::Spawn)?;
+    let stderr = tempfile::tempfile().map_err(RunError::Spawn)?;
+    let (mut out_r, mut err_r) = (
+        stdout.try_clone().map_err(RunError::Spawn)?,
+        stderr.try_clone().map_err(RunError::Spawn)?,
+    );
+    cmd.stdout(stdout).stderr(stderr).process_group(0);
+    let mut child = cmd.spawn().map_err(RunError::Spawn)?;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() >= deadline => {
+                let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+                let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(RunError::TimedOut);
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(RunError::Spawn(e)),
+        }
+    };
+    let read = |f: &mut std::fs::File| {
+        use std::io::Seek;
+        let mut v = Vec::new();
+        let _ = f.seek(std::io::SeekFrom::Start(0));
+        let _ = f.read_to_end(&mut v);
+        v
+    };
+    Ok(std::process::Output {
+        status,
+        stdout: read(&mut out_r),
+        stderr: read(&mut err_r),
+    })
 }
 
 fn check(id: &'static str, target: Option<&str>, status: Status, found: String, fix: Option<String>) -> Check {
@@ -166,39 +250,87 @@ fn check(id: &'static str, target: Option<&str>, status: Status, found: String, 
 // ---------------------------------------------------------------------------------------------
 // nix.conf
 
-/// The settings of a nix.conf (and the files it includes), last one wins; `extra-` appends.
+/// Nix's settings as the daemon reads them from nix.conf: from Nix itself (`nix config show`,
+/// Nix 2.19 and later, or `nix show-config` before), else from the files (includes followed,
+/// last one wins, `extra-` appends).
 #[derive(Default, Debug)]
 pub struct NixConf {
     pub path: PathBuf,
     pub exists: bool,
+    /// The effective settings: from Nix when it answered, else from the files.
     pub settings: Vec<(String, String)>,
+    /// The settings the files set (to tell "not set" from Nix's default).
+    pub file_settings: Vec<(String, String)>,
+    /// nix.conf and the files it includes that exist (their change times matter to the daemon).
+    pub files: Vec<PathBuf>,
+    /// Where `settings` came from: `nix config show`, `nix show-config` or `the files`.
+    pub source: &'static str,
 }
 
 impl NixConf {
-    pub fn load(path: &Path) -> Self {
+    /// From the files only.
+    pub fn from_files(path: &Path) -> Self {
+        Self::from_files_but(path, None)
+    }
+
+    /// From the files only, leaving out the lines of builderctl's own block `block_id` (what
+    /// the user set, to decide what builderctl's block has to add).
+    pub fn from_files_but(path: &Path, block_id: Option<&str>) -> Self {
         let mut conf = NixConf {
             path: path.into(),
+            source: "the files",
             ..Default::default()
         };
-        conf.exists = conf.read(path, 0);
+        conf.exists = conf.read(path, 0, block_id);
+        conf.settings = conf.file_settings.clone();
         conf
     }
 
-    fn read(&mut self, path: &Path, depth: usize) -> bool {
+    /// From Nix (`nix` is the command) when it answers within doctor's time, else the files.
+    fn load(path: &Path, opts: &Options) -> Self {
+        let mut conf = Self::from_files(path);
+        if conf.exists
+            && let Some((settings, source)) = from_nix(&opts.nix, path, opts)
+        {
+            conf.settings = settings;
+            conf.source = source;
+        }
+        conf
+    }
+
+    fn read(&mut self, path: &Path, depth: usize, block_id: Option<&str>) -> bool {
         let Ok(text) = std::fs::read_to_string(path) else {
             return false;
         };
+        self.files.push(path.to_path_buf());
+        let mut in_block = false;
         for line in text.lines() {
+            if let Some(id) = block_id {
+                let marker = |prefix: &str| {
+                    line.strip_prefix(prefix)
+                        .and_then(|rest| rest.split_whitespace().next())
+                        == Some(id)
+                };
+                if marker(merge::BEGIN) {
+                    in_block = true;
+                } else if marker(merge::END) {
+                    in_block = false;
+                    continue;
+                }
+                if in_block {
+                    continue;
+                }
+            }
             let line = line.split('#').next().unwrap_or("").trim();
             if let Some(inc) = line.strip_prefix("include ").or_else(|| line.strip_prefix("!include ")) {
                 let p = path.parent().unwrap_or(Path::new("/")).join(inc.trim());
                 if depth < 8 {
-                    self.read(&p, depth + 1);
+                    self.read(&p, depth + 1, block_id);
                 }
                 continue;
             }
             if let Some((k, v)) = line.split_once('=') {
-                self.settings.push((k.trim().to_string(), v.trim().to_string()));
+                self.file_settings.push((k.trim().to_string(), v.trim().to_string()));
             }
         }
         true
@@ -206,20 +338,78 @@ impl NixConf {
 
     /// The value of a setting with its `extra-` additions; `None` when never set.
     pub fn get(&self, name: &str) -> Option<String> {
-        let extra = format!("extra-{name}");
-        let mut value: Option<String> = None;
-        for (k, v) in &self.settings {
-            if k == name {
-                value = Some(v.clone());
-            } else if *k == extra {
-                value = Some(match value {
-                    Some(old) if !old.is_empty() => format!("{old} {v}"),
-                    _ => v.clone(),
-                });
+        lookup(&self.settings, name)
+    }
+
+    /// Whether the files set `name` (or `extra-name`) at all.
+    pub fn set_in_files(&self, name: &str) -> bool {
+        lookup(&self.file_settings, name).is_some()
+    }
+
+    /// When the newest of the files changed.
+    pub fn modified(&self) -> Option<SystemTime> {
+        self.files
+            .iter()
+            .filter_map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
+            .max()
+    }
+}
+
+fn lookup(settings: &[(String, String)], name: &str) -> Option<String> {
+    let extra = format!("extra-{name}");
+    let mut value: Option<String> = None;
+    for (k, v) in settings {
+        if k == name {
+            value = Some(v.clone());
+        } else if *k == extra {
+            value = Some(match value {
+                Some(old) if !old.is_empty() => format!("{old} {v}"),
+                _ => v.clone(),
+            });
+        }
+    }
+    value
+}
+
+/// `key = value` lines as `nix config show` prints them.
+pub fn parse_settings(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|l| l.split_once(" = ").or_else(|| l.split_once('=')))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .filter(|(k, _)| !k.is_empty() && !k.contains(' '))
+        .collect()
+}
+
+/// Asks Nix for the settings a daemon reading `nix_conf` has: `NIX_CONF_DIR` is its directory,
+/// and no user file or `NIX_CONFIG` is mixed in (the daemon reads neither). Only for a file
+/// called nix.conf (that is the only name Nix reads from a directory).
+pub fn from_nix(nix: &str, nix_conf: &Path, opts: &Options) -> Option<(Vec<(String, String)>, &'static str)> {
+    if nix_conf.file_name()? != "nix.conf" {
+        return None;
+    }
+    let dir = nix_conf.parent()?;
+    let ways: [(&[&str], &'static str); 2] = [
+        (&["config", "show"], "nix config show"),
+        (&["show-config"], "nix show-config"),
+    ];
+    for (args, source) in ways {
+        let mut cmd = Command::new(nix);
+        cmd.args(["--extra-experimental-features", "nix-command"])
+            .args(args)
+            .env("NIX_CONF_DIR", dir)
+            .env("NIX_USER_CONF_FILES", "")
+            .env_remove("NIX_CONFIG")
+            .stdin(Stdio::null());
+        if let Ok(out) = output_within(&mut cmd, opts)
+            && out.status.success()
+        {
+            let settings = parse_settings(&String::from_utf8_lossy(&out.stdout));
+            if !settings.is_empty() {
+                return Some((settings, source));
             }
         }
-        value
     }
+    None
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {
@@ -229,12 +419,34 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// Whether a `builders` value reads `machines_file` (`@file` items).
+pub fn builders_reach(value: &str, machines_file: &Path) -> bool {
+    value
+        .split([';', ' ', '\n'])
+        .filter_map(|item| item.strip_prefix('@'))
+        .any(|p| same_file(Path::new(p), machines_file))
+}
+
+/// Where the fix goes, and what kind of Nix this is, for messages.
+fn settings_note(setup: &NixSetup) -> String {
+    match setup.flavor {
+        Flavor::Determinate => format!(
+            " (Determinate Nix: {}; your settings go in {}, never in the nix.conf it rewrites)",
+            setup.evidence,
+            setup.settings_file.display()
+        ),
+        Flavor::Upstream => String::new(),
+    }
+}
+
 fn check_builders(opts: &Options, conf: &NixConf) -> Check {
     let m = opts.machines_file.display();
     let c = opts.nix_conf.display();
+    let s = opts.setup.settings_file.display();
+    let restart = opts.setup.restart_command();
+    let note = settings_note(&opts.setup);
     let fix = Some(format!(
-        "add `builders = @{m}` to {c}, then restart the daemon ({})",
-        opts.os.restart_daemon()
+        "add `builders = @{m}` to {s}, then restart the daemon ({restart}); `sudo builderctl machines-file --configure-nix` does both but the restart"
     ));
     if !conf.exists {
         return check(
@@ -246,13 +458,18 @@ fn check_builders(opts: &Options, conf: &NixConf) -> Check {
         );
     }
     let default_path = opts.nix_conf.parent().unwrap_or(Path::new("/etc/nix")).join("machines");
-    match conf.get("builders") {
+    let value = if conf.set_in_files("builders") {
+        conf.get("builders")
+    } else {
+        None
+    };
+    match value {
         None if same_file(&default_path, &opts.machines_file) => check(
             "builders",
             None,
             Status::Warn,
             format!(
-                "{c} has no `builders` line; Nix's built-in default (@{}) happens to be {m}, but nix-darwin and other installers write their own",
+                "{c} has no `builders` line; Nix's built-in default (@{}) happens to be {m}, but nix-darwin and other installers write their own{note}",
                 default_path.display()
             ),
             fix,
@@ -262,7 +479,7 @@ fn check_builders(opts: &Options, conf: &NixConf) -> Check {
             None,
             Status::Fail,
             format!(
-                "{c} has no `builders` line, so Nix never reads {m} (its default is @{})",
+                "{c} has no `builders` line, so Nix never reads {m} (its default is @{}){note}",
                 default_path.display()
             ),
             fix,
@@ -272,26 +489,28 @@ fn check_builders(opts: &Options, conf: &NixConf) -> Check {
             None,
             Status::Fail,
             format!(
-                "{c} sets `builders =` (empty): remote builds are off (nix-darwin writes this when nix.distributedBuilds is false)"
+                "{c} sets `builders =` (empty): remote builds are off (nix-darwin writes this when nix.distributedBuilds is false){note}"
             ),
             fix,
         ),
         Some(v) => {
-            let reaches = v
-                .split([';', ' ', '\n'])
-                .filter_map(|item| item.strip_prefix('@'))
-                .any(|p| same_file(Path::new(p), &opts.machines_file));
-            if reaches {
-                check("builders", None, Status::Pass, format!("{c}: builders = {v}"), None)
+            let from = conf.source;
+            if builders_reach(&v, &opts.machines_file) {
+                check(
+                    "builders",
+                    None,
+                    Status::Pass,
+                    format!("{c}: builders = {v} (as {from} reads it){note}"),
+                    None,
+                )
             } else {
                 check(
                     "builders",
                     None,
                     Status::Fail,
-                    format!("{c}: builders = {v} does not read {m}"),
+                    format!("{c}: builders = {v} (as {from} reads it) does not read {m}{note}"),
                     Some(format!(
-                        "change it to `builders = @{m}` (keep other builders in {m}), then {}",
-                        opts.os.restart_daemon()
+                        "change it to `builders = @{m}` in {s} (keep other builders in {m}), then {restart}"
                     )),
                 )
             }
@@ -299,14 +518,15 @@ fn check_builders(opts: &Options, conf: &NixConf) -> Check {
     }
 }
 
-fn check_substitutes(conf: &NixConf) -> Check {
+fn check_substitutes(opts: &Options, conf: &NixConf) -> Check {
     let c = conf.path.display();
+    let from = conf.source;
     match conf.get("builders-use-substitutes").as_deref().map(str::trim) {
         Some("true") => check(
             "builders-use-substitutes",
             None,
             Status::Pass,
-            format!("{c}: builders-use-substitutes = true"),
+            format!("{c}: builders-use-substitutes = true (as {from} reads it)"),
             None,
         ),
         other => check(
@@ -314,11 +534,13 @@ fn check_substitutes(conf: &NixConf) -> Check {
             None,
             Status::Warn,
             format!(
-                "{c}: builders-use-substitutes is {}: every dependency a build needs is uploaded from this machine instead of fetched by the builder from the cache",
+                "{c}: builders-use-substitutes is {} (as {from} reads it): every dependency a build needs is uploaded from this machine instead of fetched by the builder from the cache",
                 other.unwrap_or("not set (false)")
             ),
             Some(format!(
-                "add `builders-use-substitutes = true` to {c} and restart the daemon"
+                "add `builders-use-substitutes = true` to {} and restart the daemon ({})",
+                opts.setup.settings_file.display(),
+                opts.setup.restart_command()
             )),
         ),
     }
@@ -487,57 +709,78 @@ fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-fn check_entry(opts: &Options, target: &str, e: &MachinesEntry, line: &str) -> Vec<Check> {
+fn check_entry(opts: &Options, target: &str, e: &MachinesEntry, line: &str, emit: &mut dyn FnMut(Check)) {
     let t = Some(target);
-    let mut out = Vec::new();
     let Some(dest) = Target::parse(&e.uri) else {
-        out.push(check(
+        emit(check(
             "tcp",
             t,
             Status::Fail,
             format!("cannot read host and port from {}", e.uri),
             Some("write the line again with builderctl machines-file".into()),
         ));
-        return out;
+        return;
     };
-    let key_ok = {
-        let c = check_key(e.ssh_key.as_deref(), t);
-        let ok = c.status != Status::Fail;
-        out.push(c);
-        ok
-    };
-    out.push(check_host_key(opts, e, t));
+    let key = check_key(e.ssh_key.as_deref(), t);
+    let key_ok = key.status != Status::Fail;
+    emit(key);
+    emit(check_host_key(opts, e, t));
 
+    let later = ["ssh-auth", "store-ping", "trusted-user"];
+    let out_of_time = |id: &'static str| opts.timed_out(id, t, "not run");
+    if opts.remaining().is_zero() {
+        for id in ["tcp"].into_iter().chain(later) {
+            emit(out_of_time(id));
+        }
+        return;
+    }
     // Where ssh really connects (ssh_config Host blocks apply, as for the daemon).
     let (host, port) = resolve(opts, &dest);
-    let tcp = check_tcp(opts, &host, port, t);
-    let tcp_ok = tcp.status == Status::Pass;
-    out.push(tcp);
-    let later = ["ssh-auth", "store-ping", "trusted-user"];
-    if !tcp_ok {
-        for id in later {
-            out.push(check(
-                id,
-                t,
-                Status::Skip,
-                "not tried: the builder cannot be reached".into(),
-                None,
-            ));
+    let tcp = if opts.skip.iter().any(|s| s == "tcp") {
+        None
+    } else {
+        Some(check_tcp(opts, &host, port, t))
+    };
+    let tcp_status = tcp.as_ref().map(|c| c.status);
+    if let Some(c) = tcp {
+        emit(c);
+    }
+    match tcp_status {
+        None | Some(Status::Pass) => {}
+        Some(Status::Timeout) => {
+            for id in later {
+                emit(out_of_time(id));
+            }
+            return;
         }
-        return out;
+        Some(_) => {
+            for id in later {
+                emit(check(
+                    id,
+                    t,
+                    Status::Skip,
+                    "not tried: the builder cannot be reached".into(),
+                    None,
+                ));
+            }
+            return;
+        }
     }
     let auth = check_ssh_auth(opts, e, &dest, t, key_ok);
-    let auth_ok = auth.status != Status::Fail;
-    out.push(auth);
-    if !auth_ok {
+    let auth_status = auth.status;
+    emit(auth);
+    if matches!(auth_status, Status::Fail | Status::Timeout) {
         for id in &later[1..] {
-            out.push(check(id, t, Status::Skip, "not tried: SSH login failed".into(), None));
+            emit(if auth_status == Status::Timeout {
+                out_of_time(id)
+            } else {
+                check(id, t, Status::Skip, "not tried: SSH login failed".into(), None)
+            });
         }
-        return out;
+        return;
     }
-    out.push(check_store_ping(opts, e, &dest, t));
-    out.push(check_trusted(opts, e, line, t));
-    out
+    emit(check_store_ping(opts, e, &dest, t));
+    emit(check_trusted(opts, e, line, t));
 }
 
 fn check_key(key: Option<&str>, t: Option<&str>) -> Check {
@@ -694,7 +937,7 @@ fn resolve(opts: &Options, dest: &Target) -> (String, u16) {
     }
     cmd.arg(dest.destination());
     let fallback = (dest.host.clone(), dest.port.unwrap_or(22));
-    let Ok(out) = cmd.stderr(Stdio::null()).output() else {
+    let Ok(out) = output_within(cmd.stdin(Stdio::null()), opts) else {
         return fallback;
     };
     let text = String::from_utf8_lossy(&out.stdout);
@@ -714,8 +957,18 @@ fn check_tcp(opts: &Options, host: &str, port: u16, t: Option<&str>) -> Check {
     let fix = Some(
         "check the pool is Ready (`builderctl status`) and that this machine reaches its Service: a ClusterIP needs the cluster network (VPN), a LoadBalancer its source ranges, a firewall the port".to_string(),
     );
-    let addrs: Vec<_> = match (host, port).to_socket_addrs() {
-        Ok(a) => a.collect(),
+    // Name resolution cannot be given a timeout; it runs aside and is given up on in time.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let name = host.to_string();
+    std::thread::spawn(move || {
+        let _ = tx.send((name.as_str(), port).to_socket_addrs().map(|a| a.collect::<Vec<_>>()));
+    });
+    let resolved = match rx.recv_timeout(opts.remaining()) {
+        Ok(r) => r,
+        Err(_) => return opts.timed_out("tcp", t, &format!("resolving {host}")),
+    };
+    let addrs: Vec<_> = match resolved {
+        Ok(a) => a,
         Err(e) => {
             return check(
                 "tcp",
@@ -728,9 +981,14 @@ fn check_tcp(opts: &Options, host: &str, port: u16, t: Option<&str>) -> Check {
     };
     let mut last = String::new();
     for a in &addrs {
-        match TcpStream::connect_timeout(a, opts.connect_timeout) {
+        let left = opts.remaining();
+        if left.is_zero() {
+            return opts.timed_out("tcp", t, &format!("connecting to {host}:{port}"));
+        }
+        let wait = opts.connect_timeout.min(left);
+        match TcpStream::connect_timeout(a, wait) {
             Ok(mut s) => {
-                let _ = s.set_read_timeout(Some(opts.connect_timeout));
+                let _ = s.set_read_timeout(Some(wait));
                 let mut buf = [0u8; 64];
                 let n = s.read(&mut buf).unwrap_or(0);
                 let banner = String::from_utf8_lossy(&buf[..n])
@@ -751,6 +1009,12 @@ fn check_tcp(opts: &Options, host: &str, port: u16, t: Option<&str>) -> Check {
             }
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                 last = format!("nothing is listening on {host}:{port} (connection refused)");
+            }
+            Err(e)
+                if (e.kind() == std::io::ErrorKind::TimedOut || e.kind() == std::io::ErrorKind::WouldBlock)
+                    && wait < opts.connect_timeout =>
+            {
+                return opts.timed_out("tcp", t, &format!("connecting to {host}:{port}"));
             }
             Err(e) if e.kind() == std::io::ErrorKind::TimedOut || e.kind() == std::io::ErrorKind::WouldBlock => {
                 last = format!(
@@ -795,9 +1059,12 @@ fn check_ssh_auth(opts: &Options, e: &MachinesEntry, dest: &Target, t: Option<&s
     let kh = known_hosts(dest, e);
     let mut cmd = ssh_command(opts, e, dest, kh.as_ref().map(|f| f.path()));
     cmd.args(["--", "nix-daemon", "--stdio"]).stdin(Stdio::null());
-    let out = match cmd.output() {
+    let out = match output_within(&mut cmd, opts) {
         Ok(o) => o,
-        Err(err) => {
+        Err(RunError::TimedOut) => {
+            return opts.timed_out("ssh-auth", t, &format!("ssh to {}", dest.destination()));
+        }
+        Err(RunError::Spawn(err)) => {
             return check(
                 "ssh-auth",
                 t,
@@ -908,18 +1175,17 @@ fn public_of(key: &str) -> Option<String> {
 }
 
 fn keyscan(opts: &Options, dest: &Target) -> Option<String> {
-    let out = Command::new(&opts.ssh_keyscan)
-        .args([
-            "-T",
-            &opts.connect_timeout.as_secs().max(1).to_string(),
-            "-t",
-            "ed25519",
-        ])
-        .args(["-p", &dest.port.unwrap_or(22).to_string()])
-        .arg(&dest.host)
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
+    let mut cmd = Command::new(&opts.ssh_keyscan);
+    cmd.args([
+        "-T",
+        &opts.connect_timeout.as_secs().max(1).to_string(),
+        "-t",
+        "ed25519",
+    ])
+    .args(["-p", &dest.port.unwrap_or(22).to_string()])
+    .arg(&dest.host)
+    .stdin(Stdio::null());
+    let out = output_within(&mut cmd, opts).ok()?;
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .find(|l| !l.starts_with('#'))
@@ -954,24 +1220,24 @@ fn check_store_ping(opts: &Options, e: &MachinesEntry, dest: &Target, t: Option<
             Some("use ssh-ng:// (builderctl machines-file writes it)".into()),
         );
     }
-    let out = Command::new(&opts.nix)
-        .args([
-            "--extra-experimental-features",
-            "nix-command",
-            "store",
-            "ping",
-            "--store",
-        ])
-        .arg(store_uri(e))
-        .args([
-            "--option",
-            "connect-timeout",
-            &opts.connect_timeout.as_secs().max(1).to_string(),
-        ])
-        .stdin(Stdio::null())
-        .output();
-    match out {
-        Err(err) => check(
+    let mut cmd = Command::new(&opts.nix);
+    cmd.args([
+        "--extra-experimental-features",
+        "nix-command",
+        "store",
+        "ping",
+        "--store",
+    ])
+    .arg(store_uri(e))
+    .args([
+        "--option",
+        "connect-timeout",
+        &opts.connect_timeout.as_secs().max(1).to_string(),
+    ])
+    .stdin(Stdio::null());
+    match output_within(&mut cmd, opts) {
+        Err(RunError::TimedOut) => opts.timed_out("store-ping", t, "nix store ping over ssh-ng"),
+        Err(RunError::Spawn(err)) => check(
             "store-ping",
             t,
             Status::Fail,
@@ -1037,9 +1303,10 @@ fn check_trusted(opts: &Options, e: &MachinesEntry, line: &str, t: Option<&str>)
     if !features.is_empty() {
         cmd.args(["--option", "system-features", &features.join(" ")]);
     }
-    let out = match cmd.output() {
+    let out = match output_within(&mut cmd, opts) {
         Ok(o) => o,
-        Err(err) => {
+        Err(RunError::TimedOut) => return opts.timed_out("trusted-user", t, "the probe build"),
+        Err(RunError::Spawn(err)) => {
             return check(
                 "trusted-user",
                 t,
@@ -1128,53 +1395,123 @@ pub fn parse_etime(s: &str) -> Option<u64> {
     Some(days * 86400 + secs)
 }
 
-/// Seconds the longest-running nix-daemon has been up.
-fn daemon_uptime() -> Option<u64> {
-    let out = Command::new("ps")
-        .args(["-A", "-o", "etime=", "-o", "comm="])
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            let etime = it.next()?;
-            let comm = it.collect::<Vec<_>>().join(" ");
-            comm.rsplit('/').next().filter(|c| *c == "nix-daemon")?;
-            parse_etime(etime)
-        })
-        .max()
+/// macOS: whether launchd has the daemon job builderctl expects (`systems.determinate.nix-daemon`
+/// for Determinate Nix, `org.nixos.nix-daemon` otherwise). `None` when it has, or when launchctl
+/// cannot tell.
+fn check_launchd(opts: &Options) -> Option<Check> {
+    use crate::nixsetup::{DETERMINATE_LABEL, UPSTREAM_LABEL};
+    let loaded = |label: &str| {
+        let mut cmd = Command::new(&opts.launchctl);
+        cmd.args(["print", &format!("system/{label}")]).stdin(Stdio::null());
+        output_within(&mut cmd, opts).ok().map(|o| o.status.success())
+    };
+    let ours = opts.setup.launchd_label();
+    let other = if ours == DETERMINATE_LABEL {
+        UPSTREAM_LABEL
+    } else {
+        DETERMINATE_LABEL
+    };
+    match (loaded(ours)?, loaded(other)) {
+        (true, _) => None,
+        (false, Some(true)) => Some(check(
+            "daemon",
+            None,
+            Status::Warn,
+            format!(
+                "this looks like {} ({}), but launchd runs {other}, not {ours}: the daemon is not the one this Nix installs",
+                opts.setup.name(),
+                opts.setup.evidence
+            ),
+            Some(format!(
+                "restart the daemon that runs: sudo launchctl kickstart -k system/{other}; if you moved between Determinate Nix and the upstream installer, finish that (reinstall one of them) so that one daemon reads {}",
+                opts.setup.settings_file.display()
+            )),
+        )),
+        (false, _) => Some(check(
+            "daemon",
+            None,
+            Status::Warn,
+            format!("launchd has no {ours} job (nor {other}): no Nix daemon is loaded"),
+            Some(format!(
+                "load it: sudo launchctl bootstrap system /Library/LaunchDaemons/{ours}.plist"
+            )),
+        )),
+    }
 }
 
-fn check_daemon(opts: &Options) -> Check {
-    let c = opts.nix_conf.display();
-    let Some(up) = daemon_uptime() else {
+/// Seconds the longest-running Nix daemon has been up: `nix-daemon`, or Determinate's
+/// `determinate-nixd` when no `nix-daemon` process shows.
+fn daemon_uptime(opts: &Options) -> Option<u64> {
+    let mut cmd = Command::new("ps");
+    cmd.args(["-A", "-o", "etime=", "-o", "comm="]).stdin(Stdio::null());
+    let out = output_within(&mut cmd, opts).ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let uptime = |name: &str| {
+        text.lines()
+            .filter_map(|l| {
+                let mut it = l.split_whitespace();
+                let etime = it.next()?;
+                let comm = it.collect::<Vec<_>>().join(" ");
+                comm.rsplit('/').next().filter(|c| *c == name)?;
+                parse_etime(etime)
+            })
+            .max()
+    };
+    uptime("nix-daemon").or_else(|| uptime("determinate-nixd"))
+}
+
+fn check_daemon(opts: &Options, conf: &NixConf) -> Check {
+    let c = conf
+        .files
+        .iter()
+        .map(|f| f.display().to_string())
+        .collect::<Vec<_>>()
+        .join(" + ");
+    let c = if c.is_empty() {
+        opts.nix_conf.display().to_string()
+    } else {
+        c
+    };
+    let restart = opts.setup.restart_command();
+    if opts.setup.os == Os::MacOs
+        && let Some(c) = check_launchd(opts)
+    {
+        return c;
+    }
+    let Some(up) = daemon_uptime(opts) else {
         return check(
             "daemon",
             None,
             Status::Warn,
             "no nix-daemon is running: a single-user Nix, or the daemon is down".into(),
-            Some(format!("start it: {}", opts.os.restart_daemon())),
+            Some(format!("start it: {restart}")),
         );
     };
-    let age = std::fs::metadata(&opts.nix_conf)
-        .and_then(|m| m.modified())
-        .ok()
+    let age = conf
+        .modified()
         .and_then(|m| SystemTime::now().duration_since(m).ok())
         .map(|d| d.as_secs());
+    let who = format!(
+        "the {} daemon{}",
+        opts.setup.name(),
+        match opts.setup.os {
+            Os::MacOs => format!(" (launchd: {})", opts.setup.launchd_label()),
+            Os::Linux => String::new(),
+        }
+    );
     match age {
         Some(age) if age < up => check(
             "daemon",
             None,
             Status::Fail,
-            format!("{c} changed {age}s ago but the nix-daemon has run for {up}s: it still uses the old settings"),
-            Some(opts.os.restart_daemon().to_string()),
+            format!("{c} changed {age}s ago but {who} has run for {up}s: it still uses the old settings"),
+            Some(restart),
         ),
         _ => check(
             "daemon",
             None,
             Status::Pass,
-            format!("the nix-daemon (up {up}s) started after {c} last changed"),
+            format!("{who} (up {up}s) started after {c} last changed"),
             None,
         ),
     }

@@ -5,6 +5,7 @@
 //! ssh_config drop-in, the nix-darwin snippet) are functions of their inputs and are tested
 //! with golden files; the I/O parts (the cluster, the atomic write, ssh and nix) are thin.
 
+pub mod asuser;
 pub mod cli;
 pub mod darwin;
 pub mod diff;
@@ -12,6 +13,7 @@ pub mod doctor;
 pub mod fsio;
 pub mod keygen;
 pub mod merge;
+pub mod nixsetup;
 pub mod render;
 pub mod source;
 pub mod sshconfig;
@@ -25,4 +27,7 @@ pub mod defaults {
     pub const ETC_STATIC: &str = "/etc/static";
     pub const SSH_CONFIG_DIR: &str = "/etc/ssh/ssh_config.d";
     pub const KNOWN_HOSTS_DIR: &str = "/etc/ssh";
+    pub const LAUNCH_DAEMONS: &str = crate::nixsetup::LAUNCH_DAEMONS;
+    /// doctor's overall time limit, seconds.
+    pub const DOCTOR_TIMEOUT: u64 = 60;
 }

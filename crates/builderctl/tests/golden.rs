@@ -240,17 +240,75 @@ fn nix_darwin_snippet() {
 fn nix_darwin_is_detected_from_etc_static_or_a_link() {
     let t = tempfile::tempdir().unwrap();
     let machines = t.path().join("machines");
-    assert_eq!(darwin::managed_reason(&t.path().join("static"), &machines), None);
-    std::os::unix::fs::symlink("/nix/store/xyz-etc/etc", t.path().join("static")).unwrap();
-    let why = darwin::managed_reason(&t.path().join("static"), &machines).unwrap();
+    let st = t.path().join("static");
+    assert_eq!(darwin::managed_reason(&st, &machines), None, "no nix-darwin");
+    // nix-darwin with `nix.enable = false` (Determinate Nix): /etc/static has no nix/.
+    std::fs::create_dir_all(st.join("ssh")).unwrap();
+    assert_eq!(
+        darwin::managed_reason(&st, &machines),
+        None,
+        "nix-darwin leaves /etc/nix alone"
+    );
+    assert!(darwin::nix_darwin_without_nix(&st));
+    // nix-darwin manages Nix (`nix.enable = true`, the default): its nix.conf is in /etc/static.
+    std::fs::create_dir_all(st.join("nix")).unwrap();
+    std::os::unix::fs::symlink("/nix/store/xyz-nix.conf", st.join("nix/nix.conf")).unwrap();
+    let why = darwin::managed_reason(&st, &machines).unwrap();
     assert!(
-        why.contains("nix-darwin") && why.contains("Unexpected files in /etc"),
+        why.contains("nix-darwin") && why.contains("nix.enable = true") && why.contains("Unexpected files in /etc"),
         "{why}"
     );
+    assert!(!darwin::nix_darwin_without_nix(&st));
+    // nix-darwin generates this very file (e.g. nix.custom.conf from environment.etc).
+    std::fs::remove_file(st.join("nix/nix.conf")).unwrap();
+    std::os::unix::fs::symlink("/nix/store/xyz-custom", st.join("nix/nix.custom.conf")).unwrap();
+    assert_eq!(darwin::managed_reason(&st, &machines), None);
+    let why = darwin::managed_reason(&st, &t.path().join("nix.custom.conf")).unwrap();
+    assert!(why.contains("generates"), "{why}");
     let t = tempfile::tempdir().unwrap();
     std::os::unix::fs::symlink("/etc/static/nix/machines", t.path().join("machines")).unwrap();
     let why = darwin::managed_reason(&t.path().join("none"), &t.path().join("machines")).unwrap();
     assert!(why.contains("/etc/static/nix/machines"), "{why}");
+}
+
+#[test]
+fn status_json_has_its_stable_field_names() {
+    let text = status::json(&pools());
+    golden("status.json", &text);
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let pools = v["pools"].as_array().unwrap();
+    assert_eq!(pools.len(), 3);
+    let mut keys: Vec<&str> = pools[0].as_object().unwrap().keys().map(String::as_str).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "endpoint",
+            "hostPublicKey",
+            "mandatoryFeatures",
+            "maxJobs",
+            "name",
+            "namespace",
+            "ready",
+            "readyBuilders",
+            "reason",
+            "replicas",
+            "supportedFeatures",
+            "systems"
+        ],
+        "the documented field names (docs/builderctl.md): renaming one breaks users' scripts"
+    );
+    let pending = pools.iter().find(|p| p["name"] == "pending").unwrap();
+    assert_eq!(pending["ready"], false);
+    assert!(
+        pending["reason"].as_str().unwrap().contains("NoReadyBuilders"),
+        "{pending}"
+    );
+    assert_eq!(pending["maxJobs"], 0);
+    let kvm = pools.iter().find(|p| p["name"] == "kvm").unwrap();
+    assert_eq!(kvm["ready"], true);
+    assert_eq!(kvm["reason"], serde_json::Value::Null);
+    assert_eq!(kvm["endpoint"], serde_json::json!({"host": "192.0.2.10", "port": 2222}));
 }
 
 #[test]

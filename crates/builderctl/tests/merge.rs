@@ -305,7 +305,9 @@ fn a_block_is_replaced_in_place() {
 #[test]
 fn nix_darwin_gets_a_snippet_and_no_file() {
     let env = Env::new(Some(FOREIGN));
-    std::fs::create_dir(env.dir.path().join("no-etc-static")).unwrap();
+    // nix-darwin manages Nix: its nix.conf is in /etc/static.
+    std::fs::create_dir_all(env.dir.path().join("no-etc-static/nix")).unwrap();
+    std::fs::write(env.dir.path().join("no-etc-static/nix/nix.conf"), "").unwrap();
     let out = env.run(&["linux"]);
     assert!(out.status.success());
     assert!(stdout(&out).contains("nix.buildMachines = [") && stdout(&out).contains("nix.distributedBuilds = true;"));
