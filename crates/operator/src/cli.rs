@@ -229,16 +229,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics.leader.set(1);
     }
 
+    let reporter = Reporter {
+        controller: nixpool_api::OPERATOR_NAME.into(),
+        instance: Some(identity),
+    };
     let ctx = Arc::new(Context {
         client: client.clone(),
         metrics,
-        recorder: Recorder::new(
-            client,
-            Reporter {
-                controller: nixpool_api::OPERATOR_NAME.into(),
-                instance: Some(identity),
-            },
-        ),
+        recorder: Recorder::new(client, reporter.clone()),
+        reporter,
         images: Images::new(&args.default_image, args.allowed_image_prefixes),
         with_pdb,
         resync: Duration::from_secs(args.resync_seconds),

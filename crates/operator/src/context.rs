@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use jiff::Timestamp;
-use kube::runtime::events::Recorder;
+use kube::runtime::events::{EventType, Recorder, Reporter};
 
 use crate::cache::{Keys, Rollouts, Statuses, Stores};
 use crate::metrics::Metrics;
@@ -13,7 +13,14 @@ use crate::metrics::Metrics;
 pub struct Context {
     pub client: kube::Client,
     pub metrics: Arc<Metrics>,
+    /// Publishes Warning Events, which repeat (a failing apply, a bad key): kube's recorder
+    /// turns a repeat within 6 minutes into a count on the first Event, and keeps every Event
+    /// it sent for those 6 minutes to do so.
     pub recorder: Recorder,
+    /// Who Normal Events come from. They are news once (a pool created, a key generated), so
+    /// they are published without that cache: 10,000 new pools would otherwise keep 10,000
+    /// Events in memory.
+    pub reporter: Reporter,
     /// Builder image for pools that name none.
     pub images: crate::reconcile::validate::Images,
     /// Whether the server serves policy/v1 (PodDisruptionBudgets).
@@ -35,6 +42,14 @@ pub struct Context {
 impl Context {
     pub fn stores(&self) -> Option<&Stores> {
         self.stores.get()
+    }
+
+    /// The recorder for an Event of this type (see `recorder` and `reporter`).
+    pub fn recorder_for(&self, type_: EventType) -> Recorder {
+        match type_ {
+            EventType::Warning => self.recorder.clone(),
+            EventType::Normal => Recorder::new(self.client.clone(), self.reporter.clone()),
+        }
     }
 
     /// The clock. Pure code takes `now` as an argument instead of reading it.

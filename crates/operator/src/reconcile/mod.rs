@@ -17,7 +17,6 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, PostParams};
-use kube::core::DeserializeGuard;
 use kube::core::error_boundary::InvalidObject;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType};
@@ -29,13 +28,11 @@ use nixpool_api::v1alpha1::SecretKeyRef;
 use nixpool_api::{NixBuilderPool, labels, names, paths};
 use tracing::{debug, info, instrument, warn};
 
-use crate::cache::{Compact, Stores};
+use crate::cache::{Compact, KeptPool, Stores};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::hostkey::HostKey;
 use crate::keys::AuthorizedKeys;
-
-type Guarded = DeserializeGuard<NixBuilderPool>;
 
 /// Runs the controller, reconciling at most `concurrency` pools at once, until `shutdown`
 /// resolves.
@@ -56,7 +53,7 @@ pub async fn run(
         }
     }
     let owned = watcher::Config::default().labels(labels::MANAGED_SELECTOR);
-    let (pools, pool_events) = cached_watch(api::<Guarded>(&client, &namespace), watcher::Config::default());
+    let (pools, pool_events) = cached_watch(api::<KeptPool>(&client, &namespace), watcher::Config::default());
     let (deployments, deployment_events) = cached_watch(api::<Compact<Deployment>>(&client, &namespace), owned.clone());
     let (services, service_events) = cached_watch(api::<Compact<Service>>(&client, &namespace), owned.clone());
     let (config_maps, config_map_events) = cached_watch(api::<Compact<ConfigMap>>(&client, &namespace), owned.clone());
@@ -130,29 +127,25 @@ where
 }
 
 /// The pools that name a team-key ConfigMap.
-fn pools_naming_config_map(pools: &Store<Guarded>, cm: &ConfigMap) -> Vec<ObjectRef<Guarded>> {
+fn pools_naming_config_map(pools: &Store<KeptPool>, cm: &ConfigMap) -> Vec<ObjectRef<KeptPool>> {
     let ns = cm.namespace();
     let name = cm.name_any();
     pools
         .state()
         .into_iter()
-        .filter(|guard| {
-            guard.0.as_ref().is_ok_and(|pool| {
-                pool.namespace() == ns && pool.spec.ssh.authorized_keys_config_maps.iter().any(|r| r.name == name)
-            })
-        })
-        .map(|guard| ObjectRef::from_obj(guard.as_ref()))
+        .filter(|pool| pool.namespace() == ns && pool.names_config_map(&name))
+        .map(|pool| ObjectRef::from_obj(pool.as_ref()))
         .collect()
 }
 
 #[instrument(skip_all, fields(pool = %guard.name_any(), ns = guard.namespace().unwrap_or_default()))]
-async fn reconcile(guard: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action> {
+async fn reconcile(guard: Arc<KeptPool>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
     ctx.metrics.reconciles.inc();
-    let result = match &guard.0 {
-        Ok(pool) => match reconcile_pool(pool, &ctx).await {
+    let result = match guard.pool() {
+        Ok(pool) => match reconcile_pool(&pool, &ctx).await {
             Err(e @ (Error::Apply { .. } | Error::HostKey(_) | Error::NotOwned { .. })) => {
-                report_failure(pool, &e, &ctx).await;
+                report_failure(&pool, &e, &ctx).await;
                 Err(e)
             }
             other => other,
@@ -778,11 +771,11 @@ async fn report_undecodable(invalid: &InvalidObject, ctx: &Context) -> Result<()
     Ok(())
 }
 
-fn pool_key(guard: &Guarded) -> String {
+fn pool_key(guard: &KeptPool) -> String {
     format!("{}/{}", guard.namespace().unwrap_or_default(), guard.name_any())
 }
 
-fn error_policy(guard: Arc<Guarded>, error: &Error, ctx: Arc<Context>) -> Action {
+fn error_policy(guard: Arc<KeptPool>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.failure(error.category());
     let delay = ctx.backoff(&pool_key(&guard));
     warn!(pool = %guard.name_any(), category = error.category(), error = %error, retry_in = ?delay, "reconcile failed");
@@ -797,7 +790,7 @@ async fn publish(ctx: &Context, pool: &NixBuilderPool, type_: EventType, reason:
         action: action.into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&event, &pool.object_ref(&())).await {
+    if let Err(e) = ctx.recorder_for(type_).publish(&event, &pool.object_ref(&())).await {
         warn!(error = %e, "cannot publish an Event");
     }
 }
