@@ -777,6 +777,18 @@ async fn helm_upgrade_replaces_an_older_crd() {
         &format!("meta.helm.sh/release-name={RELEASE}"),
         &format!("meta.helm.sh/release-namespace={RELEASE_NS}"),
     ]));
+    // Helm's client-side OpenAPI check on a server before 1.25 refuses the CEL rules (docs/install.md).
+    let out = helm_on(&cp, &dir)
+        .args(["upgrade", "--install", RELEASE])
+        .arg(&new_chart)
+        .args(["-n", RELEASE_NS, "--create-namespace"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("x-kubernetes-validations"),
+        "{stderr}"
+    );
     succeeded(upgrade(&cp, &dir, &new_chart));
     until_served(&cp, &dir, &ns, true, "the new CRD after adopting the 0.1.0 one").await;
 
