@@ -194,10 +194,10 @@ fn the_chart_works_as_a_subchart() {
 }
 
 #[test]
-fn each_value_lands_where_it_belongs() {
+fn the_defaults_run_the_released_images_safely_spread_and_covered_by_a_pdb() {
     let version = app_version();
 
-    // Defaults: both images at the chart's appVersion (what the release pushes), today's security
+    // Both images at the chart's appVersion (what the release pushes), today's security
     // contexts, the two replicas spread over nodes and covered by a PodDisruptionBudget.
     let objects = render(&[]);
     let deploy = find(&objects, "Deployment");
@@ -245,7 +245,10 @@ fn each_value_lands_where_it_belongs() {
         ))
     );
     assert_eq!(pdb["metadata"]["name"], deploy["metadata"]["name"]);
+}
 
+#[test]
+fn the_pdb_follows_replica_count_and_its_values() {
     // One replica: no PodDisruptionBudget (it would block every drain); none when disabled.
     for sets in [&["replicaCount=1"][..], &["podDisruptionBudget.enabled=false"]] {
         assert!(
@@ -264,8 +267,10 @@ fn each_value_lands_where_it_belongs() {
         Some("50%")
     );
     assert!(find(&pdb, "PodDisruptionBudget")["spec"].get("minAvailable").is_none());
+}
 
-    // Every pod value set.
+#[test]
+fn each_value_lands_where_it_belongs() {
     let objects = render(&[
         "fullnameOverride=builders-operator",
         "podLabels.team=infra",
@@ -346,7 +351,10 @@ fn each_value_lands_where_it_belongs() {
     assert!(args.contains("--lease-name=builders-operator"), "{args}");
     let rbac = find(&objects, "ClusterRoleBinding");
     assert_eq!(rbac["subjects"][0]["name"].as_str(), Some("builders-operator"));
+}
 
+#[test]
+fn global_fallbacks_name_override_and_the_old_builder_image_string() {
     // global.priorityClassName when the chart's own is empty; nameOverride; the old string form of
     // builderImage.
     let objects = render(&[
