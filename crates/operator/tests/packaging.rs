@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::process::Command;
 
 use common::*;
-use nixpool_testenv::{helm, need_tool};
+use nixpool_testenv::need_tool;
 
 fn nix_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap() {
@@ -678,103 +678,6 @@ fn the_release_pushes_the_chart_tag_and_the_sha_tag_and_never_replaces_a_release
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("rejected"), "{err}");
-}
-
-fn docs(path: &str) -> Vec<serde_yaml::Value> {
-    use serde::Deserialize;
-    let text = std::fs::read_to_string(format!("{REPO}/{path}")).unwrap();
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|d| serde_yaml::Value::deserialize(d).unwrap())
-        .filter(|v| !v.is_null())
-        .collect()
-}
-
-fn s<'a>(v: &'a serde_yaml::Value, path: &[&str]) -> &'a str {
-    let mut cur = v;
-    for p in path {
-        cur = &cur[*p];
-    }
-    cur.as_str().unwrap_or_else(|| panic!("{path:?} is missing in {v:?}"))
-}
-
-#[test]
-fn the_flux_examples_are_complete_and_their_values_fit_the_chart() {
-    let known = [
-        ("source.toolkit.fluxcd.io/v1", "GitRepository"),
-        ("source.toolkit.fluxcd.io/v1", "HelmRepository"),
-        ("helm.toolkit.fluxcd.io/v2", "HelmRelease"),
-        ("kustomize.toolkit.fluxcd.io/v1", "Kustomization"),
-        ("v1", "Namespace"),
-    ];
-    let helm = helm().unwrap_or_else(|e| panic!("{e:#}"));
-    let mut releases = 0;
-    for file in [
-        "examples/flux/operator-helmrelease.yaml",
-        "examples/flux/operator-helmrepository.yaml",
-        "examples/flux/pools-kustomization.yaml",
-    ] {
-        let objects = docs(file);
-        let sources: Vec<(String, String)> = objects
-            .iter()
-            .filter(|o| s(o, &["apiVersion"]).starts_with("source.toolkit.fluxcd.io/"))
-            .map(|o| (s(o, &["kind"]).to_string(), s(o, &["metadata", "name"]).to_string()))
-            .collect();
-        for o in &objects {
-            let (api, kind) = (s(o, &["apiVersion"]), s(o, &["kind"]));
-            assert!(known.contains(&(api, kind)), "{file}: unexpected {api} {kind}");
-            s(o, &["metadata", "name"]);
-            match kind {
-                "HelmRelease" => {
-                    releases += 1;
-                    let spec = &o["spec"]["chart"]["spec"];
-                    let source = (
-                        s(spec, &["sourceRef", "kind"]).to_string(),
-                        s(spec, &["sourceRef", "name"]).to_string(),
-                    );
-                    assert!(
-                        sources.contains(&source),
-                        "{file}: the HelmRelease's source {source:?} is not defined next to it"
-                    );
-                    if source.0 == "GitRepository" {
-                        let chart = s(spec, &["chart"]);
-                        assert!(
-                            std::path::Path::new(REPO).join(chart).join("Chart.yaml").is_file(),
-                            "{file}: no chart at {chart}"
-                        );
-                    }
-                    // The values must pass the chart's values.schema.json and render.
-                    let values = tempfile::NamedTempFile::new().unwrap();
-                    std::fs::write(values.path(), serde_yaml::to_string(&o["spec"]["values"]).unwrap()).unwrap();
-                    run(Command::new(&helm)
-                        .args(["template", "flux", &format!("{REPO}/charts/nixpool"), "-f"])
-                        .arg(values.path()));
-                }
-                "Kustomization" => {
-                    let source = (
-                        s(o, &["spec", "sourceRef", "kind"]).to_string(),
-                        s(o, &["spec", "sourceRef", "name"]).to_string(),
-                    );
-                    assert!(
-                        sources.contains(&source),
-                        "{file}: the Kustomization's source {source:?} is not defined next to it"
-                    );
-                    assert!(s(o, &["spec", "path"]).starts_with("./"));
-                    assert_eq!(o["spec"]["prune"].as_bool(), Some(true));
-                    let check = &o["spec"]["healthChecks"][0];
-                    assert_eq!(
-                        (s(check, &["apiVersion"]), s(check, &["kind"])),
-                        ("nixpool.dev/v1alpha1", "NixBuilderPool")
-                    );
-                }
-                "GitRepository" | "HelmRepository" => {
-                    assert!(s(o, &["spec", "url"]).contains("://"));
-                    s(o, &["spec", "interval"]);
-                }
-                _ => {}
-            }
-        }
-    }
-    assert_eq!(releases, 2);
 }
 
 #[test]
