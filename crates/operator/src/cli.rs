@@ -19,8 +19,9 @@ use crate::metrics::{Metrics, VerbLabels};
 use crate::telemetry::{self, LogFormat};
 use crate::{http, reconcile};
 
-/// The builder image pools use when they name none.
-pub const DEFAULT_IMAGE: &str = "ghcr.io/nixpool/nixpool-builder:latest";
+/// The builder image pools use when they name none: the release pushes it at the version of this
+/// workspace, which is the chart's `appVersion` (a chart test checks they agree), never `latest`.
+pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/nixpool/nixpool-builder:", env!("CARGO_PKG_VERSION"));
 
 #[derive(Parser, Debug)]
 #[command(

@@ -207,6 +207,12 @@ fn the_defaults_run_the_released_images_safely_spread_and_covered_by_a_pdb() {
         container["image"].as_str(),
         Some(format!("ghcr.io/nixpool/nixpool-operator:{version}").as_str())
     );
+    // The operator run without the chart defaults to the same builder tag.
+    assert_eq!(
+        nixpool_operator::cli::DEFAULT_IMAGE,
+        format!("ghcr.io/nixpool/nixpool-builder:{version}"),
+        "the workspace version (Cargo.toml) and the chart's appVersion must agree"
+    );
     let args: Vec<&str> = container["args"]
         .as_sequence()
         .unwrap()
