@@ -14,7 +14,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use nixpool_api::NixBuilderPool;
 
 use crate::context::Context;
-use crate::leader::Elector;
+use crate::leader::{Elector, Leading};
 use crate::metrics::{Metrics, VerbLabels};
 use crate::telemetry::{self, LogFormat};
 use crate::{http, reconcile};
@@ -191,17 +191,36 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = kube::Config::infer().await.context(
         "no Kubernetes configuration found: set KUBECONFIG (or ~/.kube/config), or run in a pod with a service account",
     )?;
-    // Count every request the controller sends (the Lease's renewals go through their own client).
+    let identity = args.identity.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "operator".into());
+        format!("{host}-{}", std::process::id())
+    });
+    // Count every request the controller sends (the Lease's renewals go through their own
+    // client), name this replica in its user agent (audit logs tell replicas apart by it), and,
+    // once an elector leads, send requests only while this replica leads.
+    let leading = Leading::default();
+    let guard = leading.clone();
     let counted = metrics.api_requests.clone();
+    let user_agent =
+        ::http::HeaderValue::from_str(&format!("nixpool-operator/{} ({identity})", env!("CARGO_PKG_VERSION"))).ok();
     let client = kube::client::ClientBuilder::try_from(config.clone())?
         .with_layer(&tower::util::MapRequestLayer::new(
-            move |req: ::http::Request<kube::client::Body>| {
+            move |mut req: ::http::Request<kube::client::Body>| {
                 counted
                     .get_or_create(&VerbLabels::of(req.method().as_str(), req.uri()))
                     .inc();
+                if let Some(agent) = &user_agent {
+                    req.headers_mut().insert(::http::header::USER_AGENT, agent.clone());
+                }
                 req
             },
         ))
+        .with_layer(&tower::util::MapFutureLayer::new(move |request| {
+            let guard = guard.clone();
+            async move { guard.guard(request).await }
+        }))
         .build();
     let lease_client = kube::Client::try_from(config)?;
     let version = client
@@ -216,15 +235,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::info!("the server does not serve policy/v1: pools get no PodDisruptionBudget");
     }
 
-    let identity = args.identity.unwrap_or_else(|| {
-        let host = std::fs::read_to_string("/etc/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_else(|_| "operator".into());
-        format!("{host}-{}", std::process::id())
-    });
     let elector = args
         .leader_elect
-        .then(|| Elector::new(lease_client, &args.lease_namespace, &args.lease_name, &identity));
+        .then(|| Elector::new(lease_client, &args.lease_namespace, &args.lease_name, &identity, leading));
     if let Some(e) = &elector {
         e.acquire().await?;
         metrics.leader.set(1);

@@ -669,8 +669,28 @@ async fn the_host_key_survives_reconciles_and_an_operator_restart_and_no_op_reco
     );
 }
 
+/// The operator replicas (by the identity in their user agent) that the API server's audit log
+/// shows writing in `ns` (the log keeps writes to pools, their status, Events and Secrets).
+fn writers(cp: &nixpool_testenv::ControlPlane, ns: &str) -> BTreeMap<String, usize> {
+    let log = std::fs::read_to_string(cp.audit_log()).expect("the API server's audit log");
+    let mut writers = BTreeMap::new();
+    for line in log.lines() {
+        let Ok(event) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let agent = event["userAgent"].as_str().unwrap_or_default();
+        if event["objectRef"]["namespace"] == ns
+            && let Some(identity) = agent.strip_prefix("nixpool-operator/").and_then(|a| a.split_once(" (")).map(|(_, id)| id.trim_end_matches(')'))
+        {
+            *writers.entry(identity.to_string()).or_default() += 1;
+        }
+    }
+    writers
+}
+
 #[tokio::test]
-async fn only_the_leader_reconciles_and_a_standby_takes_over() {
+async fn only_the_leader_reconciles_and_a_frozen_leader_is_replaced_and_stops() {
+    use nix::sys::signal::Signal;
     let cp = control_plane();
     let ns = cp.namespace("leader").await.unwrap();
     let client = cp.client().await.unwrap();
@@ -683,14 +703,37 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over() {
     apply_example(cp, &ns, "minimal.yaml");
     let pools: Api<NixBuilderPool> = Api::namespaced(client.clone(), &ns);
     observed(&pools, "builders").await;
+    a.settle(Duration::from_secs(2)).await;
+    eventually(MIN, "replica b stands by", || async {
+        b.log_text().contains("another replica leads; standing by").then_some(())
+    })
+    .await;
     assert_eq!(b.reconciles().await, 0.0, "the standby must not reconcile");
+    assert_eq!(b.writes().await, 0.0, "the standby must not write");
     assert_eq!(b.counter("nixpool_operator_leader", "").await, 0.0);
-    a.kill();
-    // A killed leader does not release the Lease: b takes over after it expires.
+    let before = writers(cp, &ns);
+    assert!(before.get("a").is_some_and(|&n| n > 0), "a's writes are in the audit log: {before:?}");
+    assert_eq!(before.keys().collect::<Vec<_>>(), ["a"], "only the leader writes: {before:?}");
+
+    // Frozen, a neither renews nor releases the Lease: b takes over once the record has not
+    // changed for the lease's 15 s, as b's own clock measures it.
+    a.signal(Signal::SIGSTOP);
+    let frozen = std::time::Instant::now();
     eventually(Duration::from_secs(40), "replica b leads", || async {
         (b.counter("nixpool_operator_leader", "").await == 1.0).then_some(())
     })
     .await;
+    assert!(
+        frozen.elapsed() >= Duration::from_secs(12),
+        "b took over {:?} after a froze, before a's last renewal (at most 2 s before) could expire",
+        frozen.elapsed()
+    );
+    assert_eq!(
+        b.log_text().matches("another replica leads; standing by").count(),
+        1,
+        "a standby says so once"
+    );
+    let frozen_writes = writers(cp, &ns).get("a").copied();
     let patch = serde_json::json!({"spec": {"replicas": 3}});
     pools
         .patch("builders", &PatchParams::default(), &Patch::Merge(&patch))
@@ -701,7 +744,21 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over() {
         (deployments.get("builders").await.ok()?.spec?.replicas == Some(3)).then_some(())
     })
     .await;
-    let _ = BTreeMap::<String, String>::new();
+    b.settle(Duration::from_secs(2)).await;
+
+    // Resumed long past its deadline, a sees the pool's change but sends nothing: it exits
+    // non-zero so that Kubernetes restarts it as a standby.
+    a.signal(Signal::SIGCONT);
+    let status = a
+        .exit_status(Duration::from_secs(30))
+        .expect("a resumed leader past its deadline exits");
+    assert!(!status.success(), "{status}: {}", a.log_text());
+    assert!(a.log_text().contains("lost leadership"), "{}", a.log_text());
+    b.settle(Duration::from_secs(2)).await;
+    let after = writers(cp, &ns);
+    assert_eq!(after.get("a").copied(), frozen_writes, "a wrote after it was frozen: {after:?}\n{}", a.log_text());
+    assert!(after.get("b").is_some_and(|&n| n > 0), "b's writes are in the audit log: {after:?}");
+    assert_eq!(b.counter("nixpool_operator_leader", "").await, 1.0);
 }
 
 /// The Degraded condition's reason and message, once there is one.
