@@ -235,9 +235,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::info!("the server does not serve policy/v1: pools get no PodDisruptionBudget");
     }
 
-    let elector = args
-        .leader_elect
-        .then(|| Elector::new(lease_client, &args.lease_namespace, &args.lease_name, &identity, leading));
+    let elector = args.leader_elect.then(|| {
+        Elector::new(
+            lease_client,
+            &args.lease_namespace,
+            &args.lease_name,
+            &identity,
+            leading,
+        )
+    });
     if let Some(e) = &elector {
         e.acquire().await?;
         metrics.leader.set(1);

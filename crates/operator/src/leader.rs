@@ -166,18 +166,23 @@ impl Elector {
     pub async fn release(&self) {
         self.leading.set(Instant::now());
         let give_up = async {
-            let mut lease = self.api.get_opt(&self.name).await.ok()??;
+            let Some(mut lease) = self.api.get_opt(&self.name).await? else {
+                return Ok(());
+            };
             let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
-            if spec.holder_identity.as_deref() != Some(&self.identity) {
-                return None;
+            if spec.holder_identity.as_deref() == Some(&self.identity) {
+                spec.holder_identity = None;
+                spec.renew_time = None;
+                self.api.replace(&self.name, &PostParams::default(), &lease).await?;
             }
-            spec.holder_identity = None;
-            spec.renew_time = None;
-            self.api.replace(&self.name, &PostParams::default(), &lease).await.ok()
+            Ok::<(), kube::Error>(())
         };
-        if tokio::time::timeout(RENEW_DEADLINE, give_up).await.ok().flatten().is_none() {
-            tracing::warn!(lease = %self.name, "could not release the leader Lease; a standby takes over when it expires");
-        }
+        let failed = match tokio::time::timeout(RENEW_DEADLINE, give_up).await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {RENEW_DEADLINE:?}"),
+        };
+        tracing::warn!(lease = %self.name, error = %failed, "could not release the leader Lease; a standby takes over when it expires");
     }
 
     /// Takes or renews the Lease if it is ours, free or expired. Writes carry the read's
@@ -329,7 +334,12 @@ mod tests {
         let leading = Leading::default();
         leading.set(Instant::now());
         let refused: R = leading.guard(async { Ok(1) }).await;
-        assert!(refused.unwrap_err().to_string().contains("no longer holds the leader Lease"));
+        assert!(
+            refused
+                .unwrap_err()
+                .to_string()
+                .contains("no longer holds the leader Lease")
+        );
 
         leading.set(Instant::now() + Duration::from_millis(300));
         let sent: R = leading.guard(async { Ok(2) }).await;

@@ -680,7 +680,10 @@ fn writers(cp: &nixpool_testenv::ControlPlane, ns: &str) -> BTreeMap<String, usi
         };
         let agent = event["userAgent"].as_str().unwrap_or_default();
         if event["objectRef"]["namespace"] == ns
-            && let Some(identity) = agent.strip_prefix("nixpool-operator/").and_then(|a| a.split_once(" (")).map(|(_, id)| id.trim_end_matches(')'))
+            && let Some(identity) = agent
+                .strip_prefix("nixpool-operator/")
+                .and_then(|a| a.split_once(" ("))
+                .map(|(_, id)| id.trim_end_matches(')'))
         {
             *writers.entry(identity.to_string()).or_default() += 1;
         }
@@ -705,15 +708,24 @@ async fn only_the_leader_reconciles_and_a_frozen_leader_is_replaced_and_stops() 
     observed(&pools, "builders").await;
     a.settle(Duration::from_secs(2)).await;
     eventually(MIN, "replica b stands by", || async {
-        b.log_text().contains("another replica leads; standing by").then_some(())
+        b.log_text()
+            .contains("another replica leads; standing by")
+            .then_some(())
     })
     .await;
     assert_eq!(b.reconciles().await, 0.0, "the standby must not reconcile");
     assert_eq!(b.writes().await, 0.0, "the standby must not write");
     assert_eq!(b.counter("nixpool_operator_leader", "").await, 0.0);
     let before = writers(cp, &ns);
-    assert!(before.get("a").is_some_and(|&n| n > 0), "a's writes are in the audit log: {before:?}");
-    assert_eq!(before.keys().collect::<Vec<_>>(), ["a"], "only the leader writes: {before:?}");
+    assert!(
+        before.get("a").is_some_and(|&n| n > 0),
+        "a's writes are in the audit log: {before:?}"
+    );
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        ["a"],
+        "only the leader writes: {before:?}"
+    );
 
     // Frozen, a neither renews nor releases the Lease: b takes over once the record has not
     // changed for the lease's 15 s, as b's own clock measures it.
@@ -756,8 +768,16 @@ async fn only_the_leader_reconciles_and_a_frozen_leader_is_replaced_and_stops() 
     assert!(a.log_text().contains("lost leadership"), "{}", a.log_text());
     b.settle(Duration::from_secs(2)).await;
     let after = writers(cp, &ns);
-    assert_eq!(after.get("a").copied(), frozen_writes, "a wrote after it was frozen: {after:?}\n{}", a.log_text());
-    assert!(after.get("b").is_some_and(|&n| n > 0), "b's writes are in the audit log: {after:?}");
+    assert_eq!(
+        after.get("a").copied(),
+        frozen_writes,
+        "a wrote after it was frozen: {after:?}\n{}",
+        a.log_text()
+    );
+    assert!(
+        after.get("b").is_some_and(|&n| n > 0),
+        "b's writes are in the audit log: {after:?}"
+    );
     assert_eq!(b.counter("nixpool_operator_leader", "").await, 1.0);
 }
 
