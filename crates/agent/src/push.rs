@@ -204,10 +204,17 @@ async fn run_push(cmd: &PushCommand) -> Result<(), String> {
     }
 }
 
-/// Backoff after `failures` consecutive failed attempts.
-pub fn backoff(failures: u32, base: Duration, max: Duration) -> Duration {
-    base.saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(20)))
-        .min(max)
+/// Delays between the retries of a failing push: `base` doubling to `max`, each plus up to as
+/// much again at random, so that agents that failed together do not retry in step.
+pub fn retry_delays(base: Duration, max: Duration) -> backon::ExponentialBackoff {
+    use backon::BackoffBuilder as _;
+    backon::ExponentialBuilder::new()
+        .with_min_delay(base)
+        .with_max_delay(max)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
 }
 
 /// Settings of the pusher loop.
@@ -225,12 +232,12 @@ impl Pusher {
     /// Runs until `stop`; what is still queued stays queued for the next start.
     pub async fn run(self, layout: Layout, bins: Binaries, metrics: Arc<Metrics>, mut stop: watch::Receiver<bool>) {
         let queue = layout.push_queue();
-        let mut failures = 0u32;
+        // While pushes fail, the delays before the next tries.
+        let mut retries: Option<backon::ExponentialBackoff> = None;
         loop {
-            let wait = if failures == 0 {
-                self.poll
-            } else {
-                backoff(failures, self.base_backoff, self.max_backoff)
+            let wait = match &mut retries {
+                None => self.poll,
+                Some(delays) => delays.next().unwrap_or(self.max_backoff),
             };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
@@ -270,9 +277,9 @@ impl Pusher {
                 for e in &entries {
                     let _ = fs::remove_file(e);
                 }
-                failures = 0;
+                retries = None;
             } else {
-                failures += 1;
+                retries.get_or_insert_with(|| retry_delays(self.base_backoff, self.max_backoff));
             }
             let (len, lag) = queue_stats(&queue);
             metrics.push_queue_length.set(len as i64);
@@ -406,8 +413,15 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_up_to_the_cap() {
-        let b = |n| backoff(n, Duration::from_secs(1), Duration::from_secs(60));
-        assert_eq!([b(1), b(2), b(3), b(10)], [1, 2, 4, 60].map(Duration::from_secs));
+    fn retry_delays_double_up_to_the_cap_plus_jitter() {
+        let delays: Vec<Duration> = retry_delays(Duration::from_secs(1), Duration::from_secs(60))
+            .take(10)
+            .collect();
+        // Without jitter: 1, 2, 4, ... 32, then 60 s; jitter adds less than as much again.
+        let plain = [1, 2, 4, 8, 16, 32, 60, 60, 60, 60].map(Duration::from_secs);
+        for (delay, plain) in delays.iter().zip(plain) {
+            assert!(*delay >= plain && *delay < plain * 2, "{delay:?} for {plain:?}");
+        }
+        assert_ne!(delays[6..], plain[6..], "jittered, capped delays are not all equal");
     }
 }

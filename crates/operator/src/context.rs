@@ -27,8 +27,8 @@ pub struct Context {
     pub with_pdb: bool,
     /// How often an unchanged pool is looked at again.
     pub resync: Duration,
-    /// Consecutive transient failures per pool, for the retry backoff.
-    pub failures: Mutex<HashMap<String, u32>>,
+    /// Retry delays of the pools whose last reconcile failed transiently.
+    pub failures: Mutex<HashMap<String, backon::ExponentialBackoff>>,
     /// The watched objects, once the controller's watches exist.
     pub stores: OnceLock<Stores>,
     /// The public halves of the keys the operator generated.
@@ -57,12 +57,16 @@ impl Context {
         Timestamp::now()
     }
 
-    /// Delay before retrying a pool after its `n`th consecutive failure: 2 s doubling to 5 min.
+    /// Delay before retrying a pool after a transient failure: 2 s doubling per consecutive
+    /// failure to 5 min, each plus up to as much again at random, so that pools that failed
+    /// together (an API server restart) are not retried in step.
     pub fn backoff(&self, pool: &str) -> Duration {
         let mut failures = self.failures.lock().expect("the failures map is never poisoned");
-        let n = failures.entry(pool.to_string()).or_insert(0);
-        *n = n.saturating_add(1);
-        Duration::from_secs(2u64.saturating_pow(*n).min(300))
+        failures
+            .entry(pool.to_string())
+            .or_insert_with(retry_delays)
+            .next()
+            .unwrap_or(MAX_RETRY_DELAY)
     }
 
     pub fn succeeded(&self, pool: &str) {
@@ -70,5 +74,33 @@ impl Context {
             .lock()
             .expect("the failures map is never poisoned")
             .remove(pool);
+    }
+}
+
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
+
+/// A pool's retry delays after consecutive transient failures (see [`Context::backoff`]).
+fn retry_delays() -> backon::ExponentialBackoff {
+    use backon::BackoffBuilder as _;
+    backon::ExponentialBuilder::new()
+        .with_min_delay(Duration::from_secs(2))
+        .with_max_delay(MAX_RETRY_DELAY)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delays_double_from_2_s_to_5_min_plus_jitter() {
+        let delays: Vec<Duration> = retry_delays().take(12).collect();
+        let plain = [2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300, 300].map(Duration::from_secs);
+        for (delay, plain) in delays.iter().zip(plain) {
+            assert!(*delay >= plain && *delay < plain * 2, "{delay:?} for {plain:?}");
+        }
     }
 }
