@@ -120,10 +120,10 @@ pub struct RunArgs {
     /// How often the pusher looks at its queue.
     #[arg(long, env = "NIXPOOL_PUSH_POLL_MS", default_value_t = 1000)]
     pub push_poll_ms: u64,
-    /// First retry backoff of a failed push; doubles up to --push-max-backoff-ms.
+    /// First retry backoff of a failed push; doubles up to --push-max-backoff-ms (each plus up to as much again at random).
     #[arg(long, env = "NIXPOOL_PUSH_BACKOFF_MS", default_value_t = 2000)]
     pub push_backoff_ms: u64,
-    /// Longest retry backoff of a failing push.
+    /// Longest retry backoff of a failing push, before its random part.
     #[arg(long, env = "NIXPOOL_PUSH_MAX_BACKOFF_MS", default_value_t = 300_000)]
     pub push_max_backoff_ms: u64,
 }
