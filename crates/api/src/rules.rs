@@ -85,6 +85,87 @@ pub fn builder_user_problem(user: &str) -> Option<String> {
     None
 }
 
+/// The prefix of every label and annotation nixpool itself sets (`nixpool.dev/config-hash`, …).
+pub const OWN_PREFIX: &str = "nixpool.dev/";
+
+/// Pod labels `spec.pod.labels` may not set, besides [`OWN_PREFIX`]: the operator sets them on
+/// every builder and gateway pod (its Deployments select their pods by the first two), and the
+/// Deployment controller sets `pod-template-hash`.
+pub const RESERVED_POD_LABELS: &[&str] = &[
+    crate::labels::NAME,
+    crate::labels::INSTANCE,
+    crate::labels::COMPONENT,
+    crate::labels::PART_OF,
+    "pod-template-hash",
+];
+
+/// Pod annotations `spec.pod.annotations` may not set, besides [`OWN_PREFIX`]: the operator sets
+/// them itself.
+pub const RESERVED_POD_ANNOTATIONS: &[&str] = &[crate::labels::POD_DELETION_COST];
+
+/// The CEL rule on `spec.pod.labels` keys: none of [`RESERVED_POD_LABELS`], nothing under
+/// [`OWN_PREFIX`]. A literal because the CRD derive needs one; a test keeps it equal to
+/// [`reserved_keys_rule`] of the list.
+pub const POD_LABELS_RULE: &str = "self.all(k, !(k in ['app.kubernetes.io/name', 'app.kubernetes.io/instance', 'app.kubernetes.io/component', 'app.kubernetes.io/part-of', 'pod-template-hash']) && !k.startsWith('nixpool.dev/'))";
+
+pub const POD_LABELS_MESSAGE: &str = "spec.pod.labels: app.kubernetes.io/name, app.kubernetes.io/instance, app.kubernetes.io/component, app.kubernetes.io/part-of, pod-template-hash and nixpool.dev/* are set by nixpool and Kubernetes (the Deployment selects its pods by them); remove them and use a label of your own, e.g. team: ci";
+
+/// The CEL rule on `spec.pod.annotations` keys; see [`POD_LABELS_RULE`].
+pub const POD_ANNOTATIONS_RULE: &str =
+    "self.all(k, !(k in ['controller.kubernetes.io/pod-deletion-cost']) && !k.startsWith('nixpool.dev/'))";
+
+pub const POD_ANNOTATIONS_MESSAGE: &str = "spec.pod.annotations: controller.kubernetes.io/pod-deletion-cost and nixpool.dev/* are set by nixpool (the pod-deletion cost picks which builder goes first on a scale-down); remove them";
+
+/// The CEL rule refusing `reserved` keys and keys under [`OWN_PREFIX`].
+pub fn reserved_keys_rule(reserved: &[&str]) -> String {
+    let names: Vec<String> = reserved.iter().map(|s| format!("'{s}'")).collect();
+    format!(
+        "self.all(k, !(k in [{}]) && !k.startsWith('{OWN_PREFIX}'))",
+        names.join(", ")
+    )
+}
+
+/// Whether nixpool sets this pod label itself.
+pub fn reserved_pod_label(key: &str) -> bool {
+    key.starts_with(OWN_PREFIX) || RESERVED_POD_LABELS.contains(&key)
+}
+
+/// Whether nixpool sets this pod annotation itself.
+pub fn reserved_pod_annotation(key: &str) -> bool {
+    key.starts_with(OWN_PREFIX) || RESERVED_POD_ANNOTATIONS.contains(&key)
+}
+
+/// A label or annotation key as Kubernetes has it (a qualified name): an optional prefix, a DNS
+/// subdomain, then `/`, then a name of at most 63 letters, digits, `-`, `_` and `.` that starts
+/// and ends with a letter or digit. The prefix's length (at most 253) is [`KEY_PREFIX_TOO_LONG`].
+pub const QUALIFIED_NAME: &str = "^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$";
+/// A key whose prefix is longer than a DNS subdomain may be.
+pub const KEY_PREFIX_TOO_LONG: &str = "^[^/]{254,}/";
+/// The CEL rule on the keys of `spec.pod.labels` and `spec.pod.annotations`.
+pub const KEY_RULE: &str = "self.all(k, k.matches('^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$') && !k.matches('^[^/]{254,}/'))";
+/// A label value as Kubernetes has it: empty, or at most 63 letters, digits, `-`, `_` and `.`
+/// starting and ending with a letter or digit.
+pub const LABEL_VALUE: &str = "^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$";
+/// The CEL rule on the values of `spec.pod.labels`.
+pub const LABEL_VALUE_RULE: &str = "self.all(k, self[k].matches('^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$'))";
+/// A DNS subdomain: dot-separated parts of lower-case letters, digits and `-`, each starting and
+/// ending with a letter or digit. The names of PriorityClasses, RuntimeClasses and Secrets.
+pub const DNS_SUBDOMAIN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+/// The CEL rule of [`DNS_SUBDOMAIN`] (the field's `maxLength` bounds it to 253 characters).
+pub const DNS_SUBDOMAIN_RULE: &str =
+    "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')";
+
+/// Whether `name` is a DNS subdomain of at most 253 characters ([`DNS_SUBDOMAIN`], for names
+/// that do not pass through the CRD, such as the operator's `--default-image-pull-secret`).
+pub fn is_dns_subdomain(name: &str) -> bool {
+    let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .split('.')
+            .all(|part| part.starts_with(alnum) && part.ends_with(alnum) && part.chars().all(|c| alnum(c) || c == '-'))
+}
+
 /// Whether a string holds a control character (a line break would start a new setting in
 /// nix.conf, sshd_config or a machines line).
 pub fn has_control(s: &str) -> bool {
@@ -209,6 +290,61 @@ mod tests {
         assert!(refused_nix_setting("extra-platforms"));
         assert!(!refused_nix_setting("keep-outputs"));
         assert!(!refused_nix_setting("extra-experimental-features"));
+    }
+
+    #[test]
+    fn the_pod_key_rules_are_built_from_the_lists_and_the_regexes() {
+        assert_eq!(POD_LABELS_RULE, reserved_keys_rule(RESERVED_POD_LABELS));
+        assert_eq!(POD_ANNOTATIONS_RULE, reserved_keys_rule(RESERVED_POD_ANNOTATIONS));
+        assert_eq!(
+            KEY_RULE,
+            format!("self.all(k, k.matches('{QUALIFIED_NAME}') && !k.matches('{KEY_PREFIX_TOO_LONG}'))")
+        );
+        assert_eq!(
+            LABEL_VALUE_RULE,
+            format!("self.all(k, self[k].matches('{LABEL_VALUE}'))")
+        );
+        assert_eq!(DNS_SUBDOMAIN_RULE, format!("self.matches('{DNS_SUBDOMAIN}')"));
+        for reserved in RESERVED_POD_LABELS {
+            assert!(POD_LABELS_MESSAGE.contains(reserved), "{reserved}");
+        }
+        for reserved in RESERVED_POD_ANNOTATIONS {
+            assert!(POD_ANNOTATIONS_MESSAGE.contains(reserved), "{reserved}");
+        }
+        assert!(reserved_pod_label("app.kubernetes.io/instance"));
+        assert!(reserved_pod_label("nixpool.dev/anything"));
+        assert!(!reserved_pod_label("app.kubernetes.io/version"));
+        assert!(reserved_pod_annotation(crate::labels::CONFIG_HASH));
+        assert!(!reserved_pod_annotation("karpenter.sh/do-not-disrupt"));
+    }
+
+    #[test]
+    fn dns_subdomains() {
+        for ok in [
+            "regcred",
+            "a",
+            "nix-builders",
+            "runc.privileged",
+            "0-a.b-0",
+            &"a".repeat(253),
+        ] {
+            assert!(is_dns_subdomain(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "Regcred",
+            "a_b",
+            "-a",
+            "a-",
+            "a..b",
+            ".a",
+            "a.",
+            "a/b",
+            "a b",
+            &"a".repeat(254),
+        ] {
+            assert!(!is_dns_subdomain(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -7,7 +7,9 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Affinity, LocalObjectReference, ResourceRequirements, Toleration};
+use k8s_openapi::api::core::v1::{
+    Affinity, LocalObjectReference, ResourceRequirements, Toleration, TopologySpreadConstraint,
+};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
@@ -69,7 +71,8 @@ pub struct NixBuilderPoolSpec {
     #[schemars(schema_with = "pull_policy_schema")]
     pub image_pull_policy: Option<ImagePullPolicy>,
 
-    /// Secrets with registry credentials for pulling the image.
+    /// Secrets with registry credentials for pulling the image. Empty: the operator's
+    /// `--default-image-pull-secret`s, if it has any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub image_pull_secrets: Vec<LocalObjectReference>,
 
@@ -131,6 +134,11 @@ pub struct NixBuilderPoolSpec {
     /// it can).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<Affinity>,
+
+    /// More of the builder pods: labels, annotations, priority, topology spread and runtime
+    /// class. Labels, annotations and priorityClassName go on the gateway pods too.
+    #[serde(default)]
+    pub pod: BuilderPodSpec,
 
     /// The `/nix` volume of each builder: its store and build directories.
     #[serde(default)]
@@ -248,6 +256,60 @@ pub struct EphemeralStore {
     pub storage_class_name: Option<String>,
     /// Requested size, e.g. `200Gi`.
     pub size: Quantity,
+}
+
+/// Labels, annotations and scheduling of the builder pods, beside `nodeSelector`,
+/// `tolerations` and `affinity`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BuilderPodSpec {
+    /// Labels of the builder and gateway pods, e.g. for cost allocation or a NetworkPolicy.
+    /// nixpool's own (`app.kubernetes.io/name`, `instance`, `component`, `part-of`,
+    /// `nixpool.dev/*`) and `pod-template-hash` are refused.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64, "additionalProperties" = {"type": "string", "maxLength": 63}))]
+    #[x_kube(validation = Rule::new(crate::rules::POD_LABELS_RULE).message(crate::rules::POD_LABELS_MESSAGE))]
+    #[x_kube(validation = Rule::new(crate::rules::KEY_RULE)
+        .message("spec.pod.labels: a label key is [prefix/]name: a name of at most 63 letters, digits, '-', '_' and '.' starting and ending with a letter or digit, after an optional DNS-subdomain prefix of at most 253 characters, e.g. example.com/team"))]
+    #[x_kube(validation = Rule::new(crate::rules::LABEL_VALUE_RULE)
+        .message("spec.pod.labels: a label value is empty or at most 63 letters, digits, '-', '_' and '.' starting and ending with a letter or digit, e.g. ci; quote numbers and booleans in YAML (\"true\")"))]
+    pub labels: BTreeMap<String, String>,
+
+    /// Annotations of the builder and gateway pods, e.g. `karpenter.sh/do-not-disrupt: "true"`
+    /// or `cluster-autoscaler.kubernetes.io/safe-to-evict: "false"` so that node consolidation
+    /// does not stop running builds. nixpool's own (`nixpool.dev/*`,
+    /// `controller.kubernetes.io/pod-deletion-cost`) are refused.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32, "additionalProperties" = {"type": "string", "maxLength": 4096}))]
+    #[x_kube(validation = Rule::new(crate::rules::POD_ANNOTATIONS_RULE).message(crate::rules::POD_ANNOTATIONS_MESSAGE))]
+    #[x_kube(validation = Rule::new(crate::rules::KEY_RULE)
+        .message("spec.pod.annotations: an annotation key is [prefix/]name: a name of at most 63 letters, digits, '-', '_' and '.' starting and ending with a letter or digit, after an optional DNS-subdomain prefix of at most 253 characters, e.g. karpenter.sh/do-not-disrupt"))]
+    pub annotations: BTreeMap<String, String>,
+
+    /// PriorityClass of the builder and gateway pods (it must exist), e.g. to keep builders from
+    /// being preempted by batch work.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    #[x_kube(validation = Rule::new(crate::rules::DNS_SUBDOMAIN_RULE)
+        .message("spec.pod.priorityClassName: give the name of a PriorityClass (lower-case letters, digits, '-' and '.'), as `kubectl get priorityclass` lists it"))]
+    pub priority_class_name: Option<String>,
+
+    /// How builder pods spread across zones or nodes. A constraint without `labelSelector`
+    /// counts this pool's builders. The operator's default anti-affinity (one builder per node
+    /// where it can) stays unless `affinity` is set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    #[x_kube(validation = Rule::new("self.all(c, c.maxSkew > 0 && c.topologyKey != '' && c.whenUnsatisfiable in ['DoNotSchedule', 'ScheduleAnyway'])")
+        .message("spec.pod.topologySpreadConstraints: each needs maxSkew of at least 1, a topologyKey (e.g. topology.kubernetes.io/zone) and whenUnsatisfiable DoNotSchedule or ScheduleAnyway"))]
+    pub topology_spread_constraints: Vec<TopologySpreadConstraint>,
+
+    /// RuntimeClass of the builder pods (it must exist), e.g. one whose handler lets the
+    /// Nix sandbox run. Not set on the gateway pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    #[x_kube(validation = Rule::new(crate::rules::DNS_SUBDOMAIN_RULE)
+        .message("spec.pod.runtimeClassName: give the name of a RuntimeClass (lower-case letters, digits, '-' and '.'), as `kubectl get runtimeclass` lists it"))]
+    pub runtime_class_name: Option<String>,
 }
 
 /// SSH access to the builders.

@@ -78,6 +78,16 @@ struct RunArgs {
         value_delimiter = ','
     )]
     allowed_image_prefixes: Vec<String>,
+    /// Image pull Secret (by name, in the pool's namespace) for builder and gateway pods of pools
+    /// whose spec.imagePullSecrets is empty (repeat, or comma-separate). A pool's own list wins.
+    #[arg(
+        long = "default-image-pull-secret",
+        env = "NIXPOOL_DEFAULT_IMAGE_PULL_SECRETS",
+        value_name = "NAME",
+        value_delimiter = ',',
+        value_parser = secret_name
+    )]
+    default_image_pull_secrets: Vec<String>,
     /// Log format.
     #[arg(long, env = "NIXPOOL_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -123,6 +133,16 @@ struct RenderArgs {
         value_delimiter = ','
     )]
     allowed_image_prefixes: Vec<String>,
+    /// Image pull Secret (by name, in the pool's namespace) for builder and gateway pods of pools
+    /// whose spec.imagePullSecrets is empty (repeat, or comma-separate). A pool's own list wins.
+    #[arg(
+        long = "default-image-pull-secret",
+        env = "NIXPOOL_DEFAULT_IMAGE_PULL_SECRETS",
+        value_name = "NAME",
+        value_delimiter = ',',
+        value_parser = secret_name
+    )]
+    default_image_pull_secrets: Vec<String>,
     /// Render as if the server served policy/v1 PodDisruptionBudgets.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pdb: bool,
@@ -153,7 +173,8 @@ impl Cli {
                     "{}",
                     crate::render::render(
                         &text,
-                        &Images::new(&args.default_image, args.allowed_image_prefixes.clone()),
+                        &Images::new(&args.default_image, args.allowed_image_prefixes.clone())
+                            .with_default_pull_secrets(args.default_image_pull_secrets.clone()),
                         args.pdb,
                     )?
                 );
@@ -161,6 +182,17 @@ impl Cli {
             }
             Command::Run(args) => run(args).await,
         }
+    }
+}
+
+/// A Secret's name, as `--default-image-pull-secret` takes it.
+fn secret_name(name: &str) -> Result<String, String> {
+    if nixpool_api::rules::is_dns_subdomain(name) {
+        Ok(name.to_string())
+    } else {
+        Err(format!(
+            "{name:?} is not a Secret name: give the name of a Secret (lower-case letters, digits, '-' and '.'), as `kubectl get secret` lists it"
+        ))
     }
 }
 
@@ -258,7 +290,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics,
         recorder: Recorder::new(client, reporter.clone()),
         reporter,
-        images: Images::new(&args.default_image, args.allowed_image_prefixes),
+        images: Images::new(&args.default_image, args.allowed_image_prefixes)
+            .with_default_pull_secrets(args.default_image_pull_secrets),
         with_pdb,
         resync: Duration::from_secs(args.resync_seconds),
         failures: Default::default(),
@@ -325,6 +358,30 @@ mod tests {
     #[test]
     fn cli_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn default_image_pull_secrets_repeat_or_comma_separate_and_must_be_secret_names() {
+        let cli = Cli::try_parse_from([
+            "nixpool-operator",
+            "run",
+            "--default-image-pull-secret",
+            "regcred,mirror",
+            "--default-image-pull-secret=other",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run: {cli:?}")
+        };
+        assert_eq!(args.default_image_pull_secrets, ["regcred", "mirror", "other"]);
+
+        let err = Cli::try_parse_from(["nixpool-operator", "run", "--default-image-pull-secret", "Reg_Cred"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--default-image-pull-secret") && err.contains("\"Reg_Cred\" is not a Secret name"),
+            "{err}"
+        );
     }
 
     #[test]

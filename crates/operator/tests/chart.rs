@@ -127,6 +127,14 @@ fn the_chart_lints_and_its_values_schema_refuses_bad_values() {
             "global.commonLabels.team: Invalid type",
         ),
         ("enabled=1", "enabled: Invalid type. Expected: boolean"),
+        (
+            "builderImagePullSecrets[0].name=Reg_Cred",
+            "builderImagePullSecrets.0.name: Does not match pattern",
+        ),
+        (
+            "builderImagePullSecrets[0]=regcred",
+            "builderImagePullSecrets.0: Invalid type. Expected: object",
+        ),
     ] {
         let out = Command::new(&helm)
             .args(["template", RELEASE, &chart(), "--set", set])
@@ -223,6 +231,10 @@ fn the_defaults_run_the_released_images_safely_spread_and_covered_by_a_pdb() {
         args.contains(&format!("--default-image=ghcr.io/nixpool/nixpool-builder:{version}").as_str()),
         "{args:?}"
     );
+    assert!(
+        !args.iter().any(|a| a.starts_with("--default-image-pull-secret")),
+        "no default pull secret unless builderImagePullSecrets names one: {args:?}"
+    );
     assert_eq!(
         pod["securityContext"],
         yaml("{runAsNonRoot: true, runAsUser: 65532, runAsGroup: 65532, seccompProfile: {type: RuntimeDefault}}")
@@ -296,6 +308,8 @@ fn each_value_lands_where_it_belongs() {
         "topologySpreadConstraints[0].labelSelector.matchLabels.mine=yes",
         "builderImage.repository=registry.example.com/builder",
         "builderImage.tag=amd64-abc123",
+        "builderImagePullSecrets[0].name=regcred",
+        "builderImagePullSecrets[1].name=mirror.creds",
         "image.tag=amd64-abc123",
     ]);
     for o in &objects {
@@ -355,6 +369,10 @@ fn each_value_lands_where_it_belongs() {
         "{args}"
     );
     assert!(args.contains("--lease-name=builders-operator"), "{args}");
+    assert!(
+        args.contains("--default-image-pull-secret=regcred\n- --default-image-pull-secret=mirror.creds\n"),
+        "{args}"
+    );
     let rbac = find(&objects, "ClusterRoleBinding");
     assert_eq!(rbac["subjects"][0]["name"].as_str(), Some("builders-operator"));
 }

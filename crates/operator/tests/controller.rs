@@ -1119,3 +1119,163 @@ fn operator_fields(o: &impl ResourceExt) -> Vec<k8s_openapi::apimachinery::pkg::
         .cloned()
         .collect()
 }
+
+#[tokio::test]
+async fn spec_pod_and_the_default_pull_secret_land_on_the_builder_pods_and_bad_ones_are_refused() {
+    use k8s_openapi::api::core::v1::Pod;
+    use k8s_openapi::api::node::v1::RuntimeClass;
+    use k8s_openapi::api::scheduling::v1::PriorityClass;
+
+    let cp = control_plane();
+    let ns = cp.namespace("podspec").await.unwrap();
+    let client = cp.client().await.unwrap();
+    let _op = Operator::start_with(
+        cp,
+        &ns,
+        "op",
+        &["--resync-seconds", "3600", "--default-image-pull-secret", "regcred"],
+    );
+    // Cluster-wide classes, named after this test's namespace; the API server's admission
+    // resolves a pod's priority from its class, so the pods show the class was taken.
+    let priority = format!("{ns}-builders");
+    let runtime = format!("{ns}-runtime");
+    let priorities: Api<PriorityClass> = Api::all(client.clone());
+    let runtimes: Api<RuntimeClass> = Api::all(client.clone());
+    priorities
+        .create(
+            &Default::default(),
+            &serde_json::from_value(serde_json::json!({"metadata": {"name": priority}, "value": 4242})).unwrap(),
+        )
+        .await
+        .unwrap();
+    runtimes
+        .create(
+            &Default::default(),
+            &serde_json::from_value(serde_json::json!({"metadata": {"name": runtime}, "handler": "runc"})).unwrap(),
+        )
+        .await
+        .unwrap();
+
+    let pools: Api<NixBuilderPool> = Api::namespaced(client.clone(), &ns);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let pod_fields = serde_json::json!({
+        "labels": {"team": "ci", "example.com/cost-center": "c42"},
+        "annotations": {"karpenter.sh/do-not-disrupt": "true", "cluster-autoscaler.kubernetes.io/safe-to-evict": "false"},
+        "priorityClassName": priority,
+        "runtimeClassName": runtime,
+        "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway"}]
+    });
+    for (name, extra) in [
+        ("fitted", serde_json::json!({"pod": pod_fields})),
+        ("own-secret", serde_json::json!({"imagePullSecrets": [{"name": "own"}]})),
+    ] {
+        let mut spec = serde_json::json!({"ssh": {"authorizedKeys": [
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHbOkOOzoWy8fLjOmJmbmT7K8GmeiE5XaH7Sik8y7Dm0 alice@laptop"
+        ]}});
+        spec.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let pool: NixBuilderPool = serde_json::from_value(serde_json::json!({
+            "apiVersion": "nixpool.dev/v1alpha1", "kind": "NixBuilderPool",
+            "metadata": {"name": name}, "spec": spec
+        }))
+        .unwrap();
+        pools.create(&Default::default(), &pool).await.unwrap();
+    }
+
+    let fitted = eventually(MIN, "the fitted pool's Deployment", || async {
+        deployments.get("fitted").await.ok()
+    })
+    .await;
+    let template = fitted.spec.unwrap().template;
+    let meta = template.metadata.unwrap();
+    let pod = template.spec.unwrap();
+    let pod_labels = meta.labels.unwrap();
+    assert_eq!(pod_labels["team"], "ci");
+    assert_eq!(pod_labels["example.com/cost-center"], "c42");
+    assert_eq!(pod_labels[labels::INSTANCE], "fitted");
+    let annotations = meta.annotations.unwrap();
+    assert_eq!(annotations["karpenter.sh/do-not-disrupt"], "true");
+    assert_eq!(annotations["cluster-autoscaler.kubernetes.io/safe-to-evict"], "false");
+    assert!(annotations.contains_key(labels::CONFIG_HASH));
+    assert_eq!(pod.priority_class_name.as_deref(), Some(priority.as_str()));
+    assert_eq!(pod.runtime_class_name.as_deref(), Some(runtime.as_str()));
+    let spread = pod.topology_spread_constraints.unwrap();
+    assert_eq!(spread[0].topology_key, "topology.kubernetes.io/zone");
+    assert_eq!(
+        spread[0]
+            .label_selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .as_ref()
+            .unwrap()[labels::INSTANCE],
+        "fitted",
+        "the constraint counts this pool's builders"
+    );
+    let secrets: Vec<String> = pod.image_pull_secrets.into_iter().flatten().map(|s| s.name).collect();
+    assert_eq!(secrets, ["regcred"], "a pool without pull secrets gets the operator's");
+
+    let own = eventually(MIN, "the own-secret pool's Deployment", || async {
+        deployments.get("own-secret").await.ok()
+    })
+    .await;
+    let own_pod = own.spec.unwrap().template.spec.unwrap();
+    let secrets: Vec<String> = own_pod
+        .image_pull_secrets
+        .into_iter()
+        .flatten()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(secrets, ["own"], "a pool's own pull secrets replace the operator's");
+    assert_eq!(own_pod.priority_class_name, None);
+
+    // The API server admits the pods: their priority comes from the class.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let admitted = eventually(MIN, "a builder pod of the fitted pool", || async {
+        let list = pods
+            .list(&ListParams::default().labels("app.kubernetes.io/instance=fitted"))
+            .await
+            .ok()?;
+        list.items.into_iter().next()
+    })
+    .await;
+    assert_eq!(admitted.spec.as_ref().unwrap().priority, Some(4242));
+    assert_eq!(admitted.labels()["team"], "ci");
+    assert_eq!(admitted.annotations()["karpenter.sh/do-not-disrupt"], "true");
+
+    // nixpool's own label, a bad label value and a bad class name (1.20 ignores the CRD's CEL,
+    // so the server takes them): refused, each naming its field, and the Deployment untouched.
+    observed(&pools, "fitted").await;
+    let before = deployments.get("fitted").await.unwrap();
+    let patch = serde_json::json!({"spec": {"pod": {
+        "labels": {"app.kubernetes.io/instance": "other", "team": "c i"},
+        "priorityClassName": "High"
+    }}});
+    pools
+        .patch("fitted", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let pool = observed(&pools, "fitted").await;
+    let ready = condition(&pool, "Ready");
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "InvalidSpec"));
+    for expected in [
+        "spec.pod.labels: app.kubernetes.io/name, app.kubernetes.io/instance",
+        "remove them and use a label of your own",
+        "spec.pod.labels: a label value is empty or at most 63",
+        "spec.pod.priorityClassName: give the name of a PriorityClass",
+    ] {
+        assert!(
+            ready.message.contains(expected),
+            "{expected:?} not in {}",
+            ready.message
+        );
+    }
+    let after = deployments.get("fitted").await.unwrap();
+    assert_eq!(
+        operator_fields(&after),
+        operator_fields(&before),
+        "an invalid spec must not touch the Deployment"
+    );
+
+    priorities.delete(&priority, &DeleteParams::default()).await.unwrap();
+    runtimes.delete(&runtime, &DeleteParams::default()).await.unwrap();
+}

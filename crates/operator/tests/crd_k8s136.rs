@@ -324,6 +324,128 @@ fn corpus() -> Vec<Case> {
             "spec.cache.store.publicKey",
             json!({"cache": {"store": {"uri": "s3://b", "publicKey": format!("n:{}", long(1023))}}}),
         ),
+        // spec.pod: nixpool's own labels and annotations, Kubernetes' key and value syntax,
+        // class names, spread constraints, and the bounds.
+        case(
+            "a pod label the Deployment selects by",
+            "spec.pod.labels",
+            json!({"pod": {"labels": {"app.kubernetes.io/instance": "other"}}}),
+        ),
+        case(
+            "a pod label under nixpool.dev/",
+            "spec.pod.labels",
+            json!({"pod": {"labels": {"nixpool.dev/pool": "x"}}}),
+        ),
+        case(
+            "pod-template-hash as a pod label",
+            "spec.pod.labels",
+            json!({"pod": {"labels": {"pod-template-hash": "x"}}}),
+        ),
+        case(
+            "a pod label key starting with '-'",
+            "spec.pod.labels",
+            json!({"pod": {"labels": {"-team": "ci"}}}),
+        ),
+        case(
+            "a pod label key with two slashes",
+            "spec.pod.labels",
+            json!({"pod": {"labels": {"a/b/c": "ci"}}}),
+        ),
+        case(
+            "a pod label key with a 64-character name",
+            "spec.pod.labels",
+            json!({"pod": {"labels": {long(64): "ci"}}}),
+        ),
+        case(
+            "a pod label key with a 254-character prefix",
+            "spec.pod.labels",
+            json!({"pod": {"labels": {format!("{}/team", long(254)): "ci"}}}),
+        ),
+        case(
+            "a pod label key with an upper-case prefix",
+            "spec.pod.labels",
+            json!({"pod": {"labels": {"Example.com/team": "ci"}}}),
+        ),
+        case(
+            "a pod label value with a space",
+            "spec.pod.labels",
+            json!({"pod": {"labels": {"team": "c i"}}}),
+        ),
+        case(
+            "a pod label value ending in '-'",
+            "spec.pod.labels",
+            json!({"pod": {"labels": {"team": "ci-"}}}),
+        ),
+        case(
+            "a 64-character pod label value",
+            "spec.pod.labels.team",
+            json!({"pod": {"labels": {"team": long(64)}}}),
+        ),
+        case(
+            "65 pod labels",
+            "spec.pod.labels",
+            json!({"pod": {"labels": (0..65).map(|i| (format!("l{i}"), json!("x"))).collect::<serde_json::Map<_, _>>()}}),
+        ),
+        case(
+            "the pod-deletion cost as a pod annotation",
+            "spec.pod.annotations",
+            json!({"pod": {"annotations": {"controller.kubernetes.io/pod-deletion-cost": "0"}}}),
+        ),
+        case(
+            "a pod annotation under nixpool.dev/",
+            "spec.pod.annotations",
+            json!({"pod": {"annotations": {"nixpool.dev/config-hash": "x"}}}),
+        ),
+        case(
+            "a pod annotation key with a space",
+            "spec.pod.annotations",
+            json!({"pod": {"annotations": {"do not disrupt": "true"}}}),
+        ),
+        case(
+            "a 4097-character pod annotation",
+            "spec.pod.annotations.note",
+            json!({"pod": {"annotations": {"note": long(4097)}}}),
+        ),
+        case(
+            "33 pod annotations",
+            "spec.pod.annotations",
+            json!({"pod": {"annotations": (0..33).map(|i| (format!("a{i}"), json!("x"))).collect::<serde_json::Map<_, _>>()}}),
+        ),
+        case(
+            "an upper-case priority class",
+            "spec.pod.priorityClassName",
+            json!({"pod": {"priorityClassName": "High"}}),
+        ),
+        case(
+            "a 254-character priority class",
+            "spec.pod.priorityClassName",
+            json!({"pod": {"priorityClassName": long(254)}}),
+        ),
+        case(
+            "a runtime class with '_'",
+            "spec.pod.runtimeClassName",
+            json!({"pod": {"runtimeClassName": "run_c"}}),
+        ),
+        case(
+            "a spread constraint with maxSkew 0",
+            "spec.pod.topologySpreadConstraints",
+            json!({"pod": {"topologySpreadConstraints": [{"maxSkew": 0, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "DoNotSchedule"}]}}),
+        ),
+        case(
+            "a spread constraint without a topology key",
+            "spec.pod.topologySpreadConstraints",
+            json!({"pod": {"topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "", "whenUnsatisfiable": "DoNotSchedule"}]}}),
+        ),
+        case(
+            "a spread constraint with an unknown whenUnsatisfiable",
+            "spec.pod.topologySpreadConstraints",
+            json!({"pod": {"topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "Never"}]}}),
+        ),
+        case(
+            "9 spread constraints",
+            "spec.pod.topologySpreadConstraints",
+            json!({"pod": {"topologySpreadConstraints": (0..9).map(|i| json!({"maxSkew": 1, "topologyKey": format!("k{i}"), "whenUnsatisfiable": "ScheduleAnyway"})).collect::<Vec<_>>()}}),
+        ),
     ];
 
     // Control characters in every string that reaches a config file or the machines line: a

@@ -106,6 +106,13 @@ fn a_corpus_the_operator_accepts_starts_a_builder() {
         json!({"ssh": {"authorizedKeys": ["from=\"10.0.0.0/8\",expiry-time=\"20270101\" ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHbOkOOzoWy8fLjOmJmbmT7K8GmeiE5XaH7Sik8y7Dm0 alice"]}}),
         json!({"systems": ["x86_64-linux", "i686-linux"], "supportedFeatures": ["big-parallel", "kvm"], "mandatoryFeatures": ["benchmark"]}),
         json!({"cache": {"nixosCache": false}}),
+        json!({"pod": {
+            "labels": {"team": "ci", "example.com/cost-center": "", "app.kubernetes.io/version": "1.2"},
+            "annotations": {"karpenter.sh/do-not-disrupt": "true", "note": "any text: even\nlines"},
+            "priorityClassName": "nix-builders",
+            "runtimeClassName": "runc.privileged",
+            "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway"}]
+        }}),
     ] {
         accepted_everywhere(spec);
     }
@@ -167,6 +174,14 @@ proptest! {
             prop_assert!(problems.is_empty(), "nixConfig {name:?}={value:?}: the operator accepts it, the agent would not start: {problems:?}");
             prop_assert!(!rules::refused_nix_setting(&name));
         }
+    }
+
+    /// Any class name: the CRD's DNS-subdomain rule and the Rust one (which checks the
+    /// operator's --default-image-pull-secret) agree.
+    #[test]
+    fn any_class_name_is_judged_the_same_by_cel_and_rust(name in "[a-zA-Z0-9_.-]{1,12}") {
+        let cel = judge(json!({"pod": {"priorityClassName": name.clone()}}));
+        prop_assert_eq!(cel.is_ok(), rules::is_dns_subdomain(&name), "{:?}: CEL {:?}", name, cel);
     }
 
     /// Any user name: the CRD's rule and the Rust rule agree.

@@ -2,6 +2,7 @@
 //! servers before 1.25 ignore CEL; a spec may come from `render` without any server), followed
 //! by what CEL cannot say (quantities, SSH key syntax).
 
+use k8s_openapi::api::core::v1::LocalObjectReference;
 use kube::core::cel;
 use kube::{CustomResourceExt, ResourceExt};
 use nixpool_api::NixBuilderPool;
@@ -14,6 +15,8 @@ use crate::keys;
 pub struct Valid {
     /// `spec.image`, or the operator's default.
     pub image: String,
+    /// `spec.imagePullSecrets`, or the operator's default pull secrets when it names none.
+    pub image_pull_secrets: Vec<LocalObjectReference>,
     pub min_free_bytes: Option<u64>,
     pub max_free_bytes: Option<u64>,
 }
@@ -32,6 +35,8 @@ pub struct Images {
     /// Registry/repository prefixes; a prefix ending in `/` allows everything below it, one that
     /// does not allows that repository (any tag or digest).
     pub allowed_prefixes: Vec<String>,
+    /// Image pull Secrets (by name, in the pool's namespace) for pools that name none.
+    pub default_pull_secrets: Vec<String>,
 }
 
 impl Images {
@@ -45,7 +50,14 @@ impl Images {
         Self {
             default: default.to_string(),
             allowed_prefixes,
+            default_pull_secrets: Vec::new(),
         }
+    }
+
+    /// With these pull Secrets for pools whose `spec.imagePullSecrets` is empty.
+    pub fn with_default_pull_secrets(mut self, names: Vec<String>) -> Self {
+        self.default_pull_secrets = names;
+        self
     }
 
     pub fn permits(&self, image: &str) -> bool {
@@ -177,9 +189,20 @@ pub fn validate(pool: &NixBuilderPool, images: &Images) -> Result<Valid, Invalid
         problems.push("spec.ssh.hostKeySecret: give both name and key of the Secret holding the OpenSSH private host key, or leave hostKeySecret out to let the operator generate one".into());
     }
 
+    let image_pull_secrets = if spec.image_pull_secrets.is_empty() {
+        images
+            .default_pull_secrets
+            .iter()
+            .map(|name| LocalObjectReference { name: name.clone() })
+            .collect()
+    } else {
+        spec.image_pull_secrets.clone()
+    };
+
     if problems.is_empty() {
         Ok(Valid {
             image,
+            image_pull_secrets,
             min_free_bytes,
             max_free_bytes,
         })
@@ -289,6 +312,83 @@ mod tests {
         );
         let err = validate(&pool(serde_json::json!({})), &Images::from("")).unwrap_err();
         assert!(err.0[0].starts_with("spec.image:"), "{err}");
+    }
+
+    #[test]
+    fn the_default_pull_secrets_serve_pools_that_name_none() {
+        let images = Images::from("img:1").with_default_pull_secrets(vec!["regcred".into(), "mirror".into()]);
+        let v = validate(&pool(serde_json::json!({})), &images).unwrap();
+        let names: Vec<&str> = v.image_pull_secrets.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["regcred", "mirror"]);
+        let v = validate(
+            &pool(serde_json::json!({"imagePullSecrets": [{"name": "own"}]})),
+            &images,
+        )
+        .unwrap();
+        let names: Vec<&str> = v.image_pull_secrets.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["own"], "a pool's own pull secrets replace the defaults");
+        let v = validate(&pool(serde_json::json!({})), &Images::from("img:1")).unwrap();
+        assert!(v.image_pull_secrets.is_empty());
+    }
+
+    #[test]
+    fn pod_labels_and_annotations_of_nixpool_are_refused_naming_the_field() {
+        let cases = [
+            (
+                serde_json::json!({"pod": {"labels": {"app.kubernetes.io/instance": "other"}}}),
+                "spec.pod.labels: app.kubernetes.io/name",
+            ),
+            (
+                serde_json::json!({"pod": {"labels": {"nixpool.dev/x": "y"}}}),
+                "spec.pod.labels: app.kubernetes.io/name",
+            ),
+            (
+                serde_json::json!({"pod": {"labels": {"team": "has space"}}}),
+                "spec.pod.labels: a label value",
+            ),
+            (
+                serde_json::json!({"pod": {"labels": {"-team": "ci"}}}),
+                "spec.pod.labels: a label key",
+            ),
+            (
+                serde_json::json!({"pod": {"annotations": {"nixpool.dev/config-hash": "x"}}}),
+                "spec.pod.annotations: controller.kubernetes.io/pod-deletion-cost and nixpool.dev/*",
+            ),
+            (
+                serde_json::json!({"pod": {"annotations": {"a/b/c": "x"}}}),
+                "spec.pod.annotations: an annotation key",
+            ),
+            (
+                serde_json::json!({"pod": {"priorityClassName": "High"}}),
+                "spec.pod.priorityClassName",
+            ),
+            (
+                serde_json::json!({"pod": {"runtimeClassName": "a_b"}}),
+                "spec.pod.runtimeClassName",
+            ),
+            (
+                serde_json::json!({"pod": {"topologySpreadConstraints": [{"maxSkew": 0, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule"}]}}),
+                "spec.pod.topologySpreadConstraints",
+            ),
+        ];
+        for (spec, expected) in cases {
+            let err = validate(&pool(spec.clone()), &Images::from("img")).unwrap_err();
+            assert!(
+                err.0.iter().any(|m| m.starts_with(expected)),
+                "{spec}: expected {expected:?}, got {err}"
+            );
+        }
+        validate(
+            &pool(serde_json::json!({"pod": {
+                "labels": {"team": "ci", "example.com/cost-center": "", "app.kubernetes.io/version": "1.2"},
+                "annotations": {"karpenter.sh/do-not-disrupt": "true", "cluster-autoscaler.kubernetes.io/safe-to-evict": "false"},
+                "priorityClassName": "nix-builders",
+                "runtimeClassName": "runc.privileged",
+                "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway"}]
+            }})),
+            &Images::from("img"),
+        )
+        .expect("valid pod fields are accepted");
     }
 
     #[test]

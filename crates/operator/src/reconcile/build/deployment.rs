@@ -6,8 +6,8 @@ use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy,
 use k8s_openapi::api::core::v1::{
     ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EphemeralVolumeSource, HTTPGetAction,
     KeyToPath, PersistentVolumeClaimSpec, PersistentVolumeClaimTemplate, PodSpec, PodTemplateSpec, Probe,
-    ProjectedVolumeSource, SecretProjection, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
-    VolumeProjection, VolumeResourceRequirements,
+    ProjectedVolumeSource, SecretProjection, SecretVolumeSource, SecurityContext, TopologySpreadConstraint, Volume,
+    VolumeMount, VolumeProjection, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -23,7 +23,9 @@ const STORE_VOLUME: &str = "nix";
 pub fn deployment(pool: &NixBuilderPool, valid: &Valid, config_hash: &str, replicas: i32) -> Deployment {
     let spec = &pool.spec;
     let name = pool.name_any();
-    let mut template_labels = selector_labels(pool);
+    // The pool's own labels first: the rules on spec.pod.labels keep them off nixpool's.
+    let mut template_labels = spec.pod.labels.clone();
+    template_labels.extend(selector_labels(pool));
     template_labels.insert(labels::COMPONENT.into(), "builder".into());
     template_labels.insert(labels::PART_OF.into(), labels::PART_OF_VALUE.into());
 
@@ -161,10 +163,7 @@ pub fn deployment(pool: &NixBuilderPool, valid: &Valid, config_hash: &str, repli
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(template_labels),
-                    annotations: Some(BTreeMap::from([(
-                        labels::CONFIG_HASH.to_string(),
-                        config_hash.to_string(),
-                    )])),
+                    annotations: Some(pod_annotations(pool, config_hash)),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
@@ -175,7 +174,11 @@ pub fn deployment(pool: &NixBuilderPool, valid: &Valid, config_hash: &str, repli
                     tolerations: (!spec.tolerations.is_empty()).then(|| spec.tolerations.clone()),
                     // Prefer one builder per node, so a node loss takes out as few as possible.
                     affinity: Some(spec.affinity.clone().unwrap_or_else(|| spread(selector_labels(pool)))),
-                    image_pull_secrets: (!spec.image_pull_secrets.is_empty()).then(|| spec.image_pull_secrets.clone()),
+                    topology_spread_constraints: topology_spread(pool),
+                    priority_class_name: spec.pod.priority_class_name.clone(),
+                    runtime_class_name: spec.pod.runtime_class_name.clone(),
+                    image_pull_secrets: (!valid.image_pull_secrets.is_empty())
+                        .then(|| valid.image_pull_secrets.clone()),
                     containers: vec![builder],
                     volumes: Some(volumes),
                     ..PodSpec::default()
@@ -185,6 +188,33 @@ pub fn deployment(pool: &NixBuilderPool, valid: &Valid, config_hash: &str, repli
         }),
         ..Deployment::default()
     }
+}
+
+/// The pool's pod annotations and the config hash (the rules on spec.pod.annotations keep them
+/// off nixpool's).
+fn pod_annotations(pool: &NixBuilderPool, config_hash: &str) -> BTreeMap<String, String> {
+    let mut annotations = pool.spec.pod.annotations.clone();
+    annotations.insert(labels::CONFIG_HASH.to_string(), config_hash.to_string());
+    annotations
+}
+
+/// `spec.pod.topologySpreadConstraints`, a constraint without a label selector counting this
+/// pool's builders (without one it would count no pod and spread nothing).
+fn topology_spread(pool: &NixBuilderPool) -> Option<Vec<TopologySpreadConstraint>> {
+    let constraints = &pool.spec.pod.topology_spread_constraints;
+    (!constraints.is_empty()).then(|| {
+        constraints
+            .iter()
+            .cloned()
+            .map(|mut c| {
+                c.label_selector.get_or_insert_with(|| LabelSelector {
+                    match_labels: Some(selector_labels(pool)),
+                    ..LabelSelector::default()
+                });
+                c
+            })
+            .collect()
+    })
 }
 
 fn store_volume(pool: &NixBuilderPool) -> Volume {

@@ -115,7 +115,10 @@ pub fn gateway(pool: &NixBuilderPool, valid: &Valid, g: &GatewaySpec, with_pdb: 
 fn deployment(pool: &NixBuilderPool, valid: &Valid, g: &GatewaySpec, name: &str, demand: &str) -> Deployment {
     let spec = &pool.spec;
     let selector = gateway_selector_labels(pool);
-    let mut template_labels = selector.clone();
+    // The pool's pod labels, annotations and priority go on its gateway too: a gateway carries
+    // the sessions of running builds. The rules on spec.pod keep them off nixpool's own.
+    let mut template_labels = spec.pod.labels.clone();
+    template_labels.extend(selector.clone());
     template_labels.insert(labels::COMPONENT.into(), "gateway".into());
     template_labels.insert(labels::PART_OF.into(), labels::PART_OF_VALUE.into());
     let field_env = |env: &str, path: &str| EnvVar {
@@ -265,6 +268,7 @@ fn deployment(pool: &NixBuilderPool, valid: &Valid, g: &GatewaySpec, name: &str,
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(template_labels),
+                    annotations: (!spec.pod.annotations.is_empty()).then(|| spec.pod.annotations.clone()),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
@@ -284,7 +288,9 @@ fn deployment(pool: &NixBuilderPool, valid: &Valid, g: &GatewaySpec, name: &str,
                     tolerations: (!spec.tolerations.is_empty()).then(|| spec.tolerations.clone()),
                     // One gateway per node where possible, so a node loss leaves the other one.
                     affinity: Some(spread(selector)),
-                    image_pull_secrets: (!spec.image_pull_secrets.is_empty()).then(|| spec.image_pull_secrets.clone()),
+                    priority_class_name: spec.pod.priority_class_name.clone(),
+                    image_pull_secrets: (!valid.image_pull_secrets.is_empty())
+                        .then(|| valid.image_pull_secrets.clone()),
                     containers: vec![container],
                     volumes: Some(volumes),
                     ..PodSpec::default()

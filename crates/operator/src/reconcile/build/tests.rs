@@ -425,3 +425,114 @@ fn a_gateway_gets_least_rights_runs_unprivileged_and_takes_the_service() {
     assert_eq!(svc_selector[labels::NAME], labels::GATEWAY_NAME_VALUE);
     assert_eq!(svc_selector[labels::INSTANCE], "builders-on-demand");
 }
+
+#[test]
+fn spec_pod_lands_on_the_builder_pods_and_in_part_on_the_gateways() {
+    let mut p = pool(&format!("{AUTOSCALING}  imagePullSecrets: [{{name: own}}]\n"));
+    p.spec.pod.priority_class_name = Some("nix-builders".into());
+    p.spec.pod.runtime_class_name = Some("sandboxed".into());
+    p.spec.pod.topology_spread_constraints.push(
+        serde_json::from_value(serde_json::json!({
+            "maxSkew": 2, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "DoNotSchedule",
+            "labelSelector": {"matchLabels": {"mine": "yes"}}
+        }))
+        .unwrap(),
+    );
+    let valid = validate(
+        &p,
+        &Images::from("img:default").with_default_pull_secrets(vec!["regcred".into()]),
+    )
+    .unwrap();
+    let c = build(
+        &p,
+        &Inputs {
+            valid: &valid,
+            authorized_keys: &AuthorizedKeys::default(),
+            with_pdb: true,
+            builder_replicas: 1,
+        },
+    );
+
+    let template = &c.deployment.spec.as_ref().unwrap().template;
+    let meta = template.metadata.as_ref().unwrap();
+    let pod = template.spec.as_ref().unwrap();
+    let labels = meta.labels.as_ref().unwrap();
+    assert_eq!(labels["team"], "platform");
+    assert_eq!(labels[labels::NAME], labels::NAME_VALUE, "nixpool's labels stay");
+    let annotations = meta.annotations.as_ref().unwrap();
+    assert_eq!(annotations["karpenter.sh/do-not-disrupt"], "true");
+    assert_eq!(annotations["cluster-autoscaler.kubernetes.io/safe-to-evict"], "false");
+    assert!(annotations.contains_key(labels::CONFIG_HASH), "the config hash stays");
+    assert_eq!(pod.priority_class_name.as_deref(), Some("nix-builders"));
+    assert_eq!(pod.runtime_class_name.as_deref(), Some("sandboxed"));
+    let own: Vec<&str> = pod
+        .image_pull_secrets
+        .iter()
+        .flatten()
+        .map(|s| s.name.as_str())
+        .collect();
+    assert_eq!(own, ["own"], "the pool's own pull secrets replace the operator's");
+    let spread = pod.topology_spread_constraints.as_ref().unwrap();
+    assert_eq!(spread.len(), 2);
+    assert_eq!(spread[0].topology_key, "topology.kubernetes.io/zone");
+    assert_eq!(
+        spread[0].label_selector.as_ref().unwrap().match_labels.as_ref(),
+        Some(&selector_labels(&p)),
+        "a constraint without a selector counts this pool's builders"
+    );
+    assert_eq!(
+        spread[1]
+            .label_selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .as_ref()
+            .unwrap()["mine"],
+        "yes",
+        "a constraint's own selector is kept"
+    );
+    assert!(pod.affinity.is_some(), "the default anti-affinity stays");
+
+    let g = c.gateway.as_ref().unwrap().deployment.spec.as_ref().unwrap();
+    let gmeta = g.template.metadata.as_ref().unwrap();
+    let gpod = g.template.spec.as_ref().unwrap();
+    assert_eq!(gmeta.labels.as_ref().unwrap()["team"], "platform");
+    assert_eq!(gmeta.labels.as_ref().unwrap()[labels::NAME], labels::GATEWAY_NAME_VALUE);
+    assert_eq!(
+        gmeta.annotations.as_ref().unwrap()["karpenter.sh/do-not-disrupt"],
+        "true"
+    );
+    assert_eq!(gpod.priority_class_name.as_deref(), Some("nix-builders"));
+    assert_eq!(gpod.runtime_class_name, None, "the gateway needs no builder runtime");
+    assert_eq!(
+        gpod.topology_spread_constraints, None,
+        "the gateway spreads by its own anti-affinity"
+    );
+
+    // Without pull secrets of its own, a pool's pods get the operator's.
+    let p = pool(MINIMAL);
+    let valid = validate(
+        &p,
+        &Images::from("img:default").with_default_pull_secrets(vec!["regcred".into()]),
+    )
+    .unwrap();
+    let c = build(
+        &p,
+        &Inputs {
+            valid: &valid,
+            authorized_keys: &AuthorizedKeys::default(),
+            with_pdb: true,
+            builder_replicas: 1,
+        },
+    );
+    let pod = c.deployment.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let names: Vec<&str> = pod
+        .image_pull_secrets
+        .iter()
+        .flatten()
+        .map(|s| s.name.as_str())
+        .collect();
+    assert_eq!(names, ["regcred"]);
+    assert_eq!(pod.priority_class_name, None);
+    assert_eq!(pod.topology_spread_constraints, None);
+}
