@@ -1183,7 +1183,7 @@ fn operator_fields(o: &impl ResourceExt) -> Vec<k8s_openapi::apimachinery::pkg::
 }
 
 /// The pool once its `type_` condition has `reason` (within 2 minutes: a failing reconcile is
-/// retried with a backoff that reaches 32 s by then).
+/// retried with a backoff that grows to tens of seconds by then).
 async fn once_reason(pools: &Api<NixBuilderPool>, name: &str, type_: &str, reason: &str) -> NixBuilderPool {
     eventually(2 * MIN, &format!("{name}: {type_} {reason}"), || async {
         let p = pools.get(name).await.ok()?;
