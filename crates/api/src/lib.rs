@@ -63,6 +63,14 @@ pub mod conditions {
     pub const READY: &str = "Ready";
     pub const PROGRESSING: &str = "Progressing";
     pub const DEGRADED: &str = "Degraded";
+    /// kstatus (abnormal-true, always present): True while the operator or the Deployment
+    /// controller is still catching up with the spec (rolling out, waiting for pods, an address
+    /// or a Secret, retrying a failed request); False once the pool matches its spec or stalls.
+    pub const RECONCILING: &str = "Reconciling";
+    /// kstatus (abnormal-true, always present): True while the pool cannot make progress until
+    /// a person changes something (an invalid spec, a name taken, a request or pods the API
+    /// server refuses, a stuck rollout). `kubectl wait` and Flux's health checks fail on it.
+    pub const STALLED: &str = "Stalled";
 
     pub const REASON_INVALID_SPEC: &str = "InvalidSpec";
     pub const REASON_BAD_AUTHORIZED_KEYS: &str = "BadAuthorizedKeys";
@@ -78,6 +86,16 @@ pub mod conditions {
     pub const REASON_ROLLOUT_STUCK: &str = "RolloutStuck";
     pub const REASON_GATEWAY_READY: &str = "GatewayReady";
     pub const REASON_NO_READY_GATEWAY: &str = "NoReadyGateway";
+    /// The API server refused the builder (or gateway) pods: the Deployment's ReplicaFailure.
+    pub const REASON_PODS_REFUSED: &str = "PodsRefused";
+    /// An object under a child's name belongs to something else.
+    pub const REASON_NAME_TAKEN: &str = "NameTaken";
+    /// The API server refused, or did not answer, an apply of a child.
+    pub const REASON_APPLY_FAILED: &str = "ApplyFailed";
+    /// The API server refused a read (RBAC), so the pool cannot be reconciled.
+    pub const REASON_READ_FAILED: &str = "ReadFailed";
+    /// The host-key Secret holds no usable key.
+    pub const REASON_BAD_HOST_KEY: &str = "BadHostKey";
 }
 
 /// Where a builder pod finds what the operator gives it. The operator mounts these; the agent

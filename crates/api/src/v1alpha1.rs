@@ -45,6 +45,7 @@ const PUBLIC_KEY_RULE: &str = "self.matches('^[!-9;-~]+:[A-Za-z0-9+/=]+$')";
         label_selector_path = ".status.selector"
     ),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.ready", description = "Ready builders / desired builders"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", description = "Why the pool is or is not Ready (the Ready condition's reason)"),
     printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint.host", description = "Host clients connect to"),
     printcolumn(name = "Port", type_ = "integer", json_path = ".status.endpoint.port", description = "SSH port clients connect to"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
@@ -674,7 +675,7 @@ pub struct NixBuilderPoolStatus {
     /// Label selector of the builder pods (for the scale subresource and autoscalers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
-    /// Ready, Progressing and Degraded.
+    /// Ready, Progressing and Degraded, and kstatus's Reconciling and Stalled.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,

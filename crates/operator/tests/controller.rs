@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, ResourceQuota, Secret, Service};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
@@ -87,6 +87,9 @@ async fn every_example_pool_gets_its_children_and_a_status() {
         assert_eq!(condition(&pool, "Ready").status, "False");
         assert_eq!(condition(&pool, "Ready").reason, "NoReadyBuilders");
         assert_eq!(condition(&pool, "Progressing").status, "True");
+        // kstatus: still working toward the spec, nothing blocks it.
+        assert_eq!(condition(&pool, "Reconciling").status, "True");
+        assert_eq!(condition(&pool, "Stalled").status, "False");
 
         let hk = secrets.get(&format!("{name}-host-key")).await.unwrap();
         assert!(owned_by(&hk.metadata, &pool));
@@ -218,6 +221,24 @@ async fn every_example_pool_gets_its_children_and_a_status() {
     assert_eq!(line.systems, vec!["x86_64-linux"]);
     assert_eq!(line.host_public_key.as_deref(), st.host_public_key.as_deref());
     assert_eq!(st.ready.as_deref(), Some("2/2"));
+    // Every builder runs the current spec: nothing left to reconcile (kstatus Current).
+    eventually(MIN, "pool builders no longer Reconciling", || async {
+        let p = pools.get("builders").await.ok()?;
+        (condition(&p, "Reconciling").status == "False").then_some(p)
+    })
+    .await;
+    let done = pools.get("builders").await.unwrap();
+    assert_eq!(condition(&done, "Reconciling").reason, "UpToDate");
+    assert_eq!(condition(&done, "Stalled").status, "False");
+    assert_eq!(condition(&done, "Ready").status, "True");
+    run(cp.kubectl().args([
+        "wait",
+        "-n",
+        &ns,
+        "nbp/builders",
+        "--for=condition=Ready",
+        "--timeout=10s",
+    ]));
 
     // LoadBalancer pool: no endpoint until the cloud publishes an address.
     let cached = pools.get("cached").await.unwrap();
@@ -372,6 +393,40 @@ async fn an_invalid_spec_is_reported_and_changes_nothing() {
         "{}",
         ready.message
     );
+    // kstatus: Stalled, so `kubectl wait` and Flux stop waiting for Ready at once.
+    let stalled = condition(&pool, "Stalled");
+    assert_eq!(
+        (stalled.status.as_str(), stalled.reason.as_str()),
+        ("True", "InvalidSpec")
+    );
+    assert_eq!(condition(&pool, "Reconciling").status, "False");
+    run(cp.kubectl().args([
+        "wait",
+        "-n",
+        &ns,
+        "nbp/builders",
+        "--for=condition=Stalled",
+        "--timeout=5s",
+    ]));
+    let waited = cp
+        .kubectl()
+        .args([
+            "wait",
+            "-n",
+            &ns,
+            "nbp/builders",
+            "--for=condition=Ready",
+            "--timeout=2s",
+        ])
+        .output()
+        .unwrap();
+    assert!(!waited.status.success(), "a stalled pool never turns Ready");
+    // `kubectl get` shows why it is not Ready.
+    let table = run(cp.kubectl().args(["get", "-n", &ns, "nbp/builders"]));
+    let mut rows = table.lines().map(|l| l.split_whitespace().collect::<Vec<_>>());
+    let (head, row) = (rows.next().unwrap(), rows.next().unwrap());
+    let reason_col = head.iter().position(|h| *h == "REASON").expect("a REASON column");
+    assert_eq!(row[reason_col], "InvalidSpec", "{table}");
     let events = events_for(&client, &ns, "builders").await;
     assert!(
         events
@@ -427,6 +482,13 @@ async fn an_invalid_spec_is_reported_and_changes_nothing() {
         "{}",
         reported.message
     );
+    // A failed reconcile still says Ready=False, and Stalled: only a new Secret helps.
+    let broken = pools.get("broken").await.unwrap();
+    for type_ in ["Ready", "Stalled"] {
+        let c = condition(&broken, type_);
+        let want = if type_ == "Ready" { "False" } else { "True" };
+        assert_eq!((c.status.as_str(), c.reason.as_str()), (want, "BadHostKey"), "{type_}");
+    }
     let mut healthy: NixBuilderPool = serde_yaml::from_str(include_str!("../../../examples/minimal.yaml")).unwrap();
     healthy.metadata.name = Some("healthy".into());
     pools.create(&Default::default(), &healthy).await.unwrap();
@@ -1278,4 +1340,114 @@ async fn spec_pod_and_the_default_pull_secret_land_on_the_builder_pods_and_bad_o
 
     priorities.delete(&priority, &DeleteParams::default()).await.unwrap();
     runtimes.delete(&runtime, &DeleteParams::default()).await.unwrap();
+}
+
+/// The pool once its `type_` condition has `reason` (within 2 minutes: a failing reconcile is
+/// retried with a backoff that grows to tens of seconds by then).
+async fn once_reason(pools: &Api<NixBuilderPool>, name: &str, type_: &str, reason: &str) -> NixBuilderPool {
+    eventually(2 * MIN, &format!("{name}: {type_} {reason}"), || async {
+        let p = pools.get(name).await.ok()?;
+        let c = p.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)?;
+        (c.reason == reason).then_some(p)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn what_the_api_server_refuses_is_in_the_status_in_its_own_words_with_the_fix() {
+    let cp = control_plane();
+    let ns = cp.namespace("refused").await.unwrap();
+    let client = cp.client().await.unwrap();
+    // The real ResourceQuota admission: no Services, no pods in this namespace.
+    let quotas: Api<ResourceQuota> = Api::namespaced(client.clone(), &ns);
+    let quota: ResourceQuota = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "tight"}, "spec": {"hard": {"pods": "0", "services": "0"}}
+    }))
+    .unwrap();
+    quotas.create(&Default::default(), &quota).await.unwrap();
+    // Until the quota controller has counted what the namespace uses, admission refuses
+    // everything with "status unknown for quota"; the test wants the steady refusal.
+    eventually(MIN, "the quota controller counts the namespace", || async {
+        let q = quotas.get("tight").await.ok()?;
+        q.status?.hard?.contains_key("services").then_some(())
+    })
+    .await;
+    let _op = Operator::start(cp, &ns);
+    apply_example(cp, &ns, "minimal.yaml");
+    let pools: Api<NixBuilderPool> = Api::namespaced(client.clone(), &ns);
+
+    // The Service's apply is refused: the pool says so in the API server's words, not Rust's.
+    let pool = once_reason(&pools, "builders", "Degraded", "ApplyFailed").await;
+    let degraded = condition(&pool, "Degraded");
+    assert_eq!(degraded.status, "True");
+    assert!(
+        degraded
+            .message
+            .starts_with(r#"applying Service builders: services "builders" is forbidden: exceeded quota: tight"#),
+        "{}",
+        degraded.message
+    );
+    for debug_text in ["ErrorResponse", "Status {", "Api(", "ApiError"] {
+        assert!(!degraded.message.contains(debug_text), "{}", degraded.message);
+    }
+    for (type_, status) in [("Ready", "False"), ("Stalled", "True")] {
+        let c = condition(&pool, type_);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            (status, "ApplyFailed"),
+            "{type_}"
+        );
+        assert_eq!(c.message, degraded.message, "{type_}");
+    }
+    assert_eq!(condition(&pool, "Reconciling").status, "False");
+    run(cp.kubectl().args([
+        "wait",
+        "-n",
+        &ns,
+        "nbp/builders",
+        "--for=condition=Stalled",
+        "--timeout=5s",
+    ]));
+
+    // Services allowed, pods still not: the ReplicaSet's FailedCreate reaches the pool through
+    // the Deployment's ReplicaFailure condition, with the quota's message and the fix.
+    let patch = serde_json::json!({"spec": {"hard": {"services": null}}});
+    quotas
+        .patch("tight", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let pool = once_reason(&pools, "builders", "Degraded", "PodsRefused").await;
+    for (type_, status) in [("Ready", "False"), ("Degraded", "True"), ("Stalled", "True")] {
+        let c = condition(&pool, type_);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            (status, "PodsRefused"),
+            "{type_}"
+        );
+        assert!(
+            c.message
+                .starts_with("the API server refuses to create the pods of Deployment builders: pods ")
+                && c.message.contains("is forbidden: exceeded quota: tight")
+                && c.message.contains(&format!("kubectl describe resourcequota -n {ns}")),
+            "{type_}: {}",
+            c.message
+        );
+    }
+    let table = run(cp.kubectl().args(["get", "-n", &ns, "nbp/builders"]));
+    assert!(table.contains("PodsRefused"), "{table}");
+
+    // The quota lifted (and the ReplicaSet woken by a scale, rather than its retry backoff):
+    // pods are created, the pool is no longer stalled and waits for them to start.
+    quotas.delete("tight", &DeleteParams::default()).await.unwrap();
+    run(cp.kubectl().args(["scale", "-n", &ns, "nbp/builders", "--replicas=1"]));
+    let pool = once_reason(&pools, "builders", "Ready", "NoReadyBuilders").await;
+    assert_eq!(condition(&pool, "Stalled").status, "False");
+    assert_eq!(condition(&pool, "Degraded").status, "False");
+    assert_eq!(
+        (
+            condition(&pool, "Reconciling").status.as_str(),
+            condition(&pool, "Reconciling").reason.as_str()
+        ),
+        ("True", "NoReadyBuilders")
+    );
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use nixpool_operator::reconcile::validate::Images;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{ApiResource, DynamicObject, PostParams};
+use kube::api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use kube::{Api, CustomResourceExt};
 use nixpool_api::NixBuilderPool;
 use nixpool_operator::reconcile::validate::validate;
@@ -578,6 +578,35 @@ fn examples() -> Vec<(String, Value)> {
     found
 }
 
+/// `kubectl get nbp` (a Table from the server) shows the Ready condition's reason in REASON: the
+/// column's JSONPath filter as Kubernetes 1.36 evaluates it.
+async fn reason_column_shows_the_ready_reason(client: &kube::Client, pools: &Api<DynamicObject>, name: &str) {
+    use nixpool_api::conditions::{DEGRADED, READY, REASON_AS_EXPECTED, REASON_NO_READY_BUILDERS};
+    let condition = |type_: &str, status: &str, reason: &str| json!({"type": type_, "status": status, "reason": reason, "message": "m", "lastTransitionTime": "2026-01-01T00:00:00Z"});
+    let status = json!({"status": {"conditions": [
+        condition(DEGRADED, "False", REASON_AS_EXPECTED),
+        condition(READY, "False", REASON_NO_READY_BUILDERS),
+    ]}});
+    pools
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+    let request = http::Request::get(format!(
+        "/apis/nixpool.dev/v1alpha1/namespaces/default/nixbuilderpools/{name}"
+    ))
+    .header(http::header::ACCEPT, "application/json;as=Table;v=v1;g=meta.k8s.io")
+    .body(Vec::new())
+    .unwrap();
+    let table: Value = serde_json::from_str(&client.request_text(request).await.unwrap()).unwrap();
+    let column = table["columnDefinitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|c| c["name"] == "Reason")
+        .unwrap_or_else(|| panic!("no Reason column: {table}"));
+    assert_eq!(table["rows"][0]["cells"][column], REASON_NO_READY_BUILDERS, "{table}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_crd_installs_on_kubernetes_1_36_and_refuses_what_the_operator_refuses() {
     let started = Instant::now();
@@ -612,7 +641,7 @@ async fn the_crd_installs_on_kubernetes_1_36_and_refuses_what_the_operator_refus
     }
 
     let ar = ApiResource::erase::<NixBuilderPool>(&());
-    let pools: Api<DynamicObject> = Api::namespaced_with(client, "default", &ar);
+    let pools: Api<DynamicObject> = Api::namespaced_with(client.clone(), "default", &ar);
     let create = |v: Value| {
         let pools = pools.clone();
         async move {
@@ -632,6 +661,7 @@ async fn the_crd_installs_on_kubernetes_1_36_and_refuses_what_the_operator_refus
 
     let examples = examples();
     assert!(!examples.is_empty(), "no NixBuilderPool under examples/");
+    let first_example = examples[0].1["metadata"]["name"].as_str().unwrap().to_string();
     for (file, mut example) in examples {
         example["metadata"]["namespace"] = json!("default");
         let pool: NixBuilderPool = serde_json::from_value(example.clone()).unwrap();
@@ -642,6 +672,8 @@ async fn the_crd_installs_on_kubernetes_1_36_and_refuses_what_the_operator_refus
             panic!("Kubernetes 1.36 refuses examples/{file}: {}", said(&e));
         }
     }
+
+    reason_column_shows_the_ready_reason(&client, &pools, &first_example).await;
 
     let corpus = corpus();
     let mut failures = Vec::new();

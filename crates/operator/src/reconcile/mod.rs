@@ -23,7 +23,7 @@ use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
-use nixpool_api::conditions::{DEGRADED, READY, REASON_BAD_AUTHORIZED_KEYS, REASON_INVALID_SPEC};
+use nixpool_api::conditions::{DEGRADED, READY, REASON_BAD_AUTHORIZED_KEYS, REASON_INVALID_SPEC, RECONCILING, STALLED};
 use nixpool_api::v1alpha1::SecretKeyRef;
 use nixpool_api::{NixBuilderPool, labels, names, paths};
 use tracing::{debug, info, instrument, warn};
@@ -145,6 +145,11 @@ async fn reconcile(guard: Arc<KeptPool>, ctx: Arc<Context>) -> Result<Action> {
     let result = match guard.pool() {
         Ok(pool) => match reconcile_pool(&pool, &ctx).await {
             Err(e @ (Error::Apply { .. } | Error::HostKey(_) | Error::NotOwned { .. })) => {
+                report_failure(&pool, &e, &ctx).await;
+                Err(e)
+            }
+            // A read the API server refuses (RBAC) needs a person; a timeout is only retried.
+            Err(e @ Error::Read { .. }) if e.needs_a_person() => {
                 report_failure(&pool, &e, &ctx).await;
                 Err(e)
             }
@@ -717,25 +722,15 @@ async fn authorized_keys(
     Ok(keys)
 }
 
-/// A failure the user can act on (the server refused a child, the host key is unusable) goes
-/// into the Degraded condition as well as the log.
+/// A failure the user can act on (the server refused a child or a read, the host key is
+/// unusable) goes into the status (Ready=False, Degraded, and Stalled or Reconciling) and an
+/// Event, once per change, as well as the log.
 async fn report_failure(pool: &NixBuilderPool, error: &Error, ctx: &Context) {
     let message = error.to_string();
-    if condition_message(pool, DEGRADED) == Some(message.as_str()) {
+    let status = status::failed(pool, error.category(), &message, error.needs_a_person(), ctx.now());
+    if pool.status.as_ref() == Some(&status) {
         return;
     }
-    let mut status = pool.status.clone().unwrap_or_default();
-    let prev = status.conditions.clone();
-    status.conditions.retain(|c| c.type_ != DEGRADED);
-    status.conditions.push(status::condition(
-        &prev,
-        DEGRADED,
-        true,
-        error.category(),
-        message.clone(),
-        pool.metadata.generation,
-        ctx.now(),
-    ));
     if let Err(e) = status::patch(ctx, pool, status).await {
         warn!(error = %e, "cannot report the failure in status");
     }
@@ -754,12 +749,21 @@ async fn report_undecodable(invalid: &InvalidObject, ctx: &Context) -> Result<()
         "the pool does not match the NixBuilderPool schema: {}; fix the spec",
         invalid.error
     );
+    let (generation, now) = (invalid.metadata.generation, ctx.now().to_string());
+    let conditions = [
+        (READY, "False", message.as_str()),
+        (RECONCILING, "False", "waiting for a spec that decodes"),
+        (STALLED, "True", message.as_str()),
+    ]
+    .map(|(type_, status, message)| {
+        serde_json::json!({
+            "type": type_, "status": status, "reason": REASON_INVALID_SPEC, "message": message,
+            "lastTransitionTime": now, "observedGeneration": generation,
+        })
+    });
     let body = serde_json::json!({
         "apiVersion": "nixpool.dev/v1alpha1", "kind": "NixBuilderPool",
-        "status": {"observedGeneration": invalid.metadata.generation, "conditions": [{
-            "type": READY, "status": "False", "reason": REASON_INVALID_SPEC, "message": message,
-            "lastTransitionTime": jiff::Timestamp::now().to_string(), "observedGeneration": invalid.metadata.generation,
-        }]}
+        "status": {"observedGeneration": generation, "conditions": conditions},
     });
     api.patch_status(
         &name,

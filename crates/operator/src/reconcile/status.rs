@@ -49,8 +49,14 @@ pub fn compute(pool: &NixBuilderPool, seen: &Observed<'_>, now: Timestamp) -> Ni
     };
 
     let secrets = secrets_problem(seen.missing_secrets, seen.refused_secrets, pool);
+    let ns = pool.namespace().unwrap_or_default();
+    let pods_refused = std::iter::once(seen.deployment)
+        .chain(seen.gateway)
+        .find_map(|d| pods_refused(d, &ns));
     let ready_cond = if let (Some((reason, message)), None) = (&secrets, seen.host_public_key) {
         cond(READY, false, reason, message.clone())
+    } else if let (Some(message), true) = (&pods_refused, ready == 0 || gateway_ready == Some(0)) {
+        cond(READY, false, REASON_PODS_REFUSED, message.clone())
     } else if gateway_ready == Some(0) {
         cond(
             READY,
@@ -121,16 +127,13 @@ pub fn compute(pool: &NixBuilderPool, seen: &Observed<'_>, now: Timestamp) -> Ni
         )
     };
 
-    let degraded = if let Some(s) = stuck {
-        cond(
-            DEGRADED,
-            true,
-            REASON_ROLLOUT_STUCK,
-            s.message
-                .clone()
-                .unwrap_or_else(|| "the rollout is not progressing".into()),
-        )
-    } else if let Some((reason, message)) = secrets {
+    // Refused pods first: a quota that refuses them also lets the rollout pass its deadline,
+    // and the refusal says why.
+    let degraded = if let Some(message) = &pods_refused {
+        cond(DEGRADED, true, REASON_PODS_REFUSED, message.clone())
+    } else if let Some(s) = stuck {
+        cond(DEGRADED, true, REASON_ROLLOUT_STUCK, stuck_message(s, pool))
+    } else if let Some((reason, message)) = secrets.clone() {
         cond(DEGRADED, true, reason, message)
     } else if !seen.bad_keys.is_empty() {
         cond(
@@ -160,13 +163,23 @@ pub fn compute(pool: &NixBuilderPool, seen: &Observed<'_>, now: Timestamp) -> Ni
         _ => None,
     };
 
+    let mut conditions = vec![ready_cond, progressing, degraded];
+    let stalled = stalled(
+        pool,
+        stuck,
+        pods_refused.as_deref(),
+        secrets.as_ref(),
+        seen.host_public_key,
+    );
+    conditions.extend(kstatus(prev, &conditions, stalled, generation, now));
+
     NixBuilderPoolStatus {
         observed_generation: generation,
         replicas: d.replicas.unwrap_or(0),
         ready_replicas: ready,
         ready: Some(format!("{ready}/{desired}")),
         selector: Some(selector_string(pool)),
-        conditions: vec![ready_cond, progressing, degraded],
+        conditions,
         endpoint,
         host_public_key: seen.host_public_key.map(str::to_string),
         machines_entry,
@@ -174,34 +187,183 @@ pub fn compute(pool: &NixBuilderPool, seen: &Observed<'_>, now: Timestamp) -> Ni
     }
 }
 
-/// The status of a pool whose spec is refused: Ready=False/InvalidSpec, the rest kept.
+/// kstatus's two "abnormal-true" conditions, both always present so that `kubectl wait
+/// --for=condition=Stalled=false` works too: `Stalled` True when the pool cannot progress until
+/// a person changes something; otherwise `Reconciling` True while Ready or Progressing says the
+/// pool is still catching up with its spec. A healthy pool, or one scaled to zero on purpose,
+/// has both False.
+fn kstatus(
+    prev: &[Condition],
+    conditions: &[Condition],
+    stalled: Option<(&str, String)>,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> [Condition; 2] {
+    /// Ready=False reasons that pass without a person: pods starting, an address or a Secret
+    /// on its way.
+    const CATCHING_UP: [&str; 4] = [
+        REASON_NO_READY_BUILDERS,
+        REASON_NO_READY_GATEWAY,
+        REASON_ENDPOINT_PENDING,
+        REASON_MISSING_SECRET,
+    ];
+    let cond = |type_: &str, ok: bool, reason: &str, message: String| {
+        condition(prev, type_, ok, reason, message, generation, now)
+    };
+    if let Some((reason, message)) = stalled {
+        return [
+            cond(
+                RECONCILING,
+                false,
+                reason,
+                "stopped until something changes; see the Stalled condition".into(),
+            ),
+            cond(STALLED, true, reason, message),
+        ];
+    }
+    let find = |type_: &str| conditions.iter().find(|c| c.type_ == type_);
+    let catching_up = find(READY)
+        .filter(|r| r.status == "False" && CATCHING_UP.contains(&r.reason.as_str()))
+        .or_else(|| find(PROGRESSING).filter(|p| p.status == "True"));
+    let reconciling = match catching_up {
+        Some(c) => cond(RECONCILING, true, &c.reason, c.message.clone()),
+        None => cond(
+            RECONCILING,
+            false,
+            REASON_UP_TO_DATE,
+            "the pool matches its spec".into(),
+        ),
+    };
+    [reconciling, not_stalled(&cond)]
+}
+
+fn not_stalled(cond: &impl Fn(&str, bool, &str, String) -> Condition) -> Condition {
+    cond(STALLED, false, REASON_AS_EXPECTED, "nothing blocks progress".into())
+}
+
+/// Why the pool cannot progress until a person acts, if it cannot: pods the API server
+/// refuses, a rollout past its deadline, a host-key Secret not opted in, a NodePort Service
+/// without `spec.service.externalHost`.
+fn stalled(
+    pool: &NixBuilderPool,
+    stuck: Option<&k8s_openapi::api::apps::v1::DeploymentCondition>,
+    pods_refused: Option<&str>,
+    secrets: Option<&(&'static str, String)>,
+    host_public_key: Option<&str>,
+) -> Option<(&'static str, String)> {
+    if let Some(message) = pods_refused {
+        return Some((REASON_PODS_REFUSED, message.to_string()));
+    }
+    if let Some(s) = stuck {
+        return Some((REASON_ROLLOUT_STUCK, stuck_message(s, pool)));
+    }
+    if let (Some((REASON_NOT_OPTED_IN, message)), None) = (secrets, host_public_key) {
+        return Some((REASON_NOT_OPTED_IN, message.clone()));
+    }
+    let s = &pool.spec.service;
+    if s.type_ == ServiceType::NodePort && s.external_host.is_none() {
+        return Some((REASON_ENDPOINT_PENDING, endpoint_pending_message(pool)));
+    }
+    None
+}
+
+fn stuck_message(s: &k8s_openapi::api::apps::v1::DeploymentCondition, pool: &NixBuilderPool) -> String {
+    let said = s.message.as_deref().unwrap_or("the rollout is not progressing");
+    format!("{said}; see `kubectl describe pod -l {}`", selector_string(pool))
+}
+
+/// The API server's refusal of a Deployment's pods, with the fix: the ReplicaSet controller's
+/// FailedCreate, which the Deployment controller copies into the Deployment's `ReplicaFailure`
+/// condition. Such pods never exist, so `kubectl describe pod` finds nothing to describe.
+pub fn pods_refused(d: &Deployment, ns: &str) -> Option<String> {
+    let c = d
+        .status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "ReplicaFailure" && c.status == "True")?;
+    let said = c
+        .message
+        .as_deref()
+        .filter(|m| !m.is_empty())
+        .unwrap_or("the API server refused to create them");
+    let fix = if said.contains("PodSecurity") {
+        format!(
+            "builder pods run privileged (Nix's build sandbox needs its own namespaces), so the namespace's Pod Security level must allow it: kubectl label namespace {ns} pod-security.kubernetes.io/enforce=privileged"
+        )
+    } else if said.contains("exceeded quota") {
+        format!(
+            "raise the namespace's ResourceQuota (kubectl describe resourcequota -n {ns}) or ask for less (spec.replicas, spec.resources)"
+        )
+    } else if said.contains("per Container") || said.contains("per Pod") || said.contains("LimitRange") {
+        format!("fit spec.resources within the namespace's LimitRange (kubectl describe limitrange -n {ns})")
+    } else {
+        format!("see kubectl get events -n {ns} --field-selector reason=FailedCreate")
+    };
+    Some(format!(
+        "the API server refuses to create the pods of Deployment {}: {said}; {fix}",
+        d.name_any()
+    ))
+}
+
+/// The status of a pool whose reconcile failed: Ready=False and Degraded=True with the failure's
+/// reason and message, `Stalled` when only a person can fix it (else `Reconciling`: it is
+/// retried), for the pool's current generation; Progressing and the rest as they were.
+pub fn failed(
+    pool: &NixBuilderPool,
+    reason: &str,
+    message: &str,
+    needs_a_person: bool,
+    now: Timestamp,
+) -> NixBuilderPoolStatus {
+    let prev_status = pool.status.clone().unwrap_or_default();
+    let prev = prev_status.conditions.as_slice();
+    let generation = pool.metadata.generation;
+    let cond = |type_: &str, ok: bool, reason: &str, message: String| {
+        condition(prev, type_, ok, reason, message, generation, now)
+    };
+    let mut conditions = vec![cond(READY, false, reason, message.to_string())];
+    // Progressing as it was; a pool that never got that far progresses only if it is retried.
+    let progressing = prev.iter().find(|c| c.type_ == PROGRESSING).cloned();
+    conditions.push(progressing.unwrap_or_else(|| cond(PROGRESSING, !needs_a_person, reason, message.to_string())));
+    conditions.push(cond(DEGRADED, true, reason, message.to_string()));
+    if needs_a_person {
+        conditions.push(cond(
+            RECONCILING,
+            false,
+            reason,
+            "stopped until something changes; see the Stalled condition".into(),
+        ));
+        conditions.push(cond(STALLED, true, reason, message.to_string()));
+    } else {
+        conditions.push(cond(RECONCILING, true, reason, format!("retrying: {message}")));
+        conditions.push(not_stalled(&cond));
+    }
+    NixBuilderPoolStatus {
+        observed_generation: generation,
+        conditions,
+        ..prev_status
+    }
+}
+
+/// The status of a pool whose spec is refused: Ready=False/InvalidSpec, Stalled, the rest kept.
 pub fn invalid(pool: &NixBuilderPool, message: &str, now: Timestamp) -> NixBuilderPoolStatus {
     let prev_status = pool.status.clone().unwrap_or_default();
     let prev = prev_status.conditions.as_slice();
     let generation = pool.metadata.generation;
     let message = format!("{message}. Fix the spec; nothing is changed until then");
+    let cond = |type_: &str, ok: bool, message: String| {
+        condition(prev, type_, ok, REASON_INVALID_SPEC, message, generation, now)
+    };
     NixBuilderPoolStatus {
         observed_generation: generation,
         conditions: vec![
-            condition(
-                prev,
-                READY,
-                false,
-                REASON_INVALID_SPEC,
-                message.clone(),
-                generation,
-                now,
-            ),
-            condition(
-                prev,
-                PROGRESSING,
-                false,
-                REASON_INVALID_SPEC,
-                "waiting for a valid spec".into(),
-                generation,
-                now,
-            ),
-            condition(prev, DEGRADED, true, REASON_INVALID_SPEC, message, generation, now),
+            cond(READY, false, message.clone()),
+            cond(PROGRESSING, false, "waiting for a valid spec".into()),
+            cond(DEGRADED, true, message.clone()),
+            cond(RECONCILING, false, "waiting for a valid spec".into()),
+            cond(STALLED, true, message),
         ],
         ..prev_status
     }

@@ -274,3 +274,238 @@ fn scaled_to_zero_is_not_ready_and_says_why() {
     assert_eq!(cond(&s, "Ready").reason, "ScaledToZero");
     assert_eq!(cond(&s, "Progressing").status, "False");
 }
+
+/// `(status, reason)` of a condition.
+fn said<'a>(s: &'a NixBuilderPoolStatus, type_: &str) -> (&'a str, &'a str) {
+    let c = cond(s, type_);
+    (c.status.as_str(), c.reason.as_str())
+}
+
+/// A Deployment whose ReplicaSet the API server refused pods, as the Deployment controller
+/// reports it.
+fn refused(ready: i32, message: &str) -> Deployment {
+    let mut d = deployment(1, ready, 1);
+    d.metadata.name = Some("b".into());
+    d.status.as_mut().unwrap().conditions = Some(vec![k8s_openapi::api::apps::v1::DeploymentCondition {
+        type_: "ReplicaFailure".into(),
+        status: "True".into(),
+        reason: Some("FailedCreate".into()),
+        message: Some(message.into()),
+        ..Default::default()
+    }]);
+    d
+}
+
+const QUOTA: &str = r#"pods "b-5f7d8c9b6d-x2k4q" is forbidden: exceeded quota: no-pods, requested: pods=1, used: pods=0, limited: pods=0"#;
+
+#[test]
+fn every_status_carries_all_five_conditions() {
+    let p = pool(serde_json::json!({"replicas": 1}));
+    let now = t("2026-01-01T00:00:00Z");
+    let statuses = [
+        compute_with(&p, &deployment(1, 0, 1), &Service::default(), &[], now),
+        compute_with(&p, &refused(0, QUOTA), &Service::default(), &[], now),
+        invalid(&p, "spec.x: bad", now),
+        failed(&p, "ApplyFailed", "applying Service b: no", true, now),
+        failed(&p, "ApplyFailed", "applying Service b: timed out", false, now),
+    ];
+    for s in &statuses {
+        let mut types: Vec<&str> = s.conditions.iter().map(|c| c.type_.as_str()).collect();
+        types.sort();
+        assert_eq!(
+            types,
+            ["Degraded", "Progressing", "Ready", "Reconciling", "Stalled"],
+            "{s:?}"
+        );
+        assert!(s.conditions.iter().all(|c| c.observed_generation == Some(3)), "{s:?}");
+    }
+}
+
+#[test]
+fn a_healthy_pool_reconciles_then_settles_and_never_stalls() {
+    let mut p = pool(serde_json::json!({"replicas": 2}));
+    let t0 = t("2026-01-01T00:00:00Z");
+    let starting = compute_with(&p, &deployment(2, 0, 2), &Service::default(), &[], t0);
+    assert_eq!(said(&starting, "Ready"), ("False", "NoReadyBuilders"));
+    assert_eq!(said(&starting, "Reconciling"), ("True", "NoReadyBuilders"));
+    assert_eq!(said(&starting, "Stalled"), ("False", "AsExpected"));
+    p.status = Some(starting);
+    let half = compute_with(&p, &deployment(2, 1, 2), &Service::default(), &[], t0);
+    assert_eq!(said(&half, "Ready"), ("True", "BuildersReady"));
+    assert_eq!(
+        said(&half, "Reconciling"),
+        ("True", "RollingOut"),
+        "one builder still starting"
+    );
+    p.status = Some(half);
+    let t1 = t("2026-01-01T00:01:00Z");
+    let done = compute_with(&p, &deployment(2, 2, 2), &Service::default(), &[], t1);
+    assert_eq!(said(&done, "Ready"), ("True", "BuildersReady"));
+    assert_eq!(said(&done, "Reconciling"), ("False", "UpToDate"));
+    assert_eq!(cond(&done, "Reconciling").last_transition_time.0, t1, "it flipped");
+    assert_eq!(said(&done, "Stalled"), ("False", "AsExpected"));
+    assert_eq!(cond(&done, "Stalled").last_transition_time.0, t0, "it never flipped");
+
+    let zero = compute_with(
+        &pool(serde_json::json!({"replicas": 0})),
+        &deployment(0, 0, 0),
+        &Service::default(),
+        &[],
+        t0,
+    );
+    assert_eq!(said(&zero, "Reconciling").0, "False", "scaled to zero on purpose");
+    assert_eq!(said(&zero, "Stalled").0, "False");
+}
+
+#[test]
+fn pods_the_api_server_refuses_stall_the_pool_with_its_message_and_the_fix() {
+    let p = pool(serde_json::json!({"replicas": 1}));
+    let s = compute_with(
+        &p,
+        &refused(0, QUOTA),
+        &Service::default(),
+        &[],
+        t("2026-01-01T00:00:00Z"),
+    );
+    for type_ in ["Ready", "Degraded", "Stalled"] {
+        let c = cond(&s, type_);
+        assert_eq!(c.reason, "PodsRefused", "{type_}");
+        assert!(c.message.contains(QUOTA), "{type_}: {}", c.message);
+        assert!(
+            c.message.contains("kubectl describe resourcequota -n ci"),
+            "{type_}: {}",
+            c.message
+        );
+        assert!(!c.message.contains("describe pod"), "no pod to describe: {}", c.message);
+    }
+    assert_eq!(said(&s, "Ready").0, "False");
+    assert_eq!(said(&s, "Degraded").0, "True");
+    assert_eq!(said(&s, "Stalled").0, "True");
+    assert_eq!(said(&s, "Reconciling").0, "False");
+
+    // Some builders run, more are refused: still Ready, but Degraded and Stalled say why the
+    // rest never come.
+    let s = compute_with(
+        &p,
+        &refused(1, QUOTA),
+        &Service::default(),
+        &[],
+        t("2026-01-01T00:00:00Z"),
+    );
+    assert_eq!(said(&s, "Ready"), ("True", "BuildersReady"));
+    assert_eq!(said(&s, "Degraded"), ("True", "PodsRefused"));
+    assert_eq!(said(&s, "Stalled"), ("True", "PodsRefused"));
+}
+
+#[test]
+fn a_refusal_outranks_the_rollout_deadline_it_causes() {
+    let p = pool(serde_json::json!({"replicas": 1}));
+    let mut d = refused(0, QUOTA);
+    d.status
+        .as_mut()
+        .unwrap()
+        .conditions
+        .as_mut()
+        .unwrap()
+        .push(k8s_openapi::api::apps::v1::DeploymentCondition {
+            type_: "Progressing".into(),
+            status: "False".into(),
+            reason: Some("ProgressDeadlineExceeded".into()),
+            message: Some(r#"ReplicaSet "b-5f7d8c9b6d" has timed out progressing."#.into()),
+            ..Default::default()
+        });
+    let s = compute_with(&p, &d, &Service::default(), &[], t("2026-01-01T00:00:00Z"));
+    assert_eq!(said(&s, "Degraded"), ("True", "PodsRefused"));
+    assert_eq!(said(&s, "Stalled"), ("True", "PodsRefused"));
+
+    d.status.as_mut().unwrap().conditions.as_mut().unwrap().remove(0);
+    let s = compute_with(&p, &d, &Service::default(), &[], t("2026-01-01T00:00:00Z"));
+    assert_eq!(said(&s, "Degraded"), ("True", "RolloutStuck"));
+    assert_eq!(said(&s, "Stalled"), ("True", "RolloutStuck"));
+    assert!(
+        cond(&s, "Stalled")
+            .message
+            .contains("has timed out progressing.; see `kubectl describe pod -l app.kubernetes.io/instance=b"),
+        "{}",
+        cond(&s, "Stalled").message
+    );
+}
+
+#[test]
+fn a_pod_security_refusal_names_the_namespace_label_to_set() {
+    let message = pods_refused(
+        &refused(
+            0,
+            r#"pods "b-5f7d8c9b6d-x2k4q" is forbidden: violates PodSecurity "baseline:latest": privileged (container "agent" must not set securityContext.privileged=true)"#,
+        ),
+        "ci",
+    )
+    .unwrap();
+    assert!(
+        message.starts_with(r#"the API server refuses to create the pods of Deployment b: pods "b-5f7d8c9b6d-x2k4q" is forbidden: violates PodSecurity"#),
+        "{message}"
+    );
+    assert!(
+        message.ends_with("kubectl label namespace ci pod-security.kubernetes.io/enforce=privileged"),
+        "{message}"
+    );
+    let limit = pods_refused(
+        &refused(
+            0,
+            r#"pods "b-x" is forbidden: maximum memory usage per Container is 1Gi, but limit is 4Gi"#,
+        ),
+        "ci",
+    )
+    .unwrap();
+    assert!(limit.contains("kubectl describe limitrange -n ci"), "{limit}");
+    let other = pods_refused(
+        &refused(0, r#"pods "b-x" is forbidden: error looking up service account ci/x"#),
+        "ci",
+    )
+    .unwrap();
+    assert!(
+        other.ends_with("kubectl get events -n ci --field-selector reason=FailedCreate"),
+        "{other}"
+    );
+    assert_eq!(
+        pods_refused(&deployment(1, 0, 1), "ci"),
+        None,
+        "no ReplicaFailure, no refusal"
+    );
+}
+
+#[test]
+fn a_failed_reconcile_is_not_ready_and_stalls_only_when_a_person_must_act() {
+    let mut p = pool(serde_json::json!({}));
+    let t0 = t("2026-01-01T00:00:00Z");
+    p.status = Some(compute_with(&p, &deployment(1, 1, 1), &Service::default(), &[], t0));
+    let t1 = t("2026-01-01T00:01:00Z");
+    let refused = failed(&p, "ApplyFailed", "applying Service b: forbidden", true, t1);
+    assert_eq!(said(&refused, "Ready"), ("False", "ApplyFailed"));
+    assert_eq!(cond(&refused, "Ready").message, "applying Service b: forbidden");
+    assert_eq!(cond(&refused, "Ready").last_transition_time.0, t1);
+    assert_eq!(said(&refused, "Degraded"), ("True", "ApplyFailed"));
+    assert_eq!(said(&refused, "Stalled"), ("True", "ApplyFailed"));
+    assert_eq!(said(&refused, "Reconciling").0, "False");
+    assert_eq!(said(&refused, "Progressing"), ("False", "UpToDate"), "kept as it was");
+    assert!(refused.host_public_key.is_some(), "the rest kept");
+
+    let transient = failed(&p, "ApplyFailed", "applying Service b: timed out", false, t1);
+    assert_eq!(said(&transient, "Ready"), ("False", "ApplyFailed"));
+    assert_eq!(said(&transient, "Reconciling"), ("True", "ApplyFailed"));
+    assert_eq!(
+        cond(&transient, "Reconciling").message,
+        "retrying: applying Service b: timed out"
+    );
+    assert_eq!(said(&transient, "Stalled").0, "False");
+}
+
+#[test]
+fn an_invalid_spec_stalls() {
+    let p = pool(serde_json::json!({}));
+    let s = invalid(&p, "spec.x: bad", t("2026-01-01T00:00:00Z"));
+    assert_eq!(said(&s, "Stalled"), ("True", "InvalidSpec"));
+    assert!(cond(&s, "Stalled").message.starts_with("spec.x: bad. Fix the spec"));
+    assert_eq!(said(&s, "Reconciling"), ("False", "InvalidSpec"));
+    assert_eq!(said(&s, "Degraded"), ("True", "InvalidSpec"));
+}
