@@ -1241,10 +1241,28 @@ async fn a_cluster_ip_pool_builds_through_builderctl_tunnel_and_again_after_its_
         read_log()
     );
 
-    // The pod goes; its replacement becomes Ready; the same tunnel process takes the next
-    // connection there.
+    // The pod goes. A connection made at once finds no Ready pod (the old one is being deleted,
+    // its replacement is starting): the tunnel retries with backoff and the connection gets the
+    // replacement's sshd banner, with no ssh client timeout in the way.
     let deleted = w.kubectl(&["delete", "pod", &first_pod, "--wait=false"]);
     assert!(deleted.status.success(), "{}", String::from_utf8_lossy(&deleted.stderr));
+    let banner = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut buf = [0u8; 64];
+        let n = conn.read(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(banner.starts_with("SSH-2.0-"), "not an sshd banner: {banner:?}");
+    assert!(
+        read_log().contains("retrying in"),
+        "the connection made while no pod was Ready was not retried:\n{}",
+        read_log()
+    );
+    // The next build through the same tunnel process lands on the replacement.
     let second_pod = eventually(MIN, "a new builder pod Ready", || async {
         w.pods()
             .await
