@@ -12,7 +12,7 @@ use nixpool_api::NixBuilderPool;
 use crate::merge::{self, Change};
 use crate::render::{self, RenderOptions};
 use crate::source::{self, ClusterOptions, Selection};
-use crate::{asuser, darwin, defaults, diff, doctor, fsio, keygen, nixsetup, sshconfig, status};
+use crate::{asuser, darwin, defaults, diff, doctor, fsio, keygen, nixsetup, sshconfig, status, tunnel};
 
 const ABOUT: &str = "Puts a nixpool builder pool into your Nix (/etc/nix/machines, an ssh drop-in, a key) and says what is wrong when builds do not reach it.";
 
@@ -24,6 +24,7 @@ Examples:
   builderctl machines-file -A --check               # exit 1 when /etc/nix/machines is out of date
   sudo builderctl machines-file --remove linux
   sudo builderctl doctor linux
+  builderctl tunnel linux                           # a pool with no outside address, through the API server
   builderctl status -A
   builderctl completions zsh > ~/.zfunc/_builderctl";
 
@@ -56,6 +57,10 @@ pub enum Command {
     /// Check, in order, everything between `nix build` and a pool; print each finding and its fix.
     #[command(after_help = DOCTOR_EXAMPLES)]
     Doctor(DoctorArgs),
+    /// Reach a pool through the Kubernetes API (port-forward) on a local port, for pools with no
+    /// address outside the cluster; `--install` writes the ssh drop-in and machines line for it.
+    #[command(after_help = TUNNEL_EXAMPLES)]
+    Tunnel(TunnelArgs),
     /// A table of pools: ready, endpoint, jobs, systems, features.
     #[command(after_help = STATUS_EXAMPLES)]
     Status(StatusArgs),
@@ -103,6 +108,29 @@ with Nix versions that take no port in the URI, then write the machines file wit
 Examples:
   sudo builderctl ssh-config linux
   builderctl ssh-config --from pool.yaml --print";
+
+const TUNNEL_EXAMPLES: &str = "\
+The tunnel listens on 127.0.0.1:--port and carries each connection to a Ready pod of the pool's
+Service (its builders, or its gateway pods with spec.gateway/autoscaling) over the API server
+(`pods/portforward`, as `kubectl port-forward` does), with your kubeconfig: you need get on
+services and nixbuilderpools, list on pods, create and get on pods/portforward. Each connection
+has its own forward: when a pod goes away the next connection goes to another Ready pod, and a
+forward that fails (no Ready pod yet, the pod went away, sshd not answering) is retried with
+jittered backoff for about 25 s.
+
+Nix reaches it through the pool's ssh Host alias nixpool-<ns>-<name>: the drop-in says HostName
+127.0.0.1, Port <port>, and HostKeyAlias, so the pool's host key from its status still
+verifies. nix-daemon runs ssh as root, so the drop-in must be where root's ssh reads it
+(/etc/ssh/ssh_config.d, not ~/.ssh/config): `sudo builderctl tunnel POOL --install` writes it,
+its known_hosts file and the pool's block in /etc/nix/machines (merged as `machines-file` does,
+ssh-ng://<user>@nixpool-<ns>-<name>) and exits; it replaces a drop-in of `builderctl
+ssh-config` for the same pool. Then run the tunnel itself as you, with the same --port, and
+keep it running while Nix builds. Without --install it prints what it would write.
+
+Examples:
+  sudo builderctl tunnel linux --install            # once: drop-in, known_hosts, /etc/nix/machines
+  builderctl tunnel linux                           # then, as you: 127.0.0.1:22122 -> pool linux
+  builderctl tunnel builds/linux --port 22123       # another pool, another port";
 
 const KEYGEN_EXAMPLES: &str = "\
 Examples:
@@ -292,6 +320,49 @@ pub struct SshConfigArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct TunnelArgs {
+    /// The pool: a name (the context's namespace, or -n) or namespace/name.
+    pub pool: String,
+    /// Kubeconfig file. Default: $KUBECONFIG, then ~/.kube/config.
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context. Default: the current context.
+    #[arg(long)]
+    pub context: Option<String>,
+    /// Namespace. Default: the context's namespace.
+    #[arg(short = 'n', long)]
+    pub namespace: Option<String>,
+    /// The local port, on 127.0.0.1 only. 0: a free one (printed; not with --install).
+    #[arg(long, default_value_t = tunnel::DEFAULT_PORT)]
+    pub port: u16,
+    /// Path of the client private key on this machine (IdentityFile, and the machines line's key).
+    #[arg(long, value_name = "FILE", default_value = defaults::KEY)]
+    pub key: PathBuf,
+    /// Write the drop-in, its known_hosts file and the machines line for the tunnel on --port,
+    /// then exit (needs root: `sudo`; the pool is read as the user who ran sudo).
+    #[arg(long)]
+    pub install: bool,
+    /// Where the drop-in goes (`nixpool-<ns>-<name>.conf`).
+    #[arg(long, value_name = "DIR", default_value = defaults::SSH_CONFIG_DIR)]
+    pub ssh_config_dir: PathBuf,
+    /// Where the pinned host key goes (`nixpool-<ns>-<name>.known_hosts`).
+    #[arg(long, value_name = "DIR", default_value = defaults::KNOWN_HOSTS_DIR)]
+    pub known_hosts_dir: PathBuf,
+    /// The machines file to merge the pool's line into.
+    #[arg(long, value_name = "FILE", default_value = defaults::MACHINES_FILE)]
+    pub machines_file: PathBuf,
+    /// Do not keep <file>.builderctl-backup of the machines file.
+    #[arg(long)]
+    pub no_backup: bool,
+    /// Write the line of a pool that is not Ready too.
+    #[arg(long)]
+    pub allow_unready: bool,
+    /// Under sudo, read the pool as root instead of as the user who ran sudo.
+    #[arg(long)]
+    pub read_as_root: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct KeygenArgs {
     /// The private key file (the public one gets `.pub`).
     #[arg(long, value_name = "FILE", default_value = defaults::KEY)]
@@ -371,6 +442,8 @@ impl Cli {
             Command::MachinesFile(a) => machines_file(a).await,
             Command::SshConfig(a) => ssh_config(a).await,
             Command::Keygen(a) => keygen_cmd(a),
+            Command::Tunnel(a) if a.install => tunnel_install(a).await,
+            Command::Tunnel(a) => tunnel_cmd(a).await,
             Command::Doctor(a) => doctor_cmd(a),
             Command::Status(a) => {
                 let pools = a.source.load().await?;
@@ -470,7 +543,7 @@ async fn machines_file(a: MachinesFileArgs) -> anyhow::Result<ExitCode> {
                         .map(|e| e.port)
                         .unwrap_or(22);
                     let cfg = (port != 22 || a.via_ssh_config).then(|| {
-                        let c = ssh_config_of(p, &a.key, &PathBuf::from(defaults::KNOWN_HOSTS_DIR), e);
+                        let c = sshconfig::for_pool(p, &a.key, &PathBuf::from(defaults::KNOWN_HOSTS_DIR), e);
                         (c.alias.clone(), c.render())
                     });
                     (render::pool_id(p), cfg)
@@ -615,26 +688,6 @@ fn nix_settings(a: &MachinesFileArgs) -> anyhow::Result<Option<NixSettings>> {
     }))
 }
 
-fn ssh_config_of(
-    p: &NixBuilderPool,
-    key: &std::path::Path,
-    known_dir: &std::path::Path,
-    e: &nixpool_api::MachinesEntry,
-) -> sshconfig::SshConfig {
-    let alias = render::ssh_alias(p);
-    let endpoint = p.status.as_ref().and_then(|s| s.endpoint.clone());
-    sshconfig::SshConfig {
-        pool_id: render::pool_id(p),
-        alias: alias.clone(),
-        host: endpoint.as_ref().map(|e| e.host.clone()).unwrap_or_default(),
-        port: endpoint.map(|e| e.port as u16).unwrap_or(22),
-        user: p.spec.ssh.user.clone(),
-        key: key.display().to_string(),
-        host_public_key: e.host_public_key.clone().unwrap_or_default(),
-        known_hosts: sshconfig::known_hosts_path(known_dir, &alias),
-    }
-}
-
 async fn ssh_config(a: SshConfigArgs) -> anyhow::Result<ExitCode> {
     let pools = a.source.load().await?;
     let opts = RenderOptions {
@@ -646,7 +699,7 @@ async fn ssh_config(a: SshConfigArgs) -> anyhow::Result<ExitCode> {
     let mut configs = Vec::new();
     for p in &pools {
         let e = render::entry(p, &opts)?;
-        configs.push(ssh_config_of(p, &a.key, &a.known_hosts_dir, &e));
+        configs.push(sshconfig::for_pool(p, &a.key, &a.known_hosts_dir, &e));
     }
     for c in &configs {
         if a.print {
@@ -656,20 +709,146 @@ async fn ssh_config(a: SshConfigArgs) -> anyhow::Result<ExitCode> {
             print!("{}", c.known_hosts_line());
             continue;
         }
-        let conf = a.ssh_config_dir.join(c.file_name());
-        fsio::write_atomic(
-            &c.known_hosts,
-            c.known_hosts_line().as_bytes(),
-            0o644,
-            false,
-            &sudo_hint(),
-        )?;
-        fsio::write_atomic(&conf, c.render().as_bytes(), 0o644, false, &sudo_hint())?;
-        println!("wrote {} and {}", conf.display(), c.known_hosts.display());
+        write_ssh_config(c, &a.ssh_config_dir)?;
         println!(
             "reach it as ssh-ng://{}@{}: `sudo builderctl machines-file {} --via-ssh-config`",
             c.user, c.alias, c.pool_id
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes a drop-in into `dir` and its known_hosts file.
+fn write_ssh_config(c: &sshconfig::SshConfig, dir: &std::path::Path) -> anyhow::Result<()> {
+    let conf = dir.join(c.file_name());
+    fsio::write_atomic(
+        &c.known_hosts,
+        c.known_hosts_line().as_bytes(),
+        0o644,
+        false,
+        &sudo_hint(),
+    )?;
+    fsio::write_atomic(&conf, c.render().as_bytes(), 0o644, false, &sudo_hint())?;
+    println!("wrote {} and {}", conf.display(), c.known_hosts.display());
+    Ok(())
+}
+
+impl TunnelArgs {
+    fn cluster(&self) -> ClusterOptions {
+        ClusterOptions {
+            kubeconfig: self.kubeconfig.clone(),
+            context: self.context.clone(),
+            namespace: self.namespace.clone(),
+            all_namespaces: false,
+        }
+    }
+
+    fn render_options(&self) -> RenderOptions {
+        RenderOptions {
+            key_path: self.key.display().to_string(),
+            allow_unready: self.allow_unready,
+            via_ssh_config: true,
+            allow_stale: false,
+        }
+    }
+}
+
+/// `tunnel --install`: the drop-in, its known_hosts and the machines block; no forwarding.
+async fn tunnel_install(a: TunnelArgs) -> anyhow::Result<ExitCode> {
+    if a.port == 0 {
+        bail!("--install needs the fixed --port the tunnel will listen on (0 picks a new one each run)");
+    }
+    let source = SourceArgs {
+        pools: vec![a.pool.clone()],
+        from: None,
+        kubeconfig: a.kubeconfig.clone(),
+        context: a.context.clone(),
+        namespace: a.namespace.clone(),
+        all_namespaces: false,
+        selector: None,
+        read_as_root: a.read_as_root,
+    };
+    let pools = source.load().await?;
+    let Some(p) = pools.first() else {
+        bail!("pool {} was not found", a.pool);
+    };
+    let e = render::entry(p, &a.render_options())?;
+    let c = tunnel::ssh_config(p, &a.key, &a.known_hosts_dir, &e, a.port);
+    write_ssh_config(&c, &a.ssh_config_dir)?;
+    let path = &a.machines_file;
+    let existing = fsio::read_or_empty(path)?;
+    let change = Change::Set {
+        id: render::pool_id(p),
+        line: e.to_string(),
+    };
+    let merged = merge::merge(&existing, &[change]).with_context(|| format!("{}: nothing written", path.display()))?;
+    if merged.changed.is_empty() {
+        println!("{} is up to date", path.display());
+    } else {
+        fsio::write_atomic(path, merged.text.as_bytes(), 0o644, !a.no_backup, &sudo_hint())?;
+        println!("wrote {} in {} ({})", render::pool_id(p), path.display(), e.uri);
+    }
+    println!(
+        "now run the tunnel as yourself and keep it running while Nix builds: builderctl tunnel {} --port {}",
+        render::pool_id(p),
+        a.port
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tunnel`: listen on 127.0.0.1 and forward each connection to a Ready pod of the pool.
+async fn tunnel_cmd(a: TunnelArgs) -> anyhow::Result<ExitCode> {
+    let sel = Selection {
+        names: vec![a.pool.clone()],
+        selector: None,
+    };
+    let pools = source::from_cluster(&a.cluster(), &sel).await?;
+    let Some(p) = pools.first() else {
+        bail!("pool {} was not found", a.pool);
+    };
+    let listener = tokio::net::TcpListener::bind((tunnel::LOCALHOST, a.port))
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {}:{}: is a tunnel already running there? Choose another --port (and --install it)",
+                tunnel::LOCALHOST,
+                a.port
+            )
+        })?;
+    let port = listener.local_addr()?.port();
+    match render::entry(p, &a.render_options()) {
+        Ok(e) => {
+            let c = tunnel::ssh_config(p, &a.key, &a.known_hosts_dir, &e, port);
+            println!(
+                "# Nix reaches the pool through this tunnel with these (`sudo builderctl tunnel {} --port {port} --install` writes them):",
+                render::pool_id(p)
+            );
+            println!("# {}", a.ssh_config_dir.join(c.file_name()).display());
+            print!("{}", c.render());
+            println!("# {}", c.known_hosts.display());
+            print!("{}", c.known_hosts_line());
+            println!("# {}", a.machines_file.display());
+            println!("{e}");
+        }
+        Err(e) => eprintln!("warning: no machines line for it yet: {e}"),
+    }
+    let (client, _) = source::client(&a.cluster()).await?;
+    let t = std::sync::Arc::new(tunnel::Tunnel::new(client, render::namespace(p), render::name(p)));
+    match t.targets().await {
+        Ok(pods) => println!("{} Ready pod(s) now", pods.len()),
+        Err(e) => eprintln!("warning: {e}; connections are retried until one is Ready"),
+    }
+    println!(
+        "forwarding {}:{port} to pool {}; Ctrl-C stops it",
+        tunnel::LOCALHOST,
+        render::pool_id(p)
+    );
+    std::io::stdout().flush()?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = t.serve(listener) => r.context("accepting a connection")?,
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
     }
     Ok(ExitCode::SUCCESS)
 }

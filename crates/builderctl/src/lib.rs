@@ -18,6 +18,7 @@ pub mod render;
 pub mod source;
 pub mod sshconfig;
 pub mod status;
+pub mod tunnel;
 
 /// Default paths. Every one of them is a flag, so tests (and unusual setups) can move them.
 pub mod defaults {

@@ -3,10 +3,16 @@
 
 use std::path::{Path, PathBuf};
 
+use nixpool_api::{MachinesEntry, NixBuilderPool};
+
+use crate::render;
+
 /// What the drop-in says.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SshConfig {
     pub pool_id: String,
+    /// The command that wrote it (`builderctl ssh-config`, `builderctl tunnel --install`).
+    pub written_by: &'static str,
     pub alias: String,
     pub host: String,
     pub port: u16,
@@ -31,7 +37,7 @@ impl SshConfig {
     /// The drop-in text.
     pub fn render(&self) -> String {
         format!(
-            "# nixpool pool {id}, written by `builderctl ssh-config`; it is replaced on the next run.\n\
+            "# nixpool pool {id}, written by `{written_by}`; it is replaced on the next run.\n\
              # /etc/nix/machines reaches it as ssh-ng://{user}@{alias} (`builderctl machines-file --via-ssh-config`).\n\
              Host {alias}\n\
              \x20   HostName {host}\n\
@@ -51,6 +57,7 @@ impl SshConfig {
              \x20   ControlMaster no\n\
              \x20   ControlPath none\n",
             id = self.pool_id,
+            written_by = self.written_by,
             alias = self.alias,
             host = self.host,
             port = self.port,
@@ -64,4 +71,22 @@ impl SshConfig {
 /// Where the known_hosts file of a pool goes.
 pub fn known_hosts_path(dir: &Path, alias: &str) -> PathBuf {
     dir.join(format!("{alias}.known_hosts"))
+}
+
+/// The drop-in of `builderctl ssh-config` for a pool: its status endpoint, the host key of its
+/// machines line `e`, the client key `key`.
+pub fn for_pool(p: &NixBuilderPool, key: &Path, known_dir: &Path, e: &MachinesEntry) -> SshConfig {
+    let alias = render::ssh_alias(p);
+    let endpoint = p.status.as_ref().and_then(|s| s.endpoint.clone());
+    SshConfig {
+        pool_id: render::pool_id(p),
+        written_by: "builderctl ssh-config",
+        alias: alias.clone(),
+        host: endpoint.as_ref().map(|e| e.host.clone()).unwrap_or_default(),
+        port: endpoint.map(|e| e.port as u16).unwrap_or(22),
+        user: p.spec.ssh.user.clone(),
+        key: key.display().to_string(),
+        host_public_key: e.host_public_key.clone().unwrap_or_default(),
+        known_hosts: known_hosts_path(known_dir, &alias),
+    }
 }

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use builderctl::render::{self, RenderError, RenderOptions};
-use builderctl::{darwin, source, sshconfig, status};
+use builderctl::{darwin, source, sshconfig, status, tunnel};
 use nixpool_api::{MachinesEntry, NixBuilderPool};
 
 fn dir() -> PathBuf {
@@ -194,6 +194,7 @@ fn ssh_config_drop_in() {
     let p = pool("kvm");
     let e = render::entry(&p, &opts()).unwrap();
     let c = sshconfig::SshConfig {
+        written_by: "builderctl ssh-config",
         pool_id: render::pool_id(&p),
         alias: render::ssh_alias(&p),
         host: "192.0.2.10".into(),
@@ -418,4 +419,45 @@ fn pools_listed_from_the_cluster_render_as_the_whole_objects_do() {
     assert_eq!(status::table(&listed), status::table(&whole));
     let bad = api_list(&whole).replace("\"maxJobs\":4", "\"maxJobs\":\"many\"");
     assert!(source::decode_list(&bad).is_err());
+}
+
+#[test]
+fn the_tunnel_drop_in_reaches_the_pool_alias_on_localhost_and_pins_the_pools_host_key() {
+    let p = pool("kvm");
+    let via = RenderOptions {
+        via_ssh_config: true,
+        ..opts()
+    };
+    let e = render::entry(&p, &via).unwrap();
+    let c = tunnel::ssh_config(
+        &p,
+        Path::new("/etc/nix/nixpool_ed25519"),
+        Path::new("/etc/ssh"),
+        &e,
+        tunnel::DEFAULT_PORT,
+    );
+    let text = c.render();
+    golden(
+        "tunnel-kvm.conf",
+        &format!("{text}# known_hosts:\n{}# machines:\n{e}\n", c.known_hosts_line()),
+    );
+    // The machines line's host is the drop-in's alias, and ssh looks the host key up under it.
+    let alias = render::ssh_alias(&p);
+    assert_eq!(e.uri, format!("ssh-ng://{}@{alias}", p.spec.ssh.user));
+    for needed in [
+        format!("Host {alias}\n"),
+        "HostName 127.0.0.1\n".to_string(),
+        format!("Port {}\n", tunnel::DEFAULT_PORT),
+        format!("HostKeyAlias {alias}\n"),
+        "StrictHostKeyChecking yes\n".to_string(),
+    ] {
+        assert!(text.contains(&needed), "{needed} missing:\n{text}");
+    }
+    assert_eq!(
+        c.known_hosts_line(),
+        format!(
+            "{alias} {}\n",
+            p.status.as_ref().unwrap().host_public_key.as_deref().unwrap().trim()
+        )
+    );
 }

@@ -1135,3 +1135,154 @@ async fn a_gateway_killed_outright_loses_only_the_builds_spliced_through_it() {
     assert_built(&nix_build_command(&machines, &drv).output().unwrap());
     w.stop();
 }
+
+/// A child process killed (and reaped) when dropped, so a failed assertion leaves no tunnel.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A pool with only a ClusterIP Service (no address this host can route to), reached through a
+/// running `builderctl tunnel` process: port-forwards over the API server to a builder pod, as
+/// the user's kubeconfig allows. Nix reaches it through the drop-in and machines line that
+/// `builderctl tunnel --install` wrote. The builder pod is then deleted, and a second build
+/// through the same tunnel process lands on its replacement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cluster_ip_pool_builds_through_builderctl_tunnel_and_again_after_its_pod_is_deleted() {
+    let w = World::new("tunnel").await;
+    w.apply_pool_with("builders", 1, |p| {
+        p.spec.service.type_ = nixpool_api::v1alpha1::ServiceType::ClusterIP;
+    })
+    .await;
+    w.ready("builders", 1).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let conf_dir = w.dir.join("ssh_config.d");
+    std::fs::create_dir_all(&conf_dir).unwrap();
+    let machines = w.dir.join("machines-tunnel");
+    let tunnel_cmd = || {
+        let mut c = std::process::Command::new(binary("builderctl").unwrap());
+        c.args([
+            "tunnel",
+            "builders",
+            "-n",
+            &w.ns,
+            "--port",
+            &port.to_string(),
+            "--kubeconfig",
+        ])
+        .arg(w.cp.kubeconfig())
+        .arg("--key")
+        .arg(&w.key.path);
+        c
+    };
+    run(tunnel_cmd()
+        .arg("--install")
+        .arg("--ssh-config-dir")
+        .arg(&conf_dir)
+        .arg("--known-hosts-dir")
+        .arg(&conf_dir)
+        .arg("--machines-file")
+        .arg(&machines));
+    let alias = format!("nixpool-{}-builders", w.ns);
+    let line = std::fs::read_to_string(&machines).unwrap();
+    assert!(line.contains(&format!("ssh-ng://builder@{alias} ")), "{line}");
+    let drop_in = conf_dir.join(format!("{alias}.conf"));
+    let conf = std::fs::read_to_string(&drop_in).unwrap();
+    for want in [
+        "HostName 127.0.0.1".to_string(),
+        format!("Port {port}"),
+        format!("HostKeyAlias {alias}"),
+    ] {
+        assert!(conf.contains(&want), "the drop-in lacks {want}:\n{conf}");
+    }
+
+    let log = w.dir.join("tunnel.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let _tunnel = KillOnDrop(
+        tunnel_cmd()
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap(),
+    );
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    eventually(MIN, "the tunnel listens", || async {
+        read_log()
+            .contains(&format!("forwarding 127.0.0.1:{port}"))
+            .then_some(())
+    })
+    .await;
+    // Nix's ssh reads the drop-in as root's ssh would read /etc/ssh/ssh_config.d.
+    let build = |name: &str| {
+        let drv = derivation(&w.dir, name, &format!("echo {name} through the tunnel > $out")).unwrap();
+        let mut c = nix_build_command(&machines, &drv);
+        c.env("NIX_SSHOPTS", format!("-F {}", drop_in.display()));
+        c.output().unwrap()
+    };
+
+    let first_pod = w.pods().await[0].metadata.name.clone().unwrap();
+    let out = assert_built(&build("first"));
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap().trim(),
+        "first through the tunnel"
+    );
+    assert!(w.built_on_a_builder(&out).await, "{out} was not built on the pool");
+    assert!(
+        read_log().contains(&format!("pod {first_pod} port 22")),
+        "{}",
+        read_log()
+    );
+
+    // The pod goes. A connection made at once finds no Ready pod (the old one is being deleted,
+    // its replacement is starting): the tunnel retries with backoff and the connection gets the
+    // replacement's sshd banner, with no ssh client timeout in the way.
+    let deleted = w.kubectl(&["delete", "pod", &first_pod, "--wait=false"]);
+    assert!(deleted.status.success(), "{}", String::from_utf8_lossy(&deleted.stderr));
+    let banner = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut buf = [0u8; 64];
+        let n = conn.read(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(banner.starts_with("SSH-2.0-"), "not an sshd banner: {banner:?}");
+    assert!(
+        read_log().contains("retrying in"),
+        "the connection made while no pod was Ready was not retried:\n{}",
+        read_log()
+    );
+    // The next build through the same tunnel process lands on the replacement.
+    let second_pod = eventually(MIN, "a new builder pod Ready", || async {
+        w.pods()
+            .await
+            .into_iter()
+            .find(|p| {
+                p.metadata.name.as_deref() != Some(first_pod.as_str())
+                    && p.status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            })
+            .and_then(|p| p.metadata.name)
+    })
+    .await;
+    let out = assert_built(&build("second"));
+    assert!(w.built_on_a_builder(&out).await, "{out} was not built on the pool");
+    assert!(
+        read_log().contains(&format!("pod {second_pod} port 22")),
+        "{}",
+        read_log()
+    );
+    w.stop();
+}

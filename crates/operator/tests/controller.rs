@@ -196,15 +196,9 @@ async fn every_example_pool_gets_its_children_and_a_status() {
     let ep = teams.status.as_ref().unwrap().endpoint.clone().unwrap();
     assert_eq!((ep.host.as_str(), ep.port), (format!("teams.{ns}.svc").as_str(), 22));
 
-    // LoadBalancer pool: once the cloud publishes an address and the builders are ready (play
-    // the kubelet), it is Ready with a machines line whose max jobs is ready builders x jobs
+    // The minimal example's ClusterIP pool: once the builders are ready (play the kubelet), it is
+    // Ready with a machines line on its in-cluster name whose max jobs is ready builders x jobs
     // per builder.
-    assert!(pools.get("builders").await.unwrap().status.unwrap().endpoint.is_none());
-    let lb = serde_json::json!({"status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.20"}]}}});
-    services
-        .patch_status("builders", &PatchParams::default(), &Patch::Merge(&lb))
-        .await
-        .unwrap();
     eventually(MIN, "2 builder pods from the real ReplicaSet controller", || async {
         (make_pods_ready(&client, &ns, "builders").await == 2).then_some(())
     })
@@ -216,7 +210,7 @@ async fn every_example_pool_gets_its_children_and_a_status() {
     .await;
     let st = ready.status.clone().unwrap();
     let line = MachinesEntry::parse(st.machines_entry.as_deref().unwrap()).unwrap();
-    assert_eq!(line.uri, "ssh-ng://builder@192.0.2.20");
+    assert_eq!(line.uri, format!("ssh-ng://builder@builders.{ns}.svc"));
     assert_eq!(line.max_jobs, 2 * 4);
     assert_eq!(line.systems, vec!["x86_64-linux"]);
     assert_eq!(line.host_public_key.as_deref(), st.host_public_key.as_deref());

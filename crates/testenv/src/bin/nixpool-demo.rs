@@ -217,6 +217,9 @@ async fn main() -> anyhow::Result<()> {
     spec["image"] = node.builder_image().into();
     spec["imagePullPolicy"] = "Never".into();
     spec["cache"] = serde_yaml::to_value(serde_json::json!({"nixosCache": false}))?;
+    // The example's Service is a ClusterIP; this host reaches the pool at the address the test
+    // load balancer gives a LoadBalancer Service.
+    spec["service"] = serde_yaml::to_value(serde_json::json!({"type": "LoadBalancer"}))?;
     let pool_file = args.workdir.join("pool.yaml");
     std::fs::write(&pool_file, serde_yaml::to_string(&pool)?)?;
     let apply = Instant::now();
