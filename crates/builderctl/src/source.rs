@@ -270,7 +270,7 @@ fn matches_selector(p: &NixBuilderPool, selector: &str) -> bool {
 /// Parses pools from text; `Err((document number, message))`.
 pub fn parse(text: &str) -> Result<Vec<NixBuilderPool>, (usize, String)> {
     let mut out = Vec::new();
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
         let value = serde_json::Value::deserialize(doc).map_err(|e| (i + 1, e.to_string()))?;
         if value.is_null() {
             continue;

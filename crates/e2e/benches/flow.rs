@@ -52,7 +52,7 @@ async fn main() {
     for i in 0..FRESH_POOLS {
         let name = format!("pool-{i}");
         let mut pool: NixBuilderPool =
-            serde_yaml::from_str(&std::fs::read_to_string(format!("{REPO}/examples/minimal.yaml")).unwrap()).unwrap();
+            serde_norway::from_str(&std::fs::read_to_string(format!("{REPO}/examples/minimal.yaml")).unwrap()).unwrap();
         pool.metadata.name = Some(name.clone());
         pool.spec.replicas = 1;
         pool.spec.ssh.authorized_keys = vec![key.public.clone()];

@@ -49,7 +49,7 @@ async fn main() {
     let builderctl = binary("builderctl").unwrap();
     let create = |name: &str, change: &dyn Fn(&mut NixBuilderPool)| {
         let mut pool: NixBuilderPool =
-            serde_yaml::from_str(&std::fs::read_to_string(format!("{REPO}/examples/minimal.yaml")).unwrap()).unwrap();
+            serde_norway::from_str(&std::fs::read_to_string(format!("{REPO}/examples/minimal.yaml")).unwrap()).unwrap();
         pool.metadata.name = Some(name.into());
         pool.spec.max_jobs = 1;
         pool.spec.ssh.authorized_keys = vec![key.public.clone()];

@@ -87,7 +87,7 @@ async fn main() {
     // A pool with no builder gives the pod template, its ConfigMaps and Secrets.
     let key = ClientKey::new(&dir, "client_ed25519").unwrap();
     let mut pool: NixBuilderPool =
-        serde_yaml::from_str(&std::fs::read_to_string(format!("{REPO}/examples/minimal.yaml")).unwrap()).unwrap();
+        serde_norway::from_str(&std::fs::read_to_string(format!("{REPO}/examples/minimal.yaml")).unwrap()).unwrap();
     let name = "store".to_string();
     pool.metadata.name = Some(name.clone());
     pool.spec.replicas = 0;

@@ -84,7 +84,7 @@ impl World {
     /// [`World::apply_pool`], changed by `change` before it is created.
     async fn apply_pool_with(&self, name: &str, replicas: i32, change: impl FnOnce(&mut NixBuilderPool)) {
         let mut pool: NixBuilderPool =
-            serde_yaml::from_str(&std::fs::read_to_string(format!("{REPO}/examples/minimal.yaml")).unwrap()).unwrap();
+            serde_norway::from_str(&std::fs::read_to_string(format!("{REPO}/examples/minimal.yaml")).unwrap()).unwrap();
         pool.metadata.name = Some(name.into());
         pool.spec.replicas = replicas;
         pool.spec.max_jobs = 2;

@@ -63,7 +63,7 @@ async fn main() {
     .await;
 
     let pools: Api<NixBuilderPool> = Api::namespaced(client.clone(), &ns);
-    let mut template: NixBuilderPool = serde_yaml::from_str(include_str!("../../../examples/minimal.yaml")).unwrap();
+    let mut template: NixBuilderPool = serde_norway::from_str(include_str!("../../../examples/minimal.yaml")).unwrap();
     if let Some(r) = replicas {
         template.spec.replicas = r;
     }
@@ -197,7 +197,7 @@ async fn main() {
         .map(|i| {
             let mut p = template.clone();
             p.metadata.name = Some(format!("pool-{i:04}"));
-            serde_yaml::to_string(&p).unwrap()
+            serde_norway::to_string(&p).unwrap()
         })
         .collect();
     std::fs::write(&pools_file, docs.join("---\n")).unwrap();

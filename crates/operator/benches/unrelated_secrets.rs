@@ -45,7 +45,7 @@ async fn measure(cp: &ControlPlane, binary: Option<&std::path::Path>, n_secrets:
     };
     let mut op = start("bench");
     let pools: Api<NixBuilderPool> = Api::namespaced(client.clone(), &ns);
-    let template: NixBuilderPool = serde_yaml::from_str(include_str!("../../../examples/minimal.yaml")).unwrap();
+    let template: NixBuilderPool = serde_norway::from_str(include_str!("../../../examples/minimal.yaml")).unwrap();
     for i in 0..POOLS {
         let mut p = template.clone();
         p.metadata.name = Some(format!("pool-{i:02}"));

@@ -30,12 +30,12 @@ fn helm_template(extra: &[&str]) -> String {
 }
 
 /// The chart's objects rendered with `--set` pairs.
-fn render(sets: &[&str]) -> Vec<serde_yaml::Value> {
+fn render(sets: &[&str]) -> Vec<serde_norway::Value> {
     let args: Vec<&str> = sets.iter().flat_map(|s| ["--set", s]).collect();
     docs(&helm_template(&args))
 }
 
-fn find<'a>(objects: &'a [serde_yaml::Value], k: &str) -> &'a serde_yaml::Value {
+fn find<'a>(objects: &'a [serde_norway::Value], k: &str) -> &'a serde_norway::Value {
     objects
         .iter()
         .find(|d| kind(d) == k)
@@ -43,24 +43,24 @@ fn find<'a>(objects: &'a [serde_yaml::Value], k: &str) -> &'a serde_yaml::Value 
 }
 
 fn app_version() -> String {
-    let chart: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(format!("{}/Chart.yaml", chart())).unwrap()).unwrap();
+    let chart: serde_norway::Value =
+        serde_norway::from_str(&std::fs::read_to_string(format!("{}/Chart.yaml", chart())).unwrap()).unwrap();
     chart["appVersion"].as_str().unwrap().to_string()
 }
 
-fn yaml(text: &str) -> serde_yaml::Value {
-    serde_yaml::from_str(text).unwrap()
+fn yaml(text: &str) -> serde_norway::Value {
+    serde_norway::from_str(text).unwrap()
 }
 
-fn docs(yaml: &str) -> Vec<serde_yaml::Value> {
+fn docs(yaml: &str) -> Vec<serde_norway::Value> {
     use serde::Deserialize;
-    serde_yaml::Deserializer::from_str(yaml)
-        .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+    serde_norway::Deserializer::from_str(yaml)
+        .map(|d| serde_norway::Value::deserialize(d).unwrap())
         .filter(|v| !v.is_null())
         .collect()
 }
 
-fn kind(v: &serde_yaml::Value) -> &str {
+fn kind(v: &serde_norway::Value) -> &str {
     v.get("kind").and_then(|k| k.as_str()).unwrap_or_default()
 }
 
@@ -191,7 +191,7 @@ fn the_chart_works_as_a_subchart() {
         yaml("[{name: platform-pull}]")
     );
     assert_eq!(deploy["metadata"]["labels"]["platform"].as_str(), Some("core"));
-    let args = serde_yaml::to_string(&deploy["spec"]["template"]["spec"]["containers"][0]["args"]).unwrap();
+    let args = serde_norway::to_string(&deploy["spec"]["template"]["spec"]["containers"][0]["args"]).unwrap();
     assert!(args.contains("--namespace=builders"), "{args}");
     assert!(objects.iter().any(|d| kind(d) == "CustomResourceDefinition"));
 
@@ -363,7 +363,7 @@ fn each_value_lands_where_it_belongs() {
         pod["containers"][0]["image"].as_str(),
         Some("ghcr.io/nixpool/nixpool-operator:amd64-abc123")
     );
-    let args = serde_yaml::to_string(&pod["containers"][0]["args"]).unwrap();
+    let args = serde_norway::to_string(&pod["containers"][0]["args"]).unwrap();
     assert!(
         args.contains("--default-image=registry.example.com/builder:amd64-abc123"),
         "{args}"
@@ -394,7 +394,7 @@ fn global_fallbacks_name_override_and_the_old_builder_image_string() {
     );
     let pod = &deploy["spec"]["template"]["spec"];
     assert_eq!(pod["priorityClassName"].as_str(), Some("platform"));
-    let args = serde_yaml::to_string(&pod["containers"][0]["args"]).unwrap();
+    let args = serde_norway::to_string(&pod["containers"][0]["args"]).unwrap();
     assert!(args.contains("--default-image=ghcr.io/x/builder:v1"), "{args}");
 }
 
@@ -503,7 +503,7 @@ fn rendered_objects_are_valid_kubernetes_1_32() {
         let file = dir.path().join(format!("{name}.yaml"));
         let text: String = builtin
             .iter()
-            .map(|d| format!("---\n{}", serde_yaml::to_string(d).unwrap()))
+            .map(|d| format!("---\n{}", serde_norway::to_string(d).unwrap()))
             .collect();
         std::fs::write(&file, text).unwrap();
         run(Command::new("kubernetes-validate")
@@ -516,7 +516,7 @@ fn rendered_objects_are_valid_kubernetes_1_32() {
     let secrets: String = docs(&team)
         .iter()
         .filter(|d| kind(d) == "Secret")
-        .map(|d| format!("---\n{}", serde_yaml::to_string(d).unwrap()))
+        .map(|d| format!("---\n{}", serde_norway::to_string(d).unwrap()))
         .collect();
     std::fs::write(&examples, secrets).unwrap();
     run(Command::new("kubernetes-validate")
@@ -526,7 +526,7 @@ fn rendered_objects_are_valid_kubernetes_1_32() {
 
 /// The rules of the rendered ClusterRole and leader-election Role.
 struct Rbac {
-    objects: Vec<serde_yaml::Value>,
+    objects: Vec<serde_norway::Value>,
 }
 
 impl Rbac {
@@ -553,7 +553,7 @@ impl Rbac {
                 }
                 _ => {}
             }
-            out.push_str(&format!("---\n{}", serde_yaml::to_string(&d).unwrap()));
+            out.push_str(&format!("---\n{}", serde_norway::to_string(&d).unwrap()));
         }
         out
     }
@@ -600,7 +600,7 @@ async fn service_account_kubeconfig(cp: &ControlPlane, dir: &Path) -> std::path:
 
 /// A pool with a gateway and autoscaling, so that every rule is used.
 fn pool(name: &str) -> NixBuilderPool {
-    let mut p: NixBuilderPool = serde_yaml::from_str(include_str!("../../../examples/autoscaling.yaml")).unwrap();
+    let mut p: NixBuilderPool = serde_norway::from_str(include_str!("../../../examples/autoscaling.yaml")).unwrap();
     p.metadata.name = Some(name.into());
     p
 }
@@ -734,7 +734,7 @@ fn serves_speed_factor(cp: &ControlPlane, dir: &Path, ns: &str) -> bool {
     pool["metadata"]["name"] = name.clone().into();
     pool["spec"]["speedFactor"] = 3.into();
     let file = dir.join(format!("{name}.yaml"));
-    std::fs::write(&file, serde_yaml::to_string(&pool).unwrap()).unwrap();
+    std::fs::write(&file, serde_norway::to_string(&pool).unwrap()).unwrap();
     cp.forget_discovery();
     run(cp
         .kubectl()
@@ -771,7 +771,7 @@ async fn helm_upgrade_replaces_an_older_crd() {
     let mut old = yaml(&std::fs::read_to_string(format!("{REPO}/crds/nixbuilderpools.nixpool.dev.yaml")).unwrap());
     let spec = &mut old["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
     assert!(spec.as_mapping_mut().unwrap().remove("speedFactor").is_some());
-    let old_text = serde_yaml::to_string(&old).unwrap();
+    let old_text = serde_norway::to_string(&old).unwrap();
     let old_crd = dir.join("old-crd.yaml");
     std::fs::write(&old_crd, &old_text).unwrap();
     // The same chart carrying that older CRD.

@@ -483,7 +483,7 @@ async fn an_invalid_spec_is_reported_and_changes_nothing() {
         let want = if type_ == "Ready" { "False" } else { "True" };
         assert_eq!((c.status.as_str(), c.reason.as_str()), (want, "BadHostKey"), "{type_}");
     }
-    let mut healthy: NixBuilderPool = serde_yaml::from_str(include_str!("../../../examples/minimal.yaml")).unwrap();
+    let mut healthy: NixBuilderPool = serde_norway::from_str(include_str!("../../../examples/minimal.yaml")).unwrap();
     healthy.metadata.name = Some("healthy".into());
     pools.create(&Default::default(), &healthy).await.unwrap();
     let healthy = observed(&pools, "healthy").await;
@@ -871,7 +871,7 @@ async fn an_object_under_a_childs_name_is_not_taken_over_and_outlives_the_pool()
     let _op = Operator::start(cp, &ns);
     apply_example(cp, &ns, "minimal.yaml");
     let mut second: NixBuilderPool =
-        serde_yaml::from_str(&std::fs::read_to_string(format!("{REPO}/examples/minimal.yaml")).unwrap()).unwrap();
+        serde_norway::from_str(&std::fs::read_to_string(format!("{REPO}/examples/minimal.yaml")).unwrap()).unwrap();
     second.metadata.name = Some("second".into());
     let pools: Api<NixBuilderPool> = Api::namespaced(client.clone(), &ns);
     pools.create(&Default::default(), &second).await.unwrap();

@@ -568,7 +568,7 @@ fn examples() -> Vec<(String, Value)> {
     files.sort();
     for file in files {
         let text = std::fs::read_to_string(&file).unwrap();
-        for doc in serde_yaml::Deserializer::from_str(&text) {
+        for doc in serde_norway::Deserializer::from_str(&text) {
             let v: Value = serde::Deserialize::deserialize(doc).unwrap();
             if v["kind"] == "NixBuilderPool" {
                 found.push((file.file_name().unwrap().to_string_lossy().into_owned(), v));
@@ -615,7 +615,7 @@ async fn the_crd_installs_on_kubernetes_1_36_and_refuses_what_the_operator_refus
     let client = engine.client().await.unwrap();
 
     // Install the checked-in CRD, exactly what users install.
-    let crd: CustomResourceDefinition = serde_yaml::from_str(
+    let crd: CustomResourceDefinition = serde_norway::from_str(
         &std::fs::read_to_string(format!("{REPO}/crds/nixbuilderpools.nixpool.dev.yaml")).unwrap(),
     )
     .unwrap();

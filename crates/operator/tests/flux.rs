@@ -108,15 +108,15 @@ fn manifests() -> Vec<PathBuf> {
     files
 }
 
-fn docs(text: &str) -> Vec<serde_yaml::Value> {
+fn docs(text: &str) -> Vec<serde_norway::Value> {
     use serde::Deserialize;
-    serde_yaml::Deserializer::from_str(text)
-        .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+    serde_norway::Deserializer::from_str(text)
+        .map(|d| serde_norway::Value::deserialize(d).unwrap())
         .filter(|v| !v.is_null())
         .collect()
 }
 
-fn s<'a>(v: &'a serde_yaml::Value, path: &[&str]) -> &'a str {
+fn s<'a>(v: &'a serde_norway::Value, path: &[&str]) -> &'a str {
     let mut cur = v;
     for p in path {
         cur = &cur[*p];
@@ -124,12 +124,12 @@ fn s<'a>(v: &'a serde_yaml::Value, path: &[&str]) -> &'a str {
     cur.as_str().unwrap_or_else(|| panic!("{path:?} is missing in {v:?}"))
 }
 
-fn kind(v: &serde_yaml::Value) -> &str {
+fn kind(v: &serde_norway::Value) -> &str {
     v["kind"].as_str().unwrap_or_default()
 }
 
 /// The Flux Kustomizations of the examples (kustomize.toolkit.fluxcd.io).
-fn flux_kustomizations() -> Vec<serde_yaml::Value> {
+fn flux_kustomizations() -> Vec<serde_norway::Value> {
     manifests()
         .iter()
         .flat_map(|f| docs(&std::fs::read_to_string(f).unwrap()))
@@ -137,7 +137,7 @@ fn flux_kustomizations() -> Vec<serde_yaml::Value> {
         .collect()
 }
 
-fn by_name<'a>(ks: &'a [serde_yaml::Value], name: &str) -> &'a serde_yaml::Value {
+fn by_name<'a>(ks: &'a [serde_norway::Value], name: &str) -> &'a serde_norway::Value {
     ks.iter()
         .find(|k| s(k, &["metadata", "name"]) == name)
         .unwrap_or_else(|| panic!("no Kustomization {name}"))
@@ -145,7 +145,7 @@ fn by_name<'a>(ks: &'a [serde_yaml::Value], name: &str) -> &'a serde_yaml::Value
 
 /// What `kustomize build` makes of a Flux Kustomization's `path` (relative to the fleet
 /// repository's root, here examples/flux), with kubectl's built-in kustomize.
-fn build(path: &str) -> Vec<serde_yaml::Value> {
+fn build(path: &str) -> Vec<serde_norway::Value> {
     // Debian bookworm has no kustomize package; the control plane's kubectl (1.20) carries one.
     let kubectl = kube_bin_dir().unwrap_or_else(|e| panic!("{e:#}")).join("kubectl");
     assert!(
@@ -310,7 +310,7 @@ fn every_kustomization_path_builds_and_applies_in_order() {
     let values = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(
         values.path(),
-        serde_yaml::to_string(&release["spec"]["values"]).unwrap(),
+        serde_norway::to_string(&release["spec"]["values"]).unwrap(),
     )
     .unwrap();
     let helm = helm().unwrap_or_else(|e| panic!("{e:#}"));
@@ -358,7 +358,7 @@ fn every_kustomization_path_builds_and_applies_in_order() {
     let file = tempfile::NamedTempFile::new().unwrap();
     let text: String = built_pools
         .iter()
-        .map(|d| format!("---\n{}", serde_yaml::to_string(d).unwrap()))
+        .map(|d| format!("---\n{}", serde_norway::to_string(d).unwrap()))
         .collect();
     std::fs::write(file.path(), text).unwrap();
     let children = run(Command::new(OPERATOR).args(["render", "-f"]).arg(file.path()));
@@ -377,7 +377,7 @@ fn the_flux_namespaces_are_valid_kubernetes_1_32() {
     let file = tempfile::NamedTempFile::new().unwrap();
     let text: String = namespaces
         .iter()
-        .map(|d| format!("---\n{}", serde_yaml::to_string(d).unwrap()))
+        .map(|d| format!("---\n{}", serde_norway::to_string(d).unwrap()))
         .collect();
     std::fs::write(file.path(), text).unwrap();
     run(Command::new("kubernetes-validate")

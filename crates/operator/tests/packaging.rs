@@ -145,7 +145,7 @@ fn the_flake_offers_what_users_build() {
 fn the_fork_workflow_names_only_what_exists() {
     let path = format!("{REPO}/.github/workflows/kind.yml");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    let workflow: serde_yaml::Value = serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let workflow: serde_norway::Value = serde_norway::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
     let outputs = flake_outputs();
     let jobs = workflow["jobs"].as_mapping().expect("the workflow has jobs");
     assert!(!jobs.is_empty());

@@ -210,18 +210,18 @@ async fn main() -> anyhow::Result<()> {
     // The example as a user would adapt it, in one apply: this machine's key instead of Alice's,
     // the builder test image the node imported (nothing is pulled here), and no cache.nixos.org
     // (this machine has no internet).
-    let mut pool: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(args.repo.join("examples/minimal.yaml"))?)?;
+    let mut pool: serde_norway::Value =
+        serde_norway::from_str(&std::fs::read_to_string(args.repo.join("examples/minimal.yaml"))?)?;
     let spec = pool.get_mut("spec").context("examples/minimal.yaml has no spec")?;
-    spec["ssh"]["authorizedKeys"] = serde_yaml::to_value([&public])?;
+    spec["ssh"]["authorizedKeys"] = serde_norway::to_value([&public])?;
     spec["image"] = node.builder_image().into();
     spec["imagePullPolicy"] = "Never".into();
-    spec["cache"] = serde_yaml::to_value(serde_json::json!({"nixosCache": false}))?;
+    spec["cache"] = serde_norway::to_value(serde_json::json!({"nixosCache": false}))?;
     // The example's Service is a ClusterIP; this host reaches the pool at the address the test
     // load balancer gives a LoadBalancer Service.
-    spec["service"] = serde_yaml::to_value(serde_json::json!({"type": "LoadBalancer"}))?;
+    spec["service"] = serde_norway::to_value(serde_json::json!({"type": "LoadBalancer"}))?;
     let pool_file = args.workdir.join("pool.yaml");
-    std::fs::write(&pool_file, serde_yaml::to_string(&pool)?)?;
+    std::fs::write(&pool_file, serde_norway::to_string(&pool)?)?;
     let apply = Instant::now();
     kubectl(cp, &["apply", "-f", &pool_file.to_string_lossy()])?;
     t.done(

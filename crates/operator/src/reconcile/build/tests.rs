@@ -12,7 +12,7 @@ use crate::keys::AuthorizedKeys;
 use crate::reconcile::validate::validate;
 
 fn pool(yaml: &str) -> NixBuilderPool {
-    let mut p: NixBuilderPool = serde_yaml::from_str(yaml).unwrap();
+    let mut p: NixBuilderPool = serde_norway::from_str(yaml).unwrap();
     p.metadata.namespace = Some("ci".into());
     p.metadata.uid = Some("0b1c2d3e-0000-4000-8000-000000000001".into());
     p
