@@ -13,6 +13,8 @@ pub struct SshConfig {
     pub pool_id: String,
     /// The command that wrote it (`builderctl ssh-config`, `builderctl tunnel --install`).
     pub written_by: &'static str,
+    /// The command that writes the machines line that names the alias.
+    pub machines_line_by: &'static str,
     pub alias: String,
     pub host: String,
     pub port: u16,
@@ -38,7 +40,7 @@ impl SshConfig {
     pub fn render(&self) -> String {
         format!(
             "# nixpool pool {id}, written by `{written_by}`; it is replaced on the next run.\n\
-             # /etc/nix/machines reaches it as ssh-ng://{user}@{alias} (`builderctl machines-file --via-ssh-config`).\n\
+             # /etc/nix/machines reaches it as ssh-ng://{user}@{alias} (`{machines_line_by}`).\n\
              Host {alias}\n\
              \x20   HostName {host}\n\
              \x20   Port {port}\n\
@@ -58,6 +60,7 @@ impl SshConfig {
              \x20   ControlPath none\n",
             id = self.pool_id,
             written_by = self.written_by,
+            machines_line_by = self.machines_line_by,
             alias = self.alias,
             host = self.host,
             port = self.port,
@@ -81,6 +84,7 @@ pub fn for_pool(p: &NixBuilderPool, key: &Path, known_dir: &Path, e: &MachinesEn
     SshConfig {
         pool_id: render::pool_id(p),
         written_by: "builderctl ssh-config",
+        machines_line_by: "builderctl machines-file --via-ssh-config",
         alias: alias.clone(),
         host: endpoint.as_ref().map(|e| e.host.clone()).unwrap_or_default(),
         port: endpoint.map(|e| e.port as u16).unwrap_or(22),

@@ -142,6 +142,7 @@ pub fn selector_of(svc: &Service) -> Option<String> {
 pub fn ssh_config(p: &NixBuilderPool, key: &Path, known_dir: &Path, e: &MachinesEntry, port: u16) -> SshConfig {
     SshConfig {
         written_by: "builderctl tunnel --install",
+        machines_line_by: "builderctl tunnel --install",
         host: LOCALHOST.into(),
         port,
         ..sshconfig::for_pool(p, key, known_dir, e)

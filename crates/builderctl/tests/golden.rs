@@ -195,6 +195,7 @@ fn ssh_config_drop_in() {
     let e = render::entry(&p, &opts()).unwrap();
     let c = sshconfig::SshConfig {
         written_by: "builderctl ssh-config",
+        machines_line_by: "builderctl machines-file --via-ssh-config",
         pool_id: render::pool_id(&p),
         alias: render::ssh_alias(&p),
         host: "192.0.2.10".into(),

@@ -614,12 +614,7 @@ async fn the_operator_works_with_exactly_the_charts_permissions() {
     run(cp.kubectl().args(["create", "namespace", RELEASE_NS]));
     let rbac = Rbac::render();
     apply(&cp, &rbac.without(None), &dir);
-    run(cp.kubectl().args([
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/nixbuilderpools.nixpool.dev",
-    ]));
+    wait_established(&cp, "nixbuilderpools.nixpool.dev").unwrap_or_else(|e| panic!("{e:#}"));
     let kubeconfig = service_account_kubeconfig(&cp, &dir).await;
     let client = cp.client().await.unwrap();
     let op_args = ["--lease-namespace", RELEASE_NS, "--lease-name", "t-nixpool"];
@@ -782,9 +777,7 @@ async fn helm_upgrade_replaces_an_older_crd() {
 
     // 1. The CRD as chart 0.1.0 left it: created once from the chart's crds/, not owned by Helm.
     run(cp.kubectl().args(["create", "--validate=false", "-f"]).arg(&old_crd));
-    run(cp
-        .kubectl()
-        .args(["wait", "--for=condition=Established", "--timeout=60s", crd_name]));
+    wait_established(&cp, crd_name.trim_start_matches("crd/")).unwrap_or_else(|e| panic!("{e:#}"));
     assert!(
         !serves_speed_factor(&cp, &dir, &ns),
         "the older CRD prunes spec.speedFactor"

@@ -27,29 +27,39 @@ pub fn install_crd_from(cp: &ControlPlane, repo: &std::path::Path) -> anyhow::Re
     let crd = repo.join("crds/nixbuilderpools.nixpool.dev.yaml");
     // --validate=false: kubectl validates against the server's OpenAPI, and a 1.20 server does
     // not know x-kubernetes-validations (it drops them; the operator checks the rules).
-    for args in [
-        vec![
-            "apply".to_string(),
-            "--validate=false".into(),
-            "-f".into(),
-            crd.display().to_string(),
-        ],
-        [
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/nixbuilderpools.nixpool.dev",
-        ]
-        .map(String::from)
-        .to_vec(),
-    ] {
-        let out = cp.kubectl().args(&args).output()?;
-        if !out.status.success() {
-            anyhow::bail!("kubectl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-        }
+    let apply = ["apply", "--validate=false", "-f"];
+    let out = cp.kubectl().args(apply).arg(&crd).output()?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "kubectl {} {}: {}",
+            apply.join(" "),
+            crd.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
+    wait_established(cp, "nixbuilderpools.nixpool.dev")?;
     cp.forget_discovery();
     Ok(())
+}
+
+/// Waits until the CRD `name` is Established. kubectl 1.20's wait fails at once ("status.conditions
+/// accessor error: <nil>") when it reads the CRD before the API server has given it any condition,
+/// so it is asked again until its own 60 s are up.
+pub fn wait_established(cp: &ControlPlane, name: &str) -> anyhow::Result<()> {
+    let crd = format!("crd/{name}");
+    let wait = ["wait", "--for=condition=Established", "--timeout=60s", crd.as_str()];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = cp.kubectl().args(wait).output()?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        if !err.contains("accessor error") || Instant::now() > deadline {
+            anyhow::bail!("kubectl {}: {err}", wait.join(" "));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// `install_crd_from` this checkout.
