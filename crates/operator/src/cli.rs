@@ -66,28 +66,8 @@ struct RunArgs {
     /// Watch only this namespace (default: all namespaces).
     #[arg(long, env = "NIXPOOL_NAMESPACE")]
     namespace: Option<String>,
-    /// Builder image for pools whose spec.image is empty.
-    #[arg(long, env = "NIXPOOL_DEFAULT_IMAGE", default_value = DEFAULT_IMAGE)]
-    default_image: String,
-    /// Registry/repository prefixes pools may take spec.image from (repeat, or comma-separate);
-    /// a prefix ending in `/` allows everything below it. Default: only the default image's
-    /// repository. A pool runs its image as a privileged pod, so keep this to images you trust.
-    #[arg(
-        long = "allowed-image-prefix",
-        env = "NIXPOOL_ALLOWED_IMAGE_PREFIXES",
-        value_delimiter = ','
-    )]
-    allowed_image_prefixes: Vec<String>,
-    /// Image pull Secret (by name, in the pool's namespace) for builder and gateway pods of pools
-    /// whose spec.imagePullSecrets is empty (repeat, or comma-separate). A pool's own list wins.
-    #[arg(
-        long = "default-image-pull-secret",
-        env = "NIXPOOL_DEFAULT_IMAGE_PULL_SECRETS",
-        value_name = "NAME",
-        value_delimiter = ',',
-        value_parser = secret_name
-    )]
-    default_image_pull_secrets: Vec<String>,
+    #[command(flatten)]
+    images: ImageArgs,
     /// Log format.
     #[arg(long, env = "NIXPOOL_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -116,12 +96,10 @@ struct RunArgs {
     max_concurrent_reconciles: u16,
 }
 
+/// Which images pools may run, and how they pull them: the same for `run` and `render`.
 #[derive(Args, Debug)]
-struct RenderArgs {
-    /// The pool's YAML file (`-` for stdin), as you would `kubectl apply` it.
-    #[arg(short = 'f', long)]
-    file: PathBuf,
-    /// Builder image for a pool whose spec.image is empty.
+struct ImageArgs {
+    /// Builder image for pools whose spec.image is empty.
     #[arg(long, env = "NIXPOOL_DEFAULT_IMAGE", default_value = DEFAULT_IMAGE)]
     default_image: String,
     /// Registry/repository prefixes pools may take spec.image from (repeat, or comma-separate);
@@ -143,6 +121,22 @@ struct RenderArgs {
         value_parser = secret_name
     )]
     default_image_pull_secrets: Vec<String>,
+}
+
+impl ImageArgs {
+    fn images(&self) -> Images {
+        Images::new(&self.default_image, self.allowed_image_prefixes.clone())
+            .with_default_pull_secrets(self.default_image_pull_secrets.clone())
+    }
+}
+
+#[derive(Args, Debug)]
+struct RenderArgs {
+    /// The pool's YAML file (`-` for stdin), as you would `kubectl apply` it.
+    #[arg(short = 'f', long)]
+    file: PathBuf,
+    #[command(flatten)]
+    images: ImageArgs,
     /// Render as if the server served policy/v1 PodDisruptionBudgets.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pdb: bool,
@@ -169,15 +163,7 @@ impl Cli {
                 } else {
                     std::fs::read_to_string(&args.file).with_context(|| format!("reading {}", args.file.display()))?
                 };
-                print!(
-                    "{}",
-                    crate::render::render(
-                        &text,
-                        &Images::new(&args.default_image, args.allowed_image_prefixes.clone())
-                            .with_default_pull_secrets(args.default_image_pull_secrets.clone()),
-                        args.pdb,
-                    )?
-                );
+                print!("{}", crate::render::render(&text, &args.images.images(), args.pdb,)?);
                 Ok(())
             }
             Command::Run(args) => run(args).await,
@@ -290,8 +276,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics,
         recorder: Recorder::new(client, reporter.clone()),
         reporter,
-        images: Images::new(&args.default_image, args.allowed_image_prefixes)
-            .with_default_pull_secrets(args.default_image_pull_secrets),
+        images: args.images.images(),
         with_pdb,
         resync: Duration::from_secs(args.resync_seconds),
         failures: Default::default(),
@@ -373,7 +358,7 @@ mod tests {
         let Command::Run(args) = cli.command else {
             panic!("not run: {cli:?}")
         };
-        assert_eq!(args.default_image_pull_secrets, ["regcred", "mirror", "other"]);
+        assert_eq!(args.images.default_image_pull_secrets, ["regcred", "mirror", "other"]);
 
         let err = Cli::try_parse_from(["nixpool-operator", "run", "--default-image-pull-secret", "Reg_Cred"])
             .unwrap_err()
