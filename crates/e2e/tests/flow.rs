@@ -215,6 +215,33 @@ impl World {
     fn stop(mut self) {
         self.operator.kill();
     }
+
+    /// Waits until the pool's builders Deployment has rolled out `replicas` builders (none old,
+    /// none terminating) and the pool reports them Ready.
+    async fn rolled_out(&self, pool: &str, replicas: i32) {
+        eventually(
+            MIN * 4,
+            &format!("{pool} rolled out to {replicas} builders"),
+            || async {
+                let out = self.kubectl(&["rollout", "status", &format!("deployment/{pool}"), "--timeout=10s"]);
+                let pods = self.pods().await;
+                let settled = out.status.success() && pods.len() == replicas as usize;
+                settled.then_some(())
+            },
+        )
+        .await;
+        self.ready(pool, replicas).await;
+    }
+
+    /// The names of the builder pods that are not terminating.
+    async fn live_pods(&self) -> Vec<String> {
+        self.pods()
+            .await
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .map(|p| p.metadata.name.unwrap())
+            .collect()
+    }
 }
 
 fn assert_built(out: &std::process::Output) -> String {
@@ -1284,5 +1311,164 @@ async fn a_cluster_ip_pool_builds_through_builderctl_tunnel_and_again_after_its_
         "{}",
         read_log()
     );
+    w.stop();
+}
+
+/// One client's builds in [`builds_survive_faults`]: how many it ran and what failed.
+#[derive(Default)]
+struct ClientTally {
+    builds: usize,
+    lost: Vec<String>,
+}
+
+/// Builds from concurrent clients while the pool goes through the faults of a working day: a
+/// rolling update, a scale down and up, a deleted pod, a killed nix-daemon and a killed sshd in a
+/// builder (reliability scenario 4 of docs/reliability.md). A lost build is a `nix-build` that
+/// failed or did not finish in 5 minutes: Nix retried nothing for it. CI runs 2 builders, 4
+/// clients and at least 40 builds; `NIXPOOL_LONG=1` runs the 4 builders (maxJobs 2), 8
+/// clients and at least 200 builds. Clients keep building until the last fault has passed and
+/// they have their share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn builds_from_concurrent_clients_survive_rollout_scaling_a_deleted_pod_and_killed_daemons() {
+    let long = std::env::var_os("NIXPOOL_LONG").is_some();
+    let (replicas, clients, builds) = if long { (4, 8, 200) } else { (2, 4, 40) };
+    let w = World::new("faults").await;
+    let machines = w.ready_pool("builders", replicas).await;
+    // The derivations' shared busybox directory, made once before the clients race for it.
+    derivation(&w.dir, "warm-up", "echo ok > $out").unwrap();
+    let faults_done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let t0 = Instant::now();
+    let mut handles = Vec::new();
+    for c in 0..clients {
+        let (machines, dir, done) = (machines.clone(), w.dir.clone(), faults_done.clone());
+        let share = builds / clients;
+        handles.push(std::thread::spawn(move || {
+            let mut tally = ClientTally::default();
+            while tally.builds < share || !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let name = format!("c{c}-b{}", tally.builds);
+                let drv = derivation(&dir, &name, "busybox sleep 1; echo ok > $out").unwrap();
+                let mut child = nix_build_command(&machines, &drv)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                let started = Instant::now();
+                let ok = loop {
+                    if let Some(status) = child.try_wait().unwrap() {
+                        break status.success();
+                    }
+                    if started.elapsed() > Duration::from_secs(300) {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break false;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                };
+                if !ok {
+                    let mut err = String::new();
+                    let _ = std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err);
+                    let tail: Vec<&str> = err.lines().rev().take(3).collect();
+                    tally
+                        .lost
+                        .push(format!("{name} after {:?}: {}", started.elapsed(), tail.join(" | ")));
+                }
+                tally.builds += 1;
+            }
+            tally
+        }));
+    }
+
+    let mut timeline = Vec::new();
+    let mut mark = |what: &str| timeline.push(format!("{:>6.1} s  {what}", t0.elapsed().as_secs_f64()));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // A rolling update: a nix setting changes the pod template.
+    let patch = serde_json::json!({"spec": {"nixConfig": {"keep-outputs": "true"}}});
+    w.pools()
+        .patch("builders", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    mark("rolling update started");
+    w.rolled_out("builders", replicas).await;
+    mark("rolling update done");
+    // Scale to one builder and back.
+    for n in [1, replicas] {
+        run(w
+            .cp
+            .kubectl()
+            .args(["scale", "-n", &w.ns, "nbp/builders", &format!("--replicas={n}")]));
+        w.rolled_out("builders", n).await;
+        mark(&format!("scaled to {n}"));
+    }
+    // One pod deleted: it drains while a new one starts.
+    let pod = w.live_pods().await[0].clone();
+    let out = w.kubectl(&["delete", "pod", &pod, "--wait=false"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    w.rolled_out("builders", replicas).await;
+    mark("a deleted pod replaced");
+    // nix-daemon's listener killed in one builder (the oldest nix-daemon is the listener; the
+    // others serve sessions), then sshd's listener in another: the agent restarts each.
+    for (i, daemon) in ["nix-daemon", "sshd"].into_iter().enumerate() {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let pods = w.live_pods().await;
+        let pod = &pods[i % pods.len()];
+        let out = w.kubectl(&[
+            "exec",
+            pod,
+            "-c",
+            "builder",
+            "--",
+            "sh",
+            "-c",
+            &format!("kill -KILL $(pgrep -o -x {daemon})"),
+        ]);
+        assert!(
+            out.status.success(),
+            "kill {daemon}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        mark(&format!("{daemon} killed in {pod}"));
+        // The agent restarted it in place: its log says so and the container did not restart.
+        eventually(MIN, &format!("the agent in {pod} restarts {daemon}"), || async {
+            let logs = w.kubectl(&["logs", pod, "-c", "builder"]);
+            let text = String::from_utf8_lossy(&logs.stdout);
+            text.lines()
+                .any(|l| l.contains("crashed; restarting") && l.contains(daemon))
+                .then_some(())
+        })
+        .await;
+        let restarts = w.kubectl(&[
+            "get",
+            "pod",
+            pod,
+            "-o",
+            "jsonpath={.status.containerStatuses[0].restartCount}",
+        ]);
+        assert_eq!(
+            String::from_utf8_lossy(&restarts.stdout),
+            "0",
+            "{pod}'s container restarted"
+        );
+        mark(&format!("{daemon} restarted by the agent"));
+        w.rolled_out("builders", replicas).await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    faults_done.store(true, std::sync::atomic::Ordering::SeqCst);
+    mark("faults done");
+
+    let tallies: Vec<ClientTally> =
+        tokio::task::spawn_blocking(move || handles.into_iter().map(|h| h.join().unwrap()).collect())
+            .await
+            .unwrap();
+    mark("every client done");
+    let total: usize = tallies.iter().map(|t| t.builds).sum();
+    let lost: Vec<&String> = tallies.iter().flat_map(|t| &t.lost).collect();
+    eprintln!(
+        "builds under faults: {replicas} builders, {clients} clients, {total} builds, {} lost, in {:.0} s\n{}",
+        lost.len(),
+        t0.elapsed().as_secs_f64(),
+        timeline.join("\n")
+    );
+    assert!(total >= builds, "only {total} builds ran");
+    assert!(lost.is_empty(), "{} of {total} builds lost:\n{lost:#?}", lost.len());
     w.stop();
 }
