@@ -12,6 +12,7 @@ packages=(
   containerd runc containernetworking-plugins iptables conntrack  # the test node
   mmdebstrap   # image roots of newer Debian suites, never installed on the host
   skopeo docker-registry jq shellcheck   # the release script's tests: a local registry, its copy tool
+  faketime   # an operator replica whose clock runs 12 s ahead (leader election under skew)
 )
 missing=()
 for p in "${packages[@]}"; do
