@@ -394,11 +394,10 @@ pub struct DoctorArgs {
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
-    /// Check ids to leave out of the report (builders, machines-file, key, host-key, tcp,
-    /// ssh-auth, store-ping, trusted-user, builders-use-substitutes, daemon). `tcp` is then not
-    /// tried at all, so the SSH checks run even where it would fail.
-    #[arg(long, value_name = "CHECK")]
-    pub skip: Vec<String>,
+    /// Checks to leave out of the report. `tcp` is then not tried at all, so the SSH checks run
+    /// even where it would fail.
+    #[arg(long, value_name = "CHECK", value_enum)]
+    pub skip: Vec<doctor::CheckId>,
     /// Seconds to wait for a connection.
     #[arg(long, default_value_t = 5)]
     pub connect_timeout: u64,

@@ -32,6 +32,52 @@ fn every_command_has_examples_in_its_help() {
 }
 
 #[test]
+fn doctor_refuses_a_skip_id_it_does_not_know_and_lists_the_valid_ones() {
+    let t = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["doctor", "--skip", "tpc", "--machines-file"])
+        .arg(t.path().join("machines"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("invalid value 'tpc' for '--skip <CHECK>'"), "{stderr}");
+    for id in builderctl::doctor::CheckId::ALL {
+        assert!(stderr.contains(id.as_str()), "{id} is not listed: {stderr}");
+    }
+    // Nothing was checked: no report on stdout.
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "");
+    // A known id is taken.
+    let out = Command::new(BIN)
+        .args([
+            "doctor",
+            "--skip",
+            "tcp",
+            "--skip",
+            "daemon",
+            "--json",
+            "--machines-file",
+        ])
+        .arg(t.path().join("machines"))
+        .args(["--nix-conf"])
+        .arg(t.path().join("nix.conf"))
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<&str> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        ["builders", "machines-file", "builders-use-substitutes"],
+        "{report}"
+    );
+}
+
+#[test]
 fn completions_for_each_shell() {
     for (shell, marker) in [
         ("bash", "complete -F"),

@@ -433,7 +433,7 @@ fn doctor_on_macos_names_the_daemon_job_launchd_really_has() {
     let daemon = |launchctl: &Path| {
         doctor::run(&opts(launchctl), &mut |_| {})
             .into_iter()
-            .find(|c| c.id == "daemon")
+            .find(|c| c.id == doctor::CheckId::Daemon)
             .unwrap()
     };
     let c = daemon(&launchctl);
@@ -452,7 +452,7 @@ fn doctor_on_macos_names_the_daemon_job_launchd_really_has() {
     );
     // The builders fix names Determinate's file and daemon.
     let all = doctor::run(&opts(&launchctl), &mut |_| {});
-    let b = all.iter().find(|c| c.id == "builders").unwrap();
+    let b = all.iter().find(|c| c.id == doctor::CheckId::Builders).unwrap();
     let fix = b.fix.as_deref().unwrap_or("");
     assert!(
         fix.contains("nix.custom.conf") && fix.contains("system/systems.determinate.nix-daemon"),
