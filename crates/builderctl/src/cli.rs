@@ -163,15 +163,9 @@ Examples:
   builderctl status -A -o json | jq '.pools[] | select(.ready) | .name'
   builderctl status --from pools.yaml";
 
-/// Which pools, from where.
+/// Which cluster, as kubectl takes it.
 #[derive(Args, Debug, Clone)]
-pub struct SourceArgs {
-    /// Pools, by name (current namespace) or namespace/name. None: every pool (matching --selector).
-    pub pools: Vec<String>,
-    /// Read pools from this file (`kubectl get nbp -o yaml` output: a pool, a List, or several
-    /// documents) instead of the cluster.
-    #[arg(long, value_name = "FILE")]
-    pub from: Option<PathBuf>,
+pub struct ClusterArgs {
     /// Kubeconfig file. Default: $KUBECONFIG, then ~/.kube/config.
     #[arg(long, value_name = "FILE")]
     pub kubeconfig: Option<PathBuf>,
@@ -181,6 +175,30 @@ pub struct SourceArgs {
     /// Namespace. Default: the context's namespace.
     #[arg(short = 'n', long)]
     pub namespace: Option<String>,
+}
+
+impl ClusterArgs {
+    pub fn options(&self, all_namespaces: bool) -> ClusterOptions {
+        ClusterOptions {
+            kubeconfig: self.kubeconfig.clone(),
+            context: self.context.clone(),
+            namespace: self.namespace.clone(),
+            all_namespaces,
+        }
+    }
+}
+
+/// Which pools, from where.
+#[derive(Args, Debug, Clone)]
+pub struct SourceArgs {
+    /// Pools, by name (current namespace) or namespace/name. None: every pool (matching --selector).
+    pub pools: Vec<String>,
+    /// Read pools from this file (`kubectl get nbp -o yaml` output: a pool, a List, or several
+    /// documents) instead of the cluster.
+    #[arg(long, value_name = "FILE")]
+    pub from: Option<PathBuf>,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
     /// Pools of every namespace.
     #[arg(short = 'A', long)]
     pub all_namespaces: bool,
@@ -206,28 +224,20 @@ impl SourceArgs {
             {
                 asuser::read_pools(&who, &self.child_args())?
             }
-            None => {
-                let opts = ClusterOptions {
-                    kubeconfig: self.kubeconfig.clone(),
-                    context: self.context.clone(),
-                    namespace: self.namespace.clone(),
-                    all_namespaces: self.all_namespaces,
-                };
-                source::from_cluster(&opts, &sel).await?
-            }
+            None => source::from_cluster(&self.cluster.options(self.all_namespaces), &sel).await?,
         })
     }
 
     /// The same selection as arguments of `builderctl read-pools`.
     fn child_args(&self) -> Vec<std::ffi::OsString> {
         let mut v: Vec<std::ffi::OsString> = Vec::new();
-        if let Some(k) = &self.kubeconfig {
+        if let Some(k) = &self.cluster.kubeconfig {
             v.push("--kubeconfig".into());
             v.push(k.into());
         }
         for (flag, value) in [
-            ("--context", &self.context),
-            ("--namespace", &self.namespace),
+            ("--context", &self.cluster.context),
+            ("--namespace", &self.cluster.namespace),
             ("--selector", &self.selector),
         ] {
             if let Some(value) = value {
@@ -323,15 +333,8 @@ pub struct SshConfigArgs {
 pub struct TunnelArgs {
     /// The pool: a name (the context's namespace, or -n) or namespace/name.
     pub pool: String,
-    /// Kubeconfig file. Default: $KUBECONFIG, then ~/.kube/config.
-    #[arg(long, value_name = "FILE")]
-    pub kubeconfig: Option<PathBuf>,
-    /// Kubeconfig context. Default: the current context.
-    #[arg(long)]
-    pub context: Option<String>,
-    /// Namespace. Default: the context's namespace.
-    #[arg(short = 'n', long)]
-    pub namespace: Option<String>,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
     /// The local port, on 127.0.0.1 only. 0: a free one (printed; not with --install).
     #[arg(long, default_value_t = tunnel::DEFAULT_PORT)]
     pub port: u16,
@@ -733,15 +736,6 @@ fn write_ssh_config(c: &sshconfig::SshConfig, dir: &std::path::Path) -> anyhow::
 }
 
 impl TunnelArgs {
-    fn cluster(&self) -> ClusterOptions {
-        ClusterOptions {
-            kubeconfig: self.kubeconfig.clone(),
-            context: self.context.clone(),
-            namespace: self.namespace.clone(),
-            all_namespaces: false,
-        }
-    }
-
     fn render_options(&self) -> RenderOptions {
         RenderOptions {
             key_path: self.key.display().to_string(),
@@ -760,9 +754,7 @@ async fn tunnel_install(a: TunnelArgs) -> anyhow::Result<ExitCode> {
     let source = SourceArgs {
         pools: vec![a.pool.clone()],
         from: None,
-        kubeconfig: a.kubeconfig.clone(),
-        context: a.context.clone(),
-        namespace: a.namespace.clone(),
+        cluster: a.cluster.clone(),
         all_namespaces: false,
         selector: None,
         read_as_root: a.read_as_root,
@@ -801,7 +793,7 @@ async fn tunnel_cmd(a: TunnelArgs) -> anyhow::Result<ExitCode> {
         names: vec![a.pool.clone()],
         selector: None,
     };
-    let pools = source::from_cluster(&a.cluster(), &sel).await?;
+    let pools = source::from_cluster(&a.cluster.options(false), &sel).await?;
     let Some(p) = pools.first() else {
         bail!("pool {} was not found", a.pool);
     };
@@ -831,7 +823,7 @@ async fn tunnel_cmd(a: TunnelArgs) -> anyhow::Result<ExitCode> {
         }
         Err(e) => eprintln!("warning: no machines line for it yet: {e}"),
     }
-    let (client, _) = source::client(&a.cluster()).await?;
+    let (client, _) = source::client(&a.cluster.options(false)).await?;
     let t = std::sync::Arc::new(tunnel::Tunnel::new(client, render::namespace(p), render::name(p)));
     match t.targets().await {
         Ok(pods) => println!("{} Ready pod(s) now", pods.len()),
