@@ -62,6 +62,11 @@ impl Options {
             .unwrap_or(self.timeout)
     }
 
+    /// `--connect-timeout` in whole seconds as ssh and Nix take it (0 would mean no limit).
+    fn connect_timeout_secs(&self) -> String {
+        self.connect_timeout.as_secs().max(1).to_string()
+    }
+
     /// `id` did not finish (`what` was still running) before the overall timeout.
     fn timed_out(&self, id: CheckId, subject: Option<&str>, what: &str) -> Check {
         Check::timed_out(

@@ -45,11 +45,7 @@ pub(super) fn check_store_ping(opts: &Options, entry: &MachinesEntry, uri: &Stor
         "--store",
     ])
     .arg(uri_with_keys(entry))
-    .args([
-        "--option",
-        "connect-timeout",
-        &opts.connect_timeout.as_secs().max(1).to_string(),
-    ])
+    .args(["--option", "connect-timeout", &opts.connect_timeout_secs()])
     .stdin(Stdio::null());
     match output_within(&mut cmd, opts.remaining()) {
         Err(RunError::TimedOut) => opts.timed_out(id, subject, "nix store ping over ssh-ng"),
@@ -127,11 +123,7 @@ pub(super) fn check_trusted(opts: &Options, entry: &MachinesEntry, line: &str, s
     let mut cmd = Command::new(&opts.nix_build);
     cmd.args(["--no-out-link", "--max-jobs", "0", "-E", &expr])
         .args(["--option", "builders", line])
-        .args([
-            "--option",
-            "connect-timeout",
-            &opts.connect_timeout.as_secs().max(1).to_string(),
-        ])
+        .args(["--option", "connect-timeout", &opts.connect_timeout_secs()])
         .stdin(Stdio::null());
     if !entry.mandatory_features.is_empty() {
         cmd.args(["--option", "system-features", &entry.mandatory_features.join(" ")]);

@@ -64,22 +64,17 @@ fn ssh_command(opts: &Options, entry: &MachinesEntry, uri: &StoreUri, known_host
         c.args(["-o", "StrictHostKeyChecking=yes"]);
     }
     c.arg("-o")
-        .arg(format!("ConnectTimeout={}", opts.connect_timeout.as_secs().max(1)));
+        .arg(format!("ConnectTimeout={}", opts.connect_timeout_secs()));
     c
 }
 
 /// The host key the builder presents (`ssh-keyscan`), to name it when it is not the pinned one.
 fn keyscan(opts: &Options, uri: &StoreUri) -> Option<String> {
     let mut cmd = Command::new(&opts.ssh_keyscan);
-    cmd.args([
-        "-T",
-        &opts.connect_timeout.as_secs().max(1).to_string(),
-        "-t",
-        "ed25519",
-    ])
-    .args(["-p", &uri.port.unwrap_or(22).to_string()])
-    .arg(&uri.host)
-    .stdin(Stdio::null());
+    cmd.args(["-T", &opts.connect_timeout_secs(), "-t", "ed25519"])
+        .args(["-p", &uri.port.unwrap_or(22).to_string()])
+        .arg(&uri.host)
+        .stdin(Stdio::null());
     let out = output_within(&mut cmd, opts.remaining()).ok()?;
     String::from_utf8_lossy(&out.stdout)
         .lines()
