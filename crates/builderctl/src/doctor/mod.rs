@@ -2,9 +2,9 @@
 //! them, each with what was found and the fix. SSH and Nix checks run the real `ssh` and `nix`
 //! the way the Nix daemon does: as root, with the machines line's key and pinned host key.
 //!
-//! This file holds the order of the checks; each concern has its file: [`report`] (what a check
-//! says), [`nixconf`], [`machines`], [`keys`], [`network`], [`ssh`], [`remote_nix`] (nix through the line), [`daemon`], and
-//! [`process`] (running a command within the time left).
+//! This file holds the order of the checks; each concern has its file: `report` (what a check
+//! says), `nixconf`, `machines`, `keys`, `network`, `ssh`, `remote_nix` (Nix through the line),
+//! `daemon`, `store_uri`, and `process` (running a command within the time left).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
