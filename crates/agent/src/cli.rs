@@ -126,6 +126,14 @@ pub struct RunArgs {
     /// Longest retry backoff of a failing push, before its random part.
     #[arg(long, env = "NIXPOOL_PUSH_MAX_BACKOFF_MS", default_value_t = 300_000)]
     pub push_max_backoff_ms: u64,
+    /// Attempts to push one path to one cache before giving up on it (counted in
+    /// push_dropped_paths_total{reason="gave_up"}); 100 is about 12 hours at the default backoff.
+    #[arg(long, env = "NIXPOOL_PUSH_MAX_ATTEMPTS", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub push_max_attempts: u32,
+    /// Most paths queued per cache; paths beyond it are dropped for that cache (counted in
+    /// push_dropped_paths_total{reason="queue_full"}).
+    #[arg(long, env = "NIXPOOL_PUSH_MAX_QUEUED_PATHS", default_value_t = 10_000)]
+    pub push_max_queued_paths: usize,
 }
 
 #[derive(Args, Debug)]
@@ -220,9 +228,13 @@ impl Cli {
                     key_reload_interval: Duration::from_millis(args.key_reload_interval_ms),
                     daemon_start_timeout: Duration::from_secs(args.daemon_start_timeout_seconds),
                     health_address: args.health_address,
-                    push_poll: Duration::from_millis(args.push_poll_ms),
-                    push_backoff: Duration::from_millis(args.push_backoff_ms),
-                    push_max_backoff: Duration::from_millis(args.push_max_backoff_ms),
+                    push: crate::push::Settings {
+                        poll: Duration::from_millis(args.push_poll_ms),
+                        base_backoff: Duration::from_millis(args.push_backoff_ms),
+                        max_backoff: Duration::from_millis(args.push_max_backoff_ms),
+                        max_attempts: args.push_max_attempts,
+                        max_queued: args.push_max_queued_paths,
+                    },
                     store_volume: args.store_volume,
                 };
                 let rt = tokio::runtime::Builder::new_multi_thread()

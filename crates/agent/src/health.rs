@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -37,10 +37,7 @@ pub struct Metrics {
     pub builds_running: Gauge,
     pub store_free_bytes: Gauge,
     pub child_restarts: Family<ChildLabel, Counter>,
-    pub push_queue_length: Gauge,
-    pub push_failures: Family<TargetLabel, Counter>,
-    pub push_lag_seconds: Gauge<f64, AtomicU64>,
-    pub pushed_paths: Counter,
+    pub push: crate::push::PushMetrics,
     pub ready: Gauge,
     pub draining: Gauge,
 }
@@ -64,26 +61,7 @@ impl Metrics {
             "Restarts of a supervised child after a crash",
             self.child_restarts.clone(),
         );
-        r.register(
-            "push_queue_length",
-            "Batches of built paths waiting to be pushed",
-            self.push_queue_length.clone(),
-        );
-        r.register(
-            "push_failures",
-            "Failed push attempts by target",
-            self.push_failures.clone(),
-        );
-        r.register(
-            "push_lag_seconds",
-            "Age of the oldest path waiting to be pushed",
-            self.push_lag_seconds.clone(),
-        );
-        r.register(
-            "pushed_paths",
-            "Store paths pushed to every cache",
-            self.pushed_paths.clone(),
-        );
+        self.push.register(r);
         r.register("ready", "1 when /readyz answers 200", self.ready.clone());
         r.register("draining", "1 after SIGTERM", self.draining.clone());
     }
@@ -207,9 +185,7 @@ impl Health {
                 .store_free_bytes
                 .set(st.blocks_available().saturating_mul(st.fragment_size()) as i64);
         }
-        let (len, lag) = crate::push::queue_stats(&self.push_queue);
-        self.metrics.push_queue_length.set(len as i64);
-        self.metrics.push_lag_seconds.set(lag.as_secs_f64());
+        crate::push::refresh_metrics(&self.push_queue, &self.metrics.push);
         self.metrics.draining.set(self.draining.load(Ordering::SeqCst) as i64);
     }
 }

@@ -30,9 +30,7 @@ pub struct RunSettings {
     pub key_reload_interval: Duration,
     pub daemon_start_timeout: Duration,
     pub health_address: String,
-    pub push_poll: Duration,
-    pub push_backoff: Duration,
-    pub push_max_backoff: Duration,
+    pub push: crate::push::Settings,
     /// The pod's store volume (see [`crate::store`]); `None`: `/nix` is used as it is.
     pub store_volume: Option<PathBuf>,
 }
@@ -222,10 +220,7 @@ pub async fn run(layout: Layout, bins: Binaries, opts: Options, settings: RunSet
     let pusher = (!config.push.is_empty()).then(|| {
         let p = Pusher {
             targets: config.push.clone(),
-            poll: settings.push_poll,
-            base_backoff: settings.push_backoff,
-            max_backoff: settings.push_max_backoff,
-            batch: 64,
+            settings: settings.push.clone(),
         };
         tokio::spawn(p.run(
             layout.clone(),
@@ -294,16 +289,7 @@ pub async fn run(layout: Layout, bins: Binaries, opts: Options, settings: RunSet
     }
     // Give the pusher what is left of the budget to send what was built here.
     if pusher.is_some() {
-        while !crate::push::queued(&layout.push_queue()).is_empty() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        let (left, _) = crate::push::queue_stats(&layout.push_queue());
-        if left > 0 {
-            warn!(
-                batches = left,
-                "drain budget spent with paths still queued for push; they stay queued on /nix"
-            );
-        }
+        crate::push::wait_until_pushed(&layout.push_queue(), deadline).await;
     }
     let _ = aux_stop.send(true);
     if let Some(p) = pusher {
