@@ -439,10 +439,21 @@ impl TargetQueue {
         v
     }
 
-    fn add(&self, name: &str, store_path: &str) -> Result<(), String> {
-        crate::fhs::write_file(&self.dir.join(name), format!("{store_path}\n").as_bytes(), 0o600)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+    /// Writes and renames into place, without the fsync of [`crate::fhs::write_file`]: like the
+    /// hook's entries, a queued path is worth less than the time 2 fsyncs per path and target
+    /// take on a busy disk.
+    fn add(&self, name: &str, store_path: &str) -> std::io::Result<()> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?
+            .write_all(format!("{store_path}\n").as_bytes())?;
+        fs::rename(&tmp, self.dir.join(name))
     }
 
     fn read(&self, name: &str) -> Option<String> {
@@ -515,7 +526,11 @@ struct Retry {
     delays: backon::ExponentialBackoff,
 }
 
-/// What one target's worker needs.
+/// Most paths in one push command. A batch that fails is split: each of its paths is tried
+/// alone at once, so that one bad path holds back no other.
+const BATCH: usize = 32;
+
+/// One target's worker.
 struct Worker {
     target: PushTarget,
     queue: TargetQueue,
@@ -523,18 +538,17 @@ struct Worker {
     layout: Layout,
     bins: Binaries,
     metrics: Arc<Metrics>,
+    /// Queued paths (by file name) that failed.
+    retries: HashMap<String, Retry>,
+    /// Whether the last attempt failed (to log a streak of failures once).
+    failing: bool,
 }
 
 impl Worker {
-    /// Pushes this target's queue, one path per command, oldest first; a failed path waits for
-    /// its own next try while the ones behind it go on. Runs until `stop`, which also ends a
-    /// push under way (its process is killed).
-    async fn run(self, mut stop: watch::Receiver<bool>) {
-        let name = &self.queue.name;
-        let label = TargetLabel { target: name.clone() };
-        let m = &self.metrics.push;
-        let mut retries: HashMap<String, Retry> = HashMap::new();
-        let mut failing = false;
+    /// Pushes this target's queue, oldest first: the paths due (new ones, and failed ones whose
+    /// backoff is over) in batches; a failed path waits for its own next try while the ones
+    /// behind it go on. Runs until `stop`, which also ends a push under way (killing it).
+    async fn run(mut self, mut stop: watch::Receiver<bool>) {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(self.settings.poll) => {}
@@ -542,64 +556,101 @@ impl Worker {
             }
             let names = self.queue.names();
             let present: HashSet<&String> = names.iter().collect();
-            retries.retain(|n, _| present.contains(n));
-            for file in &names {
-                if retries.get(file).is_some_and(|r| r.next > Instant::now()) {
+            self.retries.retain(|n, _| present.contains(n));
+            let now = Instant::now();
+            let mut due: Vec<(String, String)> = Vec::new();
+            for file in names {
+                if self.retries.get(&file).is_some_and(|r| r.next > now) {
                     continue;
                 }
-                let Some(path) = self.queue.read(file) else { continue };
-                if !self.layout.path(&path).exists() {
-                    info!(target = %name, path, "queued path is no longer in the store; dropping it");
-                    m.drop_paths(name, NOT_IN_STORE, 1);
-                    self.queue.remove(file);
+                let Some(path) = self.queue.read(&file) else { continue };
+                if self.layout.path(&path).exists() {
+                    due.push((file, path));
                     continue;
                 }
-                let push = async {
-                    let cmd = command(&self.target, &self.bins, &self.layout, std::slice::from_ref(&path))?;
-                    run_push(&cmd).await
-                };
-                let result = tokio::select! {
-                    r = push => r,
-                    _ = crate::supervise::stopped(&mut stop) => return,
-                };
-                match result {
-                    Ok(()) => {
-                        info!(target = %name, path, "pushed");
-                        if std::mem::take(&mut failing) {
-                            info!(target = %name, "pushes succeed again");
-                        }
-                        m.pushed.get_or_create(&label).inc();
-                        self.queue.remove(file);
-                        retries.remove(file);
-                    }
-                    Err(error) => {
-                        m.failures.get_or_create(&label).inc();
-                        let s = &self.settings;
-                        let retry = retries.entry(file.clone()).or_insert_with(|| Retry {
-                            attempts: 0,
-                            next: Instant::now(),
-                            delays: retry_delays(s.base_backoff, s.max_backoff),
-                        });
-                        retry.attempts += 1;
-                        let attempts = retry.attempts;
-                        if attempts >= s.max_attempts {
-                            warn!(target = %name, path, attempts, %error, "push failed too often; giving up on this path for this target");
-                            m.drop_paths(name, GAVE_UP, 1);
-                            self.queue.remove(file);
-                            retries.remove(file);
+                info!(target = %self.queue.name, path, "queued path is no longer in the store; dropping it");
+                self.metrics.push.drop_paths(&self.queue.name, NOT_IN_STORE, 1);
+                self.queue.remove(&file);
+            }
+            for batch in due.chunks(BATCH) {
+                if batch.len() > 1 {
+                    let paths: Vec<String> = batch.iter().map(|(_, p)| p.clone()).collect();
+                    match self.push(&paths, &mut stop).await {
+                        None => return,
+                        Some(Ok(())) => {
+                            batch.iter().for_each(|(file, path)| self.pushed(file, path));
                             continue;
                         }
-                        let delay = retry.delays.next().unwrap_or(s.max_backoff);
-                        retry.next = Instant::now() + delay;
-                        // One warning when a target starts failing; each retry at debug.
-                        if !std::mem::replace(&mut failing, true) {
-                            warn!(target = %name, path, %error, "push failed; will retry each path with backoff");
-                        } else {
-                            debug!(target = %name, path, attempts, ?delay, %error, "push failed; will retry");
+                        Some(Err(error)) => {
+                            debug!(target = %self.queue.name, paths = batch.len(), %error, "batch push failed; trying each path alone")
                         }
+                    }
+                }
+                for (file, path) in batch {
+                    match self.push(std::slice::from_ref(path), &mut stop).await {
+                        None => return,
+                        Some(Ok(())) => self.pushed(file, path),
+                        Some(Err(error)) => self.failed(file, path, &error),
                     }
                 }
             }
+        }
+    }
+
+    /// One push command; `None` when `stop` came first (the command is killed).
+    async fn push(&self, paths: &[String], stop: &mut watch::Receiver<bool>) -> Option<Result<(), String>> {
+        let push = async {
+            let cmd = command(&self.target, &self.bins, &self.layout, paths)?;
+            run_push(&cmd).await
+        };
+        tokio::select! {
+            r = push => Some(r),
+            _ = crate::supervise::stopped(stop) => None,
+        }
+    }
+
+    fn label(&self) -> TargetLabel {
+        TargetLabel {
+            target: self.queue.name.clone(),
+        }
+    }
+
+    fn pushed(&mut self, file: &str, path: &str) {
+        let name = &self.queue.name;
+        info!(target = %name, path, "pushed");
+        if std::mem::take(&mut self.failing) {
+            info!(target = %name, "pushes succeed again");
+        }
+        self.metrics.push.pushed.get_or_create(&self.label()).inc();
+        self.queue.remove(file);
+        self.retries.remove(file);
+    }
+
+    /// Counts a failed attempt of one path; schedules its next one, or gives up on it.
+    fn failed(&mut self, file: &str, path: &str, error: &str) {
+        self.metrics.push.failures.get_or_create(&self.label()).inc();
+        let (name, s) = (&self.queue.name, &self.settings);
+        let retry = self.retries.entry(file.to_string()).or_insert_with(|| Retry {
+            attempts: 0,
+            next: Instant::now(),
+            delays: retry_delays(s.base_backoff, s.max_backoff),
+        });
+        retry.attempts += 1;
+        let attempts = retry.attempts;
+        if attempts >= s.max_attempts {
+            warn!(target = %name, path, attempts, error, "push failed too often; giving up on this path for this target");
+            self.metrics.push.drop_paths(name, GAVE_UP, 1);
+            self.queue.remove(file);
+            self.retries.remove(file);
+            return;
+        }
+        let delay = retry.delays.next().unwrap_or(s.max_backoff);
+        retry.next = Instant::now() + delay;
+        // One warning when a target starts failing; each retry at debug.
+        if !std::mem::replace(&mut self.failing, true) {
+            warn!(target = %name, path, error, "push failed; will retry each path with backoff");
+        } else {
+            debug!(target = %name, path, attempts, ?delay, error, "push failed; will retry");
         }
     }
 }
@@ -638,6 +689,8 @@ impl Pusher {
                 layout: layout.clone(),
                 bins: bins.clone(),
                 metrics: metrics.clone(),
+                retries: HashMap::new(),
+                failing: false,
             };
             workers.push(tokio::spawn(worker.run(stop.clone())));
         }

@@ -194,15 +194,13 @@ fn add_paths(b: &Builder, name: &str, n: usize) -> Vec<String> {
     paths
 }
 
-/// Queues `paths` as the post-build hook does, one entry each.
+/// Queues `paths` as the post-build hook does for a build with these outputs: one entry.
 fn enqueue(b: &Builder, paths: &[String]) {
-    for p in paths {
-        ok(Command::new(AGENT)
-            .arg("--root")
-            .arg(&b.root.root)
-            .arg("enqueue")
-            .env("OUT_PATHS", p));
-    }
+    ok(Command::new(AGENT)
+        .arg("--root")
+        .arg(&b.root.root)
+        .arg("enqueue")
+        .env("OUT_PATHS", paths.join(" ")));
 }
 
 /// How many of `paths` a `file://` binary cache at `cache` has.
@@ -245,15 +243,27 @@ fn a_down_cache_or_a_bad_path_holds_back_no_other_and_the_cache_catches_up() {
     let mut b = Builder::new(&c);
     let dir = b.root.dir.path().to_path_buf();
     let key = signing_key(&b);
-    let (good, bad) = (dir.join("good-cache"), dir.join("bad-cache"));
-    c.push = [&good, &bad]
-        .map(|cache| PushTarget::NixCopy {
-            uri: format!("file://{}", cache.display()),
+    // The second cache is reached through a symbolic link, swapped atomically to take it down
+    // (to a file: Nix cannot create the cache's directory) and up again.
+    let (store, blocker, link) = (dir.join("bad-store"), dir.join("blocker"), dir.join("bad-link"));
+    std::fs::create_dir(&store).unwrap();
+    std::fs::write(&blocker, "not a directory").unwrap();
+    let point = |to: &Path| {
+        let tmp = dir.join("bad-link.tmp");
+        std::os::unix::fs::symlink(to, &tmp).unwrap();
+        std::fs::rename(&tmp, &link).unwrap();
+    };
+    point(&store);
+    let (good, bad) = (dir.join("good-cache"), store.join("cache"));
+    let uris = [good.clone(), link.join("cache")].map(|cache| format!("file://{}", cache.display()));
+    c.push = uris
+        .iter()
+        .map(|uri| PushTarget::NixCopy {
+            uri: uri.clone(),
             signing_key_file: key.clone(),
         })
-        .to_vec();
-    let good_name = format!("nix-copy:file://{}", good.display());
-    let bad_name = format!("nix-copy:file://{}", bad.display());
+        .collect();
+    let [good_name, bad_name] = uris.map(|uri| format!("nix-copy:{uri}"));
     let (on_good, on_bad) = ([("target", good_name.as_str())], [("target", bad_name.as_str())]);
     b.root.write_config(&c);
     b.start_agent(&[
@@ -268,15 +278,23 @@ fn a_down_cache_or_a_bad_path_holds_back_no_other_and_the_cache_catches_up() {
     ]);
     b.wait_ready(Duration::from_secs(30));
 
-    // Both up. Queued first: a path in the store's directory but not valid in its database,
-    // which `nix copy` refuses.
-    let invalid = "/nix/store/00000000000000000000000000000000-not-valid".to_string();
-    std::fs::create_dir(b.root.path(&invalid)).unwrap();
+    // Both up.
     let up = add_paths(&b, "up", n);
     let t0 = Instant::now();
-    enqueue(&b, &[vec![invalid.clone()], up.clone()].concat());
+    enqueue(&b, &up);
     let good_up = until_cached(&b, &good, &up, t0, Duration::from_secs(300));
     let bad_up = until_cached(&b, &bad, &up, t0, Duration::from_secs(300));
+    assert_eq!(counter(&b, "push_failures_total", &on_good), 0.0);
+
+    // Queued first: a path in the store's directory but not valid in its database, which
+    // `nix copy` refuses; its batch fails, and the paths behind it go on alone.
+    let invalid = "/nix/store/00000000000000000000000000000000-not-valid".to_string();
+    std::fs::create_dir(b.root.path(&invalid)).unwrap();
+    let mixed = add_paths(&b, "mixed", n);
+    let t0 = Instant::now();
+    enqueue(&b, &[vec![invalid.clone()], mixed.clone()].concat());
+    let good_mixed = until_cached(&b, &good, &mixed, t0, Duration::from_secs(300));
+    until_cached(&b, &bad, &mixed, t0, Duration::from_secs(300));
     assert!(
         wait_for(Duration::from_secs(10), || counter(&b, "push_failures_total", &on_good)
             >= 2.0
@@ -300,10 +318,8 @@ fn a_down_cache_or_a_bad_path_holds_back_no_other_and_the_cache_catches_up() {
     }
     let good_failures = counter(&b, "push_failures_total", &on_good);
 
-    // The bad cache goes down: a file where its directory was.
-    let away = dir.join("bad-cache.away");
-    std::fs::rename(&bad, &away).unwrap();
-    std::fs::write(&bad, "not a directory").unwrap();
+    // The second cache goes down.
+    point(&blocker);
     let bad_failures = counter(&b, "push_failures_total", &on_bad);
     let down = add_paths(&b, "down", n);
     let t0 = Instant::now();
@@ -327,12 +343,11 @@ fn a_down_cache_or_a_bad_path_holds_back_no_other_and_the_cache_catches_up() {
     assert_eq!(metric_of(&b, "push_queue_length", &on_good), Some(0.0));
     assert_eq!(metric_of(&b, "push_lag_seconds", &on_good), Some(0.0));
     assert_eq!(counter(&b, "push_failures_total", &on_good), good_failures);
-    assert_eq!(in_cache(&away, &down), 0);
+    assert_eq!(in_cache(&bad, &down), 0);
     assert!(b.log().contains("push failed; will retry each path with backoff"));
 
     // Back: it catches up.
-    std::fs::remove_file(&bad).unwrap();
-    std::fs::rename(&away, &bad).unwrap();
+    point(&store);
     let catch_up = until_cached(&b, &bad, &down, Instant::now(), Duration::from_secs(300));
     assert!(wait_for(Duration::from_secs(5), || metric_of(
         &b,
@@ -341,7 +356,7 @@ fn a_down_cache_or_a_bad_path_holds_back_no_other_and_the_cache_catches_up() {
     ) == Some(0.0)));
     assert_eq!(metric_of(&b, "push_lag_seconds", &on_bad), Some(0.0));
     for on in [&on_good, &on_bad] {
-        assert_eq!(counter(&b, "pushed_paths_total", on), 2.0 * n as f64, "{on:?}");
+        assert_eq!(counter(&b, "pushed_paths_total", on), 3.0 * n as f64, "{on:?}");
         for reason in ["queue_full", "gave_up"] {
             assert_eq!(
                 counter(&b, "push_dropped_paths_total", &[on[0], ("reason", reason)]),
@@ -355,8 +370,9 @@ fn a_down_cache_or_a_bad_path_holds_back_no_other_and_the_cache_catches_up() {
 
     println!(
         "figures, {n} paths queued at once: both caches up: all in the first cache after {good_up:.2?}, \
-         in the second after {bad_up:.2?}; the second down: all in the first after {good_down:.2?}; the \
-         second back: all in it {catch_up:.2?} later"
+         in the second after {bad_up:.2?}; behind a path Nix refuses: all in the first after \
+         {good_mixed:.2?}; the second down: all in the first after {good_down:.2?}; the second back: \
+         all in it {catch_up:.2?} later"
     );
 }
 
