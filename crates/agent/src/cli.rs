@@ -112,6 +112,10 @@ pub struct RunArgs {
     /// Address of the health endpoint (its port is the config's healthPort).
     #[arg(long, env = "NIXPOOL_HEALTH_ADDRESS", default_value = "0.0.0.0")]
     pub health_address: String,
+    /// `/readyz` answers 503, naming the cause, while the store's file system has fewer free
+    /// bytes than this (builds would fail with "No space left on device").
+    #[arg(long, env = "NIXPOOL_READY_MIN_FREE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub ready_min_free_bytes: u64,
     /// The pod's store volume. When set, `/nix` becomes the image's `/nix` under a writable
     /// overlay layer kept on this volume (nothing copied); where the volume cannot hold an
     /// overlay layer, the image's `/nix` is copied into it first. The operator sets it.
@@ -191,7 +195,9 @@ fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour only on a terminal: `kubectl logs` and log collectors get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -235,6 +241,7 @@ impl Cli {
                         max_attempts: args.push_max_attempts,
                         max_queued: args.push_max_queued_paths,
                     },
+                    ready_min_free_bytes: args.ready_min_free_bytes,
                     store_volume: args.store_volume,
                 };
                 let rt = tokio::runtime::Builder::new_multi_thread()
@@ -242,12 +249,15 @@ impl Cli {
                     .enable_all()
                     .build()
                     .expect("tokio runtime");
-                rt.block_on(crate::run::run(
+                let code = rt.block_on(crate::run::run(
                     layout,
                     args.common.binaries(),
                     args.common.options(),
                     settings,
-                ))
+                ));
+                // Do not wait for blocking work still running (a store copy cut short by SIGTERM).
+                rt.shutdown_timeout(Duration::from_millis(100));
+                code
             }
         }
     }

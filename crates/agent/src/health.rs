@@ -67,9 +67,19 @@ impl Metrics {
     }
 }
 
+/// How long a successful probe of sshd and nix-daemon answers `/readyz`: a flood of probes must
+/// not become a flood of SSH connections (sshd's `MaxStartups` would drop real clients).
+const PROBE_REUSE: Duration = Duration::from_secs(1);
+
 /// What the endpoints look at.
 pub struct Health {
     pub draining: AtomicBool,
+    /// `/readyz` fails while the store's file system has fewer free bytes.
+    pub min_free_bytes: u64,
+    /// The last probe of sshd and nix-daemon; held while probing, so concurrent requests share one.
+    pub probed: tokio::sync::Mutex<Option<(std::time::Instant, Result<(), String>)>>,
+    /// The last `/readyz` verdict, to log its changes.
+    pub verdict: std::sync::Mutex<Option<Result<(), String>>>,
     pub ssh_port: u16,
     pub daemon_socket: PathBuf,
     pub store: PathBuf,
@@ -155,15 +165,51 @@ pub async fn daemon_answers(socket: &std::path::Path) -> Result<(), String> {
 }
 
 impl Health {
-    /// Ready: not draining, sshd accepts, nix-daemon answers.
+    /// Ready: not draining, room in the store, sshd accepts, nix-daemon answers.
     pub async fn ready(&self) -> Result<(), String> {
         if self.draining.load(Ordering::SeqCst) {
             return Err("draining".into());
         }
+        let free = self.store_free_bytes();
+        if let Some(free) = free.filter(|f| *f < self.min_free_bytes) {
+            return Err(format!(
+                "store: {free} bytes free on {}, below {} (--ready-min-free-bytes); builds would fail \
+                 with \"No space left on device\": free space (nix-collect-garbage) or give the pool a \
+                 bigger store volume",
+                self.store.display(),
+                self.min_free_bytes
+            ));
+        }
+        // One probe at a time; a request reuses a success younger than PROBE_REUSE, or any result
+        // of a probe that ran while it waited.
+        let asked = std::time::Instant::now();
+        let mut probed = self.probed.lock().await;
+        if let Some((at, result)) = &*probed
+            && (*at >= asked || (result.is_ok() && at.elapsed() < PROBE_REUSE))
+        {
+            return result.clone();
+        }
+        let result = self.probe().await;
+        *probed = Some((std::time::Instant::now(), result.clone()));
+        result
+    }
+
+    async fn probe(&self) -> Result<(), String> {
         sshd_answers(self.ssh_port).await.map_err(|e| format!("sshd: {e}"))?;
         daemon_answers(&self.daemon_socket)
             .await
             .map_err(|e| format!("nix-daemon: {e}"))
+    }
+
+    /// Free bytes on the file system of the store (or of its parent before it exists).
+    pub fn store_free_bytes(&self) -> Option<u64> {
+        let fs = if self.store.exists() {
+            self.store.as_path()
+        } else {
+            self.store.parent().unwrap_or(&self.store)
+        };
+        let st = nix::sys::statvfs::statvfs(fs).ok()?;
+        Some(st.blocks_available().saturating_mul(st.fragment_size()))
     }
 
     /// Refreshes the gauges that are read from the machine.
@@ -175,15 +221,8 @@ impl Health {
         self.metrics
             .builds_running
             .set(procs::builds_running(&procs, &self.build_uids) as i64);
-        let fs = if self.store.exists() {
-            self.store.clone()
-        } else {
-            self.store.parent().unwrap_or(&self.store).to_path_buf()
-        };
-        if let Ok(st) = nix::sys::statvfs::statvfs(&fs) {
-            self.metrics
-                .store_free_bytes
-                .set(st.blocks_available().saturating_mul(st.fragment_size()) as i64);
+        if let Some(free) = self.store_free_bytes() {
+            self.metrics.store_free_bytes.set(free as i64);
         }
         crate::push::refresh_metrics(&self.push_queue, &self.metrics.push);
         self.metrics.draining.set(self.draining.load(Ordering::SeqCst) as i64);
@@ -198,28 +237,38 @@ pub fn router(health: Arc<Health>) -> Router {
         .with_state(health)
 }
 
-/// What the health port answers while the store is still being copied (the fallback of
-/// [`crate::store`]): alive, so that the liveness probe does not restart a long copy (which
-/// would start it again), and not ready.
-pub fn seeding_router() -> Router {
+/// What the health port answers while the agent waits before it can start (the store being
+/// copied, the host key missing): alive, so that the liveness probe does not restart it, and
+/// not ready, with the reason (the kubelet puts it in the pod's "Readiness probe failed" Event).
+pub fn waiting_router(reason: Arc<std::sync::Mutex<String>>) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok: copying the image's store\n" }))
+        .route("/healthz", get(|| async { "ok: starting\n" }))
         .route(
             "/readyz",
-            get(|| async { (StatusCode::SERVICE_UNAVAILABLE, "copying the image's store\n") }),
+            get(move || async move {
+                let reason = reason.lock().expect("reason lock").clone();
+                (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n"))
+            }),
         )
 }
 
 async fn readyz(State(h): State<Arc<Health>>) -> impl IntoResponse {
-    match h.ready().await {
-        Ok(()) => {
-            h.metrics.ready.set(1);
-            (StatusCode::OK, "ready\n".to_string())
+    let verdict = h.ready().await;
+    h.metrics.ready.set(verdict.is_ok() as i64);
+    {
+        // Log each change, so the log tells when and why readiness flipped.
+        let mut last = h.verdict.lock().expect("verdict lock");
+        if last.as_ref() != Some(&verdict) {
+            match &verdict {
+                Ok(()) => tracing::info!("readiness: ready"),
+                Err(reason) => tracing::warn!(%reason, "readiness: not ready"),
+            }
+            *last = Some(verdict.clone());
         }
-        Err(e) => {
-            h.metrics.ready.set(0);
-            (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n"))
-        }
+    }
+    match verdict {
+        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
     }
 }
 

@@ -5,6 +5,7 @@ use clap::Parser;
 mod accounts;
 mod check;
 mod cli;
+mod drain;
 mod error;
 mod fhs;
 mod gate;

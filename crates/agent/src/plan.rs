@@ -54,6 +54,9 @@ pub struct Plan {
     pub build_uids: Vec<u32>,
     pub host_public_key: String,
     pub forced_command: String,
+    /// The builder's `authorized_keys` as written for sshd: the key reload's baseline, so that a
+    /// key removed after this was read (during start-up) is still removed.
+    pub authorized_keys: String,
     /// CA bundle for substituters (given to nix-daemon as NIX_SSL_CERT_FILE).
     pub ca_bundle: Option<PathBuf>,
 }
@@ -102,6 +105,21 @@ pub fn push_secret(t: &PushTarget) -> &str {
     }
 }
 
+/// Reads and checks the mounted host key: (the private key's text, its public half), or what is
+/// wrong with it and the fix.
+pub fn read_host_key(layout: &Layout) -> Result<(String, String), String> {
+    let path = layout.host_key_secret();
+    let text = fs::read_to_string(&path).map_err(|e| {
+        format!(
+            "host key {}: {e}; mount the pool's host-key Secret at {}",
+            path.display(),
+            nixpool_api::paths::HOST_KEY_DIR
+        )
+    })?;
+    let public = ssh::check_host_key(&text).map_err(|e| format!("host key {}: {e}", path.display()))?;
+    Ok((text, public))
+}
+
 /// Computes everything; returns every problem at once when something is wrong.
 pub fn build(layout: &Layout, bins: &Binaries, opts: &Options) -> Result<Plan, Vec<String>> {
     let mut problems: Vec<String> = Vec::new();
@@ -146,22 +164,14 @@ pub fn build(layout: &Layout, bins: &Binaries, opts: &Options) -> Result<Plan, V
     }
 
     // Host key.
-    let host_key_path = layout.host_key_secret();
     let mut host_public_key = String::new();
     let mut host_key_text = String::new();
-    match fs::read_to_string(&host_key_path) {
-        Err(e) => problems.push(format!(
-            "host key {}: {e}; mount the pool's host-key Secret at {}",
-            host_key_path.display(),
-            nixpool_api::paths::HOST_KEY_DIR
-        )),
-        Ok(text) => match ssh::check_host_key(&text) {
-            Ok(public) => {
-                host_public_key = public;
-                host_key_text = text;
-            }
-            Err(e) => problems.push(format!("host key {}: {e}", host_key_path.display())),
-        },
+    match read_host_key(layout) {
+        Ok((text, public)) => {
+            host_public_key = public;
+            host_key_text = text;
+        }
+        Err(e) => problems.push(e),
     }
 
     // Authorized keys.
@@ -319,7 +329,7 @@ pub fn build(layout: &Layout, bins: &Binaries, opts: &Options) -> Result<Plan, V
         text(layout.sshd_config(), ssh::render_sshd_config(&sshd), 0o644),
         text(
             layout.authorized_keys_dir().join(&config.builder_user),
-            authorized_keys,
+            authorized_keys.clone(),
             0o644,
         ),
     ];
@@ -347,6 +357,7 @@ pub fn build(layout: &Layout, bins: &Binaries, opts: &Options) -> Result<Plan, V
         build_uids: accounts.build_uids,
         host_public_key,
         forced_command,
+        authorized_keys,
         ca_bundle: ca.map(|l| l.link),
     })
 }

@@ -4,16 +4,18 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use prometheus_client::registry::Registry;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
+use crate::drain;
 use crate::health::{self, ChildLabel, Health, Metrics};
 use crate::layout::{Binaries, Layout};
 use crate::plan::{self, Options, Plan};
@@ -31,182 +33,166 @@ pub struct RunSettings {
     pub daemon_start_timeout: Duration,
     pub health_address: String,
     pub push: crate::push::Settings,
+    /// `/readyz` fails while the store has fewer free bytes.
+    pub ready_min_free_bytes: u64,
     /// The pod's store volume (see [`crate::store`]); `None`: `/nix` is used as it is.
     pub store_volume: Option<PathBuf>,
 }
 
-/// Writes the reason to the termination log (Kubernetes shows it in the pod status) and logs it.
-fn terminate(layout: &Layout, reason: &str) -> ExitCode {
-    error!(reason, "giving up");
+/// Writes `message` to the termination log (Kubernetes shows it in the pod's status).
+fn write_termination_log(layout: &Layout, message: &str) {
     let path = layout.termination_log();
     if let Some(dir) = path.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
-    if let Err(e) = std::fs::write(&path, format!("{reason}\n")) {
+    if let Err(e) = std::fs::write(&path, format!("{message}\n")) {
         error!(path = %path.display(), error = %e, "cannot write the termination log");
     }
+}
+
+/// Logs the reason, writes it to the termination log, exits 1.
+fn terminate(layout: &Layout, reason: &str) -> ExitCode {
+    error!(reason, "giving up");
+    write_termination_log(layout, reason);
     ExitCode::from(1)
+}
+
+/// A supervised child and how to stop it.
+struct Supervised {
+    name: &'static str,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+    running: Arc<Running>,
+}
+
+impl Supervised {
+    fn start(
+        spec: Spec,
+        policy: Policy,
+        fatal: mpsc::Sender<String>,
+        running: Arc<Running>,
+        on_restart: impl Fn() + Send + 'static,
+    ) -> Self {
+        let (stop, stop_rx) = watch::channel(false);
+        let name = spec.name;
+        let task = tokio::spawn(supervise::supervise(
+            spec,
+            policy,
+            stop_rx,
+            fatal,
+            running.clone(),
+            on_restart,
+        ));
+        Self {
+            name,
+            stop,
+            task,
+            running,
+        }
+    }
+
+    /// SIGTERM (its supervisor sends it), then SIGKILL once `until` has passed.
+    async fn stop(self, until: Instant) {
+        let _ = self.stop.send(true);
+        let mut task = self.task;
+        let left = until.saturating_duration_since(Instant::now());
+        if tokio::time::timeout(left, &mut task).await.is_ok() {
+            return;
+        }
+        if let Some(pid) = self.running.pid() {
+            warn!(child = self.name, pid, "did not stop in time; killing");
+            procs::signal(pid, Signal::SIGKILL);
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(500), task).await;
+    }
+}
+
+/// What start-up has started, stopped in reverse order (sshd before nix-daemon).
+#[derive(Default)]
+struct Children(Mutex<Vec<Supervised>>);
+
+impl Children {
+    fn add(&self, child: Supervised) {
+        self.0.lock().expect("children lock").push(child);
+    }
+
+    fn take(&self, name: &str) -> Option<Supervised> {
+        let mut all = self.0.lock().expect("children lock");
+        let i = all.iter().position(|c| c.name == name)?;
+        Some(all.remove(i))
+    }
+
+    async fn stop_all(&self, until: Instant) {
+        let all = std::mem::take(&mut *self.0.lock().expect("children lock"));
+        for child in all.into_iter().rev() {
+            child.stop(until).await;
+        }
+    }
+}
+
+/// How long start-up, cut short by SIGTERM, gives its children to exit before SIGKILL: the
+/// whole exit must stay under a second.
+const START_STOP_GRACE: Duration = Duration::from_millis(500);
+
+/// Where start-up is, for the log of a SIGTERM that interrupts it.
+struct Phase(Mutex<&'static str>);
+
+impl Phase {
+    fn set(&self, phase: &'static str) {
+        *self.0.lock().expect("phase lock") = phase;
+    }
+
+    fn get(&self) -> &'static str {
+        *self.0.lock().expect("phase lock")
+    }
 }
 
 pub async fn run(layout: Layout, bins: Binaries, opts: Options, settings: RunSettings) -> ExitCode {
     let started = Instant::now();
-    // First of all: everything after this reads or writes /nix.
-    if let Some(volume) = &settings.store_volume
-        && let Err(reason) = prepare_store(&layout, volume, &settings.health_address).await
-    {
-        return terminate(&layout, &reason);
-    }
-    let plan = match plan::build(&layout, &bins, &opts) {
-        Ok(p) => p,
-        Err(problems) => return terminate(&layout, &format!("cannot start: {}", problems.join("; "))),
+    // First of all: PID 1 ignores a signal it has no handler for, so a pod deleted while starting
+    // would wait out its whole terminationGracePeriodSeconds.
+    let (mut sigterm, mut sigint) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => return terminate(&layout, &format!("cannot handle SIGTERM: {e}")),
     };
-    log_plan(&plan);
-    match plan::apply(&plan) {
-        Ok(changed) => info!(changed = changed.len(), "root prepared"),
-        Err(e) => return terminate(&layout, &format!("cannot prepare the root: {e}")),
-    }
-    procs::become_subreaper();
-
-    // sshd -t before anything starts.
-    let sshd_config = layout.sshd_config();
-    let test = procs::output(
-        tokio::process::Command::new(&bins.sshd)
-            .arg("-t")
-            .arg("-f")
-            .arg(&sshd_config),
-    )
-    .await;
-    match test {
-        Ok(out) if out.status.success() => info!(config = %sshd_config.display(), "sshd -t accepted the config"),
-        Ok(out) => {
-            return terminate(
-                &layout,
-                &format!(
-                    "sshd -t rejected {}: {}",
-                    sshd_config.display(),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ),
-            );
-        }
-        Err(e) => return terminate(&layout, &format!("cannot run {} -t: {e}", bins.sshd.display())),
-    }
-
-    let config = plan.config.clone();
-    let metrics = Arc::new(Metrics::default());
-    let mut registry = Registry::default();
-    metrics.register(&mut registry);
-    let sshd_running = Arc::new(Running::default());
-    let daemon_running = Arc::new(Running::default());
-    let health = Arc::new(Health {
-        draining: AtomicBool::new(false),
-        ssh_port: config.ssh_port,
-        daemon_socket: layout.daemon_socket(),
-        store: layout.store(),
-        build_uids: plan.build_uids.clone(),
-        sshd: sshd_running.clone(),
-        metrics,
-        registry,
-        push_queue: layout.push_queue(),
-    });
-
-    let addr = format!("{}:{}", settings.health_address, config.health_port);
-    let listener = match tokio::net::TcpListener::bind(&addr).await {
-        Ok(l) => l,
-        Err(e) => return terminate(&layout, &format!("cannot listen on {addr} for health: {e}")),
-    };
-    info!(%addr, "health endpoint listening");
-    tokio::spawn(axum::serve(listener, health::router(health.clone())).into_future());
-
-    // PID 1 duty: reap orphans.
-    tokio::spawn(async {
-        let mut sigchld = signal(SignalKind::child()).ok();
-        loop {
-            match sigchld.as_mut() {
-                Some(s) => {
-                    let _ = tokio::time::timeout(Duration::from_secs(1), s.recv()).await;
-                }
-                None => tokio::time::sleep(Duration::from_secs(1)).await,
-            }
-            procs::reap_orphans();
-        }
-    });
-
+    let children = Children::default();
+    let phase = Phase(Mutex::new("starting"));
     let (fatal_tx, mut fatal_rx) = mpsc::channel::<String>(4);
-    let restart_counter = |name: &'static str| {
-        let h = health.clone();
-        move || {
-            h.metrics
-                .child_restarts
-                .get_or_create(&ChildLabel { child: name.into() })
-                .inc();
-        }
+    let start_up = start(
+        &layout,
+        &bins,
+        &opts,
+        &settings,
+        &children,
+        &phase,
+        fatal_tx,
+        &mut fatal_rx,
+    );
+    let outcome = tokio::select! {
+        s = start_up => Some(s),
+        _ = sigterm.recv() => None,
+        _ = sigint.recv() => None,
     };
-
-    // nix-daemon, then wait for it to answer.
-    let (daemon_stop, daemon_stop_rx) = watch::channel(false);
-    let daemon = Spec {
-        name: "nix-daemon",
-        program: bins.nix_daemon.clone(),
-        args: vec![],
-        env: [("NIX_CONF_DIR".to_string(), OsString::from(layout.nix_conf_dir()))]
-            .into_iter()
-            .chain(
-                plan.ca_bundle
-                    .iter()
-                    .map(|ca| ("NIX_SSL_CERT_FILE".to_string(), OsString::from(ca))),
-            )
-            .collect(),
+    let Some(outcome) = outcome else {
+        info!(
+            phase = phase.get(),
+            "SIGTERM during start-up: stopping what has started and exiting"
+        );
+        children.stop_all(Instant::now() + START_STOP_GRACE).await;
+        info!(
+            seconds = started.elapsed().as_secs_f64(),
+            "stopped during start-up; exiting"
+        );
+        return ExitCode::SUCCESS;
     };
-    let daemon_task = tokio::spawn(supervise::supervise(
-        daemon,
-        settings.policy,
-        daemon_stop_rx,
-        fatal_tx.clone(),
-        daemon_running.clone(),
-        restart_counter("nix-daemon"),
-    ));
-    let deadline = Instant::now() + settings.daemon_start_timeout;
-    loop {
-        if health::daemon_answers(&layout.daemon_socket()).await.is_ok() {
-            info!(socket = %layout.daemon_socket().display(), "nix-daemon answers");
-            break;
-        }
-        if let Ok(reason) = fatal_rx.try_recv() {
-            let _ = daemon_stop.send(true);
-            let _ = daemon_task.await;
+    let Started { plan, health } = match outcome {
+        Ok(s) => s,
+        Err(reason) => {
+            children.stop_all(Instant::now() + Duration::from_secs(10)).await;
             return terminate(&layout, &reason);
         }
-        if Instant::now() > deadline {
-            let _ = daemon_stop.send(true);
-            let _ = daemon_task.await;
-            return terminate(
-                &layout,
-                &format!(
-                    "nix-daemon did not answer on {} within {:?}",
-                    layout.daemon_socket().display(),
-                    settings.daemon_start_timeout
-                ),
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-
-    // sshd.
-    let (sshd_stop, sshd_stop_rx) = watch::channel(false);
-    let sshd = Spec {
-        name: "sshd",
-        program: bins.sshd.clone(),
-        args: vec!["-D".into(), "-e".into(), "-f".into(), sshd_config.display().to_string()],
-        env: vec![],
     };
-    let sshd_task = tokio::spawn(supervise::supervise(
-        sshd,
-        settings.policy,
-        sshd_stop_rx,
-        fatal_tx.clone(),
-        sshd_running.clone(),
-        restart_counter("sshd"),
-    ));
+    let config = &plan.config;
 
     // Live key reload and the pusher.
     let (aux_stop, aux_stop_rx) = watch::channel(false);
@@ -214,6 +200,7 @@ pub async fn run(layout: Layout, bins: Binaries, opts: Options, settings: RunSet
         layout.clone(),
         config.builder_user.clone(),
         plan.forced_command.clone(),
+        plan.authorized_keys.clone(),
         settings.key_reload_interval,
         aux_stop_rx.clone(),
     ));
@@ -230,8 +217,6 @@ pub async fn run(layout: Layout, bins: Binaries, opts: Options, settings: RunSet
         ))
     });
 
-    let mut sigterm = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut sigint = signal(SignalKind::interrupt()).expect("SIGINT handler");
     // Ready as soon as sshd answers; log the time it took.
     {
         let h = health.clone();
@@ -251,55 +236,257 @@ pub async fn run(layout: Layout, bins: Binaries, opts: Options, settings: RunSet
         _ = sigint.recv() => None,
         reason = fatal_rx.recv() => reason,
     };
-
     if let Some(reason) = outcome {
         let _ = aux_stop.send(true);
-        let _ = sshd_stop.send(true);
-        let _ = daemon_stop.send(true);
-        let _ = tokio::join!(sshd_task, daemon_task);
+        children.stop_all(Instant::now() + Duration::from_secs(10)).await;
         return terminate(&layout, &reason);
     }
 
-    // Drain.
+    let deadline = drain::Deadline::new(Instant::now(), Duration::from_secs(config.drain_timeout_seconds));
     health.draining.store(true, Ordering::SeqCst);
     info!(
         budget_seconds = config.drain_timeout_seconds,
         "SIGTERM: not ready any more, refusing new SSH connections, letting builds finish"
     );
-    let _ = sshd_stop.send(true);
-    let _ = sshd_task.await;
-    let deadline = Instant::now() + Duration::from_secs(config.drain_timeout_seconds);
-    loop {
-        let sessions = procs::ssh_sessions(&procs::scan(), None);
-        if sessions.is_empty() {
-            info!("no SSH session left");
-            break;
-        }
-        if Instant::now() > deadline {
-            warn!(
-                sessions = sessions.len(),
-                "drain budget spent; ending the remaining sessions"
-            );
-            for pid in sessions {
-                procs::signal(pid as u32, Signal::SIGTERM);
-            }
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    // The listener: its port closes; sessions are processes of their own and go on.
+    if let Some(sshd) = children.take("sshd") {
+        sshd.stop(deadline.work_until().min(Instant::now() + Duration::from_secs(10)))
+            .await;
     }
+    let sessions_cut = drain::sessions(&deadline).await;
     // Give the pusher what is left of the budget to send what was built here.
+    let mut push_left = 0;
     if pusher.is_some() {
-        crate::push::wait_until_pushed(&layout.push_queue(), deadline).await;
+        push_left = crate::push::wait_until_pushed(&layout.push_queue(), deadline.work_until()).await;
     }
     let _ = aux_stop.send(true);
     if let Some(p) = pusher {
-        let _ = p.await;
+        let _ = tokio::time::timeout(deadline.left(), p).await;
     }
-    let _ = daemon_stop.send(true);
-    let _ = daemon_task.await;
+    children.stop_all(deadline.end).await;
     procs::reap_orphans();
-    info!("drained; exiting");
+    let seconds = deadline.elapsed().as_secs_f64();
+    info!(seconds, sessions_cut, push_paths_left = push_left, "drained; exiting");
+    if sessions_cut > 0 || push_left > 0 {
+        write_termination_log(
+            &layout,
+            &format!(
+                "drained in {seconds:.1}s (budget {}s, drainTimeoutSeconds): cut {sessions_cut} SSH session(s) still open, \
+                 left {push_left} path(s) queued for push",
+                config.drain_timeout_seconds
+            ),
+        );
+    }
     ExitCode::SUCCESS
+}
+
+/// What start-up hands to the serving agent.
+struct Started {
+    plan: Plan,
+    health: Arc<Health>,
+}
+
+/// Prepares the root and starts nix-daemon, then sshd. `Err` is the reason to give up.
+#[allow(clippy::too_many_arguments)]
+async fn start(
+    layout: &Layout,
+    bins: &Binaries,
+    opts: &Options,
+    settings: &RunSettings,
+    children: &Children,
+    phase: &Phase,
+    fatal_tx: mpsc::Sender<String>,
+    fatal_rx: &mut mpsc::Receiver<String>,
+) -> Result<Started, String> {
+    // First of all: everything after this reads or writes /nix.
+    if let Some(volume) = &settings.store_volume {
+        phase.set("setting up the store");
+        prepare_store(layout, volume, &settings.health_address).await?;
+    }
+    phase.set("waiting for the host key");
+    wait_for_host_key(layout, &settings.health_address).await;
+    phase.set("preparing the root");
+    let plan = plan::build(layout, bins, opts).map_err(|problems| format!("cannot start: {}", problems.join("; ")))?;
+    log_plan(&plan);
+    let changed = plan::apply(&plan).map_err(|e| format!("cannot prepare the root: {e}"))?;
+    info!(changed = changed.len(), "root prepared");
+    procs::become_subreaper();
+
+    // sshd -t before anything starts.
+    phase.set("checking the sshd config (sshd -t)");
+    let sshd_config = layout.sshd_config();
+    let test = procs::output(
+        tokio::process::Command::new(&bins.sshd)
+            .arg("-t")
+            .arg("-f")
+            .arg(&sshd_config),
+    )
+    .await;
+    match test {
+        Ok(out) if out.status.success() => info!(config = %sshd_config.display(), "sshd -t accepted the config"),
+        Ok(out) => {
+            return Err(format!(
+                "sshd -t rejected {}: {}",
+                sshd_config.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Err(e) => return Err(format!("cannot run {} -t: {e}", bins.sshd.display())),
+    }
+
+    let config = plan.config.clone();
+    let metrics = Arc::new(Metrics::default());
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    let sshd_running = Arc::new(Running::default());
+    let health = Arc::new(Health {
+        draining: AtomicBool::new(false),
+        min_free_bytes: settings.ready_min_free_bytes,
+        probed: tokio::sync::Mutex::new(None),
+        verdict: Mutex::new(None),
+        ssh_port: config.ssh_port,
+        daemon_socket: layout.daemon_socket(),
+        store: layout.store(),
+        build_uids: plan.build_uids.clone(),
+        sshd: sshd_running.clone(),
+        metrics,
+        registry,
+        push_queue: layout.push_queue(),
+    });
+
+    let addr = format!("{}:{}", settings.health_address, config.health_port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr} for health: {e}"))?;
+    info!(%addr, "health endpoint listening");
+    tokio::spawn(axum::serve(listener, health::router(health.clone())).into_future());
+
+    // PID 1 duty: reap orphans.
+    tokio::spawn(async {
+        let mut sigchld = signal(SignalKind::child()).ok();
+        loop {
+            match sigchld.as_mut() {
+                Some(s) => {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), s.recv()).await;
+                }
+                None => tokio::time::sleep(Duration::from_secs(1)).await,
+            }
+            procs::reap_orphans();
+        }
+    });
+
+    let restart_counter = |name: &'static str| {
+        let h = health.clone();
+        move || {
+            h.metrics
+                .child_restarts
+                .get_or_create(&ChildLabel { child: name.into() })
+                .inc();
+        }
+    };
+
+    // nix-daemon, then wait for it to answer.
+    phase.set("waiting for nix-daemon");
+    let daemon = Spec {
+        name: "nix-daemon",
+        program: bins.nix_daemon.clone(),
+        args: vec![],
+        env: [("NIX_CONF_DIR".to_string(), OsString::from(layout.nix_conf_dir()))]
+            .into_iter()
+            .chain(
+                plan.ca_bundle
+                    .iter()
+                    .map(|ca| ("NIX_SSL_CERT_FILE".to_string(), OsString::from(ca))),
+            )
+            .collect(),
+    };
+    children.add(Supervised::start(
+        daemon,
+        settings.policy,
+        fatal_tx.clone(),
+        Arc::new(Running::default()),
+        restart_counter("nix-daemon"),
+    ));
+    let deadline = Instant::now() + settings.daemon_start_timeout;
+    loop {
+        if health::daemon_answers(&layout.daemon_socket()).await.is_ok() {
+            info!(socket = %layout.daemon_socket().display(), "nix-daemon answers");
+            break;
+        }
+        if let Ok(reason) = fatal_rx.try_recv() {
+            return Err(reason);
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "nix-daemon did not answer on {} within {:?}",
+                layout.daemon_socket().display(),
+                settings.daemon_start_timeout
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    phase.set("starting sshd");
+    let sshd = Spec {
+        name: "sshd",
+        program: bins.sshd.clone(),
+        args: vec!["-D".into(), "-e".into(), "-f".into(), sshd_config.display().to_string()],
+        env: vec![],
+    };
+    children.add(Supervised::start(
+        sshd,
+        settings.policy,
+        fatal_tx,
+        sshd_running,
+        restart_counter("sshd"),
+    ));
+    Ok(Started { plan, health })
+}
+
+/// A missing or unusable host key is a fault of the mounts that may still be fixed (a Secret
+/// created or corrected late): wait for it, alive and not ready with the reason, rather than
+/// crash-loop. A config that cannot be read is left to `plan::build`, which names it.
+async fn wait_for_host_key(layout: &Layout, health_address: &str) {
+    let Err(first) = plan::read_host_key(layout) else {
+        return;
+    };
+    warn!(reason = %first, "waiting for a usable host key; not ready until then");
+    let reason = Arc::new(Mutex::new(first));
+    let server = match plan::load_config(layout) {
+        Ok(c) => serve_while_waiting(&format!("{health_address}:{}", c.health_port), reason.clone()).await,
+        Err(_) => None,
+    };
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        match plan::read_host_key(layout) {
+            Ok(_) => break,
+            Err(now) => {
+                let mut r = reason.lock().expect("reason lock");
+                if *r != now {
+                    warn!(reason = %now, "waiting for a usable host key; not ready until then");
+                    *r = now;
+                }
+            }
+        }
+    }
+    info!("the host key is usable; starting");
+    if let Some(task) = server {
+        task.abort();
+        let _ = task.await;
+    }
+}
+
+/// Serves the waiting health endpoints (see [`health::waiting_router`]) until aborted.
+async fn serve_while_waiting(addr: &str, reason: Arc<Mutex<String>>) -> Option<JoinHandle<std::io::Result<()>>> {
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => Some(tokio::spawn(
+            axum::serve(l, health::waiting_router(reason)).into_future(),
+        )),
+        Err(e) => {
+            warn!(%addr, error = %e, "cannot serve health while waiting");
+            None
+        }
+    }
 }
 
 /// Sets up `/nix` on the store volume: the overlay, else the copy (see [`crate::store`]).
@@ -332,14 +519,8 @@ async fn prepare_store(layout: &Layout, volume: &Path, health_address: &str) -> 
     // A long copy must not look dead to the liveness probe.
     let seeding = match plan::load_config(layout) {
         Ok(c) => {
-            let addr = format!("{health_address}:{}", c.health_port);
-            match tokio::net::TcpListener::bind(&addr).await {
-                Ok(l) => Some(tokio::spawn(axum::serve(l, health::seeding_router()).into_future())),
-                Err(e) => {
-                    warn!(%addr, error = %e, "cannot serve health while copying the store");
-                    None
-                }
-            }
+            let reason = Arc::new(Mutex::new("copying the image's store".to_string()));
+            serve_while_waiting(&format!("{health_address}:{}", c.health_port), reason).await
         }
         Err(_) => None,
     };
@@ -379,19 +560,23 @@ fn log_plan(plan: &Plan) {
     }
 }
 
-/// Rewrites the builder's `authorized_keys` whenever the mounted Secret changes (Kubernetes swaps
-/// a symlink; reading through it sees the new content). Nothing restarts: sshd reads the file
-/// at each login.
-async fn reload_keys(layout: Layout, user: String, command: String, every: Duration, mut stop: watch::Receiver<bool>) {
+/// Rewrites the builder's `authorized_keys` whenever what the mounted ConfigMap gives differs
+/// from what was last written for sshd (Kubernetes swaps a symlink; one read through it sees
+/// one whole version). The baseline is what start-up wrote, not a later read: a key removed
+/// in between is removed too. Nothing restarts: sshd reads the file at each login.
+async fn reload_keys(
+    layout: Layout,
+    user: String,
+    command: String,
+    written: String,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
     let secret = layout.authorized_keys_secret();
     let dest = layout.authorized_keys_dir().join(&user);
-    let mut last = std::fs::read_to_string(&secret).ok();
+    let mut written = written;
     let mut failing = false;
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = crate::supervise::stopped(&mut stop) => return,
-        }
         match std::fs::read_to_string(&secret) {
             Err(e) => {
                 if !failing {
@@ -401,22 +586,25 @@ async fn reload_keys(layout: Layout, user: String, command: String, every: Durat
             }
             Ok(text) => {
                 failing = false;
-                if last.as_deref() == Some(text.as_str()) {
-                    continue;
-                }
                 let (out, bad) = ssh::render_authorized_keys(&text, &command);
-                for b in &bad {
-                    warn!(line = b.line, reason = %b.reason, "authorized-keys ConfigMap: line skipped");
-                }
-                match crate::fhs::write_file(&dest, out.as_bytes(), 0o644) {
-                    Ok(_) => {
-                        let keys = out.lines().filter(|l| !l.starts_with('#')).count();
-                        info!(keys, "authorized keys reloaded");
-                        last = Some(text);
+                if out != written {
+                    for b in &bad {
+                        warn!(line = b.line, reason = %b.reason, "authorized-keys ConfigMap: line skipped");
                     }
-                    Err(e) => warn!(error = %e, "cannot write authorized_keys; will retry"),
+                    match crate::fhs::write_file(&dest, out.as_bytes(), 0o644) {
+                        Ok(_) => {
+                            let keys = out.lines().filter(|l| !l.starts_with('#')).count();
+                            info!(keys, "authorized keys reloaded");
+                            written = out;
+                        }
+                        Err(e) => warn!(error = %e, "cannot write authorized_keys; will retry"),
+                    }
                 }
             }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = crate::supervise::stopped(&mut stop) => return,
         }
     }
 }

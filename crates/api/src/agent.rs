@@ -46,7 +46,9 @@ pub struct AgentConfig {
     /// Where to push what this builder builds.
     #[serde(default)]
     pub push: Vec<PushTarget>,
-    /// Seconds to let running builds finish after SIGTERM.
+    /// The whole drain's budget after SIGTERM (sessions, the push flush, stopping sshd and
+    /// nix-daemon): the agent exits within it. The operator sets it 10 s below the pod's
+    /// `terminationGracePeriodSeconds`, the margin before the kubelet's SIGKILL.
     pub drain_timeout_seconds: u64,
 }
 
