@@ -112,6 +112,12 @@ pub struct RunArgs {
     /// Address of the health endpoint (its port is the config's healthPort).
     #[arg(long, env = "NIXPOOL_HEALTH_ADDRESS", default_value = "0.0.0.0")]
     pub health_address: String,
+    /// After SIGTERM, sshd keeps accepting this long (at most half the drain budget) while
+    /// readiness is already off: the Service's endpoints and kube-proxy drop a terminating pod
+    /// a moment later, and a connection sent to it meanwhile would be refused, a lost build
+    /// (Nix does not retry a refused builder). Sessions accepted then are drained like the rest.
+    #[arg(long, env = "NIXPOOL_DRAIN_ACCEPT_MS", default_value_t = 5000)]
+    pub drain_accept_ms: u64,
     /// `/readyz` answers 503, naming the cause, while the store's file system has fewer free
     /// bytes than this (builds would fail with "No space left on device").
     #[arg(long, env = "NIXPOOL_READY_MIN_FREE_BYTES", default_value_t = 64 * 1024 * 1024)]
@@ -242,6 +248,7 @@ impl Cli {
                         max_queued: args.push_max_queued_paths,
                     },
                     ready_min_free_bytes: args.ready_min_free_bytes,
+                    drain_accept: Duration::from_millis(args.drain_accept_ms),
                     store_volume: args.store_volume,
                 };
                 let rt = tokio::runtime::Builder::new_multi_thread()

@@ -35,6 +35,8 @@ pub struct RunSettings {
     pub push: crate::push::Settings,
     /// `/readyz` fails while the store has fewer free bytes.
     pub ready_min_free_bytes: u64,
+    /// After SIGTERM, how long sshd keeps accepting while endpoints drop the pod.
+    pub drain_accept: Duration,
     /// The pod's store volume (see [`crate::store`]); `None`: `/nix` is used as it is.
     pub store_volume: Option<PathBuf>,
 }
@@ -246,8 +248,16 @@ pub async fn run(layout: Layout, bins: Binaries, opts: Options, settings: RunSet
     health.draining.store(true, Ordering::SeqCst);
     info!(
         budget_seconds = config.drain_timeout_seconds,
-        "SIGTERM: not ready any more, refusing new SSH connections, letting builds finish"
+        accept_ms = settings.drain_accept.as_millis() as u64,
+        "SIGTERM: not ready any more; accepting SSH connections a moment longer, then refusing them and letting builds finish"
     );
+    // Not ready any more, but still accepting for a moment: until the Service's endpoints and
+    // kube-proxy drop this pod, a new connection may still be sent here, and a refused one is a
+    // lost build. At most half of what the budget leaves for work.
+    let accept = settings
+        .drain_accept
+        .min(deadline.work_until().saturating_duration_since(Instant::now()) / 2);
+    tokio::time::sleep(accept).await;
     // The listener: its port closes; sessions are processes of their own and go on.
     if let Some(sshd) = children.take("sshd") {
         sshd.stop(deadline.work_until().min(Instant::now() + Duration::from_secs(10)))

@@ -177,7 +177,7 @@ fn authorized_keys_reload_live_without_restarting_sshd() {
 #[test]
 fn sigterm_drains_a_running_build() {
     let mut b = Builder::new(&config("drain"));
-    b.start_agent(&[]);
+    b.start_agent(&["--drain-accept-ms", "1500"]);
     b.wait_ready(Duration::from_secs(30));
     let key = b.root.client_key.clone();
     let file = b.derivation("slow", "busybox sleep 4; echo survived > $out");
@@ -201,8 +201,21 @@ fn sigterm_drains_a_running_build() {
         assert!(b.metric("nixpool_agent_ssh_sessions").unwrap_or(0.0) >= 1.0);
         let pid = nix::unistd::Pid::from_raw(b.agent_pid() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let sigterm_at = std::time::Instant::now();
         std::thread::sleep(Duration::from_millis(500));
         assert!(!b.http("/readyz").0, "still ready while draining");
+        // For --drain-accept-ms a new connection, which kube-proxy may still send here while
+        // the endpoints drop the pod, is accepted: the gate answers (the session has no input,
+        // so the gate says it ended mid-request).
+        let accepted = b.ssh("builder", &key, "nix-daemon --stdio");
+        let stderr = String::from_utf8_lossy(&accepted.stderr);
+        assert!(
+            !stderr.contains("Connection refused") && stderr.contains("nixpool: the session ended"),
+            "a new SSH session was not accepted right after SIGTERM: {}",
+            String::from_utf8_lossy(&accepted.stderr)
+        );
+        // After it, the port is closed.
+        std::thread::sleep(Duration::from_millis(2500).saturating_sub(sigterm_at.elapsed()));
         let refused = b.ssh("builder", &key, "nix-daemon --stdio");
         assert!(
             String::from_utf8_lossy(&refused.stderr).contains("Connection refused"),
