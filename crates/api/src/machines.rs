@@ -141,7 +141,10 @@ impl MachinesEntry {
             }
         }
         if self.uri.starts_with('@') {
-            out.push(("uri", format!("{:?}: a line starting with `@` includes a file", self.uri)));
+            out.push((
+                "uri",
+                format!("{:?}: a line starting with `@` includes a file", self.uri),
+            ));
         }
         // Nix hands the decoded key to ssh as a known_hosts line: one trimmed line, or ssh would
         // trust a second key.
@@ -150,7 +153,9 @@ impl MachinesEntry {
         {
             out.push((
                 "hostPublicKey",
-                format!("{k:?} is empty, has surrounding whitespace or a line break: give the one line of the .pub file"),
+                format!(
+                    "{k:?} is empty, has surrounding whitespace or a line break: give the one line of the .pub file"
+                ),
             ));
         }
         out
@@ -161,10 +166,7 @@ impl MachinesEntry {
     /// no features).
     pub fn parse(line: &str) -> Result<Self, ParseError> {
         let content = line.split('#').next().unwrap_or("");
-        let cols: Vec<&str> = content
-            .split(NIX_COLUMN_SEPARATORS)
-            .filter(|c| !c.is_empty())
-            .collect();
+        let cols: Vec<&str> = content.split(NIX_COLUMN_SEPARATORS).filter(|c| !c.is_empty()).collect();
         if cols.is_empty() {
             return Err(ParseError::Empty);
         }

@@ -38,7 +38,13 @@ fn entry() -> impl Strategy<Value = MachinesEntry> {
 fn entry_of(value: BoxedStrategy<String>) -> impl Strategy<Value = MachinesEntry> {
     let list = || proptest::collection::vec(value.clone(), 0..4);
     (
-        (value.clone(), list(), proptest::option::of(value.clone()), any::<u32>(), any::<u32>()),
+        (
+            value.clone(),
+            list(),
+            proptest::option::of(value.clone()),
+            any::<u32>(),
+            any::<u32>(),
+        ),
         (
             list(),
             list(),
