@@ -207,6 +207,11 @@ pub fn key_options(line: &str) -> Result<Vec<(String, Option<String>)>, String> 
         if name.is_empty() {
             return Err("an empty option".into());
         }
+        // sshd's option names are letters, digits and `-`; anything else (a stray quote) makes
+        // sshd read the options differently, or refuse the line.
+        if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(format!("{name:?} is not an option name"));
+        }
         rest = &rest[name_end..];
         let value = if let Some(after) = rest.strip_prefix("=\"") {
             let close = after
@@ -403,6 +408,7 @@ mod tests {
             format!("from=\"a\\\"b\" {key}"),
             format!("from=\"a\"x {key}"),
             format!("from=\"a\u{7}\" {key}"),
+            format!("\",command=\"/bin/sh\" {key}"),
         ] {
             assert!(kept_key_options(&bad).is_err(), "{bad}");
         }
