@@ -25,10 +25,13 @@ const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHbOkOOzoWy8fLjOmJmbmT7K8
 /// The forced command as the agent builds it (paths of its own, not from a spec).
 const COMMAND: &str = "/nix/store/abc-nixpool-agent/bin/nixpool-agent gate --daemon-socket /nix/var/nix/daemon-socket/socket --nix-store /nix/store/def-nix/bin/nix-store --slots-dir /run/nixpool/slots";
 
+/// `name` and, for `name="value"`, the value.
+type KeyOption = (String, Option<String>);
+
 /// An `authorized_keys` line as sshd reads it: its options (`name` or `name="value"`, the
 /// value unescaped as `opt_dequote` does: only `\"` is an escape) and the rest. `None`: sshd
 /// would refuse the line.
-fn sshd_key_line(line: &str) -> Option<(Vec<(String, Option<String>)>, String)> {
+fn sshd_key_line(line: &str) -> Option<(Vec<KeyOption>, String)> {
     let line = line.trim_start_matches([' ', '\t']);
     let first = line.split([' ', '\t']).next()?;
     if first.starts_with("ssh-") || first.starts_with("ecdsa-") || first.starts_with("sk-") {

@@ -106,7 +106,7 @@ proptest! {
                     continue;
                 }
                 if let Change::Set { id, .. } = change {
-                    let again = merge::merge(&text, &[change.clone()]).unwrap();
+                    let again = merge::merge(&text, std::slice::from_ref(change)).unwrap();
                     prop_assert_eq!(&again.text, &text);
                     prop_assert!(again.changed.is_empty());
                     let lines: Vec<_> = merge::entries(&text).into_iter().filter(|(_, _, b)| b.as_deref() == Some(id)).collect();
