@@ -14,6 +14,8 @@ mod layout;
 mod nixconf;
 mod plan;
 mod procs;
+#[cfg(test)]
+mod props;
 mod push;
 mod run;
 mod ssh;

@@ -22,7 +22,7 @@ pub struct SshdSettings {
 /// connections at once are never dropped.
 pub fn max_startups(max_jobs: u32) -> (u32, u32, u32) {
     let start = (max_jobs.saturating_mul(4)).max(32);
-    (start, 30, start * 2)
+    (start, 30, start.saturating_mul(2))
 }
 
 pub fn render_sshd_config(s: &SshdSettings) -> String {

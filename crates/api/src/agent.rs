@@ -112,10 +112,12 @@ impl AgentConfig {
                         "sets `{k}`, which nixpool sets itself or which runs a program as root: use the pool field for it instead"
                     ),
                 );
-            } else if k.is_empty() || k.contains(['=', ' ', '#']) || rules::has_control(k) || rules::has_control(v) {
+            } else if !rules::is_nix_setting_name(k) || rules::has_control(v) || v.contains('#') {
                 bad(
                     "extraNixConfig",
-                    format!("entry {k:?} is not a single `key = value` line"),
+                    format!(
+                        "entry {k:?} is not a single `key = value` line (a name is lower-case words joined by `-`; a value holds no control character or `#`)"
+                    ),
                 );
             }
         }
@@ -129,12 +131,12 @@ impl AgentConfig {
         for (field, list) in lists {
             if let Some(v) = list
                 .iter()
-                .find(|v| v.is_empty() || v.contains(char::is_whitespace) || rules::has_control(v))
+                .find(|v| v.is_empty() || v.contains(char::is_whitespace) || v.contains('#') || rules::has_control(v))
             {
                 bad(
                     field,
                     format!(
-                        "{v:?} is empty or holds whitespace or a control character (nix.conf lists are space-separated)"
+                        "{v:?} is empty or holds whitespace, `#` or a control character (nix.conf lists are space-separated; `#` starts a comment)"
                     ),
                 );
             }

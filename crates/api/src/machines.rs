@@ -8,6 +8,12 @@
 //!
 //! Lists are comma-separated; the host key is the base64 of the OpenSSH public key line, so Nix
 //! pins it without a `known_hosts` entry.
+//!
+//! How Nix reads the file (`src/libstore/machines.cc`, Nix 2.8 to 2.2x): lines end at `\n` *or*
+//! `;`; each is trimmed and cut at its first `#`; a line starting with `@` includes another file;
+//! columns are split at space, tab, CR and LF (nothing else); `-` or a missing column is empty;
+//! lists are split at `,` with empty items dropped. [`parse_file`] reads a file that way, and
+//! [`MachinesEntry::problems`] names every field that would not survive it.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -46,6 +52,45 @@ pub enum ParseError {
     HostKey(String),
     #[error("the line has {0} columns; a machines line has at most 8")]
     TooManyColumns(usize),
+    #[error("column 1 (store URI) is `-`: Nix needs a store URI there, e.g. ssh-ng://builder@host")]
+    NoUri,
+    #[error("`@{0}` includes another machines file; builderctl does not follow includes")]
+    Include(String),
+}
+
+/// The characters Nix splits a machines line into columns at (its `tokenizeString` default);
+/// no other whitespace splits.
+pub const NIX_COLUMN_SEPARATORS: [char; 4] = [' ', '\t', '\n', '\r'];
+
+/// Why `value` cannot be one column, or one item of a list column, of a machines line, if it
+/// cannot: Nix would split it, cut it or read it as empty. The one rule for every column.
+pub fn column_problem(value: &str) -> Option<&'static str> {
+    if value.is_empty() {
+        Some("it is empty")
+    } else if value == "-" {
+        Some("it is `-`, which Nix reads as an empty column")
+    } else if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Some("it holds whitespace or a control character, where Nix splits a machines line")
+    } else if value.contains('#') {
+        Some("it holds `#`, where Nix cuts a machines line as a comment")
+    } else if value.contains(';') {
+        Some("it holds `;`, where Nix splits a machines line")
+    } else if value.contains(',') {
+        Some("it holds `,`, which separates systems and features")
+    } else {
+        None
+    }
+}
+
+/// Reads a machines file as Nix does (see the module doc): one result per machine, in order;
+/// blank and comment-only lines give none.
+pub fn parse_file(text: &str) -> Vec<Result<MachinesEntry, ParseError>> {
+    text.split(['\n', ';'])
+        .filter_map(|line| match MachinesEntry::parse(line) {
+            Err(ParseError::Empty) => None,
+            r => Some(r),
+        })
+        .collect()
 }
 
 impl MachinesEntry {
@@ -73,13 +118,64 @@ impl MachinesEntry {
         }
     }
 
-    /// Parses one line. Comments (`#` to end of line) are ignored; missing trailing columns get
-    /// Nix's defaults (1 job, speed 1, no features).
+    /// What in this entry would not read back from its line as written, as (field, problem with
+    /// the fix). Empty: [`parse_file`] of the line gives exactly this entry.
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        let mut column = |field: &'static str, value: &str| {
+            if let Some(why) = column_problem(value) {
+                out.push((field, format!("{value:?}: {why}")));
+            }
+        };
+        column("uri", &self.uri);
+        if let Some(k) = &self.ssh_key {
+            column("sshKey", k);
+        }
+        for (field, list) in [
+            ("systems", &self.systems),
+            ("supportedFeatures", &self.supported_features),
+            ("mandatoryFeatures", &self.mandatory_features),
+        ] {
+            for item in list {
+                column(field, item);
+            }
+        }
+        if self.uri.starts_with('@') {
+            out.push((
+                "uri",
+                format!("{:?}: a line starting with `@` includes a file", self.uri),
+            ));
+        }
+        // Nix hands the decoded key to ssh as a known_hosts line: one trimmed line, or ssh would
+        // trust a second key.
+        if let Some(k) = &self.host_public_key
+            && (k.is_empty() || k.trim() != k || k.chars().any(char::is_control))
+        {
+            out.push((
+                "hostPublicKey",
+                format!(
+                    "{k:?} is empty, has surrounding whitespace or a line break: give the one line of the .pub file"
+                ),
+            ));
+        }
+        out
+    }
+
+    /// Parses one line as Nix splits them (at `\n` and `;`, see [`parse_file`]). Comments (`#`
+    /// to end of line) are ignored; missing trailing columns get Nix's defaults (1 job, speed 1,
+    /// no features).
     pub fn parse(line: &str) -> Result<Self, ParseError> {
         let content = line.split('#').next().unwrap_or("");
-        let cols: Vec<&str> = content.split_whitespace().collect();
+        let cols: Vec<&str> = content.split(NIX_COLUMN_SEPARATORS).filter(|c| !c.is_empty()).collect();
         if cols.is_empty() {
             return Err(ParseError::Empty);
+        }
+        if cols[0].starts_with('@') {
+            let path = content.trim_matches(NIX_COLUMN_SEPARATORS)[1..].trim_matches(NIX_COLUMN_SEPARATORS);
+            return Err(ParseError::Include(path.to_string()));
+        }
+        if cols[0] == "-" {
+            return Err(ParseError::NoUri);
         }
         if cols.len() > 8 {
             return Err(ParseError::TooManyColumns(cols.len()));

@@ -35,14 +35,16 @@ pub const REFUSED_NIX_SETTINGS: &[&str] = &[
     "build-hook",
     "diff-hook",
     "plugin-files",
+    // Not a setting: `include = x` is a line Nix refuses, so nix-daemon would not start.
+    "include",
 ];
 
 /// The CEL rule on `spec.nixConfig` keys: every name of [`REFUSED_NIX_SETTINGS`] and its
 /// `extra-` form. It is a literal because the CRD derive needs one; a test keeps it equal to
 /// [`nix_settings_rule`].
-pub const NIX_SETTINGS_RULE: &str = "self.all(k, !(k in ['build-users-group', 'extra-build-users-group', 'trusted-users', 'extra-trusted-users', 'allowed-users', 'extra-allowed-users', 'max-jobs', 'extra-max-jobs', 'cores', 'extra-cores', 'sandbox', 'extra-sandbox', 'system-features', 'extra-system-features', 'platforms', 'extra-platforms', 'substituters', 'extra-substituters', 'trusted-public-keys', 'extra-trusted-public-keys', 'min-free', 'extra-min-free', 'max-free', 'extra-max-free', 'post-build-hook', 'extra-post-build-hook', 'ssl-cert-file', 'extra-ssl-cert-file', 'builders', 'extra-builders', 'secret-key-files', 'extra-secret-key-files', 'pre-build-hook', 'extra-pre-build-hook', 'build-hook', 'extra-build-hook', 'diff-hook', 'extra-diff-hook', 'plugin-files', 'extra-plugin-files']))";
+pub const NIX_SETTINGS_RULE: &str = "self.all(k, !(k in ['build-users-group', 'extra-build-users-group', 'trusted-users', 'extra-trusted-users', 'allowed-users', 'extra-allowed-users', 'max-jobs', 'extra-max-jobs', 'cores', 'extra-cores', 'sandbox', 'extra-sandbox', 'system-features', 'extra-system-features', 'platforms', 'extra-platforms', 'substituters', 'extra-substituters', 'trusted-public-keys', 'extra-trusted-public-keys', 'min-free', 'extra-min-free', 'max-free', 'extra-max-free', 'post-build-hook', 'extra-post-build-hook', 'ssl-cert-file', 'extra-ssl-cert-file', 'builders', 'extra-builders', 'secret-key-files', 'extra-secret-key-files', 'pre-build-hook', 'extra-pre-build-hook', 'build-hook', 'extra-build-hook', 'diff-hook', 'extra-diff-hook', 'plugin-files', 'extra-plugin-files', 'include', 'extra-include']))";
 
-pub const NIX_SETTINGS_MESSAGE: &str = "spec.nixConfig: this setting is set by nixpool from a pool field, or would make nix-daemon run a program as root; use spec.maxJobs, spec.cores, spec.systems, spec.supportedFeatures, spec.cache or spec.gc instead (see docs/security.md)";
+pub const NIX_SETTINGS_MESSAGE: &str = "spec.nixConfig: this setting is set by nixpool from a pool field, would make nix-daemon run a program as root, or is `include` (which Nix refuses in nix.conf); use spec.maxJobs, spec.cores, spec.systems, spec.supportedFeatures, spec.cache or spec.gc instead (see docs/security.md)";
 
 /// [`NIX_SETTINGS_RULE`] built from the list.
 pub fn nix_settings_rule() -> String {
@@ -51,6 +53,15 @@ pub fn nix_settings_rule() -> String {
         .flat_map(|s| [format!("'{s}'"), format!("'extra-{s}'")])
         .collect();
     format!("self.all(k, !(k in [{}]))", names.join(", "))
+}
+
+/// Whether `name` has the shape of a nix.conf setting name the CRD allows in `spec.nixConfig`
+/// (`^[a-z][a-z0-9-]*$`): lower-case words joined by `-`.
+pub fn is_nix_setting_name(name: &str) -> bool {
+    name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
 /// Whether `spec.nixConfig` may not set this setting.
@@ -195,6 +206,11 @@ pub fn key_options(line: &str) -> Result<Vec<(String, Option<String>)>, String> 
         let name = rest[..name_end].to_ascii_lowercase();
         if name.is_empty() {
             return Err("an empty option".into());
+        }
+        // sshd's option names are letters, digits and `-`; anything else (a stray quote) makes
+        // sshd read the options differently, or refuse the line.
+        if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(format!("{name:?} is not an option name"));
         }
         rest = &rest[name_end..];
         let value = if let Some(after) = rest.strip_prefix("=\"") {
@@ -392,6 +408,7 @@ mod tests {
             format!("from=\"a\\\"b\" {key}"),
             format!("from=\"a\"x {key}"),
             format!("from=\"a\u{7}\" {key}"),
+            format!("\",command=\"/bin/sh\" {key}"),
         ] {
             assert!(kept_key_options(&bad).is_err(), "{bad}");
         }

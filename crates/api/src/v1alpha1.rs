@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 /// A Nix public key as nix.conf's `trusted-public-keys` takes it: `name:base64`, the name printable
 /// ASCII without ':' or spaces. (`[^: ]` would also match a newline, which would end the nix.conf
 /// line and start a setting of the user's choosing.)
-const PUBLIC_KEY_RULE: &str = "self.matches('^[!-9;-~]+:[A-Za-z0-9+/=]+$')";
+/// `#` is left out of every string that reaches nix.conf: Nix cuts a line there as a comment.
+const PUBLIC_KEY_RULE: &str = "self.matches('^[!-\"$-9;-~]+:[A-Za-z0-9+/=]+$')";
 
 /// A pool of x86_64-linux (or other) Nix remote builders reachable over SSH.
 ///
@@ -160,8 +161,10 @@ pub struct NixBuilderPoolSpec {
     /// Extra nix.conf settings (name to value). Refused, with their `extra-` forms: the settings
     /// nixpool sets from pool fields (build-users-group, trusted-users, allowed-users, max-jobs,
     /// cores, sandbox, system-features, platforms, substituters, trusted-public-keys, min-free,
-    /// max-free, post-build-hook, ssl-cert-file, builders, secret-key-files), and those that make
-    /// nix-daemon run a program (pre-build-hook, build-hook, diff-hook, plugin-files).
+    /// max-free, post-build-hook, ssl-cert-file, builders, secret-key-files), those that make
+    /// nix-daemon run a program (pre-build-hook, build-hook, diff-hook, plugin-files), and
+    /// `include` (a nix.conf directive: `include = x` is a line Nix refuses). A value may not
+    /// hold `#` (nix.conf cuts a line there).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 64, "additionalProperties" = {"type": "string", "maxLength": 4096}))]
     #[x_kube(validation = Rule::new(crate::rules::NIX_SETTINGS_RULE).message(crate::rules::NIX_SETTINGS_MESSAGE))]
@@ -169,6 +172,8 @@ pub struct NixBuilderPoolSpec {
         .message("spec.nixConfig: a setting name is lower-case words joined by '-', e.g. keep-outputs"))]
     #[x_kube(validation = Rule::new("self.all(k, !self[k].matches('[[:cntrl:]]'))")
         .message("spec.nixConfig: a value is one line without control characters (nix.conf has one setting per line)"))]
+    #[x_kube(validation = Rule::new("self.all(k, !self[k].contains('#'))")
+        .message("spec.nixConfig: a value may not hold `#`: nix.conf cuts the line there as a comment"))]
     pub nix_config: BTreeMap<String, String>,
 
     /// Store garbage collection during builds (nix.conf min-free / max-free).
@@ -493,8 +498,8 @@ impl Default for CacheSpec {
 pub struct Substituter {
     /// Store URL, e.g. `https://cache.example.com`.
     #[schemars(length(max = 2048))]
-    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9+]+://[!-~]+$')")
-        .message("spec.cache.substituters[].url: give a store URL such as https://cache.example.com"))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9+]+://[!-\"$-~]+$')")
+        .message("spec.cache.substituters[].url: give a store URL such as https://cache.example.com, without spaces or `#` (nix.conf cuts a line at `#`)"))]
     pub url: String,
     /// Public key (`name:base64`) the cache signs with; paths without a trusted signature are
     /// not substituted.
@@ -513,13 +518,13 @@ pub struct Substituter {
 pub struct AtticCache {
     /// Attic server URL, e.g. `https://attic.example.com`.
     #[schemars(length(max = 2048))]
-    #[x_kube(validation = Rule::new("self.matches('^https?://[!-~]+$')")
-        .message("spec.cache.attic.endpoint: give the server URL, e.g. https://attic.example.com"))]
+    #[x_kube(validation = Rule::new("self.matches('^https?://[!-\"$-~]+$')")
+        .message("spec.cache.attic.endpoint: give the server URL, e.g. https://attic.example.com, without spaces or `#` (nix.conf cuts a line at `#`)"))]
     pub endpoint: String,
     /// Cache name on the server.
     #[schemars(length(max = 128))]
-    #[x_kube(validation = Rule::new("self.matches('^[!-~]+$')")
-        .message("spec.cache.attic.cache: give the cache name, one word without spaces or control characters"))]
+    #[x_kube(validation = Rule::new("self.matches('^[!-\"$-~]+$')")
+        .message("spec.cache.attic.cache: give the cache name, one word without spaces, `#` or control characters"))]
     pub cache: String,
     /// The cache's public key (`attic cache info` shows it), to substitute from it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -568,8 +573,8 @@ pub struct CachixCache {
 pub struct StoreCache {
     /// Store URI, e.g. `s3://nix-cache?region=eu-west-1`.
     #[schemars(length(max = 2048))]
-    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9+]+://[!-~]+$')")
-        .message("spec.cache.store.uri: give a Nix store URI such as s3://bucket or file:///path"))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9+]+://[!-\"$-~]+$')")
+        .message("spec.cache.store.uri: give a Nix store URI such as s3://bucket or file:///path, without spaces or `#` (nix.conf cuts a line at `#`)"))]
     pub uri: String,
     /// Public key of the signing key, to substitute from the store as well.
     #[serde(default, skip_serializing_if = "Option::is_none")]

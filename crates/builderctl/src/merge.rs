@@ -10,6 +10,9 @@
 //!
 //! Every byte outside the blocks being set or removed is kept as it was: other lines, comments,
 //! blank lines, line endings. Lines outside the blocks that do not parse are kept and reported.
+//! A block appended to a file whose last line has no newline needs one before it; its BEGIN
+//! line says so ([`NEWLINE_ADDED`]), and removing the block takes that newline out again, so a
+//! pool set and then removed leaves the file exactly as it was.
 
 use std::collections::HashMap;
 
@@ -17,6 +20,11 @@ use nixpool_api::machines::{MachinesEntry, ParseError};
 
 pub const BEGIN: &str = "# BEGIN nixpool ";
 pub const END: &str = "# END nixpool ";
+/// The rest of a BEGIN line.
+const MANAGED: &str = "(managed by builderctl, edits inside are replaced)";
+/// The rest of a BEGIN line whose block follows a newline builderctl added (the file's last
+/// line had none).
+pub const NEWLINE_ADDED: &str = "(managed by builderctl, edits inside are replaced, newline above added)";
 
 /// What to do with one pool's block.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,16 +80,29 @@ fn marker_id<'a>(line: &'a str, prefix: &str) -> Option<&'a str> {
 
 /// The block for a pool, as written.
 pub fn block(id: &str, line: &str) -> String {
-    format!("{BEGIN}{id} (managed by builderctl, edits inside are replaced)\n{line}\n{END}{id}\n")
+    block_text(id, line, false)
+}
+
+fn block_text(id: &str, line: &str, newline_added: bool) -> String {
+    let rest = if newline_added { NEWLINE_ADDED } else { MANAGED };
+    format!("{BEGIN}{id} {rest}\n{line}\n{END}{id}\n")
+}
+
+/// Whether a BEGIN line says builderctl added the newline before it.
+fn says_newline_added(begin_line: &str) -> bool {
+    begin_line.trim_end_matches(['\n', '\r']).ends_with(NEWLINE_ADDED)
 }
 
 enum Piece<'a> {
     Foreign(&'a str),
     Block {
         text: String,
+        newline_added: bool,
     },
     /// A block taken out by [`Change::Remove`].
-    Removed,
+    Removed {
+        newline_added: bool,
+    },
 }
 
 /// The machines lines of the file (inside and outside blocks) with their 1-based numbers;
@@ -133,6 +154,7 @@ pub fn merge(existing: &str, changes: &[Change]) -> Result<Merged, MergeError> {
                     blocks.insert(id, (i + 1, pieces.len()));
                     pieces.push(Piece::Block {
                         text: lines[i..=j].concat(),
+                        newline_added: says_newline_added(line),
                     });
                     i = j + 1;
                     continue;
@@ -165,51 +187,74 @@ pub fn merge(existing: &str, changes: &[Change]) -> Result<Merged, MergeError> {
 
     let mut changed = Vec::new();
     let mut not_found = Vec::new();
-    let mut appended = String::new();
+    let mut appended: Vec<(&str, &str)> = Vec::new();
     for change in changes {
         match change {
             Change::Set { id, line } => {
-                let new = block(id, line);
                 let existing = blocks.get(id.as_str()).and_then(|&(_, k)| match &mut pieces[k] {
-                    Piece::Block { text } => Some(text),
+                    Piece::Block { text, newline_added } => Some((text, *newline_added)),
                     _ => None,
                 });
                 match existing {
-                    Some(text) => {
+                    Some((text, newline_added)) => {
+                        let new = block_text(id, line, newline_added);
                         if *text != new {
                             *text = new;
                             changed.push(id.clone());
                         }
                     }
-                    None => {
-                        appended.push_str(&new);
-                        changed.push(id.clone());
-                    }
+                    // A pool named twice in one run gets one block, with its last line.
+                    None => match appended.iter_mut().find(|(a, _)| a == id) {
+                        Some(pending) => pending.1 = line,
+                        None => {
+                            appended.push((id, line));
+                            changed.push(id.clone());
+                        }
+                    },
                 }
             }
-            Change::Remove { id } => match blocks.get(id.as_str()) {
-                Some(&(_, k)) if matches!(pieces[k], Piece::Block { .. }) => {
-                    pieces[k] = Piece::Removed;
+            Change::Remove { id } => match blocks.get(id.as_str()).map(|&(_, k)| (k, &pieces[k])) {
+                Some((k, &Piece::Block { newline_added, .. })) => {
+                    pieces[k] = Piece::Removed { newline_added };
                     changed.push(id.clone());
                 }
+                // Set earlier in this run: it is not appended after all.
+                _ if appended.iter().any(|(a, _)| a == id) => appended.retain(|(a, _)| a != id),
                 _ => not_found.push(id.clone()),
             },
         }
     }
 
-    let mut text = String::with_capacity(existing.len() + appended.len());
+    let mut text = String::with_capacity(existing.len() + appended.len() * 200);
+    // A removed block owes the newline added before it: to the next block (which now follows
+    // it), or to the end of the file. Once a foreign line follows, the newline ends that line.
+    let mut owed_newline = false;
     for p in &pieces {
         match p {
-            Piece::Foreign(l) => text.push_str(l),
-            Piece::Block { text: t } => text.push_str(t),
-            Piece::Removed => {}
+            Piece::Foreign(l) => {
+                owed_newline = false;
+                text.push_str(l);
+            }
+            Piece::Block { text: t, newline_added } => {
+                if owed_newline && !newline_added {
+                    text.push_str(&t.replacen(MANAGED, NEWLINE_ADDED, 1));
+                } else {
+                    text.push_str(t);
+                }
+                owed_newline = false;
+            }
+            Piece::Removed { newline_added } => owed_newline |= newline_added,
         }
     }
-    if !appended.is_empty() {
-        if !text.is_empty() && !text.ends_with('\n') {
+    if owed_newline && text.ends_with('\n') {
+        text.pop();
+    }
+    for (n, (id, line)) in appended.iter().enumerate() {
+        let newline_added = n == 0 && !text.is_empty() && !text.ends_with('\n');
+        if newline_added {
             text.push('\n');
         }
-        text.push_str(&appended);
+        text.push_str(&block_text(id, line, newline_added));
     }
     Ok(Merged {
         text,

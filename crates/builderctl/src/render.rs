@@ -1,6 +1,7 @@
 //! A pool's `/etc/nix/machines` line, rendered from its status and spec. Pure.
 
 use nixpool_api::conditions::READY;
+use nixpool_api::machines::{column_problem, parse_file};
 use nixpool_api::{MachinesEntry, NixBuilderPool, NixBuilderPoolStatus};
 
 /// Why a pool gives no machines line.
@@ -53,29 +54,10 @@ pub struct RenderOptions {
     pub allow_stale: bool,
 }
 
-/// Why `value` would not survive in a machines line as one token, if it would not: Nix splits
-/// lines at whitespace, cuts comments at `#`, splits at `;` (Nix 2.8), and joins systems and
-/// features with `,`.
-fn breaks_a_column(value: &str) -> Option<&'static str> {
-    if value.is_empty() {
-        Some("it is empty")
-    } else if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        Some("it holds whitespace or a control character, where Nix splits a machines line")
-    } else if value.contains('#') {
-        Some("it holds `#`, where Nix cuts a machines line as a comment")
-    } else if value.contains(';') {
-        Some("it holds `;`, where Nix splits a machines line")
-    } else if value.contains(',') {
-        Some("it holds `,`, which separates systems and features")
-    } else {
-        None
-    }
-}
-
 /// Why `host` is no host of an ssh URI, if it is not: an extra `@`, `/` or bracket would move
 /// the connection elsewhere; a colon or bracket is only for an IPv6 address.
 fn bad_host(host: &str) -> Option<&'static str> {
-    if let Some(why) = breaks_a_column(host) {
+    if let Some(why) = column_problem(host) {
         return Some(why);
     }
     let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
@@ -196,7 +178,7 @@ pub fn entry(pool: &NixBuilderPool, opts: &RenderOptions) -> Result<MachinesEntr
                 .map(|v| ("spec.mandatoryFeatures", v)),
         );
     for (field, value) in tokens {
-        let bad = breaks_a_column(value).or_else(|| value.contains(['@', '/']).then_some("it holds `@` or `/`"));
+        let bad = column_problem(value).or_else(|| value.contains(['@', '/']).then_some("it holds `@` or `/`"));
         if let Some(why) = bad {
             return Err(RenderError::Invalid {
                 pool: id,
@@ -249,9 +231,19 @@ pub fn entry(pool: &NixBuilderPool, opts: &RenderOptions) -> Result<MachinesEntr
         mandatory_features: pool.spec.mandatory_features.clone(),
         host_public_key: Some(host_key.to_string()),
     };
-    // What Nix will read back must be what was meant: parse the rendered line before it is used.
+    // The key path is the user's (`--key`): a space in it would split the line.
+    if let Some((field, problem)) = entry.problems().into_iter().next() {
+        return Err(RenderError::Invalid {
+            pool: id,
+            field: if field == "sshKey" { "--key" } else { field },
+            value: problem,
+            why: "Nix would not read it back from the machines line as written",
+        });
+    }
+    // What Nix will read back must be what was meant: parse the rendered line as Nix does before
+    // it is used.
     let line = entry.to_string();
-    if MachinesEntry::parse(&line).ok().as_ref() != Some(&entry) {
+    if parse_file(&line) != [Ok(entry.clone())] {
         return Err(RenderError::Invalid {
             pool: id,
             field: "status",

@@ -161,7 +161,11 @@ fn remove_takes_out_only_the_pools_block() {
     assert!(text.contains("# BEGIN nixpool builds/kvm"));
     let out = env.run(&["--remove", "builds/kvm"]);
     assert!(out.status.success());
-    assert_eq!(env.text(), format!("{FOREIGN}\n"), "back to the user's lines");
+    assert_eq!(
+        env.text(),
+        FOREIGN,
+        "back to the user's file, byte for byte (the newline added before the blocks is taken out too)"
+    );
     let out = env.run(&["--remove", "builds/kvm"]);
     assert!(
         stderr(&out).contains("no block for pool builds/kvm"),

@@ -78,7 +78,11 @@ pub fn check(line: &str) -> Result<String, String> {
         format!("not an OpenSSH public key line ({e}); paste the whole line of the .pub file, e.g. ssh-ed25519 AAAA... you@laptop")
     })?;
     let opts = entry.config_opts();
-    if opts.iter().any(|o| o.starts_with("command=")) {
+    // sshd reads option names in any case.
+    if opts
+        .iter()
+        .any(|o| o.get(..8).is_some_and(|n| n.eq_ignore_ascii_case("command=")))
+    {
         return Err(
             "a command= option is not allowed: the builder forces its own command (the Nix remote-build protocol)"
                 .into(),
@@ -124,6 +128,10 @@ mod tests {
     fn refuses_a_forced_command_of_its_own() {
         let err = check(&format!("command=\"/bin/sh\" {A}")).unwrap_err();
         assert!(err.contains("command= option is not allowed"), "{err}");
+        assert!(
+            check(&format!("COMMAND=\"/bin/sh\" {A}")).is_err(),
+            "sshd reads option names in any case"
+        );
         assert!(check(&format!("from=\"10.0.0.0/8\" {A}")).is_ok());
     }
 }

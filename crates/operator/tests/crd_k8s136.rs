@@ -113,6 +113,33 @@ fn corpus() -> Vec<Case> {
             "spec.ssh.user",
             json!({"ssh": {"user": "nixbld1"}}),
         ),
+        // Found by the nix.conf property test (crates/agent/src/props.rs): Nix refuses an
+        // `include = x` line and cuts a line at `#`.
+        case(
+            "include, a nix.conf directive that Nix refuses as a setting",
+            "spec.nixConfig",
+            json!({"nixConfig": {"include": "/etc/nix/other.conf"}}),
+        ),
+        case(
+            "`#` in a nix.conf value",
+            "spec.nixConfig",
+            json!({"nixConfig": {"allowed-uris": "github:a/b#c"}}),
+        ),
+        case(
+            "`#` in a substituter URL",
+            "spec.cache.substituters[0].url",
+            json!({"cache": {"substituters": [{"url": "https://cache.example.com/#x"}]}}),
+        ),
+        case(
+            "`#` in a substituter key",
+            "spec.cache.substituters[0].publicKey",
+            json!({"cache": {"substituters": [{"url": "https://c", "publicKey": "c#1:AAAA"}]}}),
+        ),
+        case(
+            "`#` in a store URI",
+            "spec.cache.store.uri",
+            json!({"cache": {"store": {"uri": "s3://bucket#x", "push": false}}}),
+        ),
         case(
             "an upper-case nix.conf setting name",
             "spec.nixConfig",
