@@ -1480,7 +1480,8 @@ async fn builds_from_concurrent_clients_survive_rollout_scaling_a_deleted_pod_an
             .unwrap();
     mark("every client done");
     let total: usize = tallies.iter().map(|t| t.builds).sum();
-    let (in_windows, lost): (Vec<&(f64, String)>, Vec<&(f64, String)>) = tallies
+    type Lost<'a> = Vec<&'a (f64, String)>;
+    let (in_windows, lost): (Lost, Lost) = tallies
         .iter()
         .flat_map(|t| &t.lost)
         .partition(|(at, _)| listener_down.iter().any(|(from, to)| from <= at && at <= to));
