@@ -186,7 +186,13 @@ async fn reconcile_pool(pool: &NixBuilderPool, ctx: &Context) -> Result<Action> 
                 )
                 .await;
             }
-            return Ok(Action::await_change());
+            narrow_authorized_keys(ctx, pool, &ns).await?;
+            // Deprecated team-key Secrets are never watched: they are read again in a while.
+            return Ok(if pool.spec.ssh.authorized_keys_secrets.is_empty() {
+                Action::await_change()
+            } else {
+                Action::requeue(SECRET_POLL)
+            });
         }
     };
 
@@ -396,6 +402,72 @@ async fn reconcile_pool(pool: &NixBuilderPool, ctx: &Context) -> Result<Action> 
         next = next.min(wait);
     }
     Ok(Action::requeue(next))
+}
+
+/// While the spec is invalid, revocations still flow: the pool's authorized-keys ConfigMap, if
+/// it has one, keeps only the keys the spec's sources still give
+/// ([`nixpool_api::rules::narrowed_authorized_keys`]). No other child is touched, and nothing
+/// is created or generated.
+async fn narrow_authorized_keys(ctx: &Context, pool: &NixBuilderPool, ns: &str) -> Result<()> {
+    let name = names::authorized_keys(&pool.name_any());
+    let live = match ctx.stores().and_then(|s| s.get::<ConfigMap>(ns, &name)) {
+        Some(cm) => Some(cm),
+        None => Api::<ConfigMap>::namespaced(ctx.client.clone(), ns)
+            .get_opt(&name)
+            .await
+            .map_err(|source| Error::Read {
+                kind: "ConfigMap".into(),
+                name: name.clone(),
+                source,
+            })?,
+    };
+    let Some(live) = live.filter(|cm| apply::controlled_by(&cm.metadata, pool.metadata.uid.as_deref())) else {
+        return Ok(());
+    };
+    let trusted = live
+        .data
+        .as_ref()
+        .and_then(|d| d.get(paths::AUTHORIZED_KEYS_FILE))
+        .cloned()
+        .unwrap_or_default();
+    let (mut missing, mut refused) = (Vec::new(), Vec::new());
+    let mut given = authorized_keys(ctx, pool, ns, &mut missing, &mut refused).await?;
+    // The gateway's key, if the pool has a gateway and its key exists (none is generated here).
+    if pool.spec.effective_gateway().is_some() {
+        let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+        let secret = names::gateway_key_secret(&pool.name_any());
+        if let Ok(Some(key)) = read_key_secret(&api, pool, &secret, paths::GATEWAY_KEY_FILE, "the gateway").await {
+            given.add(&format!("{key} nixpool-gateway"), || {
+                crate::keys::Origin("the gateway's key".into())
+            });
+        }
+    }
+    let narrowed = nixpool_api::rules::narrowed_authorized_keys(&trusted, &given.render());
+    if narrowed == trusted {
+        return Ok(());
+    }
+    let removed = trusted.lines().count() - narrowed.lines().count();
+    let mut kept = AuthorizedKeys::default();
+    kept.add_text(&narrowed, "the narrowed authorized keys", paths::AUTHORIZED_KEYS_FILE);
+    let desired = build::authorized_keys(pool, &kept);
+    let mut changed = Vec::new();
+    apply::ensure(ctx, ns, desired, &mut changed).await?;
+    info!(
+        removed,
+        "spec invalid: removed keys their sources no longer give from the authorized keys"
+    );
+    publish(
+        ctx,
+        pool,
+        EventType::Normal,
+        "KeysRevoked",
+        "Apply",
+        format!(
+            "the spec is invalid, so only revocations are applied: removed {removed} key(s) their sources no longer give from ConfigMap {name}"
+        ),
+    )
+    .await;
+    Ok(())
 }
 
 /// How often Secrets a pool names are read again while they matter (Secrets are never watched).
