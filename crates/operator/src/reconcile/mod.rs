@@ -110,6 +110,12 @@ pub async fn run(
 
 /// A watch that keeps its objects in a store (without their managedFields) before it passes
 /// each one on, so a reconcile it wakes reads a store that has the change already.
+///
+/// Its errors are logged and retried here, with its own backoff, and never passed on: the
+/// controller merges every watch into one stream behind one backoff of its own, so each error
+/// of any watch (after an API server restart, each watch fails once on its too old
+/// resourceVersion) delayed the events of all of them, up to a minute at a time, for as long
+/// as errors kept coming (docs/reliability.md, section 2).
 fn cached_watch<K>(
     api: Api<K>,
     config: watcher::Config,
@@ -119,11 +125,36 @@ where
 {
     let (store, writer) = reflector::store();
     let events = watcher(api, config)
-        .default_backoff()
+        .backoff(watch_backoff())
         .modify(|o| o.managed_fields_mut().clear())
         .reflect(writer)
-        .touched_objects();
+        .touched_objects()
+        .filter_map(|event| async move {
+            match event {
+                Ok(object) => Some(Ok(object)),
+                Err(e) => {
+                    warn!(kind = %K::kind(&()), error = %e, "watching failed; retrying");
+                    None
+                }
+            }
+        });
     (store, events)
+}
+
+/// How a watch retries after an error: from 0.8 s doubling to 5 s, back to 0.8 s after a
+/// minute without errors. kube's default goes up to 30 s: after a 30 s API server outage every
+/// watch then waited about 30 s to reconnect, failed once more on its now too old
+/// resourceVersion, and waited 30 s again before it listed, so the pools changed meanwhile waited
+/// over a minute (docs/reliability.md, section 2). The operator's ten or so watches retrying
+/// every 5 s cost a struggling server little.
+fn watch_backoff() -> kube::runtime::utils::ResetTimerBackoff<watcher::ExponentialBackoff> {
+    let retries = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(800))
+        .with_max_delay(Duration::from_secs(5))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times();
+    kube::runtime::utils::ResetTimerBackoff::new(retries.into(), Duration::from_secs(60))
 }
 
 /// The pools that name a team-key ConfigMap.
