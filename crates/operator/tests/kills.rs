@@ -35,7 +35,7 @@ async fn the_operator_killed_at_random_moments_always_converges_and_rewrites_not
         let mut changes = Vec::new();
         if round > 1 {
             for _ in 0..fleet.rng.usize(0..=2) {
-                changes.push(fleet.change().await);
+                changes.push(fleet.change(POOLS - 1).await);
             }
         }
         let after_ms = fleet.rng.u64(0..3000);

@@ -95,10 +95,12 @@ impl Fleet {
     }
 
     /// One random change: create a pool, delete one, or change one's replicas. Says which.
-    pub async fn change(&mut self) -> String {
+    /// A delete that would leave fewer than `keep` pools is a create instead.
+    pub async fn change(&mut self, keep: usize) -> String {
         let names = self.names().await;
         match self.rng.u8(0..3) {
             0 => format!("created {}", self.create().await),
+            1 if names.len() <= keep => format!("created {}", self.create().await),
             _ if names.is_empty() => format!("created {}", self.create().await),
             1 => {
                 let name = &names[self.rng.usize(..names.len())];
