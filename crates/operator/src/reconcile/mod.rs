@@ -227,6 +227,11 @@ async fn reconcile_pool(pool: &NixBuilderPool, ctx: &Context) -> Result<Action> 
         }
     };
 
+    if gone(ctx, pool, &ns).await? {
+        debug!("the pool is gone; its watch has not said so yet");
+        return Ok(Action::await_change());
+    }
+
     let mut missing = Vec::new();
     let mut refused = Vec::new();
     let (host_key, generated) = host_key(ctx, pool, &ns, &mut missing, &mut refused).await?;
@@ -433,6 +438,31 @@ async fn reconcile_pool(pool: &NixBuilderPool, ctx: &Context) -> Result<Action> 
         next = next.min(wait);
     }
     Ok(Action::requeue(next))
+}
+
+/// Whether the pool is gone from the API server (or is another pool under its name) while the
+/// pool watch has not said so yet: after an API server restart it may relist seconds after the
+/// children's watches. A pool that has had a status and whose child the stores lack is asked
+/// for, once; without this, each child the garbage collector deleted woke a reconcile of the
+/// deleted pool that created it again (docs/reliability.md, section 2).
+async fn gone(ctx: &Context, pool: &NixBuilderPool, ns: &str) -> Result<bool> {
+    let name = pool.name_any();
+    let lacks_a_child = ctx.stores().is_some_and(|s| {
+        s.lacks::<Deployment>(ns, &names::workload(&name))
+            || s.lacks::<Service>(ns, &names::workload(&name))
+            || s.lacks::<ConfigMap>(ns, &names::authorized_keys(&name))
+            || s.lacks::<ConfigMap>(ns, &names::config_map(&name))
+    });
+    if pool.status.is_none() || !lacks_a_child {
+        return Ok(false);
+    }
+    let api: Api<NixBuilderPool> = Api::namespaced(ctx.client.clone(), ns);
+    let live = api.get_opt(&name).await.map_err(|source| Error::Read {
+        kind: "NixBuilderPool".into(),
+        name: name.clone(),
+        source,
+    })?;
+    Ok(live.is_none_or(|p| p.metadata.uid != pool.metadata.uid || p.metadata.deletion_timestamp.is_some()))
 }
 
 /// While the spec is invalid, revocations still flow: the pool's authorized-keys ConfigMap, if
