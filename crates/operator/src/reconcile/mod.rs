@@ -100,6 +100,10 @@ pub async fn run(
             match res {
                 // Already logged, with its category, by error_policy.
                 Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => {}
+                // A child's event for a pool that was deleted: nothing to do.
+                Err(kube::runtime::controller::Error::ObjectNotFound(pool)) => {
+                    debug!(%pool, "event for a pool that is gone")
+                }
                 // A watch that fails (RBAC, a removed CRD) retries with backoff; say why.
                 Err(e) => warn!(error = %e, "watching failed; retrying"),
                 Ok(_) => {}
