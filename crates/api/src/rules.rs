@@ -255,6 +255,22 @@ pub fn kept_key_options(line: &str) -> Result<String, String> {
     Ok(out)
 }
 
+/// The authorized keys of a pool whose spec is invalid. The operator applies nothing such a spec
+/// asks for, but revocations still flow: of the lines the builders trust now (`trusted`, the
+/// pool's authorized-keys file as last written), only those the spec's key sources still give
+/// (`given`, rendered the same way) are kept, compared line for line. So a key removed from a
+/// team ConfigMap or Secret goes, and nothing is ever added: not a new key, not a key whose
+/// options or comment changed (it comes back, as given, once the spec is valid again).
+pub fn narrowed_authorized_keys(trusted: &str, given: &str) -> String {
+    let given: std::collections::HashSet<&str> = given.lines().map(str::trim).collect();
+    trusted
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && given.contains(line))
+        .map(|line| format!("{line}\n"))
+        .collect()
+}
+
 /// What a key holder may run over SSH: what Nix runs for a remote store. The builder's gate and
 /// the pool's gateway both decide with [`remote_command`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -412,5 +428,24 @@ mod tests {
         ] {
             assert!(kept_key_options(&bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn an_invalid_specs_keys_only_narrow() {
+        let a = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHbOkOOzoWy8fLjOmJmbmT7K8GmeiE5XaH7Sik8y7Dm0 alice";
+        let b = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIC6o/4wuvKOUyj0Yb5Ef8nC3U8OgAAbIAaAFhg8k45qB bob";
+        let c = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIC6o/4wuvKOUyj0Yb5Ef8nC3U8OgAAbIAaAFhg8k45qC carol";
+        let trusted = format!("{a}\n{b}\n");
+        // b was removed from its source, c added: b goes, c does not come.
+        assert_eq!(
+            narrowed_authorized_keys(&trusted, &format!("{a}\n{c}\n")),
+            format!("{a}\n")
+        );
+        // Unchanged sources keep the file byte for byte.
+        assert_eq!(narrowed_authorized_keys(&trusted, &format!("{b}\n{a}\n")), trusted);
+        // A key given with wider options is a different line: it is not trusted more.
+        let from_one_net = format!("from=\"10.0.0.0/8\" {b}\n");
+        assert_eq!(narrowed_authorized_keys(&from_one_net, &format!("{b}\n")), "");
+        assert_eq!(narrowed_authorized_keys(&trusted, ""), "");
     }
 }

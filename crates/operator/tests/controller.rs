@@ -503,6 +503,104 @@ async fn an_invalid_spec_is_reported_and_changes_nothing() {
     assert_ne!(condition(&pool, "Ready").reason, "InvalidSpec");
 }
 
+/// Issue 14, goal 6 (operator side): while a pool's spec is invalid, a key removed from a team
+/// source still leaves the builders' authorized keys, within 10 s; nothing is added, and no other
+/// child changes.
+#[tokio::test]
+async fn a_revocation_flows_while_the_spec_is_invalid_and_nothing_is_added() {
+    let cp = control_plane();
+    let ns = cp.namespace("revoke").await.unwrap();
+    let client = cp.client().await.unwrap();
+    let _op = Operator::start(cp, &ns);
+    apply_example(cp, &ns, "team-keys.yaml");
+    let pools: Api<NixBuilderPool> = Api::namespaced(client.clone(), &ns);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let trusted = || async {
+        let cm = config_maps.get("teams-authorized-keys").await.unwrap();
+        cm.data.unwrap()[paths::AUTHORIZED_KEYS_FILE].clone()
+    };
+    observed(&pools, "teams").await;
+    assert!(trusted().await.contains("bob@laptop"));
+
+    let patch = serde_json::json!({"spec": {"replicas": 3, "nixConfig": {"trusted-users": "*"}}});
+    pools
+        .patch("teams", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    once_reason(&pools, "teams", "Stalled", "InvalidSpec").await;
+    let before = deployments.get("teams").await.unwrap();
+
+    // Bob's key leaves the team; Dave's joins. Only the removal may reach the builders.
+    let alice = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHbOkOOzoWy8fLjOmJmbmT7K8GmeiE5XaH7Sik8y7Dm0 alice@laptop";
+    let dave = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBtqZ2mhd1zVQ2b0mZ7oN5pX0y8rC1qWmQ3y6c2dE9fG dave@laptop";
+    let patch = serde_json::json!({"data": {"keys": format!("{alice}\n{dave}\n")}});
+    let sent = std::time::Instant::now();
+    config_maps
+        .patch("team-platform-keys", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let narrowed = eventually(
+        Duration::from_secs(10),
+        "bob's key gone from teams-authorized-keys",
+        || async {
+            let text = trusted().await;
+            (!text.contains("bob@laptop")).then_some(text)
+        },
+    )
+    .await;
+    eprintln!("revocation with an invalid spec took {:?}", sent.elapsed());
+    assert!(
+        narrowed.contains("alice@laptop") && narrowed.contains("carol@laptop"),
+        "{narrowed}"
+    );
+    assert!(
+        !narrowed.contains("dave@laptop"),
+        "an invalid spec added a key:\n{narrowed}"
+    );
+    // Still nothing added a moment later, and the status still says why nothing else moves.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(trusted().await, narrowed);
+    let pool = pools.get("teams").await.unwrap();
+    let stalled = condition(&pool, "Stalled");
+    assert_eq!(
+        (stalled.status.as_str(), stalled.reason.as_str()),
+        ("True", "InvalidSpec")
+    );
+    assert!(
+        stalled
+            .message
+            .contains("spec.nixConfig: this setting is set by nixpool"),
+        "{}",
+        stalled.message
+    );
+    let after = deployments.get("teams").await.unwrap();
+    assert_eq!(after.metadata.generation, before.metadata.generation);
+    assert_eq!(operator_fields(&after), operator_fields(&before));
+    assert_eq!(after.spec.unwrap().replicas, Some(2));
+    assert!(
+        events_for(&client, &ns, "teams")
+            .await
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("KeysRevoked"))
+    );
+
+    // A valid spec again: what the sources give, Dave included, and the new replicas.
+    let patch = serde_json::json!({"spec": {"nixConfig": null}});
+    pools
+        .patch("teams", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    eventually(MIN, "dave's key once the spec is valid", || async {
+        trusted().await.contains("dave@laptop").then_some(())
+    })
+    .await;
+    eventually(MIN, "replicas 3 once the spec is valid", || async {
+        (deployments.get("teams").await.ok()?.spec?.replicas == Some(3)).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_pool_scales_with_kubectl_and_deleting_it_garbage_collects_its_children() {
     let cp = control_plane();

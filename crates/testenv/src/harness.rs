@@ -133,7 +133,10 @@ impl Operator {
             ])
             .args(args)
             .env("KUBECONFIG", kubeconfig)
-            .env("RUST_LOG", "info,kube_client=error")
+            .env(
+                "RUST_LOG",
+                std::env::var("NIXPOOL_OPERATOR_LOG").unwrap_or_else(|_| "info,kube_client=error".into()),
+            )
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
             .stderr(file)
@@ -203,6 +206,11 @@ impl Operator {
     /// The operator's CPU time (user + system) so far, in seconds.
     pub fn cpu_seconds(&self) -> f64 {
         crate::process_cpu_seconds(self.child.id())
+    }
+
+    /// The operator's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn log_text(&self) -> String {

@@ -163,6 +163,9 @@ pub struct ControlPlane {
     spawner: mpsc::Sender<SpawnRequest>,
     /// What [`ControlPlane::spawn`] started, by name, for [`ControlPlane::cpu_seconds`].
     started: std::sync::Mutex<Vec<(String, u32)>>,
+    /// How each process was started (program and arguments), by name, so that
+    /// [`ControlPlane::start_again`] starts it the same way: same ports, same data.
+    commands: std::sync::Mutex<Vec<(String, std::ffi::OsString, Vec<std::ffi::OsString>)>>,
 }
 
 struct SpawnRequest {
@@ -179,6 +182,8 @@ fn spawner() -> mpsc::Sender<SpawnRequest> {
         .spawn(move || {
             let mut children: Vec<Child> = Vec::new();
             for mut req in rx {
+                // Reap what has exited (a process stopped by `ControlPlane::stop`).
+                children.retain_mut(|c| matches!(c.try_wait(), Ok(None)));
                 let res = req.cmd.spawn().map(|c| {
                     let pid = c.id();
                     children.push(c);
@@ -232,6 +237,7 @@ impl ControlPlane {
             bin: bin.clone(),
             spawner,
             started: Default::default(),
+            commands: Default::default(),
         };
 
         // Service-account signing key: the API server and the token controller share it.
@@ -322,8 +328,22 @@ impl ControlPlane {
     }
 
     /// Starts `cmd` as a child that dies with the test process, its output in `<dir>/<name>.log`.
+    /// It is remembered under `name` for [`ControlPlane::stop`] and [`ControlPlane::start_again`].
     pub(crate) fn spawn(&self, name: &str, cmd: Command) -> anyhow::Result<u32> {
-        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
+        {
+            let mut commands = self.commands.lock().expect("never poisoned");
+            commands.retain(|(n, _, _)| n != name);
+            commands.push((
+                name.to_string(),
+                cmd.get_program().to_owned(),
+                cmd.get_args().map(ToOwned::to_owned).collect(),
+            ));
+        }
+        // Appended to: a process started again (`start_again`) logs after what it logged before.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{name}.log")))?;
         let mut wrapped = Command::new("setpriv");
         wrapped
             .args(["--pdeathsig", "KILL", "--"])
@@ -352,7 +372,62 @@ impl ControlPlane {
             .collect()
     }
 
-    fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+    /// Stops the process started as `name` (`etcd`, `kube-apiserver`, ...): SIGTERM, then
+    /// SIGKILL after 10 s; returns once it has exited. Its data directory stays.
+    pub fn stop(&self, name: &str) -> anyhow::Result<()> {
+        use nix::sys::signal::{Signal, kill};
+        let pid = self
+            .started
+            .lock()
+            .expect("never poisoned")
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, pid)| *pid)
+            .with_context(|| format!("no process named {name} was started here"))?;
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        let gone = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|stat| {
+                    stat.rsplit_once(')')
+                        .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+                })
+                .unwrap_or(true)
+        };
+        let _ = kill(pid, Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !gone() {
+            if Instant::now() > deadline {
+                let _ = kill(pid, Signal::SIGKILL);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Starts `name` again exactly as it was first started (same ports, same data directory),
+    /// after [`ControlPlane::stop`]. For `kube-apiserver`, returns once it serves again.
+    pub fn start_again(&self, name: &str) -> anyhow::Result<()> {
+        let (program, args) = self
+            .commands
+            .lock()
+            .expect("never poisoned")
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .map(|(_, program, args)| (program.clone(), args.clone()))
+            .with_context(|| format!("no process named {name} was started here"))?;
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        self.spawn(name, cmd)?;
+        if name == "kube-apiserver" {
+            self.wait_ready(Duration::from_secs(90))?;
+        }
+        Ok(())
+    }
+
+    /// Waits until the API server's `/readyz` answers OK (at start, or after etcd was started
+    /// again).
+    pub fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             let out = self

@@ -98,7 +98,7 @@ async fn ensure_deployment(
 /// annotation, so a field dropped from the desired object counts as a change too). The live
 /// object comes from the watch's store when it has it and it already holds `desired` (no
 /// request at all); otherwise it is read from the API server.
-async fn ensure<K>(ctx: &Context, ns: &str, desired: K, changed: &mut Vec<String>) -> Result<K>
+pub(super) async fn ensure<K>(ctx: &Context, ns: &str, desired: K, changed: &mut Vec<String>) -> Result<K>
 where
     K: Cached + Resource<Scope = NamespaceResourceScope> + Debug + Serialize + DeserializeOwned,
 {

@@ -100,6 +100,10 @@ pub async fn run(
             match res {
                 // Already logged, with its category, by error_policy.
                 Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => {}
+                // A child's event for a pool that was deleted: nothing to do.
+                Err(kube::runtime::controller::Error::ObjectNotFound(pool)) => {
+                    debug!(%pool, "event for a pool that is gone")
+                }
                 // A watch that fails (RBAC, a removed CRD) retries with backoff; say why.
                 Err(e) => warn!(error = %e, "watching failed; retrying"),
                 Ok(_) => {}
@@ -110,6 +114,12 @@ pub async fn run(
 
 /// A watch that keeps its objects in a store (without their managedFields) before it passes
 /// each one on, so a reconcile it wakes reads a store that has the change already.
+///
+/// Its errors are logged and retried here, with its own backoff, and never passed on: the
+/// controller merges every watch into one stream behind one backoff of its own, so each error
+/// of any watch (after an API server restart, each watch fails once on its too old
+/// resourceVersion) delayed the events of all of them, up to a minute at a time, for as long
+/// as errors kept coming (docs/reliability.md, section 2).
 fn cached_watch<K>(
     api: Api<K>,
     config: watcher::Config,
@@ -119,11 +129,36 @@ where
 {
     let (store, writer) = reflector::store();
     let events = watcher(api, config)
-        .default_backoff()
+        .backoff(watch_backoff())
         .modify(|o| o.managed_fields_mut().clear())
         .reflect(writer)
-        .touched_objects();
+        .touched_objects()
+        .filter_map(|event| async move {
+            match event {
+                Ok(object) => Some(Ok(object)),
+                Err(e) => {
+                    warn!(kind = %K::kind(&()), error = %e, "watching failed; retrying");
+                    None
+                }
+            }
+        });
     (store, events)
+}
+
+/// How a watch retries after an error: from 0.8 s doubling to 5 s, back to 0.8 s after a
+/// minute without errors. kube's default goes up to 30 s: after a 30 s API server outage every
+/// watch then waited about 30 s to reconnect, failed once more on its now too old
+/// resourceVersion, and waited 30 s again before it listed, so the pools changed meanwhile waited
+/// over a minute (docs/reliability.md, section 2). The operator's ten or so watches retrying
+/// every 5 s cost a struggling server little.
+fn watch_backoff() -> kube::runtime::utils::ResetTimerBackoff<watcher::ExponentialBackoff> {
+    let retries = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(800))
+        .with_max_delay(Duration::from_secs(5))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times();
+    kube::runtime::utils::ResetTimerBackoff::new(retries.into(), Duration::from_secs(60))
 }
 
 /// The pools that name a team-key ConfigMap.
@@ -186,9 +221,20 @@ async fn reconcile_pool(pool: &NixBuilderPool, ctx: &Context) -> Result<Action> 
                 )
                 .await;
             }
-            return Ok(Action::await_change());
+            narrow_authorized_keys(ctx, pool, &ns).await?;
+            // Deprecated team-key Secrets are never watched: they are read again in a while.
+            return Ok(if pool.spec.ssh.authorized_keys_secrets.is_empty() {
+                Action::await_change()
+            } else {
+                Action::requeue(SECRET_POLL)
+            });
         }
     };
+
+    if gone(ctx, pool, &ns).await? {
+        debug!("the pool is gone; its watch has not said so yet");
+        return Ok(Action::await_change());
+    }
 
     let mut missing = Vec::new();
     let mut refused = Vec::new();
@@ -396,6 +442,97 @@ async fn reconcile_pool(pool: &NixBuilderPool, ctx: &Context) -> Result<Action> 
         next = next.min(wait);
     }
     Ok(Action::requeue(next))
+}
+
+/// Whether the pool is gone from the API server (or is another pool under its name) while the
+/// pool watch has not said so yet: after an API server restart it may relist seconds after the
+/// children's watches. A pool that has had a status and whose child the stores lack is asked
+/// for, once; without this, each child the garbage collector deleted woke a reconcile of the
+/// deleted pool that created it again (docs/reliability.md, section 2).
+async fn gone(ctx: &Context, pool: &NixBuilderPool, ns: &str) -> Result<bool> {
+    let name = pool.name_any();
+    let lacks_a_child = ctx.stores().is_some_and(|s| {
+        s.lacks::<Deployment>(ns, &names::workload(&name))
+            || s.lacks::<Service>(ns, &names::workload(&name))
+            || s.lacks::<ConfigMap>(ns, &names::authorized_keys(&name))
+            || s.lacks::<ConfigMap>(ns, &names::config_map(&name))
+    });
+    if pool.status.is_none() || !lacks_a_child {
+        return Ok(false);
+    }
+    let api: Api<NixBuilderPool> = Api::namespaced(ctx.client.clone(), ns);
+    let live = api.get_opt(&name).await.map_err(|source| Error::Read {
+        kind: "NixBuilderPool".into(),
+        name: name.clone(),
+        source,
+    })?;
+    Ok(live.is_none_or(|p| p.metadata.uid != pool.metadata.uid || p.metadata.deletion_timestamp.is_some()))
+}
+
+/// While the spec is invalid, revocations still flow: the pool's authorized-keys ConfigMap, if
+/// it has one, keeps only the keys the spec's sources still give
+/// ([`nixpool_api::rules::narrowed_authorized_keys`]). No other child is touched, and nothing
+/// is created or generated.
+async fn narrow_authorized_keys(ctx: &Context, pool: &NixBuilderPool, ns: &str) -> Result<()> {
+    let name = names::authorized_keys(&pool.name_any());
+    let live = match ctx.stores().and_then(|s| s.get::<ConfigMap>(ns, &name)) {
+        Some(cm) => Some(cm),
+        None => Api::<ConfigMap>::namespaced(ctx.client.clone(), ns)
+            .get_opt(&name)
+            .await
+            .map_err(|source| Error::Read {
+                kind: "ConfigMap".into(),
+                name: name.clone(),
+                source,
+            })?,
+    };
+    let Some(live) = live.filter(|cm| apply::controlled_by(&cm.metadata, pool.metadata.uid.as_deref())) else {
+        return Ok(());
+    };
+    let trusted = live
+        .data
+        .as_ref()
+        .and_then(|d| d.get(paths::AUTHORIZED_KEYS_FILE))
+        .cloned()
+        .unwrap_or_default();
+    let (mut missing, mut refused) = (Vec::new(), Vec::new());
+    let mut given = authorized_keys(ctx, pool, ns, &mut missing, &mut refused).await?;
+    // The gateway's key, if the pool has a gateway and its key exists (none is generated here).
+    if pool.spec.effective_gateway().is_some() {
+        let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+        let secret = names::gateway_key_secret(&pool.name_any());
+        if let Ok(Some(key)) = read_key_secret(&api, pool, &secret, paths::GATEWAY_KEY_FILE, "the gateway").await {
+            given.add(&format!("{key} nixpool-gateway"), || {
+                crate::keys::Origin("the gateway's key".into())
+            });
+        }
+    }
+    let narrowed = nixpool_api::rules::narrowed_authorized_keys(&trusted, &given.render());
+    if narrowed == trusted {
+        return Ok(());
+    }
+    let removed = trusted.lines().count() - narrowed.lines().count();
+    let mut kept = AuthorizedKeys::default();
+    kept.add_text(&narrowed, "the narrowed authorized keys", paths::AUTHORIZED_KEYS_FILE);
+    let desired = build::authorized_keys(pool, &kept);
+    let mut changed = Vec::new();
+    apply::ensure(ctx, ns, desired, &mut changed).await?;
+    info!(
+        removed,
+        "spec invalid: removed keys their sources no longer give from the authorized keys"
+    );
+    publish(
+        ctx,
+        pool,
+        EventType::Normal,
+        "KeysRevoked",
+        "Apply",
+        format!(
+            "the spec is invalid, so only revocations are applied: removed {removed} key(s) their sources no longer give from ConfigMap {name}"
+        ),
+    )
+    .await;
+    Ok(())
 }
 
 /// How often Secrets a pool names are read again while they matter (Secrets are never watched).

@@ -20,6 +20,7 @@ use kube::{Resource, ResourceExt};
 use nixpool_api::{NixBuilderPool, labels, names, paths};
 use sha2::{Digest, Sha256};
 
+pub use authorized_keys::authorized_keys;
 pub use gateway::{GatewayChildren, gateway_selector_labels};
 pub use secrets::{gateway_key as gateway_key_secret, host_key as host_key_secret};
 
