@@ -141,23 +141,75 @@ impl AgentConfig {
                 );
             }
         }
-        for t in &self.push {
-            let fields: Vec<&String> = match t {
-                PushTarget::NixCopy { uri, signing_key_file } => vec![uri, signing_key_file],
+        for (i, t) in self.push.iter().enumerate() {
+            // Named by field, never by value: a cache URI can carry a credential.
+            let (kind, fields): (&str, Vec<(&str, &String)>) = match t {
+                PushTarget::NixCopy { uri, signing_key_file } => {
+                    ("nixCopy", vec![("uri", uri), ("signingKeyFile", signing_key_file)])
+                }
                 PushTarget::Attic {
                     endpoint,
                     cache,
                     token_file,
-                } => vec![endpoint, cache, token_file],
-                PushTarget::Cachix { cache, token_file } => vec![cache, token_file],
+                } => (
+                    "attic",
+                    vec![("endpoint", endpoint), ("cache", cache), ("tokenFile", token_file)],
+                ),
+                PushTarget::Cachix { cache, token_file } => {
+                    ("cachix", vec![("cache", cache), ("tokenFile", token_file)])
+                }
             };
-            if fields.iter().any(|f| f.is_empty() || rules::has_control(f)) {
-                bad(
-                    "push",
-                    format!("{t:?} has an empty value or a control character: fix the pool's spec.cache"),
-                );
+            for (name, value) in fields {
+                if value.is_empty() || rules::has_control(value) {
+                    bad(
+                        "push",
+                        format!(
+                            "push[{i}] ({kind}): {name} is empty or has a control character: fix the pool's spec.cache"
+                        ),
+                    );
+                }
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_push_target_is_named_by_field_never_by_its_value() {
+        let secret = "https://user:s3cret-token@cache.example/c";
+        let config = AgentConfig {
+            pool: "builders".into(),
+            builder_user: "builder".into(),
+            max_jobs: 1,
+            cores: 1,
+            systems: vec!["x86_64-linux".into()],
+            supported_features: vec![],
+            mandatory_features: vec![],
+            ssh_port: 22,
+            health_port: 8080,
+            substituters: vec![],
+            trusted_public_keys: vec![],
+            min_free_bytes: None,
+            max_free_bytes: None,
+            extra_nix_config: BTreeMap::new(),
+            push: vec![PushTarget::NixCopy {
+                uri: format!("{secret}\n"),
+                signing_key_file: "/keys/signing".into(),
+            }],
+            drain_timeout_seconds: 60,
+        };
+        let problems = config.problems();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        let (field, message) = &problems[0];
+        assert_eq!(*field, "push");
+        assert!(message.contains("push[0] (nixCopy): uri"), "{message}");
+        assert!(
+            !message.contains("s3cret"),
+            "the message shows the credential: {message}"
+        );
     }
 }
