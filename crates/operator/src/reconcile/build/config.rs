@@ -92,7 +92,8 @@ pub fn agent_config(pool: &NixBuilderPool, valid: &Valid) -> AgentConfig {
         max_free_bytes: valid.max_free_bytes,
         extra_nix_config: spec.nix_config.clone(),
         push,
-        // Leave the agent 10 s of the grace period to stop sshd and nix-daemon cleanly.
+        // The agent drains within this; the last 10 s of the grace period are the margin before
+        // the kubelet's SIGKILL.
         drain_timeout_seconds: (spec.termination_grace_period_seconds - 10).max(0) as u64,
     }
 }
