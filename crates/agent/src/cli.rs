@@ -97,7 +97,8 @@ pub struct RunArgs {
     /// Window in which crashes are counted; a child that stays up longer starts afresh.
     #[arg(long, env = "NIXPOOL_RESTART_WINDOW_SECONDS", default_value_t = 300)]
     pub restart_window_seconds: u64,
-    /// First restart backoff; doubles per crash up to --restart-max-backoff-ms.
+    /// Restart backoff after the second crash in the window (the first is restarted at once);
+    /// doubles per further crash up to --restart-max-backoff-ms.
     #[arg(long, env = "NIXPOOL_RESTART_BACKOFF_MS", default_value_t = 500)]
     pub restart_backoff_ms: u64,
     /// Longest restart backoff.

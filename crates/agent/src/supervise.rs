@@ -52,11 +52,16 @@ impl Tracker {
         if crashes > policy.max_restarts {
             return Decision::GiveUp { crashes };
         }
-        let factor = 2u32.saturating_pow(crashes - 1);
-        Decision::Restart {
-            after: policy.backoff.saturating_mul(factor).min(policy.max_backoff),
-            crashes,
-        }
+        // The first crash in the window is restarted at once: while sshd or nix-daemon is down
+        // every new connection to this builder is refused, a lost build. Repeats back off.
+        let after = match crashes {
+            1 => Duration::ZERO,
+            n => policy
+                .backoff
+                .saturating_mul(2u32.saturating_pow(n - 2))
+                .min(policy.max_backoff),
+        };
+        Decision::Restart { after, crashes }
     }
 }
 
@@ -181,32 +186,33 @@ mod tests {
         }
     }
 
+    fn policy_of_five() -> Policy {
+        Policy {
+            max_restarts: 5,
+            ..policy()
+        }
+    }
+
     #[test]
-    fn backs_off_then_gives_up() {
+    fn restarts_at_once_then_backs_off_then_gives_up() {
         let mut t = Tracker::default();
         let now = Instant::now();
+        let afters: Vec<Decision> = (0..6).map(|_| t.on_exit(&policy_of_five(), now)).collect();
+        let restart = |secs, crashes| Decision::Restart {
+            after: Duration::from_secs(secs),
+            crashes,
+        };
         assert_eq!(
-            t.on_exit(&policy(), now),
-            Decision::Restart {
-                after: Duration::from_secs(1),
-                crashes: 1
-            }
+            afters,
+            [
+                restart(0, 1),
+                restart(1, 2),
+                restart(2, 3),
+                restart(3, 4),
+                restart(3, 5),
+                Decision::GiveUp { crashes: 6 }
+            ]
         );
-        assert_eq!(
-            t.on_exit(&policy(), now),
-            Decision::Restart {
-                after: Duration::from_secs(2),
-                crashes: 2
-            }
-        );
-        assert_eq!(
-            t.on_exit(&policy(), now),
-            Decision::Restart {
-                after: Duration::from_secs(3),
-                crashes: 3
-            }
-        );
-        assert_eq!(t.on_exit(&policy(), now), Decision::GiveUp { crashes: 4 });
     }
 
     #[test]
@@ -220,7 +226,7 @@ mod tests {
         assert_eq!(
             t.on_exit(&policy(), later),
             Decision::Restart {
-                after: Duration::from_secs(1),
+                after: Duration::ZERO,
                 crashes: 1
             }
         );
