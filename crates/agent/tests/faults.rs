@@ -92,7 +92,9 @@ fn sigterm_during_start_up_exits_within_a_second() {
     let points = ["waiting for the host key", "sshd -t", "waiting for nix-daemon", "ready"];
     for point in points.iter().cycle().take(points.len() * rounds).copied() {
         let mut b = Builder::new(&config("startterm"));
-        let mut extra: Vec<String> = Vec::new();
+        // Once ready, a SIGTERM'd agent keeps accepting for --drain-accept-ms on purpose (see
+        // remote::sigterm_drains_a_running_build); here the point is how fast it stops.
+        let mut extra: Vec<String> = vec!["--drain-accept-ms".into(), "0".into()];
         match point {
             "waiting for the host key" => {
                 // The Secret's key is gone: the agent waits for it.
