@@ -345,7 +345,7 @@ pub struct SshSpec {
 
     /// Deprecated: use authorizedKeysConfigMaps. Secrets in the pool's namespace holding more
     /// `authorized_keys` lines, each labelled `nixpool.dev/use: "true"`. The operator reads them
-    /// by name every 30 s (it may not watch Secrets), so a change takes up to 30 s.
+    /// by name every 5 s (it may not watch Secrets), so a change takes up to 5 s.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub authorized_keys_secrets: Vec<AuthorizedKeysRef>,

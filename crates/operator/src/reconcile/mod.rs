@@ -222,11 +222,11 @@ async fn reconcile_pool(pool: &NixBuilderPool, ctx: &Context) -> Result<Action> 
                 .await;
             }
             narrow_authorized_keys(ctx, pool, &ns).await?;
-            // Deprecated team-key Secrets are never watched: they are read again in a while.
+            // Deprecated team-key Secrets are never watched: they are read again soon.
             return Ok(if pool.spec.ssh.authorized_keys_secrets.is_empty() {
                 Action::await_change()
             } else {
-                Action::requeue(SECRET_POLL)
+                Action::requeue(TEAM_KEY_SECRET_POLL)
             });
         }
     };
@@ -428,10 +428,14 @@ async fn reconcile_pool(pool: &NixBuilderPool, ctx: &Context) -> Result<Action> 
         .await;
     }
     // Secrets are read by name, never watched: a pool that names Secrets that are missing or not
-    // opted in, or is still on the deprecated team-key Secrets, looks at them again every 30 s.
+    // opted in looks at them again every 30 s; one still on the deprecated team-key Secrets,
+    // every 5 s, so that a revoked key leaves within 10 s.
     let mut next = ctx.resync;
-    if !(pool.spec.ssh.authorized_keys_secrets.is_empty() && missing.is_empty() && refused.is_empty()) {
+    if !(missing.is_empty() && refused.is_empty()) {
         next = next.min(SECRET_POLL);
+    }
+    if !pool.spec.ssh.authorized_keys_secrets.is_empty() {
+        next = next.min(TEAM_KEY_SECRET_POLL);
     }
     // The gateways write their reports when demand changes (which wakes this controller through
     // the ConfigMap watch); only a builder's idle time running out needs a timer.
@@ -537,6 +541,11 @@ async fn narrow_authorized_keys(ctx: &Context, pool: &NixBuilderPool, ns: &str) 
 
 /// How often Secrets a pool names are read again while they matter (Secrets are never watched).
 pub const SECRET_POLL: Duration = Duration::from_secs(30);
+
+/// How often a pool's deprecated team-key Secrets are read again: a key removed there must stop
+/// working within 10 s (docs/reliability.md, section 6), valid spec or not. One GET per named
+/// Secret each time; team-key ConfigMaps are watched and cost nothing.
+pub const TEAM_KEY_SECRET_POLL: Duration = Duration::from_secs(5);
 
 /// The pool as built: a cache Secret that is not opted in is left out of the pod (its push then
 /// goes without that token or key); a missing one stays (the pods wait for it). Both are
