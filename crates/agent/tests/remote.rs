@@ -286,6 +286,62 @@ fn a_crashed_nix_daemon_is_restarted_and_builds_go_on() {
     assert_built_remotely(&b, &out, "again\n");
 }
 
+/// Issue 14, goal 4: a session that comes while nix-daemon is down (killed, its restart waiting
+/// out the backoff) waits for it in the gate, over ssh-ng:// and ssh://, instead of failing a
+/// build Nix would not try again.
+#[test]
+fn builds_that_come_while_nix_daemon_restarts_wait_for_it() {
+    let mut b = Builder::new(&config("daemon-gap"));
+    b.start_agent(&["--restart-backoff-ms", "2000"]);
+    b.wait_ready(Duration::from_secs(30));
+    let agent = b.agent_pid();
+    let kill_daemon = |b: &Builder| {
+        let daemon = child_named(agent, "nix-daemon").expect("nix-daemon runs under the agent");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(daemon as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        for _ in 0..200 {
+            if child_named(agent, "nix-daemon").is_none_or(|p| p != daemon) {
+                return daemon;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("nix-daemon {daemon} did not die:\n{}", b.log());
+    };
+    // The first crash is restarted at once; the second waits out the 2 s backoff.
+    let first = kill_daemon(&b);
+    for _ in 0..200 {
+        if child_named(agent, "nix-daemon").is_some_and(|p| p != first) && b.http("/readyz").0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    kill_daemon(&b);
+    let key = b.root.client_key.clone();
+    let (ng, serve) = (
+        b.derivation("gap-ng", "echo ng > $out"),
+        b.derivation("gap-serve", "echo serve > $out"),
+    );
+    let t0 = std::time::Instant::now();
+    let (out_ng, out_serve) = std::thread::scope(|s| {
+        let ng = s.spawn(|| b.build("ssh-ng", &key, &ng));
+        let serve = s.spawn(|| b.build("ssh", &key, &serve));
+        (ng.join().unwrap(), serve.join().unwrap())
+    });
+    let took = t0.elapsed();
+    assert_built_remotely(&b, &out_ng, "ng\n");
+    assert_built_remotely(&b, &out_serve, "serve\n");
+    // Both started while no nix-daemon listened: the restart came after its backoff.
+    assert!(
+        took >= Duration::from_millis(1500),
+        "{took:?}: the builds did not meet a down nix-daemon"
+    );
+    assert_eq!(b.metric("nixpool_agent_child_restarts_total"), Some(2.0));
+    eprintln!("two builds that met a down nix-daemon took {took:?}");
+}
+
 fn child_named(parent: u32, comm: &str) -> Option<u32> {
     std::fs::read_dir("/proc").ok()?.filter_map(Result::ok).find_map(|e| {
         let pid: u32 = e.file_name().to_string_lossy().parse().ok()?;

@@ -22,6 +22,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, ExitCode};
 use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
 
 use nixpool_api::rules::{RemoteCommand, remote_command};
 
@@ -54,6 +55,15 @@ pub fn run(daemon_socket: &Path, nix_store: &Path, slots_dir: &Path) -> ExitCode
             serve_daemon(daemon_socket)
         }
         RemoteCommand::Serve { write } => {
+            // nix-store works through the daemon: a session that came while it restarts waits
+            // for it here rather than failing in nix-store.
+            if let Err(e) = connect_waiting(daemon_socket, DAEMON_WAIT) {
+                eprintln!(
+                    "nixpool: cannot reach nix-daemon at {} ({e}); the builder is not ready, try again or see the pod's log",
+                    daemon_socket.display()
+                );
+                return ExitCode::from(1);
+            }
             // nix-store holds the slot from here: the lock's descriptor survives the exec.
             if let Some(s) = &slot
                 && let Err(e) = s.keep_across_exec()
@@ -90,7 +100,7 @@ fn serve_daemon(socket: &Path) -> ExitCode {
         eprintln!("nixpool: {what}: {e}; the builder is not ready, try again or see the pod's log");
         ExitCode::from(1)
     };
-    let daemon = match connect(socket) {
+    let daemon = match connect_waiting(socket, DAEMON_WAIT) {
         Ok(s) => s,
         Err(e) => return fail(&format!("cannot reach nix-daemon at {}", socket.display()), &e),
     };
@@ -165,9 +175,42 @@ fn copy_answers(mut daemon: UnixStream, stdout: &Mutex<std::fs::File>, version: 
     }
 }
 
-/// Connects from the socket's directory, so a path longer than `sun_path` (a deep `--root` in
-/// tests) still works.
+/// How long a session waits for nix-daemon to listen. The agent restarts a nix-daemon that died
+/// at once (in well under a second); a session refused meanwhile would fail its build, and Nix
+/// does not try a refused builder again (docs/reliability.md, section 4).
+const DAEMON_WAIT: Duration = Duration::from_secs(10);
+
+/// Connects to nix-daemon, waiting up to `wait` while nothing listens on its socket (refused, or
+/// the socket not there yet); any other error is returned at once.
+fn connect_waiting(socket: &Path, wait: Duration) -> std::io::Result<UnixStream> {
+    use backon::{BlockingRetryable as _, ExponentialBuilder};
+    let delays = ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(10))
+        .with_max_delay(Duration::from_millis(500))
+        .with_factor(2.0)
+        .without_max_times()
+        .with_total_delay(Some(wait));
+    (|| connect(socket))
+        .retry(delays)
+        .sleep(std::thread::sleep)
+        .when(|e| daemon_not_listening(e.kind()))
+        .call()
+}
+
+fn daemon_not_listening(kind: std::io::ErrorKind) -> bool {
+    matches!(
+        kind,
+        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+    )
+}
+
+/// Connects; a path longer than `sun_path` (a deep `--root` in tests) from the socket's
+/// directory.
 fn connect(socket: &Path) -> std::io::Result<UnixStream> {
+    const SUN_PATH: usize = 108;
+    if socket.as_os_str().len() < SUN_PATH {
+        return UnixStream::connect(socket);
+    }
     match (socket.parent(), socket.file_name()) {
         (Some(dir), Some(name)) if !dir.as_os_str().is_empty() => {
             std::env::set_current_dir(dir)?;
@@ -196,6 +239,33 @@ mod tests {
             remote_command(Some("nix-store --serve")),
             Ok(RemoteCommand::Serve { write: false })
         );
+    }
+
+    #[test]
+    fn waits_for_a_daemon_that_listens_late() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("socket");
+        // Nothing there yet: after a short wait, the refusal is the caller's to report.
+        let started = std::time::Instant::now();
+        let err = connect_waiting(&socket, Duration::from_millis(200)).unwrap_err();
+        assert!(daemon_not_listening(err.kind()), "{err}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(150),
+            "{:?}",
+            started.elapsed()
+        );
+        // A daemon that binds 300 ms later is reached.
+        let late = socket.clone();
+        let listener = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let l = std::os::unix::net::UnixListener::bind(&late).unwrap();
+            l.accept().unwrap();
+        });
+        connect_waiting(&socket, Duration::from_secs(5)).unwrap();
+        listener.join().unwrap();
+        // A socket whose daemon died (the file stays, nobody listens) is refused, and waited for.
+        let err = connect_waiting(&socket, Duration::from_millis(50)).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
     }
 
     #[test]
