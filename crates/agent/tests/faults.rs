@@ -567,3 +567,73 @@ fn the_drain_ends_within_its_budget_and_counts_the_sessions_it_cut() {
         took.as_millis()
     );
 }
+
+/// Issue 14, goal 4 (agent side): sshd's listener killed. The agent starts a new one at once (the
+/// first crash in its window skips the backoff); a new connection is refused only while it
+/// starts. A prober in the builder's network namespace connects every 5 ms throughout, and the
+/// test reports how long connections were refused. Sessions under way are sshd's children and
+/// go on (e2e `flow::builds_from_concurrent_clients…` checks that with builds).
+#[test]
+fn a_killed_sshd_listener_refuses_connections_only_while_it_restarts() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut b = Builder::new(&config("sshd-gap"));
+    b.start_agent(&[]);
+    b.wait_ready(Duration::from_secs(30));
+    let agent = b.agent_pid();
+    let listener = children(agent)
+        .into_iter()
+        .find(|(_, name)| name == "sshd")
+        .map(|(pid, _)| pid)
+        .expect("sshd runs under the agent");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (holder, stopped) = (b.holder_pid, stop.clone());
+    let prober = std::thread::spawn(move || {
+        // This thread alone enters the builder's network namespace.
+        let ns = std::fs::File::open(format!("/proc/{holder}/ns/net")).unwrap();
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns needs root");
+        let (mut accepted, mut refused) = (0, Vec::new());
+        while !stopped.load(Ordering::Relaxed) {
+            match std::net::TcpStream::connect_timeout(&"127.0.0.1:22".parse().unwrap(), Duration::from_secs(1)) {
+                Ok(_) => accepted += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => refused.push(Instant::now()),
+                Err(e) => panic!("connect: {e}"),
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (accepted, refused)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let killed_at = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(listener as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_for(&b, Duration::from_secs(10), "a new sshd listener", |_| {
+        children(agent)
+            .iter()
+            .any(|(pid, name)| name == "sshd" && *pid != listener)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let (accepted, refused) = prober.join().unwrap();
+    let window = refused.last().map(|last| last.duration_since(killed_at));
+    eprintln!(
+        "sshd listener killed: {accepted} connections accepted, {} refused, the last {window:?} after the kill",
+        refused.len()
+    );
+    assert!(accepted > 50, "the prober hardly connected: {accepted}");
+    // Refused connections can only come right after the kill: once the new listener is up,
+    // every connection is accepted again. The bound is the old restart backoff (500 ms).
+    assert!(
+        refused
+            .iter()
+            .all(|t| t.duration_since(killed_at) < Duration::from_millis(500)),
+        "connections refused long after the kill: {:?}\n{}",
+        refused.iter().map(|t| t.duration_since(killed_at)).collect::<Vec<_>>(),
+        b.log()
+    );
+    assert!(b.http("/readyz").0, "{}", b.log());
+}
