@@ -55,6 +55,9 @@ impl SshConfig {
              \x20   ServerAliveInterval 30\n\
              \x20   ServerAliveCountMax 4\n\
              \x20   ConnectTimeout 10\n\
+             \x20   # A refused connection (a builder restarting its sshd, or leaving the pool) is\n\
+             \x20   # tried again a second later, by ssh: Nix would fail the build.\n\
+             \x20   ConnectionAttempts 3\n\
              \x20   # Multiplexing breaks ssh-ng and would pin every build to one builder pod.\n\
              \x20   ControlMaster no\n\
              \x20   ControlPath none\n",
