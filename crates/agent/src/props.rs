@@ -424,3 +424,96 @@ fn nix_itself_reads_rendered_nix_conf_as_the_model_does() {
         checked.get()
     );
 }
+
+/// The typed-setting rules (`nixpool_api::rules::{BOOLEAN,INTEGER}_NIX_SETTINGS`) against the
+/// real Nix: every Boolean and whole-number setting this Nix has (old names included) is in the
+/// rules or refused outright; each value the rules allow, Nix reads; a value they refuse, Nix
+/// refuses too (so the rules keep a builder from a nix.conf its nix-daemon would not start on).
+#[test]
+fn nix_itself_types_the_settings_as_the_rules_do() {
+    use nixpool_api::rules::{BOOLEAN_NIX_SETTINGS, BOOLEAN_NIX_VALUES, INTEGER_NIX_SETTINGS, refused_nix_setting};
+    let nix = ["/usr/bin/nix", "/nix/var/nix/profiles/default/bin/nix"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("this test runs the real Nix: install Nix (apt-get install nix-bin)");
+    let dir = tempfile::tempdir().unwrap();
+    let show = |conf: &str, json: bool| {
+        std::fs::write(dir.path().join("nix.conf"), conf).unwrap();
+        let mut c = std::process::Command::new(nix);
+        c.args(["--extra-experimental-features", "nix-command", "show-config"]);
+        if json {
+            c.arg("--json");
+        }
+        c.env("NIX_CONF_DIR", dir.path())
+            .env("NIX_USER_CONF_FILES", dir.path().join("none"))
+            .env("HOME", dir.path())
+            .output()
+            .unwrap()
+    };
+    let out = show("", true);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let settings: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let (mut booleans, mut integers) = (Vec::new(), Vec::new());
+    for (name, s) in &settings {
+        let names = std::iter::once(name.clone()).chain(
+            s["aliases"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|a| a.as_str().map(String::from)),
+        );
+        for n in names.filter(|n| !refused_nix_setting(n)) {
+            match &s["value"] {
+                serde_json::Value::Bool(_) => booleans.push(n),
+                serde_json::Value::Number(_) => integers.push(n),
+                _ => {}
+            }
+        }
+    }
+    for n in &booleans {
+        assert!(
+            BOOLEAN_NIX_SETTINGS.contains(&n.as_str()),
+            "Nix reads {n} as a Boolean; the rules do not know it"
+        );
+    }
+    for n in &integers {
+        assert!(
+            INTEGER_NIX_SETTINGS.contains(&n.as_str()),
+            "Nix reads {n} as a number; the rules do not know it"
+        );
+    }
+    assert!(
+        booleans.len() >= 30 && integers.len() >= 15,
+        "{booleans:?} {integers:?}"
+    );
+    // What the rules allow, Nix reads: every such setting at once, for each value.
+    for value in BOOLEAN_NIX_VALUES {
+        let conf: String = booleans.iter().map(|n| format!("{n} = {value}\n")).collect();
+        let out = show(&conf, false);
+        assert!(
+            out.status.success(),
+            "{value}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for value in ["0", "123456789"] {
+        let conf: String = integers.iter().map(|n| format!("{n} = {value}\n")).collect();
+        let out = show(&conf, false);
+        assert!(
+            out.status.success(),
+            "{value}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // What they refuse, Nix refuses: each setting on its own, so the error is that setting's.
+    for (names, bad) in [(&booleans, "maybe"), (&integers, "1h")] {
+        for n in names {
+            assert!(
+                nixpool_api::rules::nix_setting_value_problem(n, bad).is_some(),
+                "{n} = {bad}"
+            );
+            let out = show(&format!("{n} = {bad}\n"), false);
+            assert!(!out.status.success(), "Nix took {n} = {bad}, which the rules refuse");
+        }
+    }
+}

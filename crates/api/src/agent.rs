@@ -119,6 +119,8 @@ impl AgentConfig {
                         "entry {k:?} is not a single `key = value` line (a name is lower-case words joined by `-`; a value holds no control character or `#`)"
                     ),
                 );
+            } else if let Some(problem) = rules::nix_setting_value_problem(k, v) {
+                bad("extraNixConfig", format!("{problem} (Nix would refuse nix.conf)"));
             }
         }
         let lists = [

@@ -37,14 +37,168 @@ pub const REFUSED_NIX_SETTINGS: &[&str] = &[
     "plugin-files",
     // Not a setting: `include = x` is a line Nix refuses, so nix-daemon would not start.
     "include",
+    // Old names Nix still reads for settings above: a later line under the old name wins.
+    "build-max-jobs",
+    "build-cores",
+    "build-use-sandbox",
+    "build-use-chroot",
+    "binary-caches",
+    "binary-cache-public-keys",
 ];
+
+/// Nix settings (and old names of settings) Nix reads as a Boolean, in Nix 2.8 and 2.26: any
+/// value but [`BOOLEAN_NIX_VALUES`] makes every Nix command, nix-daemon included, refuse
+/// nix.conf. Refused settings are left out. A test checks the list against the real Nix.
+pub const BOOLEAN_NIX_SETTINGS: &[&str] = &[
+    "abort-on-warn",
+    "accept-flake-config",
+    "allow-dirty",
+    "allow-dirty-locks",
+    "allow-import-from-derivation",
+    "allow-new-privileges",
+    "allow-symlinked-store",
+    "allow-unsafe-native-code-during-evaluation",
+    "always-allow-substitutes",
+    "auto-allocate-uids",
+    "auto-optimise-store",
+    "build-compress-log",
+    "build-fallback",
+    "build-impersonate-linux-26",
+    "build-keep-log",
+    "build-use-substitutes",
+    "builders-use-substitutes",
+    "compress-build-log",
+    "debugger-on-trace",
+    "debugger-on-warn",
+    "enforce-determinism",
+    "env-keep-derivations",
+    "eval-cache",
+    "fallback",
+    "filter-syscalls",
+    "fsync-metadata",
+    "fsync-store-paths",
+    "gc-keep-derivations",
+    "gc-keep-outputs",
+    "http2",
+    "ignore-try",
+    "impersonate-linux-26",
+    "keep-build-log",
+    "keep-derivations",
+    "keep-env-derivations",
+    "keep-failed",
+    "keep-going",
+    "keep-outputs",
+    "nix-shell-always-looks-for-shell-nix",
+    "nix-shell-shebang-arguments-relative-to-script",
+    "preallocate-contents",
+    "print-missing",
+    "pure-eval",
+    "require-drop-supplementary-groups",
+    "require-sigs",
+    "restrict-eval",
+    "run-diff-hook",
+    "sandbox-fallback",
+    "show-trace",
+    "substitute",
+    "sync-before-registering",
+    "trace-function-calls",
+    "trace-verbose",
+    "trust-tarballs-from-git-forges",
+    "use-case-hack",
+    "use-cgroups",
+    "use-registries",
+    "use-sqlite-wal",
+    "use-xdg-base-directories",
+    "warn-dirty",
+];
+
+/// What Nix takes as a Boolean.
+pub const BOOLEAN_NIX_VALUES: &[&str] = &["true", "false", "yes", "no", "1", "0"];
+
+/// Nix settings (and old names) Nix reads as a whole number, in Nix 2.8 and 2.26. Refused ones
+/// are left out. Their value must be 1 to 9 digits: what every Nix version parses into any of
+/// its integer types (2.26 also takes unit suffixes such as `1K`, 2.8 does not).
+pub const INTEGER_NIX_SETTINGS: &[&str] = &[
+    "binary-caches-parallel-connections",
+    "build-max-log-size",
+    "build-max-silent-time",
+    "build-poll-interval",
+    "build-repeat",
+    "build-timeout",
+    "connect-timeout",
+    "download-attempts",
+    "download-buffer-size",
+    "download-speed",
+    "gc-reserved-space",
+    "http-connections",
+    "id-count",
+    "log-lines",
+    "max-build-log-size",
+    "max-call-depth",
+    "max-silent-time",
+    "max-substitution-jobs",
+    "min-free-check-interval",
+    "nar-buffer-size",
+    "narinfo-cache-negative-ttl",
+    "narinfo-cache-positive-ttl",
+    "repeat",
+    "stalled-download-timeout",
+    "start-id",
+    "substitution-max-jobs",
+    "tarball-ttl",
+    "timeout",
+    "warn-large-path-threshold",
+];
+
+/// The CEL rule on `spec.nixConfig` values of Boolean settings; a literal for the CRD derive,
+/// kept equal to [`nix_value_rules`] by a test.
+pub const NIX_BOOLEAN_RULE: &str = "self.all(k, !(k in ['abort-on-warn', 'accept-flake-config', 'allow-dirty', 'allow-dirty-locks', 'allow-import-from-derivation', 'allow-new-privileges', 'allow-symlinked-store', 'allow-unsafe-native-code-during-evaluation', 'always-allow-substitutes', 'auto-allocate-uids', 'auto-optimise-store', 'build-compress-log', 'build-fallback', 'build-impersonate-linux-26', 'build-keep-log', 'build-use-substitutes', 'builders-use-substitutes', 'compress-build-log', 'debugger-on-trace', 'debugger-on-warn', 'enforce-determinism', 'env-keep-derivations', 'eval-cache', 'fallback', 'filter-syscalls', 'fsync-metadata', 'fsync-store-paths', 'gc-keep-derivations', 'gc-keep-outputs', 'http2', 'ignore-try', 'impersonate-linux-26', 'keep-build-log', 'keep-derivations', 'keep-env-derivations', 'keep-failed', 'keep-going', 'keep-outputs', 'nix-shell-always-looks-for-shell-nix', 'nix-shell-shebang-arguments-relative-to-script', 'preallocate-contents', 'print-missing', 'pure-eval', 'require-drop-supplementary-groups', 'require-sigs', 'restrict-eval', 'run-diff-hook', 'sandbox-fallback', 'show-trace', 'substitute', 'sync-before-registering', 'trace-function-calls', 'trace-verbose', 'trust-tarballs-from-git-forges', 'use-case-hack', 'use-cgroups', 'use-registries', 'use-sqlite-wal', 'use-xdg-base-directories', 'warn-dirty']) || self[k] in ['true', 'false', 'yes', 'no', '1', '0'])";
+
+pub const NIX_BOOLEAN_MESSAGE: &str = "spec.nixConfig: Nix reads this setting as a Boolean (keep-outputs, require-sigs, …): set true or false; any other value makes nix-daemon refuse nix.conf";
+
+/// The CEL rule on `spec.nixConfig` values of integer settings (see [`NIX_BOOLEAN_RULE`]).
+pub const NIX_INTEGER_RULE: &str = "self.all(k, !(k in ['binary-caches-parallel-connections', 'build-max-log-size', 'build-max-silent-time', 'build-poll-interval', 'build-repeat', 'build-timeout', 'connect-timeout', 'download-attempts', 'download-buffer-size', 'download-speed', 'gc-reserved-space', 'http-connections', 'id-count', 'log-lines', 'max-build-log-size', 'max-call-depth', 'max-silent-time', 'max-substitution-jobs', 'min-free-check-interval', 'nar-buffer-size', 'narinfo-cache-negative-ttl', 'narinfo-cache-positive-ttl', 'repeat', 'stalled-download-timeout', 'start-id', 'substitution-max-jobs', 'tarball-ttl', 'timeout', 'warn-large-path-threshold']) || self[k].matches('^[0-9]{1,9}$'))";
+
+pub const NIX_INTEGER_MESSAGE: &str = "spec.nixConfig: Nix reads this setting as a whole number (max-silent-time, timeout, connect-timeout, …): set 1 to 9 digits, in the setting's unit (seconds, bytes), without a suffix; any other value makes nix-daemon refuse nix.conf";
+
+/// [`NIX_BOOLEAN_RULE`] and [`NIX_INTEGER_RULE`] built from the lists.
+pub fn nix_value_rules() -> (String, String) {
+    let list = |l: &[&str]| l.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(", ");
+    (
+        format!(
+            "self.all(k, !(k in [{}]) || self[k] in [{}])",
+            list(BOOLEAN_NIX_SETTINGS),
+            list(BOOLEAN_NIX_VALUES)
+        ),
+        format!(
+            "self.all(k, !(k in [{}]) || self[k].matches('^[0-9]{{1,9}}$'))",
+            list(INTEGER_NIX_SETTINGS)
+        ),
+    )
+}
+
+/// Why Nix would refuse `name = value` for its type (a Boolean or integer setting), if it would.
+pub fn nix_setting_value_problem(name: &str, value: &str) -> Option<String> {
+    if BOOLEAN_NIX_SETTINGS.contains(&name) && !BOOLEAN_NIX_VALUES.contains(&value) {
+        return Some(format!(
+            "`{name}` is a Boolean setting and {value:?} is not one: set true or false"
+        ));
+    }
+    let digits = !value.is_empty() && value.len() <= 9 && value.bytes().all(|b| b.is_ascii_digit());
+    if INTEGER_NIX_SETTINGS.contains(&name) && !digits {
+        return Some(format!(
+            "`{name}` is a whole number and {value:?} is not 1 to 9 digits: set it in the setting's unit (seconds, bytes), without a suffix"
+        ));
+    }
+    None
+}
 
 /// The CEL rule on `spec.nixConfig` keys: every name of [`REFUSED_NIX_SETTINGS`] and its
 /// `extra-` form. It is a literal because the CRD derive needs one; a test keeps it equal to
 /// [`nix_settings_rule`].
-pub const NIX_SETTINGS_RULE: &str = "self.all(k, !(k in ['build-users-group', 'extra-build-users-group', 'trusted-users', 'extra-trusted-users', 'allowed-users', 'extra-allowed-users', 'max-jobs', 'extra-max-jobs', 'cores', 'extra-cores', 'sandbox', 'extra-sandbox', 'system-features', 'extra-system-features', 'platforms', 'extra-platforms', 'substituters', 'extra-substituters', 'trusted-public-keys', 'extra-trusted-public-keys', 'min-free', 'extra-min-free', 'max-free', 'extra-max-free', 'post-build-hook', 'extra-post-build-hook', 'ssl-cert-file', 'extra-ssl-cert-file', 'builders', 'extra-builders', 'secret-key-files', 'extra-secret-key-files', 'pre-build-hook', 'extra-pre-build-hook', 'build-hook', 'extra-build-hook', 'diff-hook', 'extra-diff-hook', 'plugin-files', 'extra-plugin-files', 'include', 'extra-include']))";
+pub const NIX_SETTINGS_RULE: &str = "self.all(k, !(k in ['build-users-group', 'extra-build-users-group', 'trusted-users', 'extra-trusted-users', 'allowed-users', 'extra-allowed-users', 'max-jobs', 'extra-max-jobs', 'cores', 'extra-cores', 'sandbox', 'extra-sandbox', 'system-features', 'extra-system-features', 'platforms', 'extra-platforms', 'substituters', 'extra-substituters', 'trusted-public-keys', 'extra-trusted-public-keys', 'min-free', 'extra-min-free', 'max-free', 'extra-max-free', 'post-build-hook', 'extra-post-build-hook', 'ssl-cert-file', 'extra-ssl-cert-file', 'builders', 'extra-builders', 'secret-key-files', 'extra-secret-key-files', 'pre-build-hook', 'extra-pre-build-hook', 'build-hook', 'extra-build-hook', 'diff-hook', 'extra-diff-hook', 'plugin-files', 'extra-plugin-files', 'include', 'extra-include', 'build-max-jobs', 'extra-build-max-jobs', 'build-cores', 'extra-build-cores', 'build-use-sandbox', 'extra-build-use-sandbox', 'build-use-chroot', 'extra-build-use-chroot', 'binary-caches', 'extra-binary-caches', 'binary-cache-public-keys', 'extra-binary-cache-public-keys']))";
 
-pub const NIX_SETTINGS_MESSAGE: &str = "spec.nixConfig: this setting is set by nixpool from a pool field, would make nix-daemon run a program as root, or is `include` (which Nix refuses in nix.conf); use spec.maxJobs, spec.cores, spec.systems, spec.supportedFeatures, spec.cache or spec.gc instead (see docs/security.md)";
+pub const NIX_SETTINGS_MESSAGE: &str = "spec.nixConfig: this setting is set by nixpool from a pool field, would make nix-daemon run a program as root, is an old name of one of those (build-max-jobs, build-use-sandbox, binary-caches, …), or is `include` (which Nix refuses in nix.conf); use spec.maxJobs, spec.cores, spec.systems, spec.supportedFeatures, spec.cache or spec.gc instead (see docs/security.md)";
 
 /// [`NIX_SETTINGS_RULE`] built from the list.
 pub fn nix_settings_rule() -> String {
@@ -317,6 +471,10 @@ mod tests {
     #[test]
     fn the_cel_rule_lists_exactly_the_refused_settings_and_their_extra_forms() {
         assert_eq!(NIX_SETTINGS_RULE, nix_settings_rule());
+        assert_eq!(
+            (NIX_BOOLEAN_RULE.to_string(), NIX_INTEGER_RULE.to_string()),
+            nix_value_rules()
+        );
         assert!(refused_nix_setting("extra-trusted-users"));
         assert!(refused_nix_setting("plugin-files"));
         assert!(refused_nix_setting("extra-platforms"));

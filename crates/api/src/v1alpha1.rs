@@ -162,9 +162,12 @@ pub struct NixBuilderPoolSpec {
     /// nixpool sets from pool fields (build-users-group, trusted-users, allowed-users, max-jobs,
     /// cores, sandbox, system-features, platforms, substituters, trusted-public-keys, min-free,
     /// max-free, post-build-hook, ssl-cert-file, builders, secret-key-files), those that make
-    /// nix-daemon run a program (pre-build-hook, build-hook, diff-hook, plugin-files), and
-    /// `include` (a nix.conf directive: `include = x` is a line Nix refuses). A value may not
-    /// hold `#` (nix.conf cuts a line there).
+    /// nix-daemon run a program (pre-build-hook, build-hook, diff-hook, plugin-files), the old
+    /// names Nix still reads for those (build-max-jobs, build-cores, build-use-sandbox,
+    /// build-use-chroot, binary-caches, binary-cache-public-keys), and `include` (a nix.conf
+    /// directive: `include = x` is a line Nix refuses). A value may not hold `#` (nix.conf cuts a
+    /// line there). Nix's Boolean settings (keep-outputs, …) take true or false, its whole-number
+    /// settings (max-silent-time, timeout, …) 1 to 9 digits: Nix refuses nix.conf otherwise.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 64, "additionalProperties" = {"type": "string", "maxLength": 4096}))]
     #[x_kube(validation = Rule::new(crate::rules::NIX_SETTINGS_RULE).message(crate::rules::NIX_SETTINGS_MESSAGE))]
@@ -172,6 +175,8 @@ pub struct NixBuilderPoolSpec {
         .message("spec.nixConfig: a setting name is lower-case words joined by '-', e.g. keep-outputs"))]
     #[x_kube(validation = Rule::new("self.all(k, !self[k].matches('[[:cntrl:]]'))")
         .message("spec.nixConfig: a value is one line without control characters (nix.conf has one setting per line)"))]
+    #[x_kube(validation = Rule::new(crate::rules::NIX_BOOLEAN_RULE).message(crate::rules::NIX_BOOLEAN_MESSAGE))]
+    #[x_kube(validation = Rule::new(crate::rules::NIX_INTEGER_RULE).message(crate::rules::NIX_INTEGER_MESSAGE))]
     #[x_kube(validation = Rule::new("self.all(k, !self[k].contains('#'))")
         .message("spec.nixConfig: a value may not hold `#`: nix.conf cuts the line there as a comment"))]
     pub nix_config: BTreeMap<String, String>,

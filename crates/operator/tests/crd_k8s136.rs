@@ -121,6 +121,26 @@ fn corpus() -> Vec<Case> {
             json!({"nixConfig": {"include": "/etc/nix/other.conf"}}),
         ),
         case(
+            "a Boolean setting that is not true or false (Nix refuses nix.conf)",
+            "spec.nixConfig",
+            json!({"nixConfig": {"keep-outputs": "maybe"}}),
+        ),
+        case(
+            "a whole-number setting with a unit (Nix 2.8 refuses nix.conf)",
+            "spec.nixConfig",
+            json!({"nixConfig": {"max-silent-time": "1h"}}),
+        ),
+        case(
+            "an old name of sandbox, which would turn off the sandbox nixpool sets",
+            "spec.nixConfig",
+            json!({"nixConfig": {"build-use-sandbox": "false"}}),
+        ),
+        case(
+            "an old name of substituters",
+            "spec.nixConfig",
+            json!({"nixConfig": {"binary-caches": "http://evil.example"}}),
+        ),
+        case(
             "`#` in a nix.conf value",
             "spec.nixConfig",
             json!({"nixConfig": {"allowed-uris": "github:a/b#c"}}),

@@ -95,6 +95,26 @@ fn every_refused_nix_setting_is_refused_in_both_forms() {
     }
 }
 
+/// Nix refuses nix.conf with a Boolean or whole-number setting it cannot read: the operator
+/// (the CRD's CEL) refuses those values, and what it accepts the agent starts on.
+#[test]
+fn typed_nix_settings_take_only_what_nix_reads() {
+    for s in rules::BOOLEAN_NIX_SETTINGS {
+        refused_by_the_operator(json!({"nixConfig": {*s: "maybe"}}), "spec.nixConfig");
+        for v in rules::BOOLEAN_NIX_VALUES {
+            accepted_everywhere(json!({"nixConfig": {*s: v}}));
+        }
+    }
+    for s in rules::INTEGER_NIX_SETTINGS {
+        for bad in ["1h", "", "-1", "1234567890", "1K"] {
+            refused_by_the_operator(json!({"nixConfig": {*s: bad}}), "spec.nixConfig");
+        }
+        for good in ["0", "30", "123456789"] {
+            accepted_everywhere(json!({"nixConfig": {*s: good}}));
+        }
+    }
+}
+
 #[test]
 fn a_corpus_the_operator_accepts_starts_a_builder() {
     for spec in [
