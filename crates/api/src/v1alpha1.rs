@@ -793,6 +793,13 @@ impl NixBuilderPoolSpec {
     }
 }
 
+impl NixBuilderPoolStatus {
+    /// The condition of this type (`Ready`, `Degraded`, ...), if the status has it.
+    pub fn condition(&self, type_: &str) -> Option<&Condition> {
+        self.conditions.iter().find(|c| c.type_ == type_)
+    }
+}
+
 #[cfg(test)]
 mod advertised_jobs_tests {
     use super::*;
@@ -814,5 +821,39 @@ mod advertised_jobs_tests {
         spec.gateway = None;
         assert!(spec.effective_gateway().is_some(), "autoscaling implies a gateway");
         assert_eq!(spec.advertised_jobs(0), 8);
+    }
+}
+
+#[cfg(test)]
+mod condition_tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    use super::*;
+
+    fn condition(type_: &str, status: &str) -> Condition {
+        Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: format!("{type_}Reason"),
+            message: String::new(),
+            observed_generation: Some(1),
+            last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+        }
+    }
+
+    #[test]
+    fn a_condition_is_found_by_its_type_and_only_by_it() {
+        let status = NixBuilderPoolStatus {
+            conditions: vec![condition("Ready", "False"), condition("Degraded", "True")],
+            ..NixBuilderPoolStatus::default()
+        };
+        assert_eq!(
+            status.condition("Degraded").map(|c| c.reason.as_str()),
+            Some("DegradedReason")
+        );
+        assert_eq!(status.condition("Ready").map(|c| c.status.as_str()), Some("False"));
+        assert_eq!(status.condition("Stalled"), None, "a type the status lacks");
+        assert_eq!(status.condition("ready"), None, "types are case-sensitive");
+        assert_eq!(NixBuilderPoolStatus::default().condition("Ready"), None);
     }
 }

@@ -91,7 +91,7 @@ pub fn ssh_alias(pool: &NixBuilderPool) -> String {
 /// `Some(reason)` when the pool's Ready condition is not True.
 pub fn not_ready_reason(pool: &NixBuilderPool) -> Option<String> {
     let status = pool.status.as_ref()?;
-    let Some(ready) = status.conditions.iter().find(|c| c.type_ == READY) else {
+    let Some(ready) = status.condition(READY) else {
         return Some("it has no Ready condition yet".into());
     };
     if ready.status == "True" {

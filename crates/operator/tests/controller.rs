@@ -459,13 +459,7 @@ async fn an_invalid_spec_is_reported_and_changes_nothing() {
     pools.create(&Default::default(), &broken).await.unwrap();
     let reported = eventually(MIN, "BadHostKey in the broken pool's status", || async {
         let p = pools.get("broken").await.ok()?;
-        let c = p
-            .status
-            .as_ref()?
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "Degraded")?
-            .clone();
+        let c = p.status.as_ref()?.condition("Degraded")?.clone();
         (c.reason == "BadHostKey").then_some(c)
     })
     .await;
@@ -1011,12 +1005,7 @@ async fn only_the_leader_reconciles_and_a_frozen_leader_is_replaced_and_stops() 
 
 /// The Degraded condition's reason and message, once there is one.
 fn degraded(pool: &NixBuilderPool) -> Option<(String, String)> {
-    let c = pool
-        .status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Degraded")?;
+    let c = pool.status.as_ref()?.condition("Degraded")?;
     (c.status == "True").then(|| (c.reason.clone(), c.message.clone()))
 }
 
@@ -1513,7 +1502,7 @@ async fn spec_pod_and_the_default_pull_secret_land_on_the_builder_pods_and_bad_o
 async fn once_reason(pools: &Api<NixBuilderPool>, name: &str, type_: &str, reason: &str) -> NixBuilderPool {
     eventually(2 * MIN, &format!("{name}: {type_} {reason}"), || async {
         let p = pools.get(name).await.ok()?;
-        let c = p.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)?;
+        let c = p.status.as_ref()?.condition(type_)?;
         (c.reason == reason).then_some(p)
     })
     .await

@@ -312,7 +312,7 @@ pub fn condition<'a>(
 ) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
     pool.status
         .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
+        .and_then(|s| s.condition(type_))
         .unwrap_or_else(|| panic!("no {type_} condition in {:?}", pool.status))
 }
 

@@ -1,6 +1,7 @@
-//! The I/O around the gateway and the autoscaler: the demand reports its pods write, the
-//! pod-deletion costs that make a scale-down take idle builders first, and the clean-up when a
-//! pool drops its gateway. (The gateway's key is generated like the host key: `generated_key`.)
+//! The I/O around the gateway and the autoscaler: the builder count for one reconcile (from the
+//! demand reports the gateway pods write), the pod-deletion costs that make a scale-down take
+//! idle builders first, and the clean-up when a pool drops its gateway. (The gateway's key is
+//! read or generated with the host key, in `dereference.rs`.)
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, ServiceAccount};
@@ -10,16 +11,98 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::{Resource, ResourceExt};
 use nixpool_api::demand::GatewayReport;
 use nixpool_api::{NixBuilderPool, labels, names};
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::apply::controlled_by;
-use super::autoscale::{Decision, parse_reports};
+use super::autoscale::{self, Decision, parse_reports};
 use crate::context::Context;
 use crate::error::{Error, Result};
+use crate::metrics::DirectionLabels;
+
+/// How many builders this reconcile asks for.
+pub struct Scaling {
+    /// What the operator asked for last time (see [`asked_before`]).
+    pub asked_before: i32,
+    /// The autoscaler's decision, with `spec.autoscaling`.
+    pub decision: Option<Decision>,
+    /// Builders to run: `spec.replicas`, or the autoscaler's decision.
+    pub builders: i32,
+}
+
+impl Scaling {
+    /// The autoscaler's decision, if it changes the builder count.
+    pub fn change(&self) -> Option<&Decision> {
+        self.decision.as_ref().filter(|d| d.replicas != self.asked_before)
+    }
+}
+
+/// The builder count for this reconcile. With `spec.autoscaling`, the autoscaler decides from
+/// the gateways' demand reports, and before a scale-down the idle builders are marked to go
+/// first.
+pub async fn scaling(ctx: &Context, pool: &NixBuilderPool, ns: &str) -> Result<Scaling> {
+    let asked_before = asked_before(pool);
+    let decision = match &pool.spec.autoscaling {
+        Some(a) => {
+            let reports = demand(ctx, pool, ns).await?;
+            Some(autoscale::decide(
+                a,
+                pool.spec.max_jobs,
+                asked_before,
+                &reports,
+                ctx.now().as_second(),
+            ))
+        }
+        None => None,
+    };
+    if let Some(d) = decision.as_ref().filter(|d| d.replicas < asked_before) {
+        prefer_idle(ctx, ns, d).await;
+    }
+    let builders = decision.as_ref().map_or(pool.spec.replicas, |d| d.replicas);
+    Ok(Scaling {
+        asked_before,
+        decision,
+        builders,
+    })
+}
+
+/// With autoscaling the operator owns the builder count; it starts from what it asked for last
+/// time. A new pool starts at minReplicas; a pool that turns autoscaling on keeps its builders
+/// until they are idle.
+fn asked_before(pool: &NixBuilderPool) -> i32 {
+    match (&pool.status, &pool.spec.autoscaling) {
+        (Some(s), _) if s.desired_replicas.is_some() => s.desired_replicas.unwrap_or_default(),
+        (None, Some(a)) => a.min_replicas,
+        _ => pool.spec.replicas,
+    }
+}
+
+/// Logs and counts a change of the builder count (its Event is in `events.rs`).
+pub fn record(ctx: &Context, scaling: &Scaling) {
+    let Some(d) = scaling.change() else { return };
+    let from = scaling.asked_before;
+    let (reason, direction) = if d.replicas > from {
+        ("ScaledUp", "up")
+    } else {
+        ("ScaledDown", "down")
+    };
+    info!(
+        from,
+        to = d.replicas,
+        sessions = d.sessions,
+        waiting = d.waiting,
+        "{reason}"
+    );
+    ctx.metrics
+        .scale_decisions
+        .get_or_create(&DirectionLabels {
+            direction: direction.into(),
+        })
+        .inc();
+}
 
 /// The reports the pool's gateway pods wrote. None yet (no ConfigMap, or an empty one) is no
 /// demand.
-pub async fn demand(ctx: &Context, pool: &NixBuilderPool, ns: &str) -> Result<Vec<GatewayReport>> {
+async fn demand(ctx: &Context, pool: &NixBuilderPool, ns: &str) -> Result<Vec<GatewayReport>> {
     let name = names::gateway_demand(&pool.name_any());
     // The operator owns the ConfigMap, so its watch has it (and wakes the pool when it changes).
     let found = match ctx.stores().and_then(|s| s.get::<ConfigMap>(ns, &name)) {
@@ -45,7 +128,7 @@ pub async fn demand(ctx: &Context, pool: &NixBuilderPool, ns: &str) -> Result<Ve
 /// one, so the ReplicaSet controller (Kubernetes 1.22 and later) removes idle ones first. A
 /// pod that is gone already is skipped. Failures are logged: the scale-down goes on (a busy
 /// builder that is picked anyway drains its builds before it stops).
-pub async fn prefer_idle(ctx: &Context, ns: &str, decision: &Decision) {
+async fn prefer_idle(ctx: &Context, ns: &str, decision: &Decision) {
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     let costs = decision
         .idle

@@ -1,4 +1,8 @@
-//! Pure status computation, and the one status write (skipped when nothing changed).
+//! Pure status computation (every status body the operator writes is made here), and the
+//! status write (skipped when nothing changed, held back while a rollout it just started is
+//! unobserved).
+
+use std::time::Duration;
 
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -9,7 +13,9 @@ use kube::api::{Api, Patch, PatchParams};
 use nixpool_api::conditions::*;
 use nixpool_api::v1alpha1::{Endpoint, ServiceType};
 use nixpool_api::{FIELD_MANAGER, MachinesEntry, NixBuilderPool, NixBuilderPoolStatus, names};
+use tracing::debug;
 
+use super::apply::Applied;
 use super::build::{gateway_selector_labels, labels_string, selector_string};
 use crate::context::Context;
 use crate::error::{Error, Result};
@@ -325,7 +331,7 @@ pub fn failed(
     };
     let mut conditions = vec![cond(READY, false, reason, message.to_string())];
     // Progressing as it was; a pool that never got that far progresses only if it is retried.
-    let progressing = prev.iter().find(|c| c.type_ == PROGRESSING).cloned();
+    let progressing = prev_status.condition(PROGRESSING).cloned();
     conditions.push(progressing.unwrap_or_else(|| cond(PROGRESSING, !needs_a_person, reason, message.to_string())));
     conditions.push(cond(DEGRADED, true, reason, message.to_string()));
     if needs_a_person {
@@ -367,6 +373,33 @@ pub fn invalid(pool: &NixBuilderPool, message: &str, now: Timestamp) -> NixBuild
         ],
         ..prev_status
     }
+}
+
+/// The status patch of a pool whose stored form does not decode (`error` says why), so there is
+/// no status to start from: Ready=False and Stalled with the error, Reconciling=False. Only
+/// `observedGeneration` and the conditions: what else the pool reports is left as it is.
+pub fn undecodable(error: &str, generation: Option<i64>, now: Timestamp) -> serde_json::Value {
+    let message = format!("the pool does not match the NixBuilderPool schema: {error}; fix the spec");
+    let cond = |type_: &str, ok: bool, message: &str| {
+        condition(
+            &[],
+            type_,
+            ok,
+            REASON_INVALID_SPEC,
+            message.to_string(),
+            generation,
+            now,
+        )
+    };
+    let conditions = [
+        cond(READY, false, &message),
+        cond(RECONCILING, false, "waiting for a spec that decodes"),
+        cond(STALLED, true, &message),
+    ];
+    serde_json::json!({
+        "apiVersion": "nixpool.dev/v1alpha1", "kind": "NixBuilderPool",
+        "status": {"observedGeneration": generation, "conditions": conditions},
+    })
 }
 
 /// A condition whose lastTransitionTime moves only when its status flips.
@@ -513,6 +546,33 @@ pub async fn patch(ctx: &Context, pool: &NixBuilderPool, status: NixBuilderPoolS
     })?;
     ctx.statuses.remember(&uid, &version, &status_hash);
     Ok(true)
+}
+
+/// Writes the status of a reconcile that applied `applied`, unless a Deployment written just now
+/// has yet to be observed by its controller: it still reports on the spec before, its
+/// controller catches up within milliseconds, and that watch event brings the pool back here.
+/// The status is written then, once, rather than now and again then (other children's events
+/// may bring the pool back before that: they wait too). `write_now`: the status must remember
+/// something at once (a scale decision, news of bad keys). Returns how long the status waits, at
+/// most [`crate::cache::STATUS_WAIT`], if it was not written.
+pub async fn write_unless_rollout_pending(
+    ctx: &Context,
+    pool: &NixBuilderPool,
+    status: NixBuilderPoolStatus,
+    applied: &Applied,
+    write_now: bool,
+) -> Result<Option<Duration>> {
+    let wait = std::iter::once(&applied.deployment)
+        .chain(applied.gateway.as_ref())
+        .filter_map(|d| ctx.rollouts.wait_for(d))
+        .max()
+        .filter(|_| !write_now);
+    if wait.is_some() {
+        debug!("status waits for the Deployment controller to observe what was applied");
+    } else {
+        patch(ctx, pool, status).await?;
+    }
+    Ok(wait)
 }
 
 /// A hash of what a status says, without its conditions' transition times: two reconciles of

@@ -194,10 +194,7 @@ impl Fleet {
                 ));
             }
             for type_ in ["Stalled", "Degraded"] {
-                let stuck = status
-                    .conditions
-                    .iter()
-                    .find(|c| c.type_ == type_ && c.status == "True");
+                let stuck = status.condition(type_).filter(|c| c.status == "True");
                 if let Some(c) = stuck {
                     return Err(format!("pool {name}: {type_}: {} ({})", c.reason, c.message));
                 }

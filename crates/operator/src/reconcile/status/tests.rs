@@ -64,7 +64,7 @@ fn compute_with(
 }
 
 fn cond<'a>(s: &'a NixBuilderPoolStatus, type_: &str) -> &'a Condition {
-    s.conditions.iter().find(|c| c.type_ == type_).unwrap()
+    s.condition(type_).unwrap()
 }
 
 #[test]
@@ -508,4 +508,33 @@ fn an_invalid_spec_stalls() {
     assert!(cond(&s, "Stalled").message.starts_with("spec.x: bad. Fix the spec"));
     assert_eq!(said(&s, "Reconciling"), ("False", "InvalidSpec"));
     assert_eq!(said(&s, "Degraded"), ("True", "InvalidSpec"));
+}
+
+#[test]
+fn a_pool_that_does_not_decode_stalls_and_keeps_the_rest_of_its_status() {
+    let now = t("2026-01-01T00:00:00Z");
+    let body = undecodable("spec.replicas: invalid type: string \"two\"", Some(4), now);
+    assert_eq!(body["apiVersion"], "nixpool.dev/v1alpha1");
+    assert_eq!(body["kind"], "NixBuilderPool");
+    let status = body["status"].as_object().unwrap();
+    assert_eq!(
+        status.keys().collect::<Vec<_>>(),
+        ["conditions", "observedGeneration"],
+        "nothing else, so the apply leaves the pool's other fields alone"
+    );
+    assert_eq!(status["observedGeneration"], 4);
+    let s: NixBuilderPoolStatus = serde_json::from_value(body["status"].clone()).unwrap();
+    let message =
+        "the pool does not match the NixBuilderPool schema: spec.replicas: invalid type: string \"two\"; fix the spec";
+    assert_eq!(said(&s, "Ready"), ("False", "InvalidSpec"));
+    assert_eq!(cond(&s, "Ready").message, message);
+    assert_eq!(said(&s, "Stalled"), ("True", "InvalidSpec"));
+    assert_eq!(cond(&s, "Stalled").message, message);
+    assert_eq!(said(&s, "Reconciling"), ("False", "InvalidSpec"));
+    assert_eq!(cond(&s, "Reconciling").message, "waiting for a spec that decodes");
+    for c in &s.conditions {
+        assert_eq!(c.last_transition_time.0, now, "{}: the injected clock", c.type_);
+        assert_eq!(c.observed_generation, Some(4), "{}", c.type_);
+    }
+    assert_eq!(s.conditions.len(), 3);
 }
