@@ -125,8 +125,13 @@ struct ImageArgs {
 
 impl ImageArgs {
     fn images(&self) -> Images {
-        Images::new(&self.default_image, self.allowed_image_prefixes.clone())
-            .with_default_pull_secrets(self.default_image_pull_secrets.clone())
+        let ImageArgs {
+            default_image,
+            allowed_image_prefixes,
+            default_image_pull_secrets,
+        } = self;
+        Images::new(default_image, allowed_image_prefixes.clone())
+            .with_default_pull_secrets(default_image_pull_secrets.clone())
     }
 }
 
@@ -157,13 +162,14 @@ impl Cli {
                 print!("{}", crate::reference::markdown());
                 Ok(())
             }
-            Command::Render(args) => {
-                let text = if args.file.as_os_str() == "-" {
+            // Every field named, so a flag that is never used fails to compile.
+            Command::Render(RenderArgs { file, images, pdb }) => {
+                let text = if file.as_os_str() == "-" {
                     std::io::read_to_string(std::io::stdin()).context("reading the pool from stdin")?
                 } else {
-                    std::fs::read_to_string(&args.file).with_context(|| format!("reading {}", args.file.display()))?
+                    std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?
                 };
-                print!("{}", crate::render::render(&text, &args.images.images(), args.pdb,)?);
+                print!("{}", crate::render::render(&text, &images.images(), pdb)?);
                 Ok(())
             }
             Command::Run(args) => run(args).await,
@@ -191,14 +197,26 @@ pub fn crd_yaml() -> String {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    telemetry::init(args.log_format);
+    // Every field named, so a flag that is never used fails to compile.
+    let RunArgs {
+        namespace,
+        images,
+        log_format,
+        http_addr,
+        leader_elect,
+        lease_name,
+        lease_namespace,
+        identity,
+        resync_seconds,
+        max_concurrent_reconciles,
+    } = args;
+    telemetry::init(log_format);
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
     let health = http::Health {
         metrics: metrics.clone(),
         ready: ready.clone(),
     };
-    let http_addr = args.http_addr;
     tokio::spawn(async move {
         if let Err(e) = http::serve(http_addr, health).await {
             tracing::error!(error = %e, "health server stopped");
@@ -209,7 +227,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = kube::Config::infer().await.context(
         "no Kubernetes configuration found: set KUBECONFIG (or ~/.kube/config), or run in a pod with a service account",
     )?;
-    let identity = args.identity.unwrap_or_else(|| {
+    let identity = identity.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/etc/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "operator".into());
@@ -253,15 +271,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::info!("the server does not serve policy/v1: pools get no PodDisruptionBudget");
     }
 
-    let elector = args.leader_elect.then(|| {
-        Elector::new(
-            lease_client,
-            &args.lease_namespace,
-            &args.lease_name,
-            &identity,
-            leading,
-        )
-    });
+    let elector = leader_elect.then(|| Elector::new(lease_client, &lease_namespace, &lease_name, &identity, leading));
     if let Some(e) = &elector {
         e.acquire().await?;
         metrics.leader.set(1);
@@ -276,9 +286,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics,
         recorder: Recorder::new(client, reporter.clone()),
         reporter,
-        images: args.images.images(),
+        images: images.images(),
         with_pdb,
-        resync: Duration::from_secs(args.resync_seconds),
+        resync: Duration::from_secs(resync_seconds),
         failures: Default::default(),
         stores: Default::default(),
         keys: Default::default(),
@@ -286,14 +296,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         statuses: Default::default(),
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let controller = tokio::spawn(reconcile::run(
-        ctx,
-        args.namespace,
-        args.max_concurrent_reconciles,
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
+    let controller = tokio::spawn(reconcile::run(ctx, namespace, max_concurrent_reconciles, async move {
+        let _ = stop_rx.await;
+    }));
     let lost = async {
         match &elector {
             Some(e) => e.hold().await,
