@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use crate::layout::{Binaries, Layout};
 use crate::plan::{self, Options};
 
-pub fn check(layout: &Layout, bins: &Binaries, opts: &Options) -> ExitCode {
+/// Prints the plan `run` would carry out, or every problem that stops it (exit 1).
+pub fn print_plan(layout: &Layout, bins: &Binaries, opts: &Options) -> ExitCode {
     let plan = match plan::build(layout, bins, opts) {
         Ok(p) => p,
         Err(problems) => {

@@ -228,7 +228,7 @@ impl Cli {
                 }
                 ExitCode::SUCCESS
             }
-            Command::Check(common) => crate::check::check(&layout, &common.binaries(), &common.options()),
+            Command::Check(common) => crate::check::print_plan(&layout, &common.binaries(), &common.options()),
             Command::Run(args) => {
                 init_logs(self.log_format);
                 let settings = RunSettings {

@@ -159,7 +159,7 @@ impl Cli {
             Command::Crd {
                 format: CrdFormat::Markdown,
             } => {
-                print!("{}", crate::reference::markdown());
+                print!("{}", crate::crd_reference::markdown());
                 Ok(())
             }
             // Every field named, so a flag that is never used fails to compile.
@@ -379,7 +379,7 @@ mod tests {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/crd-reference.md");
         let checked_in = std::fs::read_to_string(path).expect("docs/crd-reference.md exists");
         assert!(
-            checked_in == crate::reference::markdown(),
+            checked_in == crate::crd_reference::markdown(),
             "docs/crd-reference.md is out of date: run `cargo run -p nixpool-operator -- crd --format markdown > docs/crd-reference.md`"
         );
     }

@@ -69,7 +69,8 @@ impl Context {
             .unwrap_or(MAX_RETRY_DELAY)
     }
 
-    pub fn succeeded(&self, pool: &str) {
+    /// A pool reconciled without error: its next failure starts again from the first delay.
+    pub fn reset_backoff(&self, pool: &str) {
         self.failures
             .lock()
             .expect("the failures map is never poisoned")

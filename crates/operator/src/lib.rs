@@ -7,6 +7,7 @@
 mod cache;
 pub mod cli;
 mod context;
+mod crd_reference;
 mod error;
 mod hostkey;
 mod http;
@@ -14,6 +15,5 @@ pub mod keys;
 mod leader;
 mod metrics;
 pub mod reconcile;
-mod reference;
 mod render;
 mod telemetry;

@@ -41,9 +41,9 @@ pub async fn apply(ctx: &Context, ns: &str, children: Children) -> Result<Applie
     let mut changed = Vec::new();
     // The ConfigMaps first, so new pods find everything they mount (the host-key Secret was
     // created before, once).
-    ensure(ctx, ns, authorized_keys, &mut changed).await?;
-    ensure(ctx, ns, config_map, &mut changed).await?;
-    let deployment = ensure_deployment(ctx, ns, deployment, &mut changed).await?;
+    apply_if_changed(ctx, ns, authorized_keys, &mut changed).await?;
+    apply_if_changed(ctx, ns, config_map, &mut changed).await?;
+    let deployment = apply_deployment_if_changed(ctx, ns, deployment, &mut changed).await?;
     let gateway = match gateway {
         Some(GatewayChildren {
             service_account,
@@ -54,21 +54,21 @@ pub async fn apply(ctx: &Context, ns: &str, children: Children) -> Result<Applie
             pdb,
         }) => {
             // Its identity and rights before its pods, which need them to start.
-            ensure(ctx, ns, service_account, &mut changed).await?;
-            ensure(ctx, ns, role, &mut changed).await?;
-            ensure(ctx, ns, role_binding, &mut changed).await?;
-            ensure(ctx, ns, demand, &mut changed).await?;
-            let live = ensure_deployment(ctx, ns, deployment, &mut changed).await?;
+            apply_if_changed(ctx, ns, service_account, &mut changed).await?;
+            apply_if_changed(ctx, ns, role, &mut changed).await?;
+            apply_if_changed(ctx, ns, role_binding, &mut changed).await?;
+            apply_if_changed(ctx, ns, demand, &mut changed).await?;
+            let live = apply_deployment_if_changed(ctx, ns, deployment, &mut changed).await?;
             if let Some(pdb) = pdb {
-                ensure(ctx, ns, pdb, &mut changed).await?;
+                apply_if_changed(ctx, ns, pdb, &mut changed).await?;
             }
             Some(live)
         }
         None => None,
     };
-    let service = ensure(ctx, ns, service, &mut changed).await?;
+    let service = apply_if_changed(ctx, ns, service, &mut changed).await?;
     if let Some(pdb) = pdb {
-        ensure(ctx, ns, pdb, &mut changed).await?;
+        apply_if_changed(ctx, ns, pdb, &mut changed).await?;
     }
     Ok(Applied {
         deployment,
@@ -78,16 +78,16 @@ pub async fn apply(ctx: &Context, ns: &str, children: Children) -> Result<Applie
     })
 }
 
-/// [`ensure`] for a Deployment; one it writes is remembered until its controller observes it
+/// [`apply_if_changed`] for a Deployment; one it writes is remembered until its controller observes it
 /// (the pool's status waits for that, see `reconcile`).
-async fn ensure_deployment(
+async fn apply_deployment_if_changed(
     ctx: &Context,
     ns: &str,
     desired: Deployment,
     changed: &mut Vec<String>,
 ) -> Result<Deployment> {
     let before = changed.len();
-    let live = ensure(ctx, ns, desired, changed).await?;
+    let live = apply_if_changed(ctx, ns, desired, changed).await?;
     if changed.len() > before {
         ctx.rollouts.written(&live);
     }
@@ -98,7 +98,7 @@ async fn ensure_deployment(
 /// annotation, so a field dropped from the desired object counts as a change too). The live
 /// object comes from the watch's store when it has it and it already holds `desired` (no
 /// request at all); otherwise it is read from the API server.
-pub(super) async fn ensure<K>(ctx: &Context, ns: &str, desired: K, changed: &mut Vec<String>) -> Result<K>
+pub(super) async fn apply_if_changed<K>(ctx: &Context, ns: &str, desired: K, changed: &mut Vec<String>) -> Result<K>
 where
     K: Cached + Resource<Scope = NamespaceResourceScope> + Debug + Serialize + DeserializeOwned,
 {

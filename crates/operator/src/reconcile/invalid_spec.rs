@@ -74,7 +74,7 @@ async fn narrow_authorized_keys(ctx: &Context, pool: &NixBuilderPool, ns: &str) 
     kept.add_text(&narrowed, "the narrowed authorized keys", paths::AUTHORIZED_KEYS_FILE);
     let desired = build::authorized_keys(pool, &kept);
     let mut changed = Vec::new();
-    apply::ensure(ctx, ns, desired, &mut changed).await?;
+    apply::apply_if_changed(ctx, ns, desired, &mut changed).await?;
     info!(
         removed,
         "spec invalid: removed keys their sources no longer give from the authorized keys"

@@ -194,7 +194,7 @@ async fn reconcile(guard: Arc<KeptPool>, ctx: Arc<Context>) -> Result<Action> {
     };
     ctx.metrics.duration.observe(started.elapsed().as_secs_f64());
     if result.is_ok() {
-        ctx.succeeded(&pool_key(&guard));
+        ctx.reset_backoff(&pool_key(&guard));
     }
     result
 }
