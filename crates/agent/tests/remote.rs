@@ -318,12 +318,14 @@ fn builds_that_come_while_nix_daemon_restarts_wait_for_it() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    kill_daemon(&b);
+    // The derivations first: writing them takes a while under load, and the builds must start
+    // while nix-daemon is down.
     let key = b.root.client_key.clone();
     let (ng, serve) = (
         b.derivation("gap-ng", "echo ng > $out"),
         b.derivation("gap-serve", "echo serve > $out"),
     );
+    kill_daemon(&b);
     let t0 = std::time::Instant::now();
     let (out_ng, out_serve) = std::thread::scope(|s| {
         let ng = s.spawn(|| b.build("ssh-ng", &key, &ng));
