@@ -10,6 +10,8 @@ pub mod demand;
 pub mod machines;
 pub mod quantity;
 pub mod rules;
+#[cfg(feature = "ssh-keys")]
+pub mod ssh_keys;
 pub mod v1alpha1;
 
 pub use agent::AgentConfig;
