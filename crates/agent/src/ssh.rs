@@ -132,7 +132,7 @@ pub fn check_host_key(text: &str) -> Result<String, HostKeyError> {
     if key.is_encrypted() {
         return Err(HostKeyError::Encrypted);
     }
-    Ok(ssh_keys::public_line_without_comment(key.public_key()))
+    Ok(ssh_keys::public_line_without_comment(key.public_key()).expect("a public key encodes"))
 }
 
 #[cfg(test)]

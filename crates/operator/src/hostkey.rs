@@ -45,7 +45,7 @@ impl HostKey {
             .to_string();
         Self {
             private_openssh,
-            public: ssh_keys::public_line_without_comment(key.public_key()),
+            public: ssh_keys::public_line_without_comment(key.public_key()).expect("a public key encodes"),
         }
     }
 

@@ -90,7 +90,7 @@ pub fn check(line: &str) -> Result<String, String> {
     // same way there.
     nixpool_api::rules::kept_key_options(line)
         .map_err(|e| format!("its options cannot be read ({e}); quote each value, e.g. from=\"10.0.0.0/8\""))?;
-    Ok(ssh_keys::public_line_without_comment(entry.public_key()))
+    ssh_keys::public_line_without_comment(entry.public_key()).map_err(|e| format!("cannot encode the key ({e})"))
 }
 
 #[cfg(test)]
