@@ -2,7 +2,8 @@
 
 use std::path::Path;
 
-use ssh_key::{Algorithm, PrivateKey, PublicKey};
+use nixpool_api::ssh_keys;
+use ssh_key::{Algorithm, PublicKey};
 
 use crate::error::HostKeyError;
 
@@ -117,27 +118,21 @@ pub fn render_authorized_keys(secret: &str, command: &str) -> (String, Vec<BadLi
 
 /// A public key line, with or without leading options.
 fn parse_key_line(line: &str) -> Result<PublicKey, String> {
-    if let Ok(k) = PublicKey::from_openssh(line) {
-        return Ok(k);
-    }
-    match line.parse::<ssh_key::authorized_keys::Entry>() {
-        Ok(e) => Ok(e.public_key().clone()),
-        Err(e) => Err(format!("not an OpenSSH public key ({e})")),
-    }
+    ssh_keys::parse_authorized_line(line)
+        .map(|e| e.public_key().clone())
+        .map_err(|e| format!("not an OpenSSH public key ({e})"))
 }
 
 /// Parses the mounted host key: an OpenSSH ed25519 private key. Returns the public key line.
 pub fn check_host_key(text: &str) -> Result<String, HostKeyError> {
-    let key = PrivateKey::from_openssh(text).map_err(|e| HostKeyError::Parse(e.to_string()))?;
+    let key = ssh_keys::parse_private_key(text).map_err(HostKeyError::Parse)?;
     if key.algorithm() != Algorithm::Ed25519 {
         return Err(HostKeyError::Algorithm(key.algorithm().to_string()));
     }
     if key.is_encrypted() {
         return Err(HostKeyError::Encrypted);
     }
-    let mut public = key.public_key().clone();
-    public.set_comment("");
-    Ok(public.to_openssh().expect("a public key encodes"))
+    Ok(ssh_keys::public_line_without_comment(key.public_key()).expect("a public key encodes"))
 }
 
 #[cfg(test)]
@@ -220,7 +215,7 @@ mod tests {
 
     #[test]
     fn host_key_must_be_ed25519_private() {
-        let key = PrivateKey::random(&mut ssh_key::rand_core::OsRng, Algorithm::Ed25519).unwrap();
+        let key = ssh_keys::generate_ed25519().unwrap();
         let text = key.to_openssh(ssh_key::LineEnding::LF).unwrap();
         let public = check_host_key(&text).unwrap();
         assert!(public.starts_with("ssh-ed25519 "));

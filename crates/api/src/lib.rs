@@ -1,6 +1,7 @@
 //! The `NixBuilderPool` API (`nixpool.dev/v1alpha1`) and every fact that more than one nixpool
 //! binary must agree on: label and annotation names, the paths where a builder pod mounts its
-//! config and Secrets, the agent's config document, and the `/etc/nix/machines` line model.
+//! config and Secrets, the agent's config document, and the `/etc/nix/machines` line model. With
+//! the `ssh-keys` feature, also how SSH keys are read (`ssh_keys`).
 //!
 //! This crate does no I/O and depends on no runtime.
 
@@ -10,6 +11,8 @@ pub mod demand;
 pub mod machines;
 pub mod quantity;
 pub mod rules;
+#[cfg(feature = "ssh-keys")]
+pub mod ssh_keys;
 pub mod v1alpha1;
 
 pub use agent::AgentConfig;

@@ -18,6 +18,7 @@
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use std::fmt;
+use std::str::FromStr;
 
 /// One machines-file line.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -98,16 +99,13 @@ impl MachinesEntry {
     /// take no port in the URI still parse the line; for another port with such a version use an
     /// ssh_config `Host` block (`builderctl ssh-config`).
     pub fn ssh_ng_uri(user: &str, host: &str, port: u16) -> String {
-        let host = if host.contains(':') && !host.starts_with('[') {
-            format!("[{host}]")
-        } else {
-            host.to_string()
-        };
-        if port == 22 {
-            format!("ssh-ng://{user}@{host}")
-        } else {
-            format!("ssh-ng://{user}@{host}:{port}")
+        StoreUri {
+            scheme: "ssh-ng".into(),
+            user: Some(user.into()),
+            host: host.into(),
+            port: (port != 22).then_some(port),
         }
+        .to_string()
     }
 
     /// The host key column: base64 of the public key line.
@@ -238,6 +236,101 @@ impl fmt::Display for MachinesEntry {
     }
 }
 
+/// The parts of a machines line's store URI (`ssh-ng://user@host:port`) that ssh needs.
+///
+/// Read leniently, as Nix and ssh take them: no scheme means `ssh`, a query (`?ssh-key=..`) is
+/// ignored, the user is all before the last `@`, a port that is not a number is no port, and an
+/// IPv6 host is written in brackets (`[2001:db8::1]:2222`; bare, it has no port).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreUri {
+    pub scheme: String,
+    pub user: Option<String>,
+    /// Without brackets, also for IPv6.
+    pub host: String,
+    pub port: Option<u16>,
+}
+
+/// Why a store URI cannot be taken apart.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StoreUriError {
+    #[error(
+        "{0:?}: the IPv6 host has no closing `]`; write it as ssh-ng://user@[2001:db8::1]:2222 (builderctl machines-file does)"
+    )]
+    UnclosedBracket(String),
+}
+
+impl StoreUri {
+    /// `user@host` as ssh takes it.
+    pub fn destination(&self) -> String {
+        match &self.user {
+            Some(u) => format!("{u}@{}", self.host),
+            None => self.host.clone(),
+        }
+    }
+
+    /// The known_hosts name Nix pins the host key under.
+    pub fn known_hosts_name(&self) -> String {
+        match self.port {
+            Some(p) if p != 22 => format!("[{}]:{p}", self.host),
+            _ => self.host.clone(),
+        }
+    }
+
+    /// `host[:port]` as a URI writes it: an IPv6 address in brackets.
+    pub fn host_and_port(&self) -> String {
+        let host = if self.host.contains(':') && !self.host.starts_with('[') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        match self.port {
+            Some(p) => format!("{host}:{p}"),
+            None => host,
+        }
+    }
+}
+
+impl FromStr for StoreUri {
+    type Err = StoreUriError;
+
+    fn from_str(uri: &str) -> Result<Self, StoreUriError> {
+        let (scheme, rest) = uri.split_once("://").unwrap_or(("ssh", uri));
+        let rest = rest.split('?').next().unwrap_or(rest);
+        let (user, hostport) = match rest.rsplit_once('@') {
+            Some((u, h)) => (Some(u.to_string()), h),
+            None => (None, rest),
+        };
+        let (host, port) = if let Some(h) = hostport.strip_prefix('[') {
+            let (h, after) = h
+                .split_once(']')
+                .ok_or_else(|| StoreUriError::UnclosedBracket(uri.to_string()))?;
+            (h.to_string(), after.strip_prefix(':').and_then(|p| p.parse().ok()))
+        } else {
+            match hostport.rsplit_once(':') {
+                Some((h, p)) if !h.contains(':') => (h.to_string(), p.parse().ok()),
+                _ => (hostport.to_string(), None),
+            }
+        };
+        Ok(StoreUri {
+            scheme: scheme.into(),
+            user,
+            host,
+            port,
+        })
+    }
+}
+
+impl fmt::Display for StoreUri {
+    /// `scheme://[user@]host[:port]`, the host in brackets when it is IPv6.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://", self.scheme)?;
+        if let Some(u) = &self.user {
+            write!(f, "{u}@")?;
+        }
+        write!(f, "{}", self.host_and_port())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -321,5 +414,83 @@ mod tests {
             "ssh-ng://builder@h:2222"
         );
         assert_eq!(MachinesEntry::ssh_ng_uri("b", "fd00::1", 22), "ssh-ng://b@[fd00::1]");
+    }
+
+    fn uri(scheme: &str, user: Option<&str>, host: &str, port: Option<u16>) -> StoreUri {
+        StoreUri {
+            scheme: scheme.into(),
+            user: user.map(Into::into),
+            host: host.into(),
+            port,
+        }
+    }
+
+    #[test]
+    fn store_uri_parses_the_uris_machines_lines_hold() {
+        let cases = [
+            (
+                "ssh-ng://builder@192.0.2.10:2222",
+                uri("ssh-ng", Some("builder"), "192.0.2.10", Some(2222)),
+            ),
+            ("ssh://root@mac.example", uri("ssh", Some("root"), "mac.example", None)),
+            ("host.example", uri("ssh", None, "host.example", None)),
+            (
+                "ssh-ng://b@[2001:db8::1]:22",
+                uri("ssh-ng", Some("b"), "2001:db8::1", Some(22)),
+            ),
+            ("ssh-ng://[2001:db8::1]", uri("ssh-ng", None, "2001:db8::1", None)),
+            // A bare IPv6 address has no port.
+            ("ssh://2001:db8::1", uri("ssh", None, "2001:db8::1", None)),
+            (
+                "ssh-ng://b@h:2222?ssh-key=/k&compress=true",
+                uri("ssh-ng", Some("b"), "h", Some(2222)),
+            ),
+            // An ssh_config alias; a user name with @ keeps all but the last.
+            (
+                "ssh-ng://builder@nixpool-builds-linux",
+                uri("ssh-ng", Some("builder"), "nixpool-builds-linux", None),
+            ),
+            ("ssh://a@b@h", uri("ssh", Some("a@b"), "h", None)),
+            // A port that is not a number is no port.
+            ("ssh://h:ssh", uri("ssh", None, "h", None)),
+        ];
+        for (text, want) in cases {
+            assert_eq!(text.parse::<StoreUri>().as_ref(), Ok(&want), "{text}");
+        }
+        let err = "ssh-ng://b@[2001:db8::1:22".parse::<StoreUri>().unwrap_err();
+        assert_eq!(err, StoreUriError::UnclosedBracket("ssh-ng://b@[2001:db8::1:22".into()));
+        assert!(err.to_string().contains("no closing `]`; write it as"), "{err}");
+    }
+
+    #[test]
+    fn store_uri_ssh_destination_and_known_hosts_name() {
+        let u: StoreUri = "ssh-ng://builder@192.0.2.10:2222".parse().unwrap();
+        assert_eq!(u.destination(), "builder@192.0.2.10");
+        assert_eq!(u.known_hosts_name(), "[192.0.2.10]:2222");
+        let u: StoreUri = "ssh-ng://h:22".parse().unwrap();
+        assert_eq!((u.destination().as_str(), u.known_hosts_name().as_str()), ("h", "h"));
+        assert_eq!(
+            "ssh://[::1]:2200".parse::<StoreUri>().unwrap().known_hosts_name(),
+            "[::1]:2200"
+        );
+    }
+
+    #[test]
+    fn store_uri_writes_what_it_reads() {
+        for text in [
+            "ssh-ng://builder@192.0.2.10:2222",
+            "ssh://root@mac.example",
+            "ssh-ng://b@[2001:db8::1]:22",
+            "ssh-ng://[2001:db8::1]",
+            "ssh://a@b@h",
+        ] {
+            assert_eq!(text.parse::<StoreUri>().unwrap().to_string(), text);
+        }
+        // What is dropped on reading is not written back.
+        assert_eq!("h:ssh".parse::<StoreUri>().unwrap().to_string(), "ssh://h");
+        assert_eq!(
+            "ssh-ng://b@h?ssh-key=/k".parse::<StoreUri>().unwrap().to_string(),
+            "ssh-ng://b@h"
+        );
     }
 }

@@ -2,7 +2,7 @@
 //! Case counts are for CI; `NIXPOOL_LONG=1` runs 50 times as many.
 
 use nixpool_api::AgentConfig;
-use nixpool_api::machines::{self, MachinesEntry, NIX_COLUMN_SEPARATORS};
+use nixpool_api::machines::{self, MachinesEntry, NIX_COLUMN_SEPARATORS, StoreUri};
 use proptest::prelude::*;
 
 fn config(ci_cases: u32) -> ProptestConfig {
@@ -266,6 +266,46 @@ proptest! {
                     prop_assert!(m.contains("unknown field `unknown`"), "{m}");
                 }
             }
+        }
+    }
+}
+
+/// A store URI as machines lines hold them: a name, an IPv4 or an IPv6 host, with or without a
+/// user and a port.
+fn store_uri() -> impl Strategy<Value = StoreUri> {
+    let host = prop_oneof![
+        "[a-z][a-z0-9-]{0,12}(\\.[a-z][a-z0-9-]{0,8}){0,2}",
+        "[0-9]{1,3}\\.[0-9]{1,3}\\.[0-9]{1,3}\\.[0-9]{1,3}",
+        "[0-9a-f]{1,4}(:[0-9a-f]{0,4}){2,6}",
+    ];
+    (
+        prop_oneof![Just("ssh-ng"), Just("ssh")],
+        proptest::option::of("[a-z_][a-z0-9_.@-]{0,8}"),
+        host,
+        proptest::option::of(any::<u16>()),
+    )
+        .prop_map(|(scheme, user, host, port)| StoreUri {
+            scheme: scheme.into(),
+            user,
+            host,
+            port,
+        })
+}
+
+proptest! {
+    #![proptest_config(config(3000))]
+
+    /// Property: a store URI reads back from what it writes, IPv6 hosts and all.
+    #[test]
+    fn a_store_uri_reads_back_as_written(u in store_uri()) {
+        prop_assert_eq!(u.to_string().parse::<StoreUri>(), Ok(u.clone()));
+    }
+
+    /// Property: any text gives a store URI or an error that quotes it; never a panic.
+    #[test]
+    fn any_text_gives_a_store_uri_or_a_clear_error(text in "[a-z0-9:@/\\[\\]?.-]{0,24}") {
+        if let Err(e) = text.parse::<StoreUri>() {
+            prop_assert!(e.to_string().contains(&format!("{text:?}")), "{}", e);
         }
     }
 }

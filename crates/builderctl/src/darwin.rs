@@ -5,6 +5,7 @@ use std::path::Path;
 
 use base64::Engine;
 use nixpool_api::MachinesEntry;
+use nixpool_api::machines::StoreUri;
 
 /// Why `/etc` looks managed by nix-darwin (or NixOS) for `file` (in `/etc/nix`), or `None`.
 ///
@@ -87,11 +88,13 @@ pub fn snippet(pools: &[SnippetPool]) -> String {
     let mut etc = String::new();
     for p in pools {
         let e = p.entry;
-        let rest = e.uri.strip_prefix("ssh-ng://").unwrap_or(&e.uri);
-        let (user, host) = rest.split_once('@').unwrap_or(("", rest));
-        let host = match &p.ssh_config {
-            Some((alias, _)) => alias.as_str(),
-            None => host,
+        // A line builderctl rendered always parses.
+        let uri = e.uri.parse::<StoreUri>().ok();
+        let user = uri.as_ref().and_then(|u| u.user.clone()).unwrap_or_default();
+        let host = match (&p.ssh_config, &uri) {
+            (Some((alias, _)), _) => alias.clone(),
+            (None, Some(u)) => u.host_and_port(),
+            (None, None) => e.uri.clone(),
         };
         out.push_str("    {\n");
         let mut put = |l: String| {

@@ -5,7 +5,8 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use ssh_key::{Algorithm, LineEnding, PrivateKey};
+use nixpool_api::ssh_keys;
+use ssh_key::LineEnding;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeygenError {
@@ -49,8 +50,7 @@ pub fn generate(path: &Path, comment: &str, force: bool) -> Result<Generated, Ke
     if path.exists() && !force {
         return Err(KeygenError::Exists(path.into()));
     }
-    let mut key = PrivateKey::random(&mut ssh_key::rand_core::OsRng, Algorithm::Ed25519)
-        .map_err(|e| KeygenError::Key(e.to_string()))?;
+    let mut key = ssh_keys::generate_ed25519().map_err(|e| KeygenError::Key(e.to_string()))?;
     key.set_comment(comment);
     let private = key
         .to_openssh(LineEnding::LF)

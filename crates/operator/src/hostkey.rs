@@ -1,6 +1,7 @@
 //! The pool's SSH host key: one ed25519 key per pool, generated once.
 
-use ssh_key::{Algorithm, LineEnding, PrivateKey};
+use nixpool_api::ssh_keys::{self, PrivateKeyError};
+use ssh_key::{LineEnding, PrivateKey};
 
 /// A host key pair. `Debug` never prints the private half.
 #[derive(Clone, PartialEq, Eq)]
@@ -22,17 +23,18 @@ impl std::fmt::Debug for HostKey {
 impl HostKey {
     /// A fresh ed25519 key from the OS random source.
     pub fn generate() -> Self {
-        let key = PrivateKey::random(&mut ssh_key::rand_core::OsRng, Algorithm::Ed25519)
-            .expect("ed25519 key generation does not fail with the OS RNG");
+        let key = ssh_keys::generate_ed25519().expect("ed25519 key generation does not fail with the OS RNG");
         Self::from_key(&key)
     }
 
     /// Reads an OpenSSH private key (as stored in a Secret).
     pub fn parse(openssh: &[u8]) -> Result<Self, String> {
-        let key = PrivateKey::from_openssh(openssh).map_err(|e| format!("not an OpenSSH private key ({e})"))?;
-        if key.is_encrypted() {
-            return Err("the key has a passphrase; sshd cannot use it unattended: store a key without one".into());
-        }
+        let key = ssh_keys::parse_unencrypted_private_key(openssh).map_err(|e| match e {
+            PrivateKeyError::NotOpenSsh(_) => e.to_string(),
+            PrivateKeyError::Encrypted => {
+                "the key has a passphrase; sshd cannot use it unattended: store a key without one".to_string()
+            }
+        })?;
         Ok(Self::from_key(&key))
     }
 
@@ -41,12 +43,9 @@ impl HostKey {
             .to_openssh(LineEnding::LF)
             .expect("an in-memory key encodes")
             .to_string();
-        let mut public = key.public_key().clone();
-        public.set_comment("");
-        let public = public.to_openssh().expect("a public key encodes");
         Self {
             private_openssh,
-            public,
+            public: ssh_keys::public_line_without_comment(key.public_key()).expect("a public key encodes"),
         }
     }
 

@@ -1,9 +1,7 @@
 //! Authorized keys: validated, de-duplicated, and every bad line accounted for.
 
+use nixpool_api::ssh_keys;
 use std::collections::HashSet;
-use std::str::FromStr;
-
-use ssh_key::authorized_keys::Entry;
 
 /// Where a key line came from, for messages: `spec.ssh.authorizedKeys[2]` or
 /// `Secret team-a key keys line 3`.
@@ -74,7 +72,7 @@ impl AuthorizedKeys {
 /// Checks one `authorized_keys` line; returns the key material (algorithm + base64) that makes
 /// it unique.
 pub fn check(line: &str) -> Result<String, String> {
-    let entry = Entry::from_str(line).map_err(|e| {
+    let entry = ssh_keys::parse_authorized_line(line).map_err(|e| {
         format!("not an OpenSSH public key line ({e}); paste the whole line of the .pub file, e.g. ssh-ed25519 AAAA... you@laptop")
     })?;
     let opts = entry.config_opts();
@@ -92,9 +90,7 @@ pub fn check(line: &str) -> Result<String, String> {
     // same way there.
     nixpool_api::rules::kept_key_options(line)
         .map_err(|e| format!("its options cannot be read ({e}); quote each value, e.g. from=\"10.0.0.0/8\""))?;
-    let mut key = entry.public_key().clone();
-    key.set_comment("");
-    key.to_openssh().map_err(|e| format!("cannot encode the key ({e})"))
+    ssh_keys::public_line_without_comment(entry.public_key()).map_err(|e| format!("cannot encode the key ({e})"))
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 use std::os::unix::fs::MetadataExt;
 
 use nixpool_api::MachinesEntry;
+use nixpool_api::ssh_keys::{self, PrivateKeyError};
 
 use super::{Check, CheckId, Options, is_root};
 
@@ -51,22 +52,22 @@ pub(super) fn check_key(key: Option<&str>, subject: Option<&str>) -> Check {
         }
         Err(e) => return Check::fail(id, subject, format!("{key}: {e}")),
     };
-    let parsed = match ssh_key::PrivateKey::from_openssh(text.trim()) {
-        Ok(k) => k,
-        Err(e) => {
+    match ssh_keys::parse_unencrypted_private_key(text.trim()) {
+        Ok(_) => {}
+        Err(PrivateKeyError::NotOpenSsh(e)) => {
             return Check::fail(id, subject, format!("{key} is not an OpenSSH private key ({e})"))
                 .with_fix(format!("make a new one: `sudo builderctl keygen --out {key} --force`"));
         }
-    };
-    if parsed.is_encrypted() {
-        return Check::fail(
-            id,
-            subject,
-            format!("{key} has a passphrase: the daemon cannot type it and ssh fails in batch mode"),
-        )
-        .with_fix(format!(
-            "remove it: `sudo ssh-keygen -p -N '' -f {key}` (or `sudo builderctl keygen --out {key} --force`)"
-        ));
+        Err(PrivateKeyError::Encrypted) => {
+            return Check::fail(
+                id,
+                subject,
+                format!("{key} has a passphrase: the daemon cannot type it and ssh fails in batch mode"),
+            )
+            .with_fix(format!(
+                "remove it: `sudo ssh-keygen -p -N '' -f {key}` (or `sudo builderctl keygen --out {key} --force`)"
+            ));
+        }
     }
     if meta.uid() != 0 {
         return Check::warn(
@@ -88,15 +89,13 @@ pub(super) fn check_key(key: Option<&str>, subject: Option<&str>) -> Check {
 
 /// `SHA256:...` of an OpenSSH public key, as ssh prints it.
 pub(super) fn fingerprint(key: &str) -> String {
-    ssh_key::PublicKey::from_openssh(key.trim())
-        .map(|k| k.fingerprint(ssh_key::HashAlg::Sha256).to_string())
-        .unwrap_or_else(|_| "<not a public key>".into())
+    ssh_keys::fingerprint(key).unwrap_or_else(|| "<not a public key>".into())
 }
 
 /// The public half of the private key file `key`, as authorized_keys takes it.
 pub(super) fn public_of(key: &str) -> Option<String> {
     let text = std::fs::read_to_string(key).ok()?;
-    let k = ssh_key::PrivateKey::from_openssh(text.trim()).ok()?;
+    let k = ssh_keys::parse_private_key(text.trim()).ok()?;
     k.public_key().to_openssh().ok()
 }
 
@@ -111,7 +110,7 @@ pub(super) fn check_host_key(opts: &Options, entry: &MachinesEntry, subject: Opt
         )
         .with_fix(format!("{rewrite} (it pins status.hostPublicKey)"));
     };
-    if ssh_key::PublicKey::from_openssh(pinned).is_err() {
+    if ssh_keys::parse_public_key(pinned).is_err() {
         return Check::fail(id, subject, "column 8 does not decode to an OpenSSH public key").with_fix(rewrite);
     }
     if let Some(expected) = &opts.expected_host_key

@@ -4,7 +4,8 @@
 //!
 //! This file holds the order of the checks; each concern has its file: `report` (what a check
 //! says), `nixconf`, `machines`, `keys`, `network`, `ssh`, `remote_nix` (Nix through the line),
-//! `daemon`, `store_uri`, and `process` (running a command within the time left).
+//! `daemon`, and `process` (running a command within the time left). The store URI is
+//! `nixpool_api::machines::StoreUri`.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -18,15 +19,14 @@ mod process;
 mod remote_nix;
 mod report;
 mod ssh;
-mod store_uri;
 
 pub use self::daemon::parse_etime;
 pub use self::nixconf::{NixConf, builders_reach, from_nix, parse_settings};
 pub use self::report::{Check, CheckId, Status, passed, report, report_line, summary};
-pub use self::store_uri::StoreUri;
 use crate::nixsetup::NixSetup;
 pub use crate::nixsetup::Os;
 use nixpool_api::MachinesEntry;
+use nixpool_api::machines::StoreUri;
 
 /// What doctor looks at.
 #[derive(Clone, Debug)]
@@ -123,7 +123,7 @@ pub fn run(opts: &Options, seen: &mut dyn FnMut(&Check)) -> Vec<Check> {
 /// then Nix through it.
 fn check_machine(opts: &Options, subject: &str, entry: &MachinesEntry, line: &str, emit: &mut dyn FnMut(Check)) {
     let subject = Some(subject);
-    let Some(uri) = StoreUri::parse(&entry.uri) else {
+    let Ok(uri) = entry.uri.parse::<StoreUri>() else {
         emit(
             Check::fail(
                 CheckId::Tcp,

@@ -5,8 +5,9 @@ use std::io::Read;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::process::{Command, Stdio};
 
+use nixpool_api::machines::StoreUri;
+
 use super::process::output_within;
-use super::store_uri::StoreUri;
 use super::{Check, CheckId, Options};
 
 /// Host name and port ssh really uses (`ssh -G` applies ssh_config).

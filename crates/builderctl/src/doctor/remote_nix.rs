@@ -6,9 +6,9 @@ use std::time::SystemTime;
 
 use base64::Engine;
 use nixpool_api::MachinesEntry;
+use nixpool_api::machines::StoreUri;
 
 use super::process::{RunError, last_lines, output_within};
-use super::store_uri::StoreUri;
 use super::{Check, CheckId, Options, is_root};
 
 /// The line's URI with its key and pinned host key as store parameters, as Nix builds it.
@@ -137,7 +137,10 @@ pub(super) fn check_trusted(opts: &Options, entry: &MachinesEntry, line: &str, s
         }
     };
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let user = StoreUri::parse(&entry.uri)
+    let user = entry
+        .uri
+        .parse::<StoreUri>()
+        .ok()
         .and_then(|u| u.user)
         .unwrap_or_else(|| "the login user".into());
     match classify_probe(out.status.success(), &stderr) {

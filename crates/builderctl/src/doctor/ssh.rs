@@ -5,10 +5,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use nixpool_api::MachinesEntry;
+use nixpool_api::machines::StoreUri;
 
 use super::keys::{fingerprint, public_of};
 use super::process::{RunError, output_within};
-use super::store_uri::StoreUri;
 use super::{Check, CheckId, Options, is_root};
 
 /// Why ssh (exit 255) did not log in, read from its stderr.
@@ -200,7 +200,7 @@ mod tests {
     #[test]
     fn the_known_hosts_line_names_the_host_as_nix_pins_it() {
         let mut entry = MachinesEntry::parse("ssh-ng://builder@127.0.0.1:2222 x86_64-linux").unwrap();
-        let uri = StoreUri::parse(&entry.uri).unwrap();
+        let uri = entry.uri.parse::<StoreUri>().unwrap();
         assert!(known_hosts(&uri, &entry).is_none());
         entry.host_public_key = Some("ssh-ed25519 AAAAC3Nza key\n".into());
         let f = known_hosts(&uri, &entry).unwrap();
