@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use nixpool_api::ssh_keys;
-use ssh_key::{Algorithm, PublicKey};
+use ssh_key::PublicKey;
 
 use crate::error::HostKeyError;
 
@@ -125,13 +125,11 @@ fn parse_key_line(line: &str) -> Result<PublicKey, String> {
 
 /// Parses the mounted host key: an OpenSSH ed25519 private key. Returns the public key line.
 pub fn check_host_key(text: &str) -> Result<String, HostKeyError> {
-    let key = ssh_keys::parse_private_key(text).map_err(HostKeyError::Parse)?;
-    if key.algorithm() != Algorithm::Ed25519 {
-        return Err(HostKeyError::Algorithm(key.algorithm().to_string()));
-    }
-    if key.is_encrypted() {
-        return Err(HostKeyError::Encrypted);
-    }
+    let key = ssh_keys::parse_host_key(text).map_err(|e| match e {
+        ssh_keys::HostKeyError::NotOpenSsh(reason) => HostKeyError::Parse(reason),
+        ssh_keys::HostKeyError::NotEd25519(algorithm) => HostKeyError::Algorithm(algorithm),
+        ssh_keys::HostKeyError::Encrypted => HostKeyError::Encrypted,
+    })?;
     Ok(ssh_keys::public_line_without_comment(key.public_key()).expect("a public key encodes"))
 }
 

@@ -37,6 +37,33 @@ pub fn parse_unencrypted_private_key(openssh: impl AsRef<[u8]>) -> Result<Privat
     Ok(key)
 }
 
+/// Why a private key cannot be a pool's host key.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HostKeyError {
+    #[error("not an OpenSSH private key ({0})")]
+    NotOpenSsh(String),
+    /// nixpool pins one ed25519 host key per pool: builders, clients' known_hosts and the
+    /// machines line all carry that one key type.
+    #[error("the key is {0}, not ssh-ed25519")]
+    NotEd25519(String),
+    #[error("the key has a passphrase")]
+    Encrypted,
+}
+
+/// A pool's host key: an OpenSSH ed25519 private key without a passphrase. The operator checks
+/// a Secret the pool names with it, the agent the key it mounts, so the operator never accepts a
+/// key every builder would refuse.
+pub fn parse_host_key(openssh: impl AsRef<[u8]>) -> Result<PrivateKey, HostKeyError> {
+    let key = parse_private_key(openssh).map_err(HostKeyError::NotOpenSsh)?;
+    if key.algorithm() != Algorithm::Ed25519 {
+        return Err(HostKeyError::NotEd25519(key.algorithm().to_string()));
+    }
+    if key.is_encrypted() {
+        return Err(HostKeyError::Encrypted);
+    }
+    Ok(key)
+}
+
 /// The public key line nixpool pins and compares: `ssh-ed25519 AAAA...`, without a comment, so
 /// one key has one line.
 pub fn public_line_without_comment(key: &PublicKey) -> Result<String, ssh_key::Error> {

@@ -355,8 +355,9 @@ pub struct SshSpec {
     #[schemars(length(max = 64))]
     pub authorized_keys_secrets: Vec<AuthorizedKeysRef>,
 
-    /// An existing Secret holding the host's OpenSSH private key. Empty: the operator generates
-    /// one ed25519 key for the pool once and keeps it for the pool's life.
+    /// An existing Secret holding the host's OpenSSH private key: ed25519, without a passphrase
+    /// (another key is reported as BadHostKey). Empty: the operator generates one ed25519 key for
+    /// the pool once and keeps it for the pool's life.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_key_secret: Option<SecretKeyRef>,
 }
