@@ -137,6 +137,16 @@ proptest! {
             prop_assert!(ssh_key::PublicKey::from_openssh(&rest).is_ok(), "{rest:?}");
         }
     }
+
+    /// Property: any forced command (printable, not ending in `\`, which `opt_dequote` would
+    /// read as an escaped closing quote) reaches sshd unchanged: quotes and backslashes included.
+    #[test]
+    fn the_forced_command_reaches_sshd_as_written(command in "[ -~]{0,40}[ -\\[\\]-~]") {
+        let (out, _) = ssh::render_authorized_keys(&format!("{KEY} a@b\n"), &command);
+        let line = out.lines().find(|l| !l.starts_with('#')).expect("one key line");
+        let (options, _) = sshd_key_line(line).ok_or_else(|| TestCaseError::fail(format!("sshd cannot read {line:?}")))?;
+        prop_assert_eq!(&options[1], &("command".to_string(), Some(command.clone())));
+    }
 }
 
 // ---- nix.conf ----

@@ -97,7 +97,14 @@ pub struct BadLine {
 /// command; of its own options only those that narrow access (`from`, `expiry-time`,
 /// `verify-required`) are kept. Lines that are not public keys are reported, not copied.
 pub fn render_authorized_keys(secret: &str, command: &str) -> (String, Vec<BadLine>) {
-    let command = command.replace('\\', "\\\\").replace('"', "\\\"");
+    // sshd's `opt_dequote` unescapes only `\"`; any other backslash is kept as it is. So only
+    // quotes are escaped, and the command may not end in `\` (it would escape the closing
+    // quote): the agent's own paths never do.
+    debug_assert!(
+        !command.ends_with('\\'),
+        "a forced command ending in a backslash: {command}"
+    );
+    let command = command.replace('"', "\\\"");
     let mut out = String::from("# Written by nixpool-agent from the authorized-keys ConfigMap.\n");
     let mut bad = Vec::new();
     for (i, raw) in secret.lines().enumerate() {
