@@ -33,12 +33,20 @@ pub async fn output(cmd: &mut Command) -> io::Result<Output> {
         .stderr(std::process::Stdio::piped());
     cmd.kill_on_drop(true);
     let child = spawn(cmd)?;
-    let pid = child.id();
-    let out = child.wait_with_output().await;
-    if let Some(pid) = pid {
-        forget(pid);
+    // Forgotten however this ends, also when the caller drops the future (a push cut short at
+    // stop): the child is killed then, and a pid left in the registry would keep the reaper off
+    // whatever process gets that pid next.
+    let _registered = child.id().map(Registered);
+    child.wait_with_output().await
+}
+
+/// A registered pid, forgotten on drop.
+struct Registered(u32);
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        forget(self.0);
     }
-    out
 }
 
 /// Reaps exited children the agent did not start itself (orphans re-parented to PID 1 or to
@@ -150,6 +158,29 @@ pub fn signal(pid: u32, sig: nix::sys::signal::Signal) {
 
 #[cfg(test)]
 mod tests {
+    #[tokio::test]
+    async fn a_command_cut_short_is_forgotten() {
+        let task = tokio::spawn(async {
+            let mut cmd = tokio::process::Command::new("sleep");
+            cmd.arg("30.4711");
+            super::output(&mut cmd).await
+        });
+        let ours =
+            |pid: &i32| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == b"sleep\x0030.4711\x00");
+        let mut pid = None;
+        for _ in 0..100 {
+            pid = super::KNOWN.lock().unwrap().iter().copied().find(ours);
+            if pid.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let pid = pid.expect("the running command is registered");
+        task.abort();
+        assert!(task.await.unwrap_err().is_cancelled());
+        assert!(!super::KNOWN.lock().unwrap().contains(&pid), "{pid} still registered");
+    }
+
     use super::*;
 
     #[test]
