@@ -260,12 +260,7 @@ fn a_crashed_nix_daemon_is_restarted_and_builds_go_on() {
     b.start_agent(&["--restart-backoff-ms", "100"]);
     b.wait_ready(Duration::from_secs(30));
     let agent = b.agent_pid();
-    let daemon = child_named(agent, "nix-daemon").expect("nix-daemon runs under the agent");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    let daemon = sigkill_child(agent, "nix-daemon");
     let mut restarted = None;
     for _ in 0..100 {
         restarted = child_named(agent, "nix-daemon").filter(|p| *p != daemon);
@@ -296,12 +291,7 @@ fn builds_that_come_while_nix_daemon_restarts_wait_for_it() {
     b.wait_ready(Duration::from_secs(30));
     let agent = b.agent_pid();
     let kill_daemon = |b: &Builder| {
-        let daemon = child_named(agent, "nix-daemon").expect("nix-daemon runs under the agent");
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(daemon as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
+        let daemon = sigkill_child(agent, "nix-daemon");
         for _ in 0..200 {
             if child_named(agent, "nix-daemon").is_none_or(|p| p != daemon) {
                 return daemon;
@@ -342,6 +332,17 @@ fn builds_that_come_while_nix_daemon_restarts_wait_for_it() {
     );
     assert_eq!(b.metric("nixpool_agent_child_restarts_total"), Some(2.0));
     eprintln!("two builds that met a down nix-daemon took {took:?}");
+}
+
+/// SIGKILLs the agent's child named `comm`; returns its pid.
+fn sigkill_child(agent: u32, comm: &str) -> u32 {
+    let pid = child_named(agent, comm).unwrap_or_else(|| panic!("{comm} runs under the agent"));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    pid
 }
 
 fn child_named(parent: u32, comm: &str) -> Option<u32> {
