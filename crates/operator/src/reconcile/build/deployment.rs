@@ -20,92 +20,80 @@ use crate::reconcile::validate::Valid;
 
 const STORE_VOLUME: &str = "nix";
 
+/// The builder Deployment: the pool's builder pods, rolled out without dropping capacity.
 pub fn deployment(pool: &NixBuilderPool, valid: &Valid, config_hash: &str, replicas: i32) -> Deployment {
-    let spec = &pool.spec;
-    let name = pool.name_any();
-    // The pool's own labels first: the rules on spec.pod.labels keep them off nixpool's.
-    let mut template_labels = spec.pod.labels.clone();
-    template_labels.extend(selector_labels(pool));
-    template_labels.insert(labels::COMPONENT.into(), "builder".into());
-    template_labels.insert(labels::PART_OF.into(), labels::PART_OF_VALUE.into());
-
-    // The store volume is not mounted at /nix: it would hide the image's own store (nix, sshd,
-    // the agent). The agent mounts the image's /nix under a writable overlay layer kept on it,
-    // so nothing is copied and start time does not grow with the image.
-    let mut mounts = vec![
-        VolumeMount {
-            name: STORE_VOLUME.into(),
-            mount_path: paths::STORE_VOLUME.into(),
-            ..VolumeMount::default()
-        },
-        VolumeMount {
-            name: "config".into(),
-            mount_path: paths::CONFIG_DIR.into(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        },
-        VolumeMount {
-            name: "host-key".into(),
-            mount_path: paths::HOST_KEY_DIR.into(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        },
-        VolumeMount {
-            name: "authorized-keys".into(),
-            mount_path: paths::AUTHORIZED_KEYS_DIR.into(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        },
-    ];
-    let mut volumes = vec![
-        store_volume(pool),
-        Volume {
-            name: "config".into(),
-            config_map: Some(ConfigMapVolumeSource {
-                name: names::config_map(&name),
-                ..Default::default()
-            }),
-            ..Volume::default()
-        },
-        host_key_volume(pool),
-        Volume {
-            name: "authorized-keys".into(),
-            config_map: Some(ConfigMapVolumeSource {
-                name: names::authorized_keys(&name),
-                default_mode: Some(0o444),
-                ..Default::default()
-            }),
-            ..Volume::default()
-        },
-    ];
-    if let Some(cache) = cache_secrets_volume(pool) {
-        mounts.push(VolumeMount {
-            name: "cache-secrets".into(),
-            mount_path: paths::CACHE_SECRETS_DIR.into(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        });
-        volumes.push(cache);
-    }
-
-    let http_probe = |path: &str, period, failures| Probe {
-        http_get: Some(HTTPGetAction {
-            path: Some(path.into()),
-            port: IntOrString::String(ports::HEALTH_NAME.into()),
-            ..Default::default()
+    Deployment {
+        metadata: meta(pool, names::workload(&pool.name_any()), "builder"),
+        spec: Some(DeploymentSpec {
+            replicas: Some(replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(pool)),
+                ..LabelSelector::default()
+            },
+            strategy: Some(surge_first()),
+            template: pod_template(pool, valid, config_hash),
+            ..DeploymentSpec::default()
         }),
-        period_seconds: Some(period),
-        failure_threshold: Some(failures),
-        timeout_seconds: Some(3),
-        ..Probe::default()
-    };
-    // Nix's build sandbox creates mount, PID and network namespaces: that needs a privileged
-    // container on stock Kubernetes.
-    let security = SecurityContext {
-        privileged: Some(true),
-        ..SecurityContext::default()
-    };
-    let builder = Container {
+        ..Deployment::default()
+    }
+}
+
+/// Never drop capacity during a rollout: a new builder is Ready before an old one drains.
+fn surge_first() -> DeploymentStrategy {
+    DeploymentStrategy {
+        type_: Some("RollingUpdate".into()),
+        rolling_update: Some(RollingUpdateDeployment {
+            max_unavailable: Some(IntOrString::Int(0)),
+            max_surge: Some(IntOrString::Int(1)),
+        }),
+    }
+}
+
+fn pod_template(pool: &NixBuilderPool, valid: &Valid, config_hash: &str) -> PodTemplateSpec {
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(pod_labels(pool)),
+            annotations: Some(pod_annotations(pool, config_hash)),
+            ..ObjectMeta::default()
+        }),
+        spec: Some(pod_spec(pool, valid)),
+    }
+}
+
+/// The pool's pod labels, then nixpool's (the rules on spec.pod.labels keep them off nixpool's).
+fn pod_labels(pool: &NixBuilderPool) -> BTreeMap<String, String> {
+    let mut labels = pool.spec.pod.labels.clone();
+    labels.extend(selector_labels(pool));
+    labels.insert(labels::COMPONENT.into(), "builder".into());
+    labels.insert(labels::PART_OF.into(), labels::PART_OF_VALUE.into());
+    labels
+}
+
+fn pod_spec(pool: &NixBuilderPool, valid: &Valid) -> PodSpec {
+    let spec = &pool.spec;
+    let (volumes, mounts) = volumes(pool).into_iter().unzip();
+    PodSpec {
+        automount_service_account_token: Some(false),
+        enable_service_links: Some(false),
+        termination_grace_period_seconds: Some(spec.termination_grace_period_seconds),
+        node_selector: (!spec.node_selector.is_empty()).then(|| spec.node_selector.clone()),
+        tolerations: (!spec.tolerations.is_empty()).then(|| spec.tolerations.clone()),
+        // Prefer one builder per node, so a node loss takes out as few as possible.
+        affinity: Some(spec.affinity.clone().unwrap_or_else(|| spread(selector_labels(pool)))),
+        topology_spread_constraints: topology_spread(pool),
+        priority_class_name: spec.pod.priority_class_name.clone(),
+        runtime_class_name: spec.pod.runtime_class_name.clone(),
+        image_pull_secrets: (!valid.image_pull_secrets.is_empty()).then(|| valid.image_pull_secrets.clone()),
+        containers: vec![builder_container(pool, valid, mounts)],
+        volumes: Some(volumes),
+        ..PodSpec::default()
+    }
+}
+
+/// The agent as PID 1, with its SSH and health ports and probes.
+fn builder_container(pool: &NixBuilderPool, valid: &Valid, mounts: Vec<VolumeMount>) -> Container {
+    let spec = &pool.spec;
+    Container {
         name: "builder".into(),
         image: Some(valid.image.clone()),
         image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_string()),
@@ -116,18 +104,8 @@ pub fn deployment(pool: &NixBuilderPool, valid: &Valid, config_hash: &str, repli
             paths::STORE_VOLUME.into(),
         ]),
         ports: Some(vec![
-            ContainerPort {
-                name: Some(ports::SSH_NAME.into()),
-                container_port: ports::SSH.into(),
-                protocol: Some("TCP".into()),
-                ..Default::default()
-            },
-            ContainerPort {
-                name: Some(ports::HEALTH_NAME.into()),
-                container_port: ports::AGENT_HEALTH.into(),
-                protocol: Some("TCP".into()),
-                ..Default::default()
-            },
+            tcp_port(ports::SSH_NAME, ports::SSH),
+            tcp_port(ports::HEALTH_NAME, ports::AGENT_HEALTH),
         ]),
         // Ready within a second of the agent being ready, and out of the Service within a few
         // seconds of a drain starting: `/readyz` is a local read, cheap to ask every second.
@@ -138,55 +116,91 @@ pub fn deployment(pool: &NixBuilderPool, valid: &Valid, config_hash: &str, repli
         // readiness back by up to one more period.
         liveness_probe: Some(http_probe("/healthz", 10, 6)),
         resources: spec.resources.clone(),
-        security_context: Some(security.clone()),
+        security_context: Some(sandbox_security()),
         volume_mounts: Some(mounts),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Container::default()
-    };
+    }
+}
 
-    Deployment {
-        metadata: meta(pool, names::workload(&name), "builder"),
-        spec: Some(DeploymentSpec {
-            replicas: Some(replicas),
-            selector: LabelSelector {
-                match_labels: Some(selector_labels(pool)),
-                ..LabelSelector::default()
-            },
-            // Never drop capacity during a rollout: a new builder is Ready before an old one drains.
-            strategy: Some(DeploymentStrategy {
-                type_: Some("RollingUpdate".into()),
-                rolling_update: Some(RollingUpdateDeployment {
-                    max_unavailable: Some(IntOrString::Int(0)),
-                    max_surge: Some(IntOrString::Int(1)),
-                }),
-            }),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(template_labels),
-                    annotations: Some(pod_annotations(pool, config_hash)),
-                    ..ObjectMeta::default()
-                }),
-                spec: Some(PodSpec {
-                    automount_service_account_token: Some(false),
-                    enable_service_links: Some(false),
-                    termination_grace_period_seconds: Some(spec.termination_grace_period_seconds),
-                    node_selector: (!spec.node_selector.is_empty()).then(|| spec.node_selector.clone()),
-                    tolerations: (!spec.tolerations.is_empty()).then(|| spec.tolerations.clone()),
-                    // Prefer one builder per node, so a node loss takes out as few as possible.
-                    affinity: Some(spec.affinity.clone().unwrap_or_else(|| spread(selector_labels(pool)))),
-                    topology_spread_constraints: topology_spread(pool),
-                    priority_class_name: spec.pod.priority_class_name.clone(),
-                    runtime_class_name: spec.pod.runtime_class_name.clone(),
-                    image_pull_secrets: (!valid.image_pull_secrets.is_empty())
-                        .then(|| valid.image_pull_secrets.clone()),
-                    containers: vec![builder],
-                    volumes: Some(volumes),
-                    ..PodSpec::default()
-                }),
-            },
-            ..DeploymentSpec::default()
+fn tcp_port(name: &str, port: u16) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.into()),
+        container_port: port.into(),
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    }
+}
+
+/// An HTTP GET on the agent's health port.
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String(ports::HEALTH_NAME.into()),
+            ..Default::default()
         }),
-        ..Deployment::default()
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(3),
+        ..Probe::default()
+    }
+}
+
+/// Nix's build sandbox creates mount, PID and network namespaces: that needs a privileged
+/// container on stock Kubernetes.
+fn sandbox_security() -> SecurityContext {
+    SecurityContext {
+        privileged: Some(true),
+        ..SecurityContext::default()
+    }
+}
+
+/// The pod's volumes, each with where the builder mounts it.
+///
+/// The store volume is not mounted at /nix: it would hide the image's own store (nix, sshd, the
+/// agent). The agent mounts the image's /nix under a writable overlay layer kept on it, so
+/// nothing is copied and start time does not grow with the image.
+fn volumes(pool: &NixBuilderPool) -> Vec<(Volume, VolumeMount)> {
+    let name = pool.name_any();
+    let mut volumes = vec![
+        mounted_at(store_volume(pool), paths::STORE_VOLUME, false),
+        mounted_at(
+            config_map_volume("config", names::config_map(&name), None),
+            paths::CONFIG_DIR,
+            true,
+        ),
+        mounted_at(host_key_volume(pool), paths::HOST_KEY_DIR, true),
+        mounted_at(
+            config_map_volume("authorized-keys", names::authorized_keys(&name), Some(0o444)),
+            paths::AUTHORIZED_KEYS_DIR,
+            true,
+        ),
+    ];
+    volumes.extend(cache_secrets_volume(pool).map(|v| mounted_at(v, paths::CACHE_SECRETS_DIR, true)));
+    volumes
+}
+
+/// `volume` and its mount at `path` (the mount takes the volume's name).
+fn mounted_at(volume: Volume, path: &str, read_only: bool) -> (Volume, VolumeMount) {
+    let mount = VolumeMount {
+        name: volume.name.clone(),
+        mount_path: path.into(),
+        read_only: read_only.then_some(true),
+        ..VolumeMount::default()
+    };
+    (volume, mount)
+}
+
+fn config_map_volume(volume: &str, config_map: String, default_mode: Option<i32>) -> Volume {
+    Volume {
+        name: volume.into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: config_map,
+            default_mode,
+            ..Default::default()
+        }),
+        ..Volume::default()
     }
 }
 
