@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use nixpool_api::AgentConfig;
 use nixpool_api::agent::PushTarget;
 
-use crate::accounts::{self, Wanted};
+use crate::accounts::{self, Accounts, Wanted};
 use crate::error::{ConfigError, FsError};
 use crate::fhs::{self, Link, Source};
 use crate::layout::{Binaries, Layout, is_executable};
@@ -122,13 +122,98 @@ pub fn read_host_key(layout: &Layout) -> Result<(String, String), String> {
 
 /// Computes everything; returns every problem at once when something is wrong.
 pub fn build(layout: &Layout, bins: &Binaries, opts: &Options) -> Result<Plan, Vec<String>> {
-    let mut problems: Vec<String> = Vec::new();
-    let config = match load_config(layout) {
-        Ok(c) => c,
-        Err(e) => return Err(vec![e.to_string()]),
-    };
-    problems.extend(validate(&config).iter().map(ToString::to_string));
+    let config = load_config(layout).map_err(|e| vec![e.to_string()])?;
+    let mut problems: Vec<String> = validate(&config).iter().map(ToString::to_string).collect();
+    problems.extend(missing_binaries(&config, bins));
+    problems.extend(missing_push_secrets(layout, &config));
+    let (host_key_text, host_public_key) = read_host_key(layout).unwrap_or_else(|e| {
+        problems.push(e);
+        Default::default()
+    });
+    let forced_command = ssh::forced_command(
+        &bins.agent,
+        &layout.daemon_socket(),
+        &bins.nix_store,
+        &layout.gate_slots_dir(),
+    );
+    let keys = read_authorized_keys(layout, &forced_command).unwrap_or_else(|e| {
+        problems.push(e);
+        AuthorizedKeys::default()
+    });
+    let (mut links, link_problems) = find_tools(layout, bins);
+    problems.extend(link_problems);
+    let ca = fhs::find_ca_bundle(layout);
+    links.extend(ca.clone());
+    let kvm = fhs::kvm_usable(layout);
+    let notes = notes(layout, &links, ca.is_some(), kvm);
+    if !problems.is_empty() {
+        return Err(problems);
+    }
 
+    let shell = layout.path("/bin/sh").display().to_string();
+    let accounts = merge_accounts(layout, &config, &shell);
+    let dirs = dirs(layout, &accounts);
+    let post_build_hook = (!config.push.is_empty()).then(|| layout.post_build_hook());
+    let host = Host {
+        kvm,
+        system: nixconf::native_system(),
+        sandbox: opts.sandbox.clone(),
+        post_build_hook: post_build_hook.as_ref().map(|p| p.display().to_string()),
+    };
+    let mut files = account_files(layout, &accounts);
+    files.push(File::text(layout.nix_conf(), nixconf::render(&config, &host), 0o644));
+    files.extend(host_key_files(layout, host_key_text, &host_public_key));
+    files.push(File::text(
+        layout.sshd_config(),
+        ssh::render_sshd_config(&sshd_settings(layout, &config)),
+        0o644,
+    ));
+    files.push(File::text(
+        layout.authorized_keys_dir().join(&config.builder_user),
+        keys.text.clone(),
+        0o644,
+    ));
+    files.extend(post_build_hook.map(|hook| File::text(hook, post_build_hook_script(layout, bins, &shell), 0o755)));
+
+    Ok(Plan {
+        config,
+        links,
+        dirs,
+        files,
+        notes,
+        bad_keys: keys.bad,
+        key_count: keys.count,
+        build_uids: accounts.build_uids,
+        host_public_key,
+        forced_command,
+        authorized_keys: keys.text,
+        ca_bundle: ca.map(|l| l.link),
+    })
+}
+
+impl File {
+    fn text(path: PathBuf, content: String, mode: u32) -> Self {
+        Self {
+            path,
+            content: content.into_bytes(),
+            mode,
+            secret: false,
+        }
+    }
+
+    /// Readable by root only, and never printed.
+    fn secret(path: PathBuf, content: String) -> Self {
+        Self {
+            path,
+            content: content.into_bytes(),
+            mode: 0o600,
+            secret: true,
+        }
+    }
+}
+
+/// The programs the config needs that are not executable files, each with the flag that names it.
+fn missing_binaries(config: &AgentConfig, bins: &Binaries) -> Vec<String> {
     let mut needed = vec![
         ("--sshd", &bins.sshd),
         ("--nix-daemon", &bins.nix_daemon),
@@ -144,63 +229,65 @@ pub fn build(layout: &Layout, bins: &Binaries, opts: &Options) -> Result<Plan, V
     if config.push.iter().any(|t| matches!(t, PushTarget::Cachix { .. })) {
         needed.push(("--cachix", &bins.cachix));
     }
-    for (flag, path) in needed {
-        if !is_executable(path) {
-            problems.push(format!(
+    needed
+        .into_iter()
+        .filter(|(_, path)| !is_executable(path))
+        .map(|(flag, path)| {
+            format!(
                 "{} is not an executable file: install it in the image or pass {flag}",
                 path.display()
-            ));
-        }
-    }
-    for t in &config.push {
-        let f = layout.path(push_secret(t));
-        if !f.is_file() {
-            problems.push(format!(
+            )
+        })
+        .collect()
+}
+
+/// The push targets' secret files that are not mounted.
+fn missing_push_secrets(layout: &Layout, config: &AgentConfig) -> Vec<String> {
+    config
+        .push
+        .iter()
+        .map(|t| layout.path(push_secret(t)))
+        .filter(|f| !f.is_file())
+        .map(|f| {
+            format!(
                 "push secret {} is missing: mount the cache Secret at {}",
                 f.display(),
                 nixpool_api::paths::CACHE_SECRETS_DIR
-            ));
-        }
-    }
+            )
+        })
+        .collect()
+}
 
-    // Host key.
-    let mut host_public_key = String::new();
-    let mut host_key_text = String::new();
-    match read_host_key(layout) {
-        Ok((text, public)) => {
-            host_public_key = public;
-            host_key_text = text;
-        }
-        Err(e) => problems.push(e),
-    }
+/// The builder's `authorized_keys`, rendered from the mounted ConfigMap.
+#[derive(Default)]
+struct AuthorizedKeys {
+    text: String,
+    /// Lines that are not keys (skipped).
+    bad: Vec<BadLine>,
+    count: usize,
+}
 
-    // Authorized keys.
-    let forced_command = ssh::forced_command(
-        &bins.agent,
-        &layout.daemon_socket(),
-        &bins.nix_store,
-        &layout.gate_slots_dir(),
-    );
-    let ak_path = layout.authorized_keys_secret();
-    let (authorized_keys, bad_keys, key_count) = match fs::read_to_string(&ak_path) {
-        Err(e) => {
-            problems.push(format!(
-                "authorized keys {}: {e}; mount the pool's authorized-keys ConfigMap at {}",
-                ak_path.display(),
-                nixpool_api::paths::AUTHORIZED_KEYS_DIR
-            ));
-            (String::new(), Vec::new(), 0)
-        }
-        Ok(text) => {
-            let (out, bad) = ssh::render_authorized_keys(&text, &forced_command);
-            let n = out.lines().filter(|l| !l.starts_with('#')).count();
-            (out, bad, n)
-        }
-    };
+/// Reads the authorized-keys ConfigMap and renders it with the forced command, or says how to
+/// mount it.
+fn read_authorized_keys(layout: &Layout, forced_command: &str) -> Result<AuthorizedKeys, String> {
+    let path = layout.authorized_keys_secret();
+    let text = fs::read_to_string(&path).map_err(|e| {
+        format!(
+            "authorized keys {}: {e}; mount the pool's authorized-keys ConfigMap at {}",
+            path.display(),
+            nixpool_api::paths::AUTHORIZED_KEYS_DIR
+        )
+    })?;
+    let (text, bad) = ssh::render_authorized_keys(&text, forced_command);
+    let count = text.lines().filter(|l| !l.starts_with('#')).count();
+    Ok(AuthorizedKeys { text, bad, count })
+}
 
-    // FHS.
+/// The links the root needs: the loader, `/bin/sh` and `/usr/bin/env`; a problem for each not
+/// found.
+fn find_tools(layout: &Layout, bins: &Binaries) -> (Vec<Link>, Vec<String>) {
     let mut links = Vec::new();
-    let mut notes = Vec::new();
+    let mut problems = Vec::new();
     for found in [
         fhs::find_loader(layout, &bins.nix_daemon),
         fhs::find_tool(layout, "/bin/sh", &[("bin/sh", "bash"), ("bin/bash", "bash")]),
@@ -211,12 +298,16 @@ pub fn build(layout: &Layout, bins: &Binaries, opts: &Options) -> Result<Plan, V
             Err(e) => problems.push(e),
         }
     }
-    let ca = fhs::find_ca_bundle(layout);
-    match &ca {
-        Some(l) => links.push(l.clone()),
-        None => notes.push("no CA bundle in the image or its store: https substituters will fail".into()),
+    (links, problems)
+}
+
+/// What the agent found in the image and the machine, for `run`'s log and `check`.
+fn notes(layout: &Layout, links: &[Link], ca_bundle: bool, kvm: bool) -> Vec<String> {
+    let mut notes = Vec::new();
+    if !ca_bundle {
+        notes.push("no CA bundle in the image or its store: https substituters will fail".into());
     }
-    for l in &links {
+    for l in links {
         let how = match l.source {
             Source::Interpreter => "the nix-daemon's own interpreter",
             Source::Store => "found in the store",
@@ -225,8 +316,6 @@ pub fn build(layout: &Layout, bins: &Binaries, opts: &Options) -> Result<Plan, V
         };
         notes.push(format!("{} -> {} ({how})", l.link.display(), l.target.display()));
     }
-
-    let kvm = fhs::kvm_usable(layout);
     notes.push(if kvm {
         format!("{} is usable: advertising kvm and nixos-test", layout.kvm().display())
     } else {
@@ -235,14 +324,13 @@ pub fn build(layout: &Layout, bins: &Binaries, opts: &Options) -> Result<Plan, V
             layout.kvm().display()
         )
     });
+    notes
+}
 
-    if !problems.is_empty() {
-        return Err(problems);
-    }
-
+/// The image's accounts plus the builder user, the build users and sshd's.
+fn merge_accounts(layout: &Layout, config: &AgentConfig, shell: &str) -> Accounts {
     let read = |p: &str| fs::read_to_string(layout.path(p)).unwrap_or_default();
-    let shell = layout.path("/bin/sh").display().to_string();
-    let accounts = accounts::merge(
+    accounts::merge(
         &read("/etc/passwd"),
         &read("/etc/group"),
         &read("/etc/shadow"),
@@ -251,17 +339,20 @@ pub fn build(layout: &Layout, bins: &Binaries, opts: &Options) -> Result<Plan, V
             build_users: config.max_jobs.max(1),
             empty_home: layout.path("/var/empty").display().to_string(),
             sshd_home: layout.path("/run/sshd").display().to_string(),
-            shell: shell.clone(),
+            shell: shell.to_string(),
             nologin: "/bin/false".into(),
         },
-    );
+    )
+}
 
+/// The directories the root needs, root's but for the gate's.
+fn dirs(layout: &Layout, accounts: &Accounts) -> Vec<Dir> {
     let root_dir = |path: PathBuf, mode: u32| Dir {
         path,
         mode,
         owner: (0, 0),
     };
-    let dirs = vec![
+    vec![
         root_dir(layout.path("/tmp"), 0o1777),
         root_dir(layout.path("/var/empty"), 0o755),
         root_dir(layout.path("/run/sshd"), 0o755),
@@ -277,89 +368,50 @@ pub fn build(layout: &Layout, bins: &Binaries, opts: &Options) -> Result<Plan, V
             mode: 0o700,
             owner: (accounts.builder_uid, accounts.builder_gid),
         },
-    ];
+    ]
+}
 
-    let post_build_hook = (!config.push.is_empty()).then(|| layout.post_build_hook());
-    let host = Host {
-        kvm,
-        system: nixconf::native_system(),
-        sandbox: opts.sandbox.clone(),
-        post_build_hook: post_build_hook.as_ref().map(|p| p.display().to_string()),
-    };
-    let sshd = SshdSettings {
+/// passwd, group, shadow and the nsswitch.conf that reads them.
+fn account_files(layout: &Layout, accounts: &Accounts) -> Vec<File> {
+    vec![
+        File::text(layout.path("/etc/passwd"), accounts.passwd.clone(), 0o644),
+        File::text(layout.path("/etc/group"), accounts.group.clone(), 0o644),
+        File::secret(layout.path("/etc/shadow"), accounts.shadow.clone()),
+        File::text(
+            layout.path("/etc/nsswitch.conf"),
+            "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n".into(),
+            0o644,
+        ),
+    ]
+}
+
+/// The host key sshd reads, and its public half.
+fn host_key_files(layout: &Layout, private: String, public: &str) -> Vec<File> {
+    vec![
+        File::secret(layout.host_key(), private),
+        File::text(layout.host_key().with_extension("pub"), format!("{public}\n"), 0o644),
+    ]
+}
+
+fn sshd_settings(layout: &Layout, config: &AgentConfig) -> SshdSettings {
+    SshdSettings {
         port: config.ssh_port,
         host_key: layout.host_key().display().to_string(),
         authorized_keys_dir: layout.authorized_keys_dir().display().to_string(),
         pid_file: layout.path("/run/sshd.pid").display().to_string(),
         builder_user: config.builder_user.clone(),
         max_jobs: config.max_jobs,
-    };
-    let text = |path: PathBuf, content: String, mode: u32| File {
-        path,
-        content: content.into_bytes(),
-        mode,
-        secret: false,
-    };
-    let mut files = vec![
-        text(layout.path("/etc/passwd"), accounts.passwd, 0o644),
-        text(layout.path("/etc/group"), accounts.group, 0o644),
-        File {
-            path: layout.path("/etc/shadow"),
-            content: accounts.shadow.into_bytes(),
-            mode: 0o600,
-            secret: true,
-        },
-        text(
-            layout.path("/etc/nsswitch.conf"),
-            "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n".into(),
-            0o644,
-        ),
-        text(layout.nix_conf(), nixconf::render(&config, &host), 0o644),
-        File {
-            path: layout.host_key(),
-            content: host_key_text.into_bytes(),
-            mode: 0o600,
-            secret: true,
-        },
-        text(
-            layout.host_key().with_extension("pub"),
-            format!("{host_public_key}\n"),
-            0o644,
-        ),
-        text(layout.sshd_config(), ssh::render_sshd_config(&sshd), 0o644),
-        text(
-            layout.authorized_keys_dir().join(&config.builder_user),
-            authorized_keys.clone(),
-            0o644,
-        ),
-    ];
-    if let Some(hook) = post_build_hook {
-        files.push(text(
-            hook,
-            format!(
-                "#!{shell}\n# Written by nixpool-agent: queues what this builder built for the cache pusher; never fails a build.\n{} --root {} enqueue --nix-store {}\nexit 0\n",
-                bins.agent.display(),
-                layout.root.display(),
-                bins.nix_store.display()
-            ),
-            0o755,
-        ));
     }
+}
 
-    Ok(Plan {
-        config,
-        links,
-        dirs,
-        files,
-        notes,
-        bad_keys,
-        key_count,
-        build_uids: accounts.build_uids,
-        host_public_key,
-        forced_command,
-        authorized_keys,
-        ca_bundle: ca.map(|l| l.link),
-    })
+/// nix.conf's post-build-hook when the pool pushes: it queues what was built for the pusher.
+fn post_build_hook_script(layout: &Layout, bins: &Binaries, shell: &str) -> String {
+    format!(
+        "#!{shell}\n# Written by nixpool-agent: queues what this builder built for the cache pusher; never fails a build.\n{} --root {} enqueue --nix-store {}\nexit 0\n",
+        bins.agent.display(),
+        layout.root.display(),
+        bins.nix_store.display()
+    )
 }
 
 /// Applies the plan; idempotent. Returns the paths it changed.
