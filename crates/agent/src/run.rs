@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::Signal;
+use nixpool_api::AgentConfig;
 use prometheus_client::registry::Registry;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
@@ -23,7 +23,7 @@ use crate::procs;
 use crate::push::Pusher;
 use crate::ssh;
 use crate::store;
-use crate::supervise::{self, Policy, Running, Spec};
+use crate::supervise::{Policy, Running, Spec, Stoppable, Supervised};
 
 /// Settings of `run` beyond the plan.
 #[derive(Clone, Debug)]
@@ -59,56 +59,6 @@ fn terminate(layout: &Layout, reason: &str) -> ExitCode {
     ExitCode::from(1)
 }
 
-/// A supervised child and how to stop it.
-struct Supervised {
-    name: &'static str,
-    stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
-    running: Arc<Running>,
-}
-
-impl Supervised {
-    fn start(
-        spec: Spec,
-        policy: Policy,
-        fatal: mpsc::Sender<String>,
-        running: Arc<Running>,
-        on_restart: impl Fn() + Send + 'static,
-    ) -> Self {
-        let (stop, stop_rx) = watch::channel(false);
-        let name = spec.name;
-        let task = tokio::spawn(supervise::supervise(
-            spec,
-            policy,
-            stop_rx,
-            fatal,
-            running.clone(),
-            on_restart,
-        ));
-        Self {
-            name,
-            stop,
-            task,
-            running,
-        }
-    }
-
-    /// SIGTERM (its supervisor sends it), then SIGKILL once `until` has passed.
-    async fn stop(self, until: Instant) {
-        let _ = self.stop.send(true);
-        let mut task = self.task;
-        let left = until.saturating_duration_since(Instant::now());
-        if tokio::time::timeout(left, &mut task).await.is_ok() {
-            return;
-        }
-        if let Some(pid) = self.running.pid() {
-            warn!(child = self.name, pid, "did not stop in time; killing");
-            procs::signal(pid, Signal::SIGKILL);
-        }
-        let _ = tokio::time::timeout(Duration::from_millis(500), task).await;
-    }
-}
-
 /// What start-up has started, stopped in reverse order (sshd before nix-daemon).
 #[derive(Default)]
 struct Children(Mutex<Vec<Supervised>>);
@@ -136,6 +86,9 @@ impl Children {
 /// whole exit must stay under a second.
 const START_STOP_GRACE: Duration = Duration::from_millis(500);
 
+/// How long a child that will not stay up leaves the others to stop before the agent gives up.
+const GIVE_UP_GRACE: Duration = Duration::from_secs(10);
+
 /// Where start-up is, for the log of a SIGTERM that interrupts it.
 struct Phase(Mutex<&'static str>);
 
@@ -149,13 +102,35 @@ impl Phase {
     }
 }
 
+/// SIGTERM and SIGINT, which both stop the agent.
+struct StopSignals {
+    sigterm: Signal,
+    sigint: Signal,
+}
+
+impl StopSignals {
+    fn install() -> std::io::Result<Self> {
+        Ok(Self {
+            sigterm: signal(SignalKind::terminate())?,
+            sigint: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.sigterm.recv() => {}
+            _ = self.sigint.recv() => {}
+        }
+    }
+}
+
 pub async fn run(layout: Layout, bins: Binaries, opts: Options, settings: RunSettings) -> ExitCode {
     let started = Instant::now();
     // First of all: PID 1 ignores a signal it has no handler for, so a pod deleted while starting
     // would wait out its whole terminationGracePeriodSeconds.
-    let (mut sigterm, mut sigint) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(t), Ok(i)) => (t, i),
-        (Err(e), _) | (_, Err(e)) => return terminate(&layout, &format!("cannot handle SIGTERM: {e}")),
+    let mut stop_signals = match StopSignals::install() {
+        Ok(s) => s,
+        Err(e) => return terminate(&layout, &format!("cannot handle SIGTERM: {e}")),
     };
     let children = Children::default();
     let phase = Phase(Mutex::new("starting"));
@@ -171,115 +146,167 @@ pub async fn run(layout: Layout, bins: Binaries, opts: Options, settings: RunSet
         &mut fatal_rx,
     );
     let outcome = tokio::select! {
-        s = start_up => Some(s),
-        _ = sigterm.recv() => None,
-        _ = sigint.recv() => None,
-    };
-    let Some(outcome) = outcome else {
-        info!(
-            phase = phase.get(),
-            "SIGTERM during start-up: stopping what has started and exiting"
-        );
-        children.stop_all(Instant::now() + START_STOP_GRACE).await;
-        info!(
-            seconds = started.elapsed().as_secs_f64(),
-            "stopped during start-up; exiting"
-        );
-        return ExitCode::SUCCESS;
+        s = start_up => s,
+        _ = stop_signals.recv() => return stop_during_start_up(&children, &phase, started).await,
     };
     let Started { plan, health } = match outcome {
         Ok(s) => s,
-        Err(reason) => {
-            children.stop_all(Instant::now() + Duration::from_secs(10)).await;
-            return terminate(&layout, &reason);
-        }
+        Err(reason) => return give_up(&layout, &children, &reason).await,
     };
-    let config = &plan.config;
+    let helpers = Helpers::start(&layout, &bins, &settings, &plan, &health);
+    log_when_ready(health.clone(), started);
 
-    // Live key reload and the pusher.
-    let (aux_stop, aux_stop_rx) = watch::channel(false);
-    tokio::spawn(reload_keys(
-        layout.clone(),
-        config.builder_user.clone(),
-        plan.forced_command.clone(),
-        plan.authorized_keys.clone(),
-        settings.key_reload_interval,
-        aux_stop_rx.clone(),
-    ));
-    let pusher = (!config.push.is_empty()).then(|| {
-        let p = Pusher {
-            targets: config.push.clone(),
-            settings: settings.push.clone(),
-        };
-        tokio::spawn(p.run(
-            layout.clone(),
-            bins.clone(),
-            health.metrics.clone(),
-            aux_stop_rx.clone(),
-        ))
-    });
-
-    // Ready as soon as sshd answers; log the time it took.
-    {
-        let h = health.clone();
-        tokio::spawn(async move {
-            for _ in 0..600 {
-                if h.ready().await.is_ok() {
-                    info!(seconds = started.elapsed().as_secs_f64(), "ready");
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        });
-    }
-
-    let outcome = tokio::select! {
-        _ = sigterm.recv() => None,
-        _ = sigint.recv() => None,
+    let fatal = tokio::select! {
+        _ = stop_signals.recv() => None,
         reason = fatal_rx.recv() => reason,
     };
-    if let Some(reason) = outcome {
-        let _ = aux_stop.send(true);
-        children.stop_all(Instant::now() + Duration::from_secs(10)).await;
-        return terminate(&layout, &reason);
+    if let Some(reason) = fatal {
+        helpers.signal();
+        return give_up(&layout, &children, &reason).await;
+    }
+    drain(
+        &layout,
+        &plan.config,
+        settings.drain_accept,
+        &health,
+        &children,
+        helpers,
+    )
+    .await
+}
+
+/// SIGTERM before start-up finished: stop what has started and exit 0 at once.
+async fn stop_during_start_up(children: &Children, phase: &Phase, started: Instant) -> ExitCode {
+    info!(
+        phase = phase.get(),
+        "SIGTERM during start-up: stopping what has started and exiting"
+    );
+    children.stop_all(Instant::now() + START_STOP_GRACE).await;
+    info!(
+        seconds = started.elapsed().as_secs_f64(),
+        "stopped during start-up; exiting"
+    );
+    ExitCode::SUCCESS
+}
+
+/// Stops the children, then exits 1 with `reason` in the termination log.
+async fn give_up(layout: &Layout, children: &Children, reason: &str) -> ExitCode {
+    children.stop_all(Instant::now() + GIVE_UP_GRACE).await;
+    terminate(layout, reason)
+}
+
+/// Ready as soon as sshd answers; logs the time it took.
+fn log_when_ready(health: Arc<Health>, started: Instant) {
+    tokio::spawn(async move {
+        for _ in 0..600 {
+            if health.ready().await.is_ok() {
+                info!(seconds = started.elapsed().as_secs_f64(), "ready");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+}
+
+/// What runs beside the children once started: the live key reload and, when the pool pushes,
+/// the pusher.
+struct Helpers {
+    key_reload: Stoppable,
+    pusher: Option<Stoppable>,
+}
+
+impl Helpers {
+    fn start(layout: &Layout, bins: &Binaries, settings: &RunSettings, plan: &Plan, health: &Health) -> Self {
+        let key_reload = Stoppable::spawn(|stop| {
+            reload_keys(
+                layout.clone(),
+                plan.config.builder_user.clone(),
+                plan.forced_command.clone(),
+                plan.authorized_keys.clone(),
+                settings.key_reload_interval,
+                stop,
+            )
+        });
+        let pusher = (!plan.config.push.is_empty()).then(|| {
+            let p = Pusher {
+                targets: plan.config.push.clone(),
+                settings: settings.push.clone(),
+            };
+            Stoppable::spawn(|stop| p.run(layout.clone(), bins.clone(), health.metrics.clone(), stop))
+        });
+        Self { key_reload, pusher }
     }
 
-    let deadline = drain::Deadline::new(Instant::now(), Duration::from_secs(config.drain_timeout_seconds));
+    /// Tells both to stop, without waiting (the agent is giving up).
+    fn signal(&self) {
+        self.key_reload.signal();
+        if let Some(p) = &self.pusher {
+            p.signal();
+        }
+    }
+
+    /// Lets the pusher send what was built here until the work window ends, then stops both.
+    /// Returns how many paths are left queued.
+    async fn flush(self, layout: &Layout, schedule: &drain::Schedule) -> usize {
+        let mut push_left = 0;
+        if self.pusher.is_some() {
+            push_left = crate::push::wait_until_pushed(&layout.push_queue(), schedule.work_until).await;
+        }
+        self.signal();
+        if let Some(mut p) = self.pusher {
+            p.stop(schedule.left(Instant::now())).await;
+        }
+        push_left
+    }
+}
+
+/// SIGTERM once serving: the steps of [`drain::Schedule`], then exit 0.
+async fn drain(
+    layout: &Layout,
+    config: &AgentConfig,
+    accept: Duration,
+    health: &Health,
+    children: &Children,
+    helpers: Helpers,
+) -> ExitCode {
+    let budget = Duration::from_secs(config.drain_timeout_seconds);
+    let schedule = drain::Schedule::new(Instant::now(), budget, accept);
     health.draining.store(true, Ordering::SeqCst);
     info!(
         budget_seconds = config.drain_timeout_seconds,
-        accept_ms = settings.drain_accept.as_millis() as u64,
+        accept_ms = accept.as_millis() as u64,
         "SIGTERM: not ready any more; accepting SSH connections a moment longer, then refusing them and letting builds finish"
     );
-    // Not ready any more, but still accepting for a moment: until the Service's endpoints and
-    // kube-proxy drop this pod, a new connection may still be sent here, and a refused one is a
-    // lost build. At most half of what the budget leaves for work.
-    let accept = settings
-        .drain_accept
-        .min(deadline.work_until().saturating_duration_since(Instant::now()) / 2);
-    tokio::time::sleep(accept).await;
-    // The listener: its port closes; sessions are processes of their own and go on.
-    if let Some(sshd) = children.take("sshd") {
-        sshd.stop(deadline.work_until().min(Instant::now() + Duration::from_secs(10)))
-            .await;
-    }
-    let sessions_cut = drain::sessions(&deadline).await;
-    // Give the pusher what is left of the budget to send what was built here.
-    let mut push_left = 0;
-    if pusher.is_some() {
-        push_left = crate::push::wait_until_pushed(&layout.push_queue(), deadline.work_until()).await;
-    }
-    let _ = aux_stop.send(true);
-    if let Some(p) = pusher {
-        let _ = tokio::time::timeout(deadline.left(), p).await;
-    }
-    children.stop_all(deadline.end).await;
+    tokio::time::sleep_until(schedule.accept_until.into()).await;
+    stop_listener(children, &schedule).await;
+    let sessions_cut = drain::sessions(&schedule).await;
+    let push_left = helpers.flush(layout, &schedule).await;
+    children.stop_all(schedule.end).await;
     procs::reap_orphans();
-    let seconds = deadline.elapsed().as_secs_f64();
+    report_drain(layout, config, &schedule, sessions_cut, push_left);
+    ExitCode::SUCCESS
+}
+
+/// Stops sshd, the listener: its port closes; sessions are processes of their own and go on.
+async fn stop_listener(children: &Children, schedule: &drain::Schedule) {
+    if let Some(sshd) = children.take("sshd") {
+        sshd.stop(schedule.listener_stop_by(Instant::now())).await;
+    }
+}
+
+/// Logs how the drain went; what it cut or left goes to the termination log too.
+fn report_drain(
+    layout: &Layout,
+    config: &AgentConfig,
+    schedule: &drain::Schedule,
+    sessions_cut: usize,
+    push_left: usize,
+) {
+    let seconds = schedule.start.elapsed().as_secs_f64();
     info!(seconds, sessions_cut, push_paths_left = push_left, "drained; exiting");
     if sessions_cut > 0 || push_left > 0 {
         write_termination_log(
-            &layout,
+            layout,
             &format!(
                 "drained in {seconds:.1}s (budget {}s, drainTimeoutSeconds): cut {sessions_cut} SSH session(s) still open, \
                  left {push_left} path(s) queued for push",
@@ -287,7 +314,6 @@ pub async fn run(layout: Layout, bins: Binaries, opts: Options, settings: RunSet
             ),
         );
     }
-    ExitCode::SUCCESS
 }
 
 /// What start-up hands to the serving agent.
@@ -316,14 +342,36 @@ async fn start(
     phase.set("waiting for the host key");
     wait_for_host_key(layout, &settings.health_address).await;
     phase.set("preparing the root");
+    let plan = prepare_root(layout, bins, opts)?;
+    phase.set("checking the sshd config (sshd -t)");
+    preflight_sshd(layout, bins).await?;
+    let health = serve_health(layout, settings, &plan).await?;
+    reap_orphans_forever();
+    let launcher = Launcher {
+        children,
+        policy: settings.policy,
+        fatal: fatal_tx,
+        health: health.clone(),
+    };
+    phase.set("waiting for nix-daemon");
+    start_daemon(&launcher, layout, bins, &plan, settings.daemon_start_timeout, fatal_rx).await?;
+    phase.set("starting sshd");
+    start_sshd(&launcher, layout, bins);
+    Ok(Started { plan, health })
+}
+
+/// Computes the plan (every problem at once) and applies it to the root.
+fn prepare_root(layout: &Layout, bins: &Binaries, opts: &Options) -> Result<Plan, String> {
     let plan = plan::build(layout, bins, opts).map_err(|problems| format!("cannot start: {}", problems.join("; ")))?;
     log_plan(&plan);
     let changed = plan::apply(&plan).map_err(|e| format!("cannot prepare the root: {e}"))?;
     info!(changed = changed.len(), "root prepared");
     procs::become_subreaper();
+    Ok(plan)
+}
 
-    // sshd -t before anything starts.
-    phase.set("checking the sshd config (sshd -t)");
+/// `sshd -t`, before anything starts: a config sshd rejects is a reason to give up.
+async fn preflight_sshd(layout: &Layout, bins: &Binaries) -> Result<(), String> {
     let sshd_config = layout.sshd_config();
     let test = procs::output(
         tokio::process::Command::new(&bins.sshd)
@@ -333,45 +381,49 @@ async fn start(
     )
     .await;
     match test {
-        Ok(out) if out.status.success() => info!(config = %sshd_config.display(), "sshd -t accepted the config"),
-        Ok(out) => {
-            return Err(format!(
-                "sshd -t rejected {}: {}",
-                sshd_config.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
+        Ok(out) if out.status.success() => {
+            info!(config = %sshd_config.display(), "sshd -t accepted the config");
+            Ok(())
         }
-        Err(e) => return Err(format!("cannot run {} -t: {e}", bins.sshd.display())),
+        Ok(out) => Err(format!(
+            "sshd -t rejected {}: {}",
+            sshd_config.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Err(e) => Err(format!("cannot run {} -t: {e}", bins.sshd.display())),
     }
+}
 
-    let config = plan.config.clone();
+/// Serves `/healthz`, `/readyz` and `/metrics` on the config's health port.
+async fn serve_health(layout: &Layout, settings: &RunSettings, plan: &Plan) -> Result<Arc<Health>, String> {
     let metrics = Arc::new(Metrics::default());
     let mut registry = Registry::default();
     metrics.register(&mut registry);
-    let sshd_running = Arc::new(Running::default());
     let health = Arc::new(Health {
         draining: AtomicBool::new(false),
         min_free_bytes: settings.ready_min_free_bytes,
         probed: tokio::sync::Mutex::new(None),
         verdict: Mutex::new(None),
-        ssh_port: config.ssh_port,
+        ssh_port: plan.config.ssh_port,
         daemon_socket: layout.daemon_socket(),
         store: layout.store(),
         build_uids: plan.build_uids.clone(),
-        sshd: sshd_running.clone(),
+        sshd: Arc::new(Running::default()),
         metrics,
         registry,
         push_queue: layout.push_queue(),
     });
-
-    let addr = format!("{}:{}", settings.health_address, config.health_port);
+    let addr = format!("{}:{}", settings.health_address, plan.config.health_port);
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
         .map_err(|e| format!("cannot listen on {addr} for health: {e}"))?;
     info!(%addr, "health endpoint listening");
     tokio::spawn(axum::serve(listener, health::router(health.clone())).into_future());
+    Ok(health)
+}
 
-    // PID 1 duty: reap orphans.
+/// PID 1 duty: reap orphans, on SIGCHLD and at least every second.
+fn reap_orphans_forever() {
     tokio::spawn(async {
         let mut sigchld = signal(SignalKind::child()).ok();
         loop {
@@ -384,19 +436,47 @@ async fn start(
             procs::reap_orphans();
         }
     });
+}
 
-    let restart_counter = |name: &'static str| {
-        let h = health.clone();
-        move || {
-            h.metrics
+/// Starts children under supervision, each counted in the restart metric, and keeps them in
+/// [`Children`].
+struct Launcher<'a> {
+    children: &'a Children,
+    policy: Policy,
+    fatal: mpsc::Sender<String>,
+    health: Arc<Health>,
+}
+
+impl Launcher<'_> {
+    fn launch(&self, spec: Spec, running: Arc<Running>) {
+        let name = spec.name;
+        let health = self.health.clone();
+        let count_restart = move || {
+            health
+                .metrics
                 .child_restarts
                 .get_or_create(&ChildLabel { child: name.into() })
                 .inc();
-        }
-    };
+        };
+        self.children.add(Supervised::start(
+            spec,
+            self.policy,
+            self.fatal.clone(),
+            running,
+            count_restart,
+        ));
+    }
+}
 
-    // nix-daemon, then wait for it to answer.
-    phase.set("waiting for nix-daemon");
+/// Starts nix-daemon and waits until it answers on its socket.
+async fn start_daemon(
+    launcher: &Launcher<'_>,
+    layout: &Layout,
+    bins: &Binaries,
+    plan: &Plan,
+    timeout: Duration,
+    fatal_rx: &mut mpsc::Receiver<String>,
+) -> Result<(), String> {
     let daemon = Spec {
         name: "nix-daemon",
         program: bins.nix_daemon.clone(),
@@ -410,47 +490,40 @@ async fn start(
             )
             .collect(),
     };
-    children.add(Supervised::start(
-        daemon,
-        settings.policy,
-        fatal_tx.clone(),
-        Arc::new(Running::default()),
-        restart_counter("nix-daemon"),
-    ));
-    let deadline = Instant::now() + settings.daemon_start_timeout;
+    launcher.launch(daemon, Arc::new(Running::default()));
+    let deadline = Instant::now() + timeout;
     loop {
         if health::daemon_answers(&layout.daemon_socket()).await.is_ok() {
             info!(socket = %layout.daemon_socket().display(), "nix-daemon answers");
-            break;
+            return Ok(());
         }
         if let Ok(reason) = fatal_rx.try_recv() {
             return Err(reason);
         }
         if Instant::now() > deadline {
             return Err(format!(
-                "nix-daemon did not answer on {} within {:?}",
+                "nix-daemon did not answer on {} within {timeout:?}",
                 layout.daemon_socket().display(),
-                settings.daemon_start_timeout
             ));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
 
-    phase.set("starting sshd");
+/// Starts sshd; readiness tells when it answers.
+fn start_sshd(launcher: &Launcher<'_>, layout: &Layout, bins: &Binaries) {
     let sshd = Spec {
         name: "sshd",
         program: bins.sshd.clone(),
-        args: vec!["-D".into(), "-e".into(), "-f".into(), sshd_config.display().to_string()],
+        args: vec![
+            "-D".into(),
+            "-e".into(),
+            "-f".into(),
+            layout.sshd_config().display().to_string(),
+        ],
         env: vec![],
     };
-    children.add(Supervised::start(
-        sshd,
-        settings.policy,
-        fatal_tx,
-        sshd_running,
-        restart_counter("sshd"),
-    ));
-    Ok(Started { plan, health })
+    launcher.launch(sshd, launcher.health.sshd.clone());
 }
 
 /// A missing or unusable host key is a fault of the mounts that may still be fixed (a Secret

@@ -1,8 +1,10 @@
 //! Keeping nix-daemon and sshd up: restart a crashed child with backoff, give up (and let the
 //! agent exit non-zero) after repeated crashes. The restart policy is a pure state machine.
+//! [`Supervised`] and [`Stoppable`] own a task together with the signal that stops it.
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -11,6 +13,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use tokio::process::Command;
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::procs;
@@ -173,6 +176,79 @@ pub async fn supervise(
     }
 }
 
+/// A task that runs until told to stop: its handle and the signal it watches.
+pub struct Stoppable {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Stoppable {
+    /// Spawns `task`, handing it the receiving end of its stop signal.
+    pub fn spawn<Task, Run>(task: Task) -> Self
+    where
+        Task: FnOnce(watch::Receiver<bool>) -> Run,
+        Run: Future<Output = ()> + Send + 'static,
+    {
+        let (stop, stop_rx) = watch::channel(false);
+        Self {
+            stop,
+            task: tokio::spawn(task(stop_rx)),
+        }
+    }
+
+    /// Tells the task to stop, without waiting for it.
+    pub fn signal(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Tells the task to stop and waits for it up to `within`: whether it ended. Call again only
+    /// after `false`.
+    pub async fn stop(&mut self, within: Duration) -> bool {
+        self.signal();
+        tokio::time::timeout(within, &mut self.task).await.is_ok()
+    }
+}
+
+/// A supervised child: its supervisor's task and stop signal, and its pid for a SIGKILL.
+pub struct Supervised {
+    pub name: &'static str,
+    supervisor: Stoppable,
+    running: Arc<Running>,
+}
+
+impl Supervised {
+    /// Starts supervising `spec` (see [`supervise`]).
+    pub fn start(
+        spec: Spec,
+        policy: Policy,
+        fatal: mpsc::Sender<String>,
+        running: Arc<Running>,
+        on_restart: impl Fn() + Send + 'static,
+    ) -> Self {
+        let name = spec.name;
+        let watched = running.clone();
+        let supervisor = Stoppable::spawn(move |stop| supervise(spec, policy, stop, fatal, watched, on_restart));
+        Self {
+            name,
+            supervisor,
+            running,
+        }
+    }
+
+    /// SIGTERM (its supervisor sends it), then SIGKILL once `until` has passed.
+    pub async fn stop(mut self, until: Instant) {
+        let left = until.saturating_duration_since(Instant::now());
+        if self.supervisor.stop(left).await {
+            return;
+        }
+        if let Some(pid) = self.running.pid() {
+            warn!(child = self.name, pid, "did not stop in time; killing");
+            procs::signal(pid, Signal::SIGKILL);
+        }
+        self.supervisor.stop(Duration::from_millis(500)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,5 +355,31 @@ mod tests {
         assert!(t0.elapsed() < Duration::from_secs(5));
         assert!(running.pid().is_none());
         assert!(fatal.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_child_that_ignores_sigterm_is_killed_when_its_time_is_up() {
+        let (fatal_tx, mut fatal) = mpsc::channel(1);
+        let running = Arc::new(Running::default());
+        // The ignored SIGTERM survives the exec: sleep itself ignores it.
+        let spec = Spec {
+            name: "stubborn",
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), "trap '' TERM; exec sleep 30".into()],
+            env: vec![],
+        };
+        let child = Supervised::start(spec, policy(), fatal_tx, running.clone(), || {});
+        // Until the shell has set its trap and become sleep.
+        let is_sleep = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c == "sleep\n");
+        while !running.pid().is_some_and(is_sleep) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let t0 = Instant::now();
+        child.stop(t0 + Duration::from_millis(300)).await;
+        let took = t0.elapsed();
+        assert!(took >= Duration::from_millis(300), "stopped before its time: {took:?}");
+        assert!(took < Duration::from_secs(2), "not killed at its time: {took:?}");
+        assert!(running.pid().is_none(), "the child is gone");
+        assert!(fatal.try_recv().is_err(), "a stop is not a crash");
     }
 }
