@@ -345,15 +345,26 @@ fn sigkill_child(agent: u32, comm: &str) -> u32 {
     pid
 }
 
+/// The newest child of `parent` named `comm`. Newest: when nix-daemon is killed, the worker it
+/// forked for a connection (a readiness probe's) is left to the agent, which is its subreaper;
+/// the restarted nix-daemon is younger than any such leftover.
 fn child_named(parent: u32, comm: &str) -> Option<u32> {
-    std::fs::read_dir("/proc").ok()?.filter_map(Result::ok).find_map(|e| {
-        let pid: u32 = e.file_name().to_string_lossy().parse().ok()?;
-        let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-        let (head, tail) = stat.rsplit_once(')')?;
-        let name = head.split_once('(')?.1;
-        let ppid: u32 = tail.split_whitespace().nth(1)?.parse().ok()?;
-        (name == comm && ppid == parent).then_some(pid)
-    })
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_string_lossy().parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let (head, tail) = stat.rsplit_once(')')?;
+            let name = head.split_once('(')?.1;
+            let fields: Vec<&str> = tail.split_whitespace().collect();
+            // After the name: state, ppid, ... starttime is field 22 of stat, the 20th here.
+            let ppid: u32 = fields.get(1)?.parse().ok()?;
+            let started: u64 = fields.get(19)?.parse().ok()?;
+            (name == comm && ppid == parent).then_some((started, pid))
+        })
+        .max()
+        .map(|(_, pid)| pid)
 }
 
 /// A team's `from=` and `expiry-time=` options narrow who may log in, on the builder too:
