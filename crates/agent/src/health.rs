@@ -18,7 +18,7 @@ use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::procs;
-use crate::supervise::Running;
+use crate::supervise::ChildState;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ChildLabel {
@@ -72,7 +72,7 @@ impl Metrics {
 const PROBE_REUSE: Duration = Duration::from_secs(1);
 
 /// What the endpoints look at.
-pub struct Health {
+pub struct HttpState {
     pub draining: AtomicBool,
     /// `/readyz` fails while the store's file system has fewer free bytes.
     pub min_free_bytes: u64,
@@ -84,7 +84,7 @@ pub struct Health {
     pub daemon_socket: PathBuf,
     pub store: PathBuf,
     pub build_uids: Vec<u32>,
-    pub sshd: Arc<Running>,
+    pub sshd: Arc<ChildState>,
     pub metrics: Arc<Metrics>,
     pub registry: Registry,
     pub push_queue: PathBuf,
@@ -164,7 +164,7 @@ pub async fn daemon_answers(socket: &std::path::Path) -> Result<(), String> {
         .map_err(|_| "timed out".to_string())?
 }
 
-impl Health {
+impl HttpState {
     /// Ready: not draining, room in the store, sshd accepts, nix-daemon answers.
     pub async fn ready(&self) -> Result<(), String> {
         if self.draining.load(Ordering::SeqCst) {
@@ -229,7 +229,7 @@ impl Health {
     }
 }
 
-pub fn router(health: Arc<Health>) -> Router {
+pub fn router(health: Arc<HttpState>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -252,7 +252,7 @@ pub fn waiting_router(reason: Arc<std::sync::Mutex<String>>) -> Router {
         )
 }
 
-async fn readyz(State(h): State<Arc<Health>>) -> impl IntoResponse {
+async fn readyz(State(h): State<Arc<HttpState>>) -> impl IntoResponse {
     let verdict = h.ready().await;
     h.metrics.ready.set(verdict.is_ok() as i64);
     {
@@ -272,7 +272,7 @@ async fn readyz(State(h): State<Arc<Health>>) -> impl IntoResponse {
     }
 }
 
-async fn metrics(State(h): State<Arc<Health>>) -> impl IntoResponse {
+async fn metrics(State(h): State<Arc<HttpState>>) -> impl IntoResponse {
     let h2 = h.clone();
     let _ = tokio::task::spawn_blocking(move || h2.refresh()).await;
     let mut out = String::new();

@@ -16,14 +16,14 @@ use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use crate::drain;
-use crate::health::{self, ChildLabel, Health, Metrics};
+use crate::health::{self, ChildLabel, HttpState, Metrics};
 use crate::layout::{Binaries, Layout};
 use crate::plan::{self, Options, Plan};
 use crate::procs;
 use crate::push::Pusher;
 use crate::ssh;
 use crate::store;
-use crate::supervise::{Policy, Running, Spec, Stoppable, Supervised};
+use crate::supervise::{ChildCommand, ChildState, Policy, Stoppable, Supervised};
 
 /// Settings of `run` beyond the plan.
 #[derive(Clone, Debug)]
@@ -196,7 +196,7 @@ async fn give_up(layout: &Layout, children: &Children, reason: &str) -> ExitCode
 }
 
 /// Ready as soon as sshd answers; logs the time it took.
-fn log_when_ready(health: Arc<Health>, started: Instant) {
+fn log_when_ready(health: Arc<HttpState>, started: Instant) {
     tokio::spawn(async move {
         for _ in 0..600 {
             if health.ready().await.is_ok() {
@@ -216,7 +216,7 @@ struct Helpers {
 }
 
 impl Helpers {
-    fn start(layout: &Layout, bins: &Binaries, settings: &RunSettings, plan: &Plan, health: &Health) -> Self {
+    fn start(layout: &Layout, bins: &Binaries, settings: &RunSettings, plan: &Plan, health: &HttpState) -> Self {
         let key_reload = Stoppable::spawn(|stop| {
             reload_keys(
                 layout.clone(),
@@ -265,7 +265,7 @@ async fn drain(
     layout: &Layout,
     config: &AgentConfig,
     accept: Duration,
-    health: &Health,
+    health: &HttpState,
     children: &Children,
     helpers: Helpers,
 ) -> ExitCode {
@@ -319,7 +319,7 @@ fn report_drain(
 /// What start-up hands to the serving agent.
 struct Started {
     plan: Plan,
-    health: Arc<Health>,
+    health: Arc<HttpState>,
 }
 
 /// Prepares the root and starts nix-daemon, then sshd. `Err` is the reason to give up.
@@ -395,11 +395,11 @@ async fn preflight_sshd(layout: &Layout, bins: &Binaries) -> Result<(), String> 
 }
 
 /// Serves `/healthz`, `/readyz` and `/metrics` on the config's health port.
-async fn serve_health(layout: &Layout, settings: &RunSettings, plan: &Plan) -> Result<Arc<Health>, String> {
+async fn serve_health(layout: &Layout, settings: &RunSettings, plan: &Plan) -> Result<Arc<HttpState>, String> {
     let metrics = Arc::new(Metrics::default());
     let mut registry = Registry::default();
     metrics.register(&mut registry);
-    let health = Arc::new(Health {
+    let health = Arc::new(HttpState {
         draining: AtomicBool::new(false),
         min_free_bytes: settings.ready_min_free_bytes,
         probed: tokio::sync::Mutex::new(None),
@@ -408,7 +408,7 @@ async fn serve_health(layout: &Layout, settings: &RunSettings, plan: &Plan) -> R
         daemon_socket: layout.daemon_socket(),
         store: layout.store(),
         build_uids: plan.build_uids.clone(),
-        sshd: Arc::new(Running::default()),
+        sshd: Arc::new(ChildState::default()),
         metrics,
         registry,
         push_queue: layout.push_queue(),
@@ -444,11 +444,11 @@ struct Launcher<'a> {
     children: &'a Children,
     policy: Policy,
     fatal: mpsc::Sender<String>,
-    health: Arc<Health>,
+    health: Arc<HttpState>,
 }
 
 impl Launcher<'_> {
-    fn launch(&self, spec: Spec, running: Arc<Running>) {
+    fn launch(&self, spec: ChildCommand, running: Arc<ChildState>) {
         let name = spec.name;
         let health = self.health.clone();
         let count_restart = move || {
@@ -477,7 +477,7 @@ async fn start_daemon(
     timeout: Duration,
     fatal_rx: &mut mpsc::Receiver<String>,
 ) -> Result<(), String> {
-    let daemon = Spec {
+    let daemon = ChildCommand {
         name: "nix-daemon",
         program: bins.nix_daemon.clone(),
         args: vec![],
@@ -490,7 +490,7 @@ async fn start_daemon(
             )
             .collect(),
     };
-    launcher.launch(daemon, Arc::new(Running::default()));
+    launcher.launch(daemon, Arc::new(ChildState::default()));
     let deadline = Instant::now() + timeout;
     loop {
         if health::daemon_answers(&layout.daemon_socket()).await.is_ok() {
@@ -512,7 +512,7 @@ async fn start_daemon(
 
 /// Starts sshd; readiness tells when it answers.
 fn start_sshd(launcher: &Launcher<'_>, layout: &Layout, bins: &Binaries) {
-    let sshd = Spec {
+    let sshd = ChildCommand {
         name: "sshd",
         program: bins.sshd.clone(),
         args: vec![

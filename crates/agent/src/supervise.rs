@@ -37,11 +37,11 @@ pub enum Decision {
 
 /// Crash history of one child.
 #[derive(Debug, Default)]
-pub struct Tracker {
+pub struct CrashHistory {
     exits: VecDeque<Instant>,
 }
 
-impl Tracker {
+impl CrashHistory {
     pub fn on_exit(&mut self, policy: &Policy, now: Instant) -> Decision {
         while self
             .exits
@@ -75,14 +75,14 @@ pub async fn stopped(stop: &mut watch::Receiver<bool>) {
 
 /// A supervised program.
 #[derive(Clone, Debug)]
-pub struct Spec {
+pub struct ChildCommand {
     pub name: &'static str,
     pub program: PathBuf,
     pub args: Vec<String>,
     pub env: Vec<(String, OsString)>,
 }
 
-impl Spec {
+impl ChildCommand {
     fn command(&self) -> Command {
         let mut c = Command::new(&self.program);
         c.args(&self.args)
@@ -94,12 +94,12 @@ impl Spec {
 
 /// The running child's pid (0: none), for metrics, readiness and the drain.
 #[derive(Debug, Default)]
-pub struct Running {
+pub struct ChildState {
     pid: AtomicU32,
     pub restarts: AtomicU32,
 }
 
-impl Running {
+impl ChildState {
     pub fn pid(&self) -> Option<u32> {
         Some(self.pid.load(Ordering::SeqCst)).filter(|p| *p != 0)
     }
@@ -108,14 +108,14 @@ impl Running {
 /// Supervises `spec` until `stop` turns true (then SIGTERM, then SIGKILL after `grace`), or
 /// until it crashes too often (then sends the reason on `fatal`).
 pub async fn supervise(
-    spec: Spec,
+    spec: ChildCommand,
     policy: Policy,
     mut stop: watch::Receiver<bool>,
     fatal: mpsc::Sender<String>,
-    running: Arc<Running>,
+    running: Arc<ChildState>,
     on_restart: impl Fn() + Send + 'static,
 ) {
-    let mut tracker = Tracker::default();
+    let mut tracker = CrashHistory::default();
     let grace = Duration::from_secs(10);
     loop {
         let status = match procs::spawn(&mut spec.command()) {
@@ -213,16 +213,16 @@ impl Stoppable {
 pub struct Supervised {
     pub name: &'static str,
     supervisor: Stoppable,
-    running: Arc<Running>,
+    running: Arc<ChildState>,
 }
 
 impl Supervised {
     /// Starts supervising `spec` (see [`supervise`]).
     pub fn start(
-        spec: Spec,
+        spec: ChildCommand,
         policy: Policy,
         fatal: mpsc::Sender<String>,
-        running: Arc<Running>,
+        running: Arc<ChildState>,
         on_restart: impl Fn() + Send + 'static,
     ) -> Self {
         let name = spec.name;
@@ -271,7 +271,7 @@ mod tests {
 
     #[test]
     fn restarts_at_once_then_backs_off_then_gives_up() {
-        let mut t = Tracker::default();
+        let mut t = CrashHistory::default();
         let now = Instant::now();
         let afters: Vec<Decision> = (0..6).map(|_| t.on_exit(&policy_of_five(), now)).collect();
         let restart = |secs, crashes| Decision::Restart {
@@ -293,7 +293,7 @@ mod tests {
 
     #[test]
     fn crashes_outside_the_window_are_forgotten() {
-        let mut t = Tracker::default();
+        let mut t = CrashHistory::default();
         let start = Instant::now();
         for i in 0..3 {
             t.on_exit(&policy(), start + Duration::from_secs(i));
@@ -312,8 +312,8 @@ mod tests {
     async fn a_crash_looping_child_is_reported() {
         let (_stop_tx, stop) = watch::channel(false);
         let (fatal_tx, mut fatal) = mpsc::channel(1);
-        let running = Arc::new(Running::default());
-        let spec = Spec {
+        let running = Arc::new(ChildState::default());
+        let spec = ChildCommand {
             name: "false",
             program: "/bin/false".into(),
             args: vec![],
@@ -338,8 +338,8 @@ mod tests {
     async fn stop_terminates_the_child() {
         let (stop_tx, stop) = watch::channel(false);
         let (fatal_tx, mut fatal) = mpsc::channel(1);
-        let running = Arc::new(Running::default());
-        let spec = Spec {
+        let running = Arc::new(ChildState::default());
+        let spec = ChildCommand {
             name: "sleep",
             program: "/bin/sleep".into(),
             args: vec!["30".into()],
@@ -360,9 +360,9 @@ mod tests {
     #[tokio::test]
     async fn a_child_that_ignores_sigterm_is_killed_when_its_time_is_up() {
         let (fatal_tx, mut fatal) = mpsc::channel(1);
-        let running = Arc::new(Running::default());
+        let running = Arc::new(ChildState::default());
         // The ignored SIGTERM survives the exec: sleep itself ignores it.
-        let spec = Spec {
+        let spec = ChildCommand {
             name: "stubborn",
             program: "/bin/sh".into(),
             args: vec!["-c".into(), "trap '' TERM; exec sleep 30".into()],

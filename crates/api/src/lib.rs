@@ -41,6 +41,18 @@ pub mod labels {
     /// Value of [`MANAGED_BY`].
     pub const MANAGED_BY_VALUE: &str = crate::FIELD_MANAGER;
 
+    /// A Secret a pool names (team keys, its own host key) is used only with this label set to
+    /// `"true"`: whoever can create a pool in a namespace cannot mount or read the namespace's
+    /// other Secrets by naming them.
+    pub const USE: &str = "nixpool.dev/use";
+    /// Value of [`NAME`] on a pool's gateway pods (kept apart from the builders' selector).
+    pub const GATEWAY_NAME_VALUE: &str = "nixpool-gateway";
+    /// Label selector (string form) matching every child of every pool.
+    pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=nixpool-operator";
+}
+
+/// Annotations nixpool sets and reads.
+pub mod annotations {
     /// Pod-template annotation: a hash of everything that needs a pod restart to take effect
     /// (nix.conf, caches, image). Authorized keys are not in it: the agent reloads them live.
     pub const CONFIG_HASH: &str = "nixpool.dev/config-hash";
@@ -48,17 +60,9 @@ pub mod labels {
     /// a child only when the live object lacks this hash or differs from what it would apply,
     /// so an unchanged pool costs no writes.
     pub const APPLIED_HASH: &str = "nixpool.dev/applied-hash";
-    /// A Secret a pool names (team keys, its own host key) is used only with this label set to
-    /// `"true"`: whoever can create a pool in a namespace cannot mount or read the namespace's
-    /// other Secrets by naming them.
-    pub const USE: &str = "nixpool.dev/use";
-    /// Value of [`NAME`] on a pool's gateway pods (kept apart from the builders' selector).
-    pub const GATEWAY_NAME_VALUE: &str = "nixpool-gateway";
     /// Pod annotation the ReplicaSet controller (Kubernetes 1.22 and later) reads to pick which
     /// pods go first on a scale-down: the lowest cost goes first.
     pub const POD_DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
-    /// Label selector (string form) matching every child of every pool.
-    pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=nixpool-operator";
 }
 
 /// Condition types and reasons in `status.conditions`.

@@ -266,7 +266,7 @@ pub const RESERVED_POD_LABELS: &[&str] = &[
 
 /// Pod annotations `spec.pod.annotations` may not set, besides [`OWN_PREFIX`]: the operator sets
 /// them itself.
-pub const RESERVED_POD_ANNOTATIONS: &[&str] = &[crate::labels::POD_DELETION_COST];
+pub const RESERVED_POD_ANNOTATIONS: &[&str] = &[crate::annotations::POD_DELETION_COST];
 
 /// The CEL rule on `spec.pod.labels` keys: none of [`RESERVED_POD_LABELS`], nothing under
 /// [`OWN_PREFIX`]. A literal because the CRD derive needs one; a test keeps it equal to
@@ -504,7 +504,7 @@ mod tests {
         assert!(reserved_pod_label("app.kubernetes.io/instance"));
         assert!(reserved_pod_label("nixpool.dev/anything"));
         assert!(!reserved_pod_label("app.kubernetes.io/version"));
-        assert!(reserved_pod_annotation(crate::labels::CONFIG_HASH));
+        assert!(reserved_pod_annotation(crate::annotations::CONFIG_HASH));
         assert!(!reserved_pod_annotation("karpenter.sh/do-not-disrupt"));
     }
 

@@ -213,7 +213,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     telemetry::init(log_format);
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
-    let health = http::Health {
+    let health = http::HttpState {
         metrics: metrics.clone(),
         ready: ready.clone(),
     };

@@ -12,18 +12,18 @@ use axum::routing::get;
 use crate::metrics::Metrics;
 
 #[derive(Clone)]
-pub struct Health {
+pub struct HttpState {
     pub metrics: Arc<Metrics>,
     /// True once the operator reached the API server (leader or standby).
     pub ready: Arc<AtomicBool>,
 }
 
-pub async fn serve(addr: SocketAddr, health: Health) -> anyhow::Result<()> {
+pub async fn serve(addr: SocketAddr, health: HttpState) -> anyhow::Result<()> {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/readyz",
-            get(|State(h): State<Health>| async move {
+            get(|State(h): State<HttpState>| async move {
                 if h.ready.load(Ordering::Relaxed) {
                     (StatusCode::OK, "ready\n")
                 } else {
@@ -36,7 +36,7 @@ pub async fn serve(addr: SocketAddr, health: Health) -> anyhow::Result<()> {
         )
         .route(
             "/metrics",
-            get(|State(h): State<Health>| async move {
+            get(|State(h): State<HttpState>| async move {
                 (
                     [(
                         "content-type",

@@ -4,6 +4,7 @@
 //! call the pure stages directly, e.g. `reconcile::validate::validate` against the same corpus of
 //! specs the API server must refuse.
 
+pub mod authorized_keys;
 mod cache;
 pub mod cli;
 mod context;
@@ -11,7 +12,6 @@ mod crd_reference;
 mod error;
 mod hostkey;
 mod http;
-pub mod keys;
 mod leader;
 mod metrics;
 pub mod reconcile;

@@ -171,7 +171,7 @@ async fn every_example_pool_gets_its_children_and_a_status() {
                 .annotations
                 .as_ref()
                 .unwrap()
-                .contains_key(labels::CONFIG_HASH)
+                .contains_key(nixpool_api::annotations::CONFIG_HASH)
         );
 
         let svc = services.get(name).await.unwrap();
@@ -270,7 +270,7 @@ async fn a_spec_change_rolls_the_deployment_and_a_team_key_does_not() {
             .unwrap()
             .annotations
             .as_ref()
-            .unwrap()[labels::CONFIG_HASH]
+            .unwrap()[nixpool_api::annotations::CONFIG_HASH]
             .clone()
     };
 
@@ -1412,7 +1412,7 @@ async fn spec_pod_and_the_default_pull_secret_land_on_the_builder_pods_and_bad_o
     let annotations = meta.annotations.unwrap();
     assert_eq!(annotations["karpenter.sh/do-not-disrupt"], "true");
     assert_eq!(annotations["cluster-autoscaler.kubernetes.io/safe-to-evict"], "false");
-    assert!(annotations.contains_key(labels::CONFIG_HASH));
+    assert!(annotations.contains_key(nixpool_api::annotations::CONFIG_HASH));
     assert_eq!(pod.priority_class_name.as_deref(), Some(priority.as_str()));
     assert_eq!(pod.runtime_class_name.as_deref(), Some(runtime.as_str()));
     let spread = pod.topology_spread_constraints.unwrap();

@@ -3,7 +3,7 @@
 //! command) is `crates/agent/src/props.rs`. `NIXPOOL_LONG=1` runs 50 times as many cases.
 
 use nixpool_api::rules;
-use nixpool_operator::keys::AuthorizedKeys;
+use nixpool_operator::authorized_keys::AuthorizedKeys;
 use proptest::prelude::*;
 
 fn config(ci_cases: u32) -> ProptestConfig {

@@ -6,8 +6,8 @@
 //! accepts, the agent accepts: no spec the API server takes can crash-loop a builder.
 
 use nixpool_api::{AgentConfig, NixBuilderPool, paths, rules};
-use nixpool_operator::keys::{AuthorizedKeys, Origin};
-use nixpool_operator::reconcile::build::{Inputs, build};
+use nixpool_operator::authorized_keys::{AuthorizedKeys, Origin};
+use nixpool_operator::reconcile::build::{BuildInputs, build};
 use nixpool_operator::reconcile::validate::{Images, validate};
 use proptest::prelude::*;
 use serde_json::{Value, json};
@@ -47,7 +47,7 @@ fn judge(spec: Value) -> Result<Vec<String>, String> {
     }
     let children = build(
         &p,
-        &Inputs {
+        &BuildInputs {
             valid: &valid,
             authorized_keys: &keys,
             with_pdb: true,

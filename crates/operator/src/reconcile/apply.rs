@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use super::build::{Children, GatewayChildren, stamp};
+use super::build::{Children, GatewayChildren, with_applied_hash};
 use crate::cache::Cached;
 use crate::context::Context;
 use crate::error::{Error, Result};
@@ -102,7 +102,7 @@ pub(super) async fn apply_if_changed<K>(ctx: &Context, ns: &str, desired: K, cha
 where
     K: Cached + Resource<Scope = NamespaceResourceScope> + Debug + Serialize + DeserializeOwned,
 {
-    let desired = stamp(desired);
+    let desired = with_applied_hash(desired);
     let name = desired.name_any();
     let kind = K::kind(&()).to_string();
     let pool_uid = desired

@@ -19,10 +19,10 @@ use nixpool_api::{NixBuilderPool, names, paths};
 use tracing::info;
 
 use super::{apply, build};
+use crate::authorized_keys::{AuthorizedKeys, BadKey, Origin};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::hostkey::HostKey;
-use crate::keys::{AuthorizedKeys, BadKey, Origin};
 
 /// How often Secrets a pool names are read again while they matter (Secrets are never watched).
 pub const SECRET_POLL: Duration = Duration::from_secs(30);
@@ -452,7 +452,7 @@ async fn create_key_secret(
         field_manager: Some(nixpool_api::FIELD_MANAGER.into()),
         ..PostParams::default()
     };
-    match api.create(&pp, &build::stamp(secret_of(pool, &key))).await {
+    match api.create(&pp, &build::with_applied_hash(secret_of(pool, &key))).await {
         Ok(_) => {
             info!(public = %key.public, secret = name, "generated a key");
             Ok(Some(key.public))

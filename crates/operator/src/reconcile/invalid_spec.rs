@@ -15,9 +15,9 @@ use tracing::{info, warn};
 use super::dereference::{self, TEAM_KEY_SECRET_POLL};
 use super::validate::InvalidSpec;
 use super::{apply, build, events, status};
+use crate::authorized_keys::AuthorizedKeys;
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::keys::AuthorizedKeys;
 
 /// Reports a spec validation refused, narrows the authorized keys, and waits for the spec to
 /// change.

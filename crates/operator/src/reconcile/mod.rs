@@ -216,7 +216,7 @@ async fn reconcile_pool(pool: &NixBuilderPool, ctx: &Context) -> Result<Action> 
 
     let children = build::build(
         &refs.usable_pool,
-        &build::Inputs {
+        &build::BuildInputs {
             valid: &valid,
             authorized_keys: &refs.authorized_keys,
             with_pdb: ctx.with_pdb,

@@ -10,7 +10,7 @@ use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::{Resource, ResourceExt};
 use nixpool_api::demand::GatewayReport;
-use nixpool_api::{NixBuilderPool, labels, names};
+use nixpool_api::{NixBuilderPool, names};
 use tracing::{info, warn};
 
 use super::apply::controlled_by;
@@ -136,7 +136,8 @@ async fn prefer_idle(ctx: &Context, ns: &str, decision: &Decision) {
         .map(|p| (p, "-1000"))
         .chain(decision.busy.iter().map(|p| (p, "1000")));
     for (pod, cost) in costs {
-        let patch = serde_json::json!({"metadata": {"annotations": {labels::POD_DELETION_COST: cost}}});
+        let patch =
+            serde_json::json!({"metadata": {"annotations": {nixpool_api::annotations::POD_DELETION_COST: cost}}});
         match api.patch(pod, &PatchParams::default(), &Patch::Merge(&patch)).await {
             Ok(_) => {}
             Err(kube::Error::Api(e)) if e.code == 404 => {}

@@ -17,9 +17,9 @@ use tracing::debug;
 
 use super::apply::Applied;
 use super::build::{gateway_selector_labels, labels_string, selector_string};
+use crate::authorized_keys::BadKey;
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::keys::BadKey;
 
 /// What the reconcile saw, as input to the status.
 pub struct Observed<'a> {

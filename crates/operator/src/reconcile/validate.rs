@@ -8,11 +8,11 @@ use kube::{CustomResourceExt, ResourceExt};
 use nixpool_api::NixBuilderPool;
 use nixpool_api::quantity;
 
-use crate::keys;
+use crate::authorized_keys;
 
 /// What validation derives from a valid spec.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Valid {
+pub struct ValidatedSpec {
     /// `spec.image`, or the operator's default.
     pub image: String,
     /// `spec.imagePullSecrets`, or the operator's default pull secrets when it names none.
@@ -108,7 +108,7 @@ fn cel_rules(pool: &NixBuilderPool) -> Result<(), cel::ValidationErrors> {
     VALIDATOR.with(|v| v.validate_compiled(compiled, &object, None))
 }
 
-pub fn validate(pool: &NixBuilderPool, images: &Images) -> Result<Valid, InvalidSpec> {
+pub fn validate(pool: &NixBuilderPool, images: &Images) -> Result<ValidatedSpec, InvalidSpec> {
     // The schema's size bounds first (an API server checks them before any CEL rule), then the
     // CEL rules: both straight from the CRD the types generate.
     let mut problems = nixpool_api::bounds::check(pool);
@@ -171,7 +171,7 @@ pub fn validate(pool: &NixBuilderPool, images: &Images) -> Result<Valid, Invalid
     }
 
     for (i, line) in spec.ssh.authorized_keys.iter().enumerate() {
-        if let Err(reason) = keys::check(line) {
+        if let Err(reason) = authorized_keys::check(line) {
             problems.push(format!("spec.ssh.authorizedKeys[{i}]: {reason}"));
         }
     }
@@ -200,7 +200,7 @@ pub fn validate(pool: &NixBuilderPool, images: &Images) -> Result<Valid, Invalid
     };
 
     if problems.is_empty() {
-        Ok(Valid {
+        Ok(ValidatedSpec {
             image,
             image_pull_secrets,
             min_free_bytes,

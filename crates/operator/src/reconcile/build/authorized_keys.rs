@@ -9,7 +9,7 @@ use kube::ResourceExt;
 use nixpool_api::{NixBuilderPool, names, paths};
 
 use super::meta;
-use crate::keys::AuthorizedKeys;
+use crate::authorized_keys::AuthorizedKeys;
 
 pub fn authorized_keys(pool: &NixBuilderPool, keys: &AuthorizedKeys) -> ConfigMap {
     ConfigMap {

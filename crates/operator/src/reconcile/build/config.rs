@@ -8,7 +8,7 @@ use nixpool_api::agent::PushTarget;
 use nixpool_api::{AgentConfig, NixBuilderPool, names, paths, ports};
 
 use super::meta;
-use crate::reconcile::validate::Valid;
+use crate::reconcile::validate::ValidatedSpec;
 
 /// The public cache every builder substitutes from.
 const NIXOS_CACHE: &str = "https://cache.nixos.org";
@@ -18,7 +18,7 @@ fn secret_file(name: &str) -> String {
     format!("{}/{name}", paths::CACHE_SECRETS_DIR)
 }
 
-pub fn agent_config(pool: &NixBuilderPool, valid: &Valid) -> AgentConfig {
+pub fn agent_config(pool: &NixBuilderPool, valid: &ValidatedSpec) -> AgentConfig {
     let spec = &pool.spec;
     let (mut substituters, mut trusted_public_keys) = if spec.cache.nixos_cache {
         (vec![NIXOS_CACHE.to_string()], vec![NIXOS_CACHE_KEY.to_string()])
@@ -98,7 +98,7 @@ pub fn agent_config(pool: &NixBuilderPool, valid: &Valid) -> AgentConfig {
     }
 }
 
-pub fn config_map(pool: &NixBuilderPool, valid: &Valid) -> ConfigMap {
+pub fn config_map(pool: &NixBuilderPool, valid: &ValidatedSpec) -> ConfigMap {
     ConfigMap {
         metadata: meta(pool, names::config_map(&pool.name_any()), "config"),
         data: Some(BTreeMap::from([(

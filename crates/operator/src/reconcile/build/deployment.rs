@@ -16,12 +16,12 @@ use nixpool_api::v1alpha1::SecretKeyRef;
 use nixpool_api::{NixBuilderPool, labels, names, paths, ports};
 
 use super::{host_key_ref, meta, selector_labels, spread};
-use crate::reconcile::validate::Valid;
+use crate::reconcile::validate::ValidatedSpec;
 
 const STORE_VOLUME: &str = "nix";
 
 /// The builder Deployment: the pool's builder pods, rolled out without dropping capacity.
-pub fn deployment(pool: &NixBuilderPool, valid: &Valid, config_hash: &str, replicas: i32) -> Deployment {
+pub fn deployment(pool: &NixBuilderPool, valid: &ValidatedSpec, config_hash: &str, replicas: i32) -> Deployment {
     Deployment {
         metadata: meta(pool, names::workload(&pool.name_any()), "builder"),
         spec: Some(DeploymentSpec {
@@ -49,7 +49,7 @@ fn surge_first() -> DeploymentStrategy {
     }
 }
 
-fn pod_template(pool: &NixBuilderPool, valid: &Valid, config_hash: &str) -> PodTemplateSpec {
+fn pod_template(pool: &NixBuilderPool, valid: &ValidatedSpec, config_hash: &str) -> PodTemplateSpec {
     PodTemplateSpec {
         metadata: Some(ObjectMeta {
             labels: Some(pod_labels(pool)),
@@ -69,7 +69,7 @@ fn pod_labels(pool: &NixBuilderPool) -> BTreeMap<String, String> {
     labels
 }
 
-fn pod_spec(pool: &NixBuilderPool, valid: &Valid) -> PodSpec {
+fn pod_spec(pool: &NixBuilderPool, valid: &ValidatedSpec) -> PodSpec {
     let spec = &pool.spec;
     let (volumes, mounts) = volumes(pool).into_iter().unzip();
     PodSpec {
@@ -91,7 +91,7 @@ fn pod_spec(pool: &NixBuilderPool, valid: &Valid) -> PodSpec {
 }
 
 /// The agent as PID 1, with its SSH and health ports and probes.
-fn builder_container(pool: &NixBuilderPool, valid: &Valid, mounts: Vec<VolumeMount>) -> Container {
+fn builder_container(pool: &NixBuilderPool, valid: &ValidatedSpec, mounts: Vec<VolumeMount>) -> Container {
     let spec = &pool.spec;
     Container {
         name: "builder".into(),
@@ -208,7 +208,10 @@ fn config_map_volume(volume: &str, config_map: String, default_mode: Option<i32>
 /// off nixpool's).
 fn pod_annotations(pool: &NixBuilderPool, config_hash: &str) -> BTreeMap<String, String> {
     let mut annotations = pool.spec.pod.annotations.clone();
-    annotations.insert(labels::CONFIG_HASH.to_string(), config_hash.to_string());
+    annotations.insert(
+        nixpool_api::annotations::CONFIG_HASH.to_string(),
+        config_hash.to_string(),
+    );
     annotations
 }
 

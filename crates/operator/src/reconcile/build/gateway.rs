@@ -19,7 +19,7 @@ use nixpool_api::v1alpha1::GatewaySpec;
 use nixpool_api::{NixBuilderPool, labels, names, paths, ports};
 
 use super::{host_key_ref, labels_string, meta, selector_string, spread};
-use crate::reconcile::validate::Valid;
+use crate::reconcile::validate::ValidatedSpec;
 
 /// The gateway runs as this unprivileged user (`nobody`).
 const GATEWAY_UID: i64 = 65534;
@@ -45,7 +45,7 @@ pub fn gateway_selector_labels(pool: &NixBuilderPool) -> BTreeMap<String, String
     ])
 }
 
-pub fn gateway(pool: &NixBuilderPool, valid: &Valid, g: &GatewaySpec, with_pdb: bool) -> GatewayChildren {
+pub fn gateway(pool: &NixBuilderPool, valid: &ValidatedSpec, g: &GatewaySpec, with_pdb: bool) -> GatewayChildren {
     let name = names::gateway(&pool.name_any());
     let demand = names::gateway_demand(&pool.name_any());
     let service_account = ServiceAccount {
@@ -112,7 +112,7 @@ pub fn gateway(pool: &NixBuilderPool, valid: &Valid, g: &GatewaySpec, with_pdb: 
     }
 }
 
-fn deployment(pool: &NixBuilderPool, valid: &Valid, g: &GatewaySpec, name: &str, demand: &str) -> Deployment {
+fn deployment(pool: &NixBuilderPool, valid: &ValidatedSpec, g: &GatewaySpec, name: &str, demand: &str) -> Deployment {
     let spec = &pool.spec;
     let selector = gateway_selector_labels(pool);
     // The pool's pod labels, annotations and priority go on its gateway too: a gateway carries

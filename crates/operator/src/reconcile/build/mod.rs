@@ -24,8 +24,8 @@ pub use authorized_keys::authorized_keys;
 pub use gateway::{GatewayChildren, gateway_selector_labels};
 pub use secrets::{gateway_key as gateway_key_secret, host_key as host_key_secret};
 
-use super::validate::Valid;
-use crate::keys::AuthorizedKeys;
+use super::validate::ValidatedSpec;
+use crate::authorized_keys::AuthorizedKeys;
 
 /// Everything a pool consists of. `apply` destructures it without `..`, so a child added here
 /// and never applied does not compile.
@@ -43,15 +43,15 @@ pub struct Children {
 }
 
 /// What `build` needs besides the pool.
-pub struct Inputs<'a> {
-    pub valid: &'a Valid,
+pub struct BuildInputs<'a> {
+    pub valid: &'a ValidatedSpec,
     pub authorized_keys: &'a AuthorizedKeys,
     pub with_pdb: bool,
     /// Builders to run: `spec.replicas`, or the autoscaler's decision.
     pub builder_replicas: i32,
 }
 
-pub fn build(pool: &NixBuilderPool, inputs: &Inputs<'_>) -> Children {
+pub fn build(pool: &NixBuilderPool, inputs: &BuildInputs<'_>) -> Children {
     let config_map = config::config_map(pool, inputs.valid);
     let config_hash = hash(&config_map.data);
     Children {
@@ -152,10 +152,11 @@ pub fn hash<T: serde::Serialize>(value: &T) -> String {
 }
 
 /// Sets the applied-hash annotation of a child to the hash of the child without it.
-pub fn stamp<K: Resource + serde::Serialize>(mut obj: K) -> K {
-    obj.annotations_mut().remove(labels::APPLIED_HASH);
+pub fn with_applied_hash<K: Resource + serde::Serialize>(mut obj: K) -> K {
+    obj.annotations_mut().remove(nixpool_api::annotations::APPLIED_HASH);
     let h = hash(&obj);
-    obj.annotations_mut().insert(labels::APPLIED_HASH.into(), h);
+    obj.annotations_mut()
+        .insert(nixpool_api::annotations::APPLIED_HASH.into(), h);
     obj
 }
 

@@ -7,8 +7,8 @@ use nixpool_api::agent::PushTarget;
 use nixpool_api::{NixBuilderPool, labels, names, paths, ports};
 
 use super::*;
+use crate::authorized_keys::AuthorizedKeys;
 use crate::hostkey::HostKey;
-use crate::keys::AuthorizedKeys;
 use crate::reconcile::validate::validate;
 
 fn pool(yaml: &str) -> NixBuilderPool {
@@ -22,11 +22,11 @@ fn children(p: &NixBuilderPool) -> Children {
     let valid = validate(p, &Images::from("img:default")).unwrap();
     let mut keys = AuthorizedKeys::default();
     for k in &p.spec.ssh.authorized_keys {
-        keys.add(k, || crate::keys::Origin(String::new()));
+        keys.add(k, || crate::authorized_keys::Origin(String::new()));
     }
     build(
         p,
-        &Inputs {
+        &BuildInputs {
             valid: &valid,
             authorized_keys: &keys,
             with_pdb: true,
@@ -174,7 +174,7 @@ fn the_config_hash_follows_nix_settings_but_not_keys() {
             .unwrap()
             .annotations
             .as_ref()
-            .unwrap()[labels::CONFIG_HASH]
+            .unwrap()[nixpool_api::annotations::CONFIG_HASH]
             .clone()
     };
     let base = children(&p);
@@ -308,7 +308,7 @@ fn the_host_key_secret_holds_the_key_and_no_pdb_without_policy_v1() {
     let valid = validate(&p, &Images::from("img")).unwrap();
     let c = build(
         &p,
-        &Inputs {
+        &BuildInputs {
             valid: &valid,
             authorized_keys: &AuthorizedKeys::default(),
             with_pdb: false,
@@ -329,18 +329,18 @@ fn the_host_key_secret_holds_the_key_and_no_pdb_without_policy_v1() {
 #[test]
 fn stamping_is_stable_and_tracks_content() {
     let p = pool(MINIMAL);
-    let a = stamp(children(&p).deployment);
-    let b = stamp(stamp(children(&p).deployment));
+    let a = with_applied_hash(children(&p).deployment);
+    let b = with_applied_hash(with_applied_hash(children(&p).deployment));
     assert_eq!(
-        a.annotations()[labels::APPLIED_HASH],
-        b.annotations()[labels::APPLIED_HASH]
+        a.annotations()[nixpool_api::annotations::APPLIED_HASH],
+        b.annotations()[nixpool_api::annotations::APPLIED_HASH]
     );
     let mut p2 = p.clone();
     p2.spec.tolerations.clear();
     p2.spec.replicas = 3;
     assert_ne!(
-        stamp(children(&p2).deployment).annotations()[labels::APPLIED_HASH],
-        a.annotations()[labels::APPLIED_HASH]
+        with_applied_hash(children(&p2).deployment).annotations()[nixpool_api::annotations::APPLIED_HASH],
+        a.annotations()[nixpool_api::annotations::APPLIED_HASH]
     );
 }
 
@@ -350,7 +350,7 @@ fn a_gateway_gets_least_rights_runs_unprivileged_and_takes_the_service() {
     let valid = validate(&p, &Images::from("img:default")).unwrap();
     let c = build(
         &p,
-        &Inputs {
+        &BuildInputs {
             valid: &valid,
             authorized_keys: &AuthorizedKeys::default(),
             with_pdb: true,
@@ -445,7 +445,7 @@ fn spec_pod_lands_on_the_builder_pods_and_in_part_on_the_gateways() {
     .unwrap();
     let c = build(
         &p,
-        &Inputs {
+        &BuildInputs {
             valid: &valid,
             authorized_keys: &AuthorizedKeys::default(),
             with_pdb: true,
@@ -462,7 +462,10 @@ fn spec_pod_lands_on_the_builder_pods_and_in_part_on_the_gateways() {
     let annotations = meta.annotations.as_ref().unwrap();
     assert_eq!(annotations["karpenter.sh/do-not-disrupt"], "true");
     assert_eq!(annotations["cluster-autoscaler.kubernetes.io/safe-to-evict"], "false");
-    assert!(annotations.contains_key(labels::CONFIG_HASH), "the config hash stays");
+    assert!(
+        annotations.contains_key(nixpool_api::annotations::CONFIG_HASH),
+        "the config hash stays"
+    );
     assert_eq!(pod.priority_class_name.as_deref(), Some("nix-builders"));
     assert_eq!(pod.runtime_class_name.as_deref(), Some("sandboxed"));
     let own: Vec<&str> = pod
@@ -518,7 +521,7 @@ fn spec_pod_lands_on_the_builder_pods_and_in_part_on_the_gateways() {
     .unwrap();
     let c = build(
         &p,
-        &Inputs {
+        &BuildInputs {
             valid: &valid,
             authorized_keys: &AuthorizedKeys::default(),
             with_pdb: true,

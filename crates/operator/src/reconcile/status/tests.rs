@@ -6,7 +6,7 @@ use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, Servic
 use nixpool_api::{MachinesEntry, NixBuilderPool};
 
 use super::*;
-use crate::keys::{BadKey, Origin};
+use crate::authorized_keys::{BadKey, Origin};
 
 const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHbOkOOzoWy8fLjOmJmbmT7K8GmeiE5XaH7Sik8y7Dm0";
 
