@@ -169,32 +169,40 @@ pub struct GateArgs {
 }
 
 impl Common {
-    fn binaries(&self) -> Binaries {
-        let agent = self
-            .agent_binary
-            .clone()
+    /// The programs, looked up, and the nix.conf options.
+    fn binaries_and_options(self) -> (Binaries, Options) {
+        // Every field named, so a flag that is never used fails to compile.
+        let Common {
+            sshd,
+            nix_daemon,
+            nix_store,
+            nix,
+            attic,
+            cachix,
+            agent_binary,
+            sandbox,
+        } = self;
+        let agent = agent_binary
             .or_else(|| std::env::current_exe().ok())
             .unwrap_or_else(|| PathBuf::from(nixpool_api::paths::AGENT_BINARY));
-        Binaries {
-            sshd: which(&self.sshd),
-            nix_daemon: which(&self.nix_daemon),
-            nix_store: which(&self.nix_store),
-            nix: which(&self.nix),
-            attic: which(&self.attic),
-            cachix: which(&self.cachix),
+        let binaries = Binaries {
+            sshd: which(&sshd),
+            nix_daemon: which(&nix_daemon),
+            nix_store: which(&nix_store),
+            nix: which(&nix),
+            attic: which(&attic),
+            cachix: which(&cachix),
             agent,
-        }
-    }
-
-    fn options(&self) -> Options {
-        let sandbox = match self.sandbox {
+        };
+        let sandbox = match sandbox {
             Sandbox::True => "true",
             Sandbox::False => "false",
             Sandbox::Relaxed => "relaxed",
         };
-        Options {
+        let options = Options {
             sandbox: sandbox.into(),
-        }
+        };
+        (binaries, options)
     }
 }
 
@@ -213,56 +221,82 @@ fn init_logs(format: LogFormat) {
 
 impl Cli {
     pub fn run(self) -> ExitCode {
-        let layout = Layout::new(&self.root);
-        match self.command {
-            Command::Gate(g) => crate::gate::run(&g.daemon_socket, &g.nix_store, &g.slots_dir),
-            Command::Enqueue(args) => {
+        // Every field named (here and in each command), so a flag that is never used fails to compile.
+        let Cli {
+            root,
+            log_format,
+            command,
+        } = self;
+        let layout = Layout::new(&root);
+        match command {
+            Command::Gate(GateArgs {
+                daemon_socket,
+                nix_store,
+                slots_dir,
+            }) => crate::gate::run(&daemon_socket, &nix_store, &slots_dir),
+            Command::Enqueue(EnqueueArgs { nix_store }) => {
                 let mut paths = std::env::var("OUT_PATHS").unwrap_or_default();
                 if paths.trim().is_empty()
                     && let Ok(drv) = std::env::var("DRV_PATH")
                 {
-                    paths = crate::push::outputs_of(&layout.store(), &drv, &which(&args.nix_store)).join(" ");
+                    paths = crate::push::outputs_of(&layout.store(), &drv, &which(&nix_store)).join(" ");
                 }
                 if let Err(e) = crate::push::enqueue(&layout.push_queue(), &paths) {
                     eprintln!("nixpool-agent enqueue: cannot queue {paths:?} for push: {e}");
                 }
                 ExitCode::SUCCESS
             }
-            Command::Check(common) => crate::check::print_plan(&layout, &common.binaries(), &common.options()),
-            Command::Run(args) => {
-                init_logs(self.log_format);
+            Command::Check(common) => {
+                let (binaries, options) = common.binaries_and_options();
+                crate::check::print_plan(&layout, &binaries, &options)
+            }
+            Command::Run(RunArgs {
+                common,
+                restart_limit,
+                restart_window_seconds,
+                restart_backoff_ms,
+                restart_max_backoff_ms,
+                key_reload_interval_ms,
+                daemon_start_timeout_seconds,
+                health_address,
+                drain_accept_ms,
+                ready_min_free_bytes,
+                store_volume,
+                push_poll_ms,
+                push_backoff_ms,
+                push_max_backoff_ms,
+                push_max_attempts,
+                push_max_queued_paths,
+            }) => {
+                init_logs(log_format);
                 let settings = RunSettings {
                     policy: Policy {
-                        max_restarts: args.restart_limit,
-                        window: Duration::from_secs(args.restart_window_seconds),
-                        backoff: Duration::from_millis(args.restart_backoff_ms),
-                        max_backoff: Duration::from_millis(args.restart_max_backoff_ms),
+                        max_restarts: restart_limit,
+                        window: Duration::from_secs(restart_window_seconds),
+                        backoff: Duration::from_millis(restart_backoff_ms),
+                        max_backoff: Duration::from_millis(restart_max_backoff_ms),
                     },
-                    key_reload_interval: Duration::from_millis(args.key_reload_interval_ms),
-                    daemon_start_timeout: Duration::from_secs(args.daemon_start_timeout_seconds),
-                    health_address: args.health_address,
+                    key_reload_interval: Duration::from_millis(key_reload_interval_ms),
+                    daemon_start_timeout: Duration::from_secs(daemon_start_timeout_seconds),
+                    health_address,
                     push: crate::push::Settings {
-                        poll: Duration::from_millis(args.push_poll_ms),
-                        base_backoff: Duration::from_millis(args.push_backoff_ms),
-                        max_backoff: Duration::from_millis(args.push_max_backoff_ms),
-                        max_attempts: args.push_max_attempts,
-                        max_queued: args.push_max_queued_paths,
+                        poll: Duration::from_millis(push_poll_ms),
+                        base_backoff: Duration::from_millis(push_backoff_ms),
+                        max_backoff: Duration::from_millis(push_max_backoff_ms),
+                        max_attempts: push_max_attempts,
+                        max_queued: push_max_queued_paths,
                     },
-                    ready_min_free_bytes: args.ready_min_free_bytes,
-                    drain_accept: Duration::from_millis(args.drain_accept_ms),
-                    store_volume: args.store_volume,
+                    ready_min_free_bytes,
+                    drain_accept: Duration::from_millis(drain_accept_ms),
+                    store_volume,
                 };
+                let (binaries, options) = common.binaries_and_options();
                 let rt = tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(2)
                     .enable_all()
                     .build()
                     .expect("tokio runtime");
-                let code = rt.block_on(crate::run::run(
-                    layout,
-                    args.common.binaries(),
-                    args.common.options(),
-                    settings,
-                ));
+                let code = rt.block_on(crate::run::run(layout, binaries, options, settings));
                 // Do not wait for blocking work still running (a store copy cut short by SIGTERM).
                 rt.shutdown_timeout(Duration::from_millis(100));
                 code

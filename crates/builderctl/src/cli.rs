@@ -1,7 +1,7 @@
 //! The command line: clap definitions and what each command does.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -179,10 +179,16 @@ pub struct ClusterArgs {
 
 impl ClusterArgs {
     pub fn options(&self, all_namespaces: bool) -> ClusterOptions {
+        // Every field named, so a flag that is never used fails to compile.
+        let ClusterArgs {
+            kubeconfig,
+            context,
+            namespace,
+        } = self;
         ClusterOptions {
-            kubeconfig: self.kubeconfig.clone(),
-            context: self.context.clone(),
-            namespace: self.namespace.clone(),
+            kubeconfig: kubeconfig.clone(),
+            context: context.clone(),
+            namespace: namespace.clone(),
             all_namespaces,
         }
     }
@@ -213,43 +219,64 @@ pub struct SourceArgs {
 
 impl SourceArgs {
     pub async fn load(&self) -> anyhow::Result<Vec<NixBuilderPool>> {
+        // Every field named, so a flag that is never used fails to compile.
+        let SourceArgs {
+            pools,
+            from,
+            cluster,
+            all_namespaces,
+            selector,
+            read_as_root,
+        } = self;
         let sel = Selection {
-            names: self.pools.clone(),
-            selector: self.selector.clone(),
+            names: pools.clone(),
+            selector: selector.clone(),
         };
-        Ok(match &self.from {
+        Ok(match from {
             Some(path) => source::from_file(path, &sel)?,
-            None if !self.read_as_root
-                && let Some(who) = asuser::sudo_invoker()? =>
-            {
+            None if !read_as_root && let Some(who) = asuser::sudo_invoker()? => {
                 asuser::read_pools(&who, &self.child_args())?
             }
-            None => source::from_cluster(&self.cluster.options(self.all_namespaces), &sel).await?,
+            None => source::from_cluster(&cluster.options(*all_namespaces), &sel).await?,
         })
     }
 
     /// The same selection as arguments of `builderctl read-pools`.
     fn child_args(&self) -> Vec<std::ffi::OsString> {
+        let SourceArgs {
+            pools,
+            // Only called without --from, and the child reads as the user it runs as.
+            from: _,
+            cluster:
+                ClusterArgs {
+                    kubeconfig,
+                    context,
+                    namespace,
+                },
+            all_namespaces,
+            selector,
+            read_as_root: _,
+        } = self;
         let mut v: Vec<std::ffi::OsString> = Vec::new();
-        if let Some(k) = &self.cluster.kubeconfig {
+        if let Some(k) = kubeconfig {
             v.push("--kubeconfig".into());
             v.push(k.into());
         }
         for (flag, value) in [
-            ("--context", &self.cluster.context),
-            ("--namespace", &self.cluster.namespace),
-            ("--selector", &self.selector),
+            ("--context", context),
+            ("--namespace", namespace),
+            ("--selector", selector),
         ] {
             if let Some(value) = value {
                 v.push(flag.into());
                 v.push(value.into());
             }
         }
-        if self.all_namespaces {
+        if *all_namespaces {
             v.push("--all-namespaces".into());
         }
         v.push("--".into());
-        v.extend(self.pools.iter().map(Into::into));
+        v.extend(pools.iter().map(Into::into));
         v
     }
 }
@@ -447,9 +474,9 @@ impl Cli {
             Command::Tunnel(a) if a.install => tunnel_install(a).await,
             Command::Tunnel(a) => tunnel_cmd(a).await,
             Command::Doctor(a) => doctor_cmd(a),
-            Command::Status(a) => {
-                let pools = a.source.load().await?;
-                if a.output == Output::Json {
+            Command::Status(StatusArgs { source, output }) => {
+                let pools = source.load().await?;
+                if output == Output::Json {
                     print!("{}", status::json(&pools));
                     return Ok(ExitCode::SUCCESS);
                 }
@@ -477,15 +504,33 @@ fn sudo_hint() -> String {
 }
 
 async fn machines_file(a: MachinesFileArgs) -> anyhow::Result<ExitCode> {
-    let path = &a.machines_file;
+    // Every field named, so a flag that is never used fails to compile.
+    let MachinesFileArgs {
+        source,
+        machines_file,
+        key,
+        dry_run,
+        check,
+        remove,
+        allow_unready,
+        allow_stale,
+        via_ssh_config,
+        no_backup,
+        etc_static,
+        ignore_nix_darwin,
+        configure_nix,
+        nix_conf,
+        launch_daemons_dir,
+    } = a;
+    let path = &machines_file;
     let existing = fsio::read_or_empty(path)?;
     let mut changes = Vec::new();
     let mut rendered: Vec<(String, nixpool_api::MachinesEntry, NixBuilderPool)> = Vec::new();
-    if a.remove {
-        if a.source.pools.is_empty() {
+    if remove {
+        if source.pools.is_empty() {
             bail!("--remove needs the pools to take out, e.g. `builderctl machines-file --remove builds/linux`");
         }
-        for p in &a.source.pools {
+        for p in &source.pools {
             let id = merge::resolve_id(&existing, p).map_err(|ids| {
                 anyhow::anyhow!(
                     "{}: several pools are called {p}: {}; name one as namespace/name",
@@ -496,12 +541,12 @@ async fn machines_file(a: MachinesFileArgs) -> anyhow::Result<ExitCode> {
             changes.push(Change::Remove { id });
         }
     } else {
-        let pools = a.source.load().await?;
+        let pools = source.load().await?;
         let opts = RenderOptions {
-            key_path: a.key.display().to_string(),
-            allow_unready: a.allow_unready,
-            via_ssh_config: a.via_ssh_config,
-            allow_stale: a.allow_stale,
+            key_path: key.display().to_string(),
+            allow_unready,
+            via_ssh_config,
+            allow_stale,
         };
         let mut refused = Vec::new();
         for p in pools {
@@ -525,14 +570,12 @@ async fn machines_file(a: MachinesFileArgs) -> anyhow::Result<ExitCode> {
         }
     }
 
-    if !a.ignore_nix_darwin
-        && let Some(why) = darwin::managed_reason(&a.etc_static, path)
-    {
+    if !ignore_nix_darwin && let Some(why) = darwin::managed_reason(&etc_static, path) {
         eprintln!("{why}.\nAdd this module to your nix-darwin configuration instead (builderctl wrote nothing):\n");
-        if a.remove {
+        if remove {
             println!(
                 "# Remove the nix.buildMachines entries of {} from your configuration.",
-                a.source.pools.join(", ")
+                source.pools.join(", ")
             );
         } else {
             let snippets: Vec<(String, Option<(String, String)>)> = rendered
@@ -544,8 +587,8 @@ async fn machines_file(a: MachinesFileArgs) -> anyhow::Result<ExitCode> {
                         .and_then(|s| s.endpoint.as_ref())
                         .map(|e| e.port)
                         .unwrap_or(22);
-                    let cfg = (port != 22 || a.via_ssh_config).then(|| {
-                        let c = sshconfig::for_pool(p, &a.key, &PathBuf::from(defaults::KNOWN_HOSTS_DIR), e);
+                    let cfg = (port != 22 || via_ssh_config).then(|| {
+                        let c = sshconfig::for_pool(p, &key, &PathBuf::from(defaults::KNOWN_HOSTS_DIR), e);
                         (c.alias.clone(), c.render())
                     });
                     (render::pool_id(p), cfg)
@@ -565,10 +608,10 @@ async fn machines_file(a: MachinesFileArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
 
-    if !a.ignore_nix_darwin && darwin::nix_darwin_without_nix(&a.etc_static) {
+    if !ignore_nix_darwin && darwin::nix_darwin_without_nix(&etc_static) {
         eprintln!(
             "note: nix-darwin is installed ({}) but does not manage Nix (nix.enable = false, as with Determinate Nix): writing {} directly",
-            a.etc_static.display(),
+            etc_static.display(),
             path.display()
         );
     }
@@ -587,8 +630,14 @@ async fn machines_file(a: MachinesFileArgs) -> anyhow::Result<ExitCode> {
     }
     let shown = path.display().to_string();
     let d = diff::unified(&shown, &existing, &merged.text);
-    let settings = if a.configure_nix && !a.remove {
-        nix_settings(&a)?
+    let settings = if configure_nix && !remove {
+        nix_settings(
+            &nix_conf,
+            &launch_daemons_dir,
+            &machines_file,
+            &etc_static,
+            ignore_nix_darwin,
+        )?
     } else {
         None
     };
@@ -596,7 +645,7 @@ async fn machines_file(a: MachinesFileArgs) -> anyhow::Result<ExitCode> {
         .as_ref()
         .map(|s| diff::unified(&s.setup.settings_file.display().to_string(), &s.existing, &s.text))
         .unwrap_or_default();
-    if a.check {
+    if check {
         if d.is_empty() && settings_diff.is_empty() {
             println!("{shown} is up to date");
             return Ok(ExitCode::SUCCESS);
@@ -610,7 +659,7 @@ async fn machines_file(a: MachinesFileArgs) -> anyhow::Result<ExitCode> {
         eprintln!("{shown} is out of date for {what}; run `sudo builderctl machines-file` with the same arguments");
         return Ok(ExitCode::from(exit::FAILED));
     }
-    if a.dry_run {
+    if dry_run {
         if d.is_empty() && settings_diff.is_empty() {
             println!("{shown} is up to date; nothing would change");
         } else {
@@ -621,8 +670,8 @@ async fn machines_file(a: MachinesFileArgs) -> anyhow::Result<ExitCode> {
     if d.is_empty() {
         println!("{shown} is up to date; nothing written");
     } else {
-        let written = fsio::write_atomic(path, merged.text.as_bytes(), 0o644, !a.no_backup, &sudo_hint())?;
-        let verb = if a.remove { "removed" } else { "wrote" };
+        let written = fsio::write_atomic(path, merged.text.as_bytes(), 0o644, !no_backup, &sudo_hint())?;
+        let verb = if remove { "removed" } else { "wrote" };
         println!("{verb} {} in {shown}", merged.changed.join(", "));
         if let Some(b) = written.backup {
             println!("previous version: {}", b.display());
@@ -637,7 +686,7 @@ async fn machines_file(a: MachinesFileArgs) -> anyhow::Result<ExitCode> {
                 &s.setup.settings_file,
                 s.text.as_bytes(),
                 0o644,
-                !a.no_backup,
+                !no_backup,
                 &sudo_hint(),
             )?;
             println!(
@@ -648,7 +697,7 @@ async fn machines_file(a: MachinesFileArgs) -> anyhow::Result<ExitCode> {
             println!("the daemon reads them after a restart: {}", s.setup.restart_command());
         }
     }
-    if !a.remove && !d.is_empty() {
+    if !remove && !d.is_empty() {
         println!("Nix reads it at the next build; `sudo builderctl doctor` checks the rest of the way.");
     }
     Ok(ExitCode::SUCCESS)
@@ -661,16 +710,20 @@ struct NixSettings {
     text: String,
 }
 
-fn nix_settings(a: &MachinesFileArgs) -> anyhow::Result<Option<NixSettings>> {
-    let setup = nixsetup::detect(&a.nix_conf, &a.launch_daemons_dir, doctor::Os::current());
-    let conf = doctor::NixConf::from_files_but(&a.nix_conf, Some(nixsetup::SETTINGS_ID));
+fn nix_settings(
+    nix_conf: &Path,
+    launch_daemons_dir: &Path,
+    machines_file: &Path,
+    etc_static: &Path,
+    ignore_nix_darwin: bool,
+) -> anyhow::Result<Option<NixSettings>> {
+    let setup = nixsetup::detect(nix_conf, launch_daemons_dir, doctor::Os::current());
+    let conf = doctor::NixConf::from_files_but(nix_conf, Some(nixsetup::SETTINGS_ID));
     let reaches = conf
         .get("builders")
-        .is_some_and(|v| doctor::builders_reach(&v, &a.machines_file));
-    let lines = nixsetup::settings_lines(&a.machines_file, reaches);
-    if !a.ignore_nix_darwin
-        && let Some(why) = darwin::managed_reason(&a.etc_static, &setup.settings_file)
-    {
+        .is_some_and(|v| doctor::builders_reach(&v, machines_file));
+    let lines = nixsetup::settings_lines(machines_file, reaches);
+    if !ignore_nix_darwin && let Some(why) = darwin::managed_reason(etc_static, &setup.settings_file) {
         eprintln!(
             "{why}.\nbuilderctl wrote no nix settings; put these in your nix-darwin configuration (determinateNix.customSettings with the determinate module, else nix.settings):\n{lines}"
         );
@@ -691,27 +744,37 @@ fn nix_settings(a: &MachinesFileArgs) -> anyhow::Result<Option<NixSettings>> {
 }
 
 async fn ssh_config(a: SshConfigArgs) -> anyhow::Result<ExitCode> {
-    let pools = a.source.load().await?;
+    // Every field named, so a flag that is never used fails to compile.
+    let SshConfigArgs {
+        source,
+        key,
+        ssh_config_dir,
+        known_hosts_dir,
+        print,
+        allow_unready,
+        allow_stale,
+    } = a;
+    let pools = source.load().await?;
     let opts = RenderOptions {
-        key_path: a.key.display().to_string(),
-        allow_unready: a.allow_unready,
+        key_path: key.display().to_string(),
+        allow_unready,
         via_ssh_config: true,
-        allow_stale: a.allow_stale,
+        allow_stale,
     };
     let mut configs = Vec::new();
     for p in &pools {
         let e = render::entry(p, &opts)?;
-        configs.push(sshconfig::for_pool(p, &a.key, &a.known_hosts_dir, &e));
+        configs.push(sshconfig::for_pool(p, &key, &known_hosts_dir, &e));
     }
     for c in &configs {
-        if a.print {
-            println!("# {}", a.ssh_config_dir.join(c.file_name()).display());
+        if print {
+            println!("# {}", ssh_config_dir.join(c.file_name()).display());
             print!("{}", c.render());
             println!("# {}", c.known_hosts.display());
             print!("{}", c.known_hosts_line());
             continue;
         }
-        write_ssh_config(c, &a.ssh_config_dir)?;
+        write_ssh_config(c, &ssh_config_dir)?;
         println!(
             "reach it as ssh-ng://{}@{}: `sudo builderctl machines-file {} --via-ssh-config`",
             c.user, c.alias, c.pool_id
@@ -735,38 +798,52 @@ fn write_ssh_config(c: &sshconfig::SshConfig, dir: &std::path::Path) -> anyhow::
     Ok(())
 }
 
-impl TunnelArgs {
-    fn render_options(&self) -> RenderOptions {
-        RenderOptions {
-            key_path: self.key.display().to_string(),
-            allow_unready: self.allow_unready,
-            via_ssh_config: true,
-            allow_stale: false,
-        }
+/// How `tunnel` renders the pool's machines line: through its ssh Host alias.
+fn tunnel_render_options(key: &Path, allow_unready: bool) -> RenderOptions {
+    RenderOptions {
+        key_path: key.display().to_string(),
+        allow_unready,
+        via_ssh_config: true,
+        allow_stale: false,
     }
 }
 
 /// `tunnel --install`: the drop-in, its known_hosts and the machines block; no forwarding.
 async fn tunnel_install(a: TunnelArgs) -> anyhow::Result<ExitCode> {
-    if a.port == 0 {
+    // Every field named, so a flag that is never used fails to compile.
+    let TunnelArgs {
+        pool,
+        cluster,
+        port,
+        key,
+        // True: this is the --install half.
+        install: _,
+        ssh_config_dir,
+        known_hosts_dir,
+        machines_file,
+        no_backup,
+        allow_unready,
+        read_as_root,
+    } = a;
+    if port == 0 {
         bail!("--install needs the fixed --port the tunnel will listen on (0 picks a new one each run)");
     }
     let source = SourceArgs {
-        pools: vec![a.pool.clone()],
+        pools: vec![pool.clone()],
         from: None,
-        cluster: a.cluster.clone(),
+        cluster,
         all_namespaces: false,
         selector: None,
-        read_as_root: a.read_as_root,
+        read_as_root,
     };
     let pools = source.load().await?;
     let Some(p) = pools.first() else {
-        bail!("pool {} was not found", a.pool);
+        bail!("pool {pool} was not found");
     };
-    let e = render::entry(p, &a.render_options())?;
-    let c = tunnel::ssh_config(p, &a.key, &a.known_hosts_dir, &e, a.port);
-    write_ssh_config(&c, &a.ssh_config_dir)?;
-    let path = &a.machines_file;
+    let e = render::entry(p, &tunnel_render_options(&key, allow_unready))?;
+    let c = tunnel::ssh_config(p, &key, &known_hosts_dir, &e, port);
+    write_ssh_config(&c, &ssh_config_dir)?;
+    let path = &machines_file;
     let existing = fsio::read_or_empty(path)?;
     let change = Change::Set {
         id: render::pool_id(p),
@@ -776,54 +853,71 @@ async fn tunnel_install(a: TunnelArgs) -> anyhow::Result<ExitCode> {
     if merged.changed.is_empty() {
         println!("{} is up to date", path.display());
     } else {
-        fsio::write_atomic(path, merged.text.as_bytes(), 0o644, !a.no_backup, &sudo_hint())?;
+        fsio::write_atomic(path, merged.text.as_bytes(), 0o644, !no_backup, &sudo_hint())?;
         println!("wrote {} in {} ({})", render::pool_id(p), path.display(), e.uri);
     }
     println!(
         "now run the tunnel as yourself and keep it running while Nix builds: builderctl tunnel {} --port {}",
         render::pool_id(p),
-        a.port
+        port
     );
     Ok(ExitCode::SUCCESS)
 }
 
 /// `tunnel`: listen on 127.0.0.1 and forward each connection to a Ready pod of the pool.
 async fn tunnel_cmd(a: TunnelArgs) -> anyhow::Result<ExitCode> {
+    // Every field named, so a flag that is never used fails to compile.
+    let TunnelArgs {
+        pool,
+        cluster,
+        port,
+        key,
+        // False: this is the forwarding half.
+        install: _,
+        ssh_config_dir,
+        known_hosts_dir,
+        machines_file,
+        // Only --install writes the machines file.
+        no_backup: _,
+        allow_unready,
+        // Without --install the pool is read in this process, as whoever runs it.
+        read_as_root: _,
+    } = a;
     let sel = Selection {
-        names: vec![a.pool.clone()],
+        names: vec![pool.clone()],
         selector: None,
     };
-    let pools = source::from_cluster(&a.cluster.options(false), &sel).await?;
+    let pools = source::from_cluster(&cluster.options(false), &sel).await?;
     let Some(p) = pools.first() else {
-        bail!("pool {} was not found", a.pool);
+        bail!("pool {pool} was not found");
     };
-    let listener = tokio::net::TcpListener::bind((tunnel::LOCALHOST, a.port))
+    let listener = tokio::net::TcpListener::bind((tunnel::LOCALHOST, port))
         .await
         .with_context(|| {
             format!(
                 "cannot listen on {}:{}: is a tunnel already running there? Choose another --port (and --install it)",
                 tunnel::LOCALHOST,
-                a.port
+                port
             )
         })?;
     let port = listener.local_addr()?.port();
-    match render::entry(p, &a.render_options()) {
+    match render::entry(p, &tunnel_render_options(&key, allow_unready)) {
         Ok(e) => {
-            let c = tunnel::ssh_config(p, &a.key, &a.known_hosts_dir, &e, port);
+            let c = tunnel::ssh_config(p, &key, &known_hosts_dir, &e, port);
             println!(
                 "# Nix reaches the pool through this tunnel with these (`sudo builderctl tunnel {} --port {port} --install` writes them):",
                 render::pool_id(p)
             );
-            println!("# {}", a.ssh_config_dir.join(c.file_name()).display());
+            println!("# {}", ssh_config_dir.join(c.file_name()).display());
             print!("{}", c.render());
             println!("# {}", c.known_hosts.display());
             print!("{}", c.known_hosts_line());
-            println!("# {}", a.machines_file.display());
+            println!("# {}", machines_file.display());
             println!("{e}");
         }
         Err(e) => eprintln!("warning: no machines line for it yet: {e}"),
     }
-    let (client, _) = source::client(&a.cluster.options(false)).await?;
+    let (client, _) = source::client(&cluster.options(false)).await?;
     let t = std::sync::Arc::new(tunnel::Tunnel::new(client, render::namespace(p), render::name(p)));
     match t.targets().await {
         Ok(pods) => println!("{} Ready pod(s) now", pods.len()),
@@ -852,8 +946,15 @@ fn hostname() -> String {
 }
 
 fn keygen_cmd(a: KeygenArgs) -> anyhow::Result<ExitCode> {
-    let comment = a.comment.clone().unwrap_or_else(|| format!("nixpool@{}", hostname()));
-    let g = keygen::generate(&a.out, &comment, a.force)?;
+    // Every field named, so a flag that is never used fails to compile.
+    let KeygenArgs {
+        out: private_path,
+        comment,
+        force,
+        pool,
+    } = a;
+    let comment = comment.unwrap_or_else(|| format!("nixpool@{}", hostname()));
+    let g = keygen::generate(&private_path, &comment, force)?;
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
@@ -867,8 +968,8 @@ fn keygen_cmd(a: KeygenArgs) -> anyhow::Result<ExitCode> {
         "{}",
         keygen::authorize_snippet(
             &g.public_line,
-            &a.pool,
-            &format!("{}-keys-{}", a.pool.trim_matches(['<', '>']), hostname())
+            &pool,
+            &format!("{}-keys-{}", pool.trim_matches(['<', '>']), hostname())
         )
     )?;
     if !nix::unistd::geteuid().is_root() {
@@ -881,11 +982,26 @@ fn keygen_cmd(a: KeygenArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn doctor_cmd(a: DoctorArgs) -> anyhow::Result<ExitCode> {
-    let expected_host_key = match &a.from {
+    // Every field named, so a flag that is never used fails to compile.
+    let DoctorArgs {
+        pool,
+        machines_file,
+        nix_conf,
+        from,
+        json,
+        skip,
+        connect_timeout,
+        timeout,
+        launch_daemons_dir,
+        ssh,
+        nix,
+        nix_build,
+    } = a;
+    let expected_host_key = match &from {
         None => None,
         Some(path) => {
             let sel = Selection {
-                names: a.pool.iter().cloned().collect(),
+                names: pool.iter().cloned().collect(),
                 selector: None,
             };
             let pools = source::from_file(path, &sel)?;
@@ -896,22 +1012,21 @@ fn doctor_cmd(a: DoctorArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let opts = doctor::Options {
-        pool: a.pool,
-        setup: nixsetup::detect(&a.nix_conf, &a.launch_daemons_dir, doctor::Os::current()),
-        machines_file: a.machines_file,
-        nix_conf: a.nix_conf,
+        pool,
+        setup: nixsetup::detect(&nix_conf, &launch_daemons_dir, doctor::Os::current()),
+        machines_file,
+        nix_conf,
         expected_host_key,
-        connect_timeout: Duration::from_secs(a.connect_timeout),
-        timeout: Duration::from_secs(a.timeout),
-        skip: a.skip,
-        ssh: a.ssh,
+        connect_timeout: Duration::from_secs(connect_timeout),
+        timeout: Duration::from_secs(timeout),
+        skip,
+        ssh,
         ssh_keyscan: "ssh-keyscan".into(),
         launchctl: "launchctl".into(),
-        nix: a.nix,
-        nix_build: a.nix_build,
+        nix,
+        nix_build,
         deadline: None,
     };
-    let json = a.json;
     let checks = doctor::run(&opts, &mut |c| {
         if !json {
             let mut out = std::io::stdout().lock();

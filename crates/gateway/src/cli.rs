@@ -181,61 +181,79 @@ impl Cli {
     }
 
     async fn start(self) -> anyhow::Result<()> {
-        let fixed = self
-            .builders
+        // Every field named, so a flag that is never used fails to compile.
+        let Cli {
+            listen,
+            http_addr,
+            host_key,
+            authorized_keys,
+            builder_key,
+            user,
+            builders,
+            builders_selector,
+            builder_port,
+            slots: slots_per_builder,
+            namespace,
+            pod_name,
+            demand_config_map,
+            gateways_selector,
+            hold_seconds,
+            max_connections,
+        } = self;
+        let fixed = builders
             .iter()
             .map(|b| parse_builder(b))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let host_key = load_key("--host-key", &self.host_key)?;
-        let builder_key = load_key("--builder-key", &self.builder_key)?;
-        std::fs::metadata(&self.authorized_keys)
-            .with_context(|| format!("--authorized-keys {}: cannot read it", self.authorized_keys.display()))?;
+        let host_key = load_key("--host-key", &host_key)?;
+        let builder_key = load_key("--builder-key", &builder_key)?;
+        std::fs::metadata(&authorized_keys)
+            .with_context(|| format!("--authorized-keys {}: cannot read it", authorized_keys.display()))?;
         let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
         let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
 
         let metrics = Metrics::default();
         let mut registry = Registry::default();
         metrics.register(&mut registry);
-        let readiness = Arc::new(Readiness::new(self.builders_selector.is_none()));
+        let readiness = Arc::new(Readiness::new(builders_selector.is_none()));
         let settings = Settings {
-            authorized_keys: self.authorized_keys,
+            authorized_keys,
             builder_key: Arc::new(builder_key),
             host_public: host_key.public_key().clone(),
-            builder_user: self.user,
-            hold: Duration::from_secs(self.hold_seconds),
-            slots_per_builder: self.slots,
-            max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
+            builder_user: user,
+            hold: Duration::from_secs(hold_seconds),
+            slots_per_builder,
+            max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
         };
         let slots = Slots::new(fixed.into_iter().map(|(a, n)| (a.clone(), a, n)), now_unix());
         let gw = Arc::new(Gateway::new(settings, slots, metrics, Arc::clone(&readiness)));
 
-        let listener = tokio::net::TcpListener::bind(self.listen)
+        let listener = tokio::net::TcpListener::bind(listen)
             .await
-            .with_context(|| format!("--listen {}: cannot bind", self.listen))?;
-        let http = tokio::net::TcpListener::bind(self.http_addr)
+            .with_context(|| format!("--listen {listen}: cannot bind"))?;
+        let http = tokio::net::TcpListener::bind(http_addr)
             .await
-            .with_context(|| format!("--http-addr {}: cannot bind", self.http_addr))?;
+            .with_context(|| format!("--http-addr {http_addr}: cannot bind"))?;
         let router = health::router(Arc::new(Http {
             readiness: Arc::clone(&readiness),
             registry,
         }));
         tokio::spawn(axum::serve(http, router).into_future());
 
-        if self.builders_selector.is_some() || self.demand_config_map.is_some() {
+        if builders_selector.is_some() || demand_config_map.is_some() {
             let client = kube_client().await?;
-            let namespace = self.namespace.unwrap_or_else(|| client.default_namespace().to_string());
-            if let Some(selector) = self.builders_selector {
+            let namespace = namespace.unwrap_or_else(|| client.default_namespace().to_string());
+            if let Some(selector) = builders_selector {
                 info!(
                     namespace,
                     selector,
-                    port = self.builder_port,
-                    slots = self.slots,
+                    port = builder_port,
+                    slots = slots_per_builder,
                     "watching builder pods"
                 );
                 let api: Api<Pod> = Api::namespaced(client.clone(), &namespace);
-                tokio::spawn(discover::run(Arc::clone(&gw), api, selector, self.builder_port));
+                tokio::spawn(discover::run(Arc::clone(&gw), api, selector, builder_port));
             }
-            if let (Some(config_map), Some(pod)) = (self.demand_config_map, self.pod_name) {
+            if let (Some(config_map), Some(pod)) = (demand_config_map, pod_name) {
                 info!(namespace, config_map, key = pod, "writing demand reports");
                 let api: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
                 tokio::spawn(demand::run(
@@ -247,12 +265,10 @@ impl Cli {
                 info!(
                     namespace,
                     config_map,
-                    gateways = ?self.gateways_selector,
+                    gateways = ?gateways_selector,
                     "counting the other gateways' sessions"
                 );
-                let gateways = self
-                    .gateways_selector
-                    .map(|selector| (Api::<Pod>::namespaced(client, &namespace), selector));
+                let gateways = gateways_selector.map(|selector| (Api::<Pod>::namespaced(client, &namespace), selector));
                 tokio::spawn(peers::run(Arc::clone(&gw), api, config_map, gateways, pod));
             }
         }
@@ -264,7 +280,7 @@ impl Cli {
         let config = server::ssh_config(host_key);
         tokio::spawn(server::accept(Arc::clone(&gw), config, listener, stop));
         readiness.listening();
-        info!(listen = %self.listen, http = %self.http_addr, "listening");
+        info!(listen = %listen, http = %http_addr, "listening");
 
         let first = tokio::select! {
             _ = sigterm.recv() => "SIGTERM",
