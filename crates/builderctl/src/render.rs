@@ -207,7 +207,7 @@ pub fn entry(pool: &NixBuilderPool, opts: &RenderOptions) -> Result<MachinesEntr
             field: "status.hostPublicKey",
             why: "without the host key the builder cannot be pinned; wait for the operator to publish it",
         })?;
-    if ssh_key::PublicKey::from_openssh(host_key).is_err() {
+    if nixpool_api::ssh_keys::parse_public_key(host_key).is_err() {
         return Err(RenderError::Invalid {
             pool: id,
             field: "status.hostPublicKey",
@@ -217,7 +217,13 @@ pub fn entry(pool: &NixBuilderPool, opts: &RenderOptions) -> Result<MachinesEntr
     }
     let user = &pool.spec.ssh.user;
     let uri = if opts.via_ssh_config {
-        format!("ssh-ng://{user}@{}", ssh_alias(pool))
+        nixpool_api::machines::StoreUri {
+            scheme: "ssh-ng".into(),
+            user: Some(user.clone()),
+            host: ssh_alias(pool),
+            port: None,
+        }
+        .to_string()
     } else {
         MachinesEntry::ssh_ng_uri(user, &endpoint.host, port)
     };
