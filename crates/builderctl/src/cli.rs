@@ -381,14 +381,15 @@ pub struct TunnelArgs {
     /// The machines file to merge the pool's line into.
     #[arg(long, value_name = "FILE", default_value = defaults::MACHINES_FILE)]
     pub machines_file: PathBuf,
-    /// Do not keep <file>.builderctl-backup of the machines file.
-    #[arg(long)]
+    /// Do not keep <file>.builderctl-backup of the machines file (with --install).
+    #[arg(long, requires = "install")]
     pub no_backup: bool,
     /// Write the line of a pool that is not Ready too.
     #[arg(long)]
     pub allow_unready: bool,
-    /// Under sudo, read the pool as root instead of as the user who ran sudo.
-    #[arg(long)]
+    /// Under sudo, read the pool as root instead of as the user who ran sudo (with --install;
+    /// the tunnel itself runs as you).
+    #[arg(long, requires = "install")]
     pub read_as_root: bool,
 }
 
@@ -877,10 +878,11 @@ async fn tunnel_cmd(a: TunnelArgs) -> anyhow::Result<ExitCode> {
         ssh_config_dir,
         known_hosts_dir,
         machines_file,
-        // Only --install writes the machines file.
+        // Only --install writes the machines file (clap refuses the flag without it).
         no_backup: _,
         allow_unready,
-        // Without --install the pool is read in this process, as whoever runs it.
+        // Without --install the pool is read in this process, as whoever runs it (clap refuses
+        // the flag without --install).
         read_as_root: _,
     } = a;
     let sel = Selection {

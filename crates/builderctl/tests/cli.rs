@@ -31,6 +31,18 @@ fn every_command_has_examples_in_its_help() {
     }
 }
 
+/// `tunnel` without `--install` writes nothing and reads the pool as you: the flags that only
+/// mean something to `--install` are refused, naming it, instead of being ignored.
+#[test]
+fn tunnel_refuses_install_only_flags_without_install() {
+    for flag in ["--no-backup", "--read-as-root"] {
+        let out = Command::new(BIN).args(["tunnel", "builds", flag]).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag}: {stderr}");
+        assert!(stderr.contains("--install"), "{flag}: {stderr}");
+    }
+}
+
 #[test]
 fn doctor_refuses_a_skip_id_it_does_not_know_and_lists_the_valid_ones() {
     let t = tempfile::tempdir().unwrap();
