@@ -945,7 +945,12 @@ async fn a_builder_that_says_all_its_slots_are_in_use_is_passed_over_unseen_by_t
         output_text(&out),
         gw.log()
     );
-    let log = gw.log();
+    // The client may see its session end before the gateway logs it: the line is waited for.
+    let log = wait_for(Duration::from_secs(5), "the failed session's log line", || {
+        let log = gw.log();
+        log.contains("tries=").then_some(log)
+    })
+    .unwrap_or_else(|e| panic!("{e}:\n{}", gw.log()));
     assert!(
         log.contains("tries=1") && !log.contains("all its slots are in use"),
         "{log}"

@@ -56,7 +56,8 @@ pub fn run(daemon_socket: &Path, nix_store: &Path, slots_dir: &Path) -> ExitCode
         }
         RemoteCommand::Serve { write } => {
             // nix-store works through the daemon: a session that came while it restarts waits
-            // for it here rather than failing in nix-store.
+            // for it here rather than failing in nix-store. The probe costs the daemon one
+            // connection (a worker that reads EOF and exits) per ssh:// session.
             if let Err(e) = connect_waiting(daemon_socket, DAEMON_WAIT) {
                 eprintln!(
                     "nixpool: cannot reach nix-daemon at {} ({e}); the builder is not ready, try again or see the pod's log",
