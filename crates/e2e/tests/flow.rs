@@ -104,7 +104,23 @@ impl World {
             let p = self.pools().get(name).await.ok()?;
             let st = p.status.as_ref()?;
             let ready = st.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
-            (ready && st.ready_replicas == replicas && st.machines_entry.is_some()).then_some(p)
+            (ready && st.ready_replicas == replicas && st.machines_entry.is_some()).then_some(())
+        })
+        .await;
+        // The load balancer publishes its address before kube-proxy routes it (as in a cloud,
+        // where the address answers a little after it is published): until kube-proxy has
+        // programmed it, a connection to it gets "No route to host". Wait for it to answer.
+        // (A ClusterIP pool's address is a cluster DNS name, which this host does not resolve.)
+        eventually(MIN, &format!("pool {name}'s address answers"), || async {
+            let p = self.pools().get(name).await.ok()?;
+            if p.spec.service.type_ != nixpool_api::v1alpha1::ServiceType::LoadBalancer {
+                return Some(p);
+            }
+            let endpoint = p.status.as_ref()?.endpoint.clone()?;
+            let address: std::net::SocketAddr = format!("{}:{}", endpoint.host, endpoint.port).parse().ok()?;
+            std::net::TcpStream::connect_timeout(&address, Duration::from_millis(500))
+                .ok()
+                .map(|_| p)
         })
         .await
     }
