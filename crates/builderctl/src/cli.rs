@@ -297,7 +297,9 @@ pub struct MachinesFileArgs {
     /// Exit 1 (and show the diff) when the file is out of date; write nothing.
     #[arg(long, conflicts_with = "dry_run")]
     pub check: bool,
-    /// Take the named pools' blocks out (no cluster access needed).
+    /// Take the named pools' blocks out (name, namespace/name, or -n namespace name). Reads no
+    /// pool and needs no cluster access, so the flags that choose, read or render pools are
+    /// refused with it.
     #[arg(long)]
     pub remove: bool,
     /// Write pools that are not Ready too.
@@ -500,6 +502,44 @@ impl Cli {
     }
 }
 
+/// `--remove` works on the file alone: a flag about reading pools or writing their lines would
+/// be ignored, so it is refused, named.
+fn refuse_flags_remove_ignores<const N: usize>(source: &SourceArgs, others: [(&str, bool); N]) -> anyhow::Result<()> {
+    let SourceArgs {
+        pools: _,
+        from,
+        cluster:
+            ClusterArgs {
+                kubeconfig,
+                context,
+                // Used: it qualifies the pools' names.
+                namespace: _,
+            },
+        all_namespaces,
+        selector,
+        read_as_root,
+    } = source;
+    let ignored: Vec<&str> = [
+        ("--from", from.is_some()),
+        ("--kubeconfig", kubeconfig.is_some()),
+        ("--context", context.is_some()),
+        ("--all-namespaces", *all_namespaces),
+        ("--selector", selector.is_some()),
+        ("--read-as-root", *read_as_root),
+    ]
+    .into_iter()
+    .chain(others)
+    .filter_map(|(flag, given)| given.then_some(flag))
+    .collect();
+    if !ignored.is_empty() {
+        bail!(
+            "--remove takes pools' blocks out of the file by name (as name, namespace/name, or -n namespace name) and reads no pool: drop {}",
+            ignored.join(", ")
+        );
+    }
+    Ok(())
+}
+
 fn sudo_hint() -> String {
     std::env::args().skip(1).collect::<Vec<_>>().join(" ")
 }
@@ -531,7 +571,22 @@ async fn machines_file(a: MachinesFileArgs) -> anyhow::Result<ExitCode> {
         if source.pools.is_empty() {
             bail!("--remove needs the pools to take out, e.g. `builderctl machines-file --remove builds/linux`");
         }
+        refuse_flags_remove_ignores(
+            &source,
+            [
+                ("--allow-unready", allow_unready),
+                ("--allow-stale", allow_stale),
+                ("--via-ssh-config", via_ssh_config),
+                ("--configure-nix", configure_nix),
+            ],
+        )?;
         for p in &source.pools {
+            // `-n builds linux` names the same pool as `builds/linux`.
+            let p = match &source.cluster.namespace {
+                Some(ns) if !p.contains('/') => format!("{ns}/{p}"),
+                _ => p.clone(),
+            };
+            let p = &p;
             let id = merge::resolve_id(&existing, p).map_err(|ids| {
                 anyhow::anyhow!(
                     "{}: several pools are called {p}: {}; name one as namespace/name",

@@ -36,10 +36,14 @@ impl Env {
         std::fs::read_to_string(self.machines()).unwrap()
     }
     fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = self.cmd_without_source(&["--from"]);
+        c.arg(fixture()).args(args);
+        c
+    }
+    /// `machines-file` on this file, without `--from` (as `--remove` is run).
+    fn cmd_without_source(&self, args: &[&str]) -> Command {
         let mut c = Command::new(BIN);
         c.arg("machines-file")
-            .arg("--from")
-            .arg(fixture())
             .arg("--machines-file")
             .arg(self.machines())
             .arg("--etc-static")
@@ -49,6 +53,11 @@ impl Env {
     }
     fn run(&self, args: &[&str]) -> Output {
         self.cmd(args).output().unwrap()
+    }
+    fn remove(&self, args: &[&str]) -> Output {
+        let mut c = self.cmd_without_source(&["--remove"]);
+        c.args(args);
+        c.output().unwrap()
     }
     fn files(&self) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(self.dir.path())
@@ -154,24 +163,54 @@ fn a_second_run_changes_nothing_and_check_agrees() {
 fn remove_takes_out_only_the_pools_block() {
     let env = Env::new(Some(FOREIGN));
     assert!(env.run(&["linux", "kvm"]).status.success());
-    let out = env.run(&["--remove", "linux"]);
+    let out = env.remove(&["linux"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = env.text();
     assert!(!text.contains("builds/linux"), "{text}");
     assert!(text.contains("# BEGIN nixpool builds/kvm"));
-    let out = env.run(&["--remove", "builds/kvm"]);
-    assert!(out.status.success());
+    let out = env.remove(&["-n", "builds", "kvm"]);
+    assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(
         env.text(),
         FOREIGN,
         "back to the user's file, byte for byte (the newline added before the blocks is taken out too)"
     );
-    let out = env.run(&["--remove", "builds/kvm"]);
+    let out = env.remove(&["builds/kvm"]);
     assert!(
         stderr(&out).contains("no block for pool builds/kvm"),
         "{}",
         stderr(&out)
     );
+}
+
+#[test]
+fn remove_refuses_the_flags_it_would_ignore_and_changes_nothing() {
+    let env = Env::new(Some(FOREIGN));
+    assert!(env.run(&["linux", "kvm"]).status.success());
+    let before = env.text();
+    for (flags, named) in [
+        (&["--from", "pools.yaml"][..], "--from"),
+        (&["--kubeconfig", "/k"], "--kubeconfig"),
+        (&["--context", "c"], "--context"),
+        (&["-A"], "--all-namespaces"),
+        (&["-l", "team=web"], "--selector"),
+        (&["--read-as-root"], "--read-as-root"),
+        (&["--allow-unready"], "--allow-unready"),
+        (&["--allow-stale"], "--allow-stale"),
+        (&["--via-ssh-config"], "--via-ssh-config"),
+        (&["--configure-nix"], "--configure-nix"),
+    ] {
+        let mut args = flags.to_vec();
+        args.push("linux");
+        let out = env.remove(&args);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(&format!("drop {named}")),
+            "{flags:?}: {}",
+            stderr(&out)
+        );
+        assert_eq!(env.text(), before, "{flags:?}: nothing written");
+    }
 }
 
 #[test]
