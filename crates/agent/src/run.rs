@@ -135,16 +135,13 @@ pub async fn run(layout: Layout, bins: Binaries, opts: Options, settings: RunSet
     let children = Children::default();
     let phase = Phase(Mutex::new("starting"));
     let (fatal_tx, mut fatal_rx) = mpsc::channel::<String>(4);
-    let start_up = start(
-        &layout,
-        &bins,
-        &opts,
-        &settings,
-        &children,
-        &phase,
-        fatal_tx,
-        &mut fatal_rx,
-    );
+    let setup = Setup {
+        layout: &layout,
+        bins: &bins,
+        opts: &opts,
+        settings: &settings,
+    };
+    let start_up = start(&setup, &children, &phase, fatal_tx, &mut fatal_rx);
     let outcome = tokio::select! {
         s = start_up => s,
         _ = stop_signals.recv() => return stop_during_start_up(&children, &phase, started).await,
@@ -322,18 +319,28 @@ struct Started {
     health: Arc<HttpState>,
 }
 
+/// What the agent starts from: where things are, its binaries, its options and settings.
+struct Setup<'a> {
+    layout: &'a Layout,
+    bins: &'a Binaries,
+    opts: &'a Options,
+    settings: &'a RunSettings,
+}
+
 /// Prepares the root and starts nix-daemon, then sshd. `Err` is the reason to give up.
-#[allow(clippy::too_many_arguments)]
 async fn start(
-    layout: &Layout,
-    bins: &Binaries,
-    opts: &Options,
-    settings: &RunSettings,
+    setup: &Setup<'_>,
     children: &Children,
     phase: &Phase,
     fatal_tx: mpsc::Sender<String>,
     fatal_rx: &mut mpsc::Receiver<String>,
 ) -> Result<Started, String> {
+    let &Setup {
+        layout,
+        bins,
+        opts,
+        settings,
+    } = setup;
     // First of all: everything after this reads or writes /nix.
     if let Some(volume) = &settings.store_volume {
         phase.set("setting up the store");

@@ -799,6 +799,12 @@ impl NixBuilderPoolStatus {
     pub fn condition(&self, type_: &str) -> Option<&Condition> {
         self.conditions.iter().find(|c| c.type_ == type_)
     }
+
+    /// Whether its `Ready` condition is `True`.
+    pub fn is_ready(&self) -> bool {
+        self.condition(crate::conditions::READY)
+            .is_some_and(|c| c.status == "True")
+    }
 }
 
 #[cfg(test)]
@@ -856,5 +862,11 @@ mod condition_tests {
         assert_eq!(status.condition("Stalled"), None, "a type the status lacks");
         assert_eq!(status.condition("ready"), None, "types are case-sensitive");
         assert_eq!(NixBuilderPoolStatus::default().condition("Ready"), None);
+        assert!(!status.is_ready() && !NixBuilderPoolStatus::default().is_ready());
+        let ready = NixBuilderPoolStatus {
+            conditions: vec![condition("Ready", "True")],
+            ..NixBuilderPoolStatus::default()
+        };
+        assert!(ready.is_ready());
     }
 }

@@ -63,13 +63,7 @@ async fn main() {
         pools.create(&PostParams::default(), &pool).await.unwrap();
         let ready = eventually(Duration::from_secs(120), "pool Ready", || async {
             let p = pools.get(&name).await.ok()?;
-            let ok = p
-                .status
-                .as_ref()?
-                .conditions
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True");
-            ok.then_some(p)
+            p.status.as_ref()?.is_ready().then_some(p)
         })
         .await;
         to_ready.push(t.elapsed());

@@ -84,8 +84,7 @@ async fn main() {
             eventually(Duration::from_secs(120), "pool Ready", || async {
                 let p = pools.get(&name).await.ok()?;
                 let st = p.status.as_ref()?;
-                let ok = st.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
-                (ok && st.machines_entry.is_some()).then_some(p)
+                (st.is_ready() && st.machines_entry.is_some()).then_some(p)
             })
             .await
         }

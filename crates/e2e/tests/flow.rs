@@ -103,8 +103,7 @@ impl World {
         eventually(MIN, &format!("pool {name} Ready with {replicas} builders"), || async {
             let p = self.pools().get(name).await.ok()?;
             let st = p.status.as_ref()?;
-            let ready = st.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
-            (ready && st.ready_replicas == replicas && st.machines_entry.is_some()).then_some(())
+            (st.is_ready() && st.ready_replicas == replicas && st.machines_entry.is_some()).then_some(())
         })
         .await;
         // The load balancer publishes its address before kube-proxy routes it (as in a cloud,
