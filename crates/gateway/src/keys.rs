@@ -1,26 +1,26 @@
 //! Which client keys may log in: the pool's authorized-keys file (the `<pool>-authorized-keys`
 //! ConfigMap the operator keeps), read at every login, so a revoked key stops at once.
 
+use nixpool_api::ssh_keys;
 use russh::keys::PublicKey;
 
-/// Whether `key` is on a line of `authorized_keys` (options before the key are allowed; only
-/// the key itself is compared).
+/// Whether `key` is the key of a line of `authorized_keys`, read as sshd reads it (options
+/// before the key allowed; a comment, or a key's text inside one, is not a key). Lines that do
+/// not parse authorize nobody.
 pub fn authorized(authorized_keys: &str, key: &PublicKey) -> bool {
-    let Ok(line) = key.to_openssh() else {
+    // russh has its own copy of the ssh-key crate: compare the keys' one-line forms.
+    let Ok(wanted) = key.to_openssh() else {
         return false;
     };
-    let mut parts = line.split_whitespace();
-    let (Some(algorithm), Some(blob)) = (parts.next(), parts.next()) else {
+    let Ok(wanted) = ssh_keys::parse_public_key(&wanted) else {
         return false;
     };
     authorized_keys
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .any(|l| {
-            let tokens: Vec<&str> = l.split_whitespace().collect();
-            tokens.windows(2).any(|w| w[0].ends_with(algorithm) && w[1] == blob)
-        })
+        .filter_map(|l| ssh_keys::parse_authorized_line(l).ok())
+        .any(|entry| entry.public_key().key_data() == wanted.key_data())
 }
 
 /// What the logs call a client: its key's SHA-256 fingerprint and comment-free algorithm.
@@ -45,5 +45,17 @@ mod tests {
         assert!(!authorized("", &alice));
         assert!(!authorized(&format!("# {ALICE}\n"), &alice), "a comment is not a key");
         assert!(label(&alice).starts_with("SHA256:"));
+    }
+
+    #[test]
+    fn a_key_quoted_in_another_lines_comment_does_not_log_in() {
+        let alice = PublicKey::from_openssh(ALICE).unwrap();
+        let bob_says_alice = format!("{BOB} was {ALICE}\n");
+        assert!(!authorized(&bob_says_alice, &alice));
+        assert!(authorized(&bob_says_alice, &PublicKey::from_openssh(BOB).unwrap()));
+        assert!(
+            !authorized("ssh-ed25519 garbage\n", &alice),
+            "a line that does not parse"
+        );
     }
 }
