@@ -14,11 +14,15 @@
 //! pool wants, is read from the API server before anything is written.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::io::Read as _;
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use flate2::read::DeflateDecoder;
+use flate2::{Compress, Compression, FlushCompress, Status};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
@@ -127,7 +131,7 @@ impl Stores {
 }
 
 /// A watched object kept as the few metadata fields the controller and the store look up (name,
-/// namespace, uid, resourceVersion, ownerReferences) and the compact JSON of all the rest,
+/// namespace, uid, resourceVersion, ownerReferences) and the [`PackedJson`] of all the rest,
 /// decoded again only when a reconcile reads the object. At 3000 pools (heaptrack) a
 /// k8s-openapi Deployment took about 26 KB of heap and a fully decoded `ObjectMeta` alone about
 /// 2.2 KB of each cached child (labels and annotations are a map node and two strings each);
@@ -135,25 +139,24 @@ impl Stores {
 #[derive(Clone, Debug)]
 pub struct Compact<K> {
     metadata: ObjectMeta,
-    /// The object without the fields kept in `metadata` (nor its managedFields), as JSON.
-    rest: Arc<[u8]>,
+    /// The object without the fields kept in `metadata` (nor its managedFields).
+    rest: PackedJson,
     kind: PhantomData<fn() -> K>,
 }
 
 impl<K: Resource + Serialize + DeserializeOwned> Compact<K> {
     pub fn new(mut object: K) -> Self {
         let metadata = take_identity(object.meta_mut());
-        let rest = serde_json::to_vec(&object).expect("Kubernetes objects serialize");
         Compact {
             metadata,
-            rest: rest.into(),
+            rest: PackedJson::of(&object),
             kind: PhantomData,
         }
     }
 
     /// The object, decoded again.
     pub fn object(&self) -> K {
-        let mut object: K = serde_json::from_slice(&self.rest).expect("JSON this process wrote decodes");
+        let mut object: K = self.rest.decode();
         restore_identity(object.meta_mut(), &self.metadata);
         object
     }
@@ -190,7 +193,7 @@ impl<K: Resource<DynamicType = ()>> Resource for Compact<K> {
 }
 
 /// A pool as the controller keeps it in its store: like [`Compact`], the few metadata fields
-/// the controller looks up and the JSON of the rest, plus the team-key ConfigMaps it names (to
+/// the controller looks up and the packed JSON of the rest, plus the team-key ConfigMaps it names (to
 /// find the pools a ConfigMap's change concerns without decoding every pool). A decoded pool
 /// took about 3.8 KB of heap in the store (heaptrack, 3000 pools); each reconcile decodes its
 /// pool again, which costs microseconds.
@@ -199,8 +202,8 @@ pub struct KeptPool {
     metadata: ObjectMeta,
     /// Names of `spec.ssh.authorizedKeysConfigMaps`.
     config_maps: Arc<[String]>,
-    /// The pool without the fields kept in `metadata`, as JSON; or why it does not decode.
-    rest: Result<Arc<[u8]>, Arc<InvalidObject>>,
+    /// The pool without the fields kept in `metadata`; or why it does not decode.
+    rest: Result<PackedJson, Arc<InvalidObject>>,
 }
 
 impl KeptPool {
@@ -208,7 +211,7 @@ impl KeptPool {
     /// before a CRD change, for example).
     pub fn pool(&self) -> Result<NixBuilderPool, &InvalidObject> {
         let rest = self.rest.as_ref().map_err(|invalid| &**invalid)?;
-        let mut pool: NixBuilderPool = serde_json::from_slice(rest).expect("JSON this process wrote decodes");
+        let mut pool: NixBuilderPool = rest.decode();
         restore_identity(&mut pool.metadata, &self.metadata);
         Ok(pool)
     }
@@ -232,11 +235,10 @@ impl<'de> Deserialize<'de> for KeptPool {
                     .iter()
                     .map(|r| r.name.clone())
                     .collect();
-                let rest = serde_json::to_vec(&pool).expect("Kubernetes objects serialize");
                 KeptPool {
                     metadata,
                     config_maps,
-                    rest: Ok(rest.into()),
+                    rest: Ok(PackedJson::of(&pool)),
                 }
             }
             Err(mut invalid) => {
@@ -272,6 +274,47 @@ impl Resource for KeptPool {
     }
     fn meta_mut(&mut self) -> &mut ObjectMeta {
         &mut self.metadata
+    }
+}
+
+/// An object's JSON, deflated: a kept object is read far less often than it is held, and
+/// deflate at level 1 takes a rendered Deployment's JSON from 2.5 KB to under 1 KB (docs/benchmarks.md
+/// has what it saves at 1000 and 10,000 pools).
+#[derive(Clone, Debug)]
+struct PackedJson(Arc<[u8]>);
+
+thread_local! {
+    /// A deflate state of a few hundred KB, made once per thread rather than once per object.
+    static DEFLATE: RefCell<Compress> = RefCell::new(Compress::new(Compression::fast(), false));
+}
+
+impl PackedJson {
+    fn of<T: Serialize>(value: &T) -> Self {
+        let json = serde_json::to_vec(value).expect("Kubernetes objects serialize");
+        let packed = DEFLATE.with_borrow_mut(|deflate| {
+            deflate.reset();
+            // Deflate adds at most a few bytes per 16 KB block to what does not shrink.
+            let mut packed = Vec::with_capacity(json.len() + json.len() / 64 + 64);
+            loop {
+                let read = usize::try_from(deflate.total_in()).expect("fits in memory");
+                let status = deflate
+                    .compress_vec(&json[read..], &mut packed, FlushCompress::Finish)
+                    .expect("deflating into memory does not fail");
+                if status == Status::StreamEnd {
+                    return packed;
+                }
+                packed.reserve(packed.capacity());
+            }
+        });
+        PackedJson(packed.into())
+    }
+
+    fn decode<T: DeserializeOwned>(&self) -> T {
+        let mut json = Vec::new();
+        DeflateDecoder::new(&*self.0)
+            .read_to_end(&mut json)
+            .expect("what this process deflated inflates");
+        serde_json::from_slice(&json).expect("JSON this process packed decodes")
     }
 }
 
@@ -492,6 +535,46 @@ mod tests {
         assert_eq!(kept.object(), expected);
         assert_eq!(<Compact<Deployment> as Resource>::plural(&()), "deployments");
         assert_eq!(<Compact<Deployment> as Resource>::api_version(&()), "apps/v1");
+    }
+
+    #[test]
+    fn packed_json_gives_back_what_it_packed_and_shrinks_a_children_sized_object() {
+        // A ConfigMap of 256 KB of hex noise: more than one deflate block, hardly compressible.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let noise: String = (0..256 * 1024)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                char::from_digit((x % 16) as u32, 16).unwrap()
+            })
+            .collect();
+        let big = ConfigMap {
+            data: Some([("noise".to_string(), noise)].into()),
+            ..ConfigMap::default()
+        };
+        assert_eq!(PackedJson::of(&big).decode::<ConfigMap>(), big);
+        // A builder Deployment as the operator renders it: its JSON shrinks to under a half.
+        let rendered = crate::render::render(
+            include_str!("../../../examples/minimal.yaml"),
+            &"ghcr.io/nixpool/nixpool-builder:0.1.0".into(),
+            true,
+        )
+        .unwrap();
+        let deployment: Deployment = serde_norway::Deserializer::from_str(&rendered)
+            .map(|doc| serde_norway::Value::deserialize(doc).unwrap())
+            .find(|doc| doc.get("kind").and_then(|k| k.as_str()) == Some("Deployment"))
+            .map(|doc| serde_norway::from_value(doc).unwrap())
+            .unwrap();
+        let json = serde_json::to_vec(&deployment).unwrap();
+        let packed = PackedJson::of(&deployment);
+        assert!(
+            packed.0.len() * 2 < json.len(),
+            "{} of {} bytes",
+            packed.0.len(),
+            json.len()
+        );
+        assert_eq!(packed.decode::<Deployment>(), deployment);
     }
 
     #[test]
